@@ -1,0 +1,122 @@
+//! The `provis` command line. Each subcommand has a module; this one parses
+//! arguments, sets up logging, and maps errors to exit codes:
+//! 0 success, 1 a call where some minion failed or never replied, 2 bad usage
+//! or nothing to do (clap's own usage errors exit 2 as well).
+
+mod assignments;
+mod call;
+mod fleet_args;
+mod minions;
+mod serve;
+mod up;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use fleet_args::FleetArgs;
+
+/// Provision and operate fleets of machines over NATS.
+#[derive(Debug, Parser)]
+#[command(name = "provis", version, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    fleet: FleetArgs,
+    /// Log filter, e.g. `debug` or `provis_minion=debug` [default: info for
+    /// up, master and minion; warn for commands that print results]
+    #[arg(long, env = "PROVIS_LOG", global = true)]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a local fleet on this machine: nats-server, a master and minions.
+    Up(up::UpArgs),
+    /// Run the master: creates the fleet's storage and serves `provis.master.>`.
+    Master(serve::MasterArgs),
+    /// Run a minion: the agent on each machine.
+    Minion(serve::MinionArgs),
+    /// Call a function on minions and gather their replies.
+    Call(call::CallArgs),
+    /// List the minions in the registry.
+    Minions(minions::MinionsArgs),
+}
+
+/// Runs the command line and returns the process's exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_log = match cli.command {
+        Command::Up(_) | Command::Master(_) | Command::Minion(_) => "info,async_nats=warn",
+        Command::Call(_) | Command::Minions(_) => "warn",
+    };
+    init_logging(cli.log.as_deref().unwrap_or(default_log));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("provis: cannot start the async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    let outcome = runtime.block_on(async move {
+        match cli.command {
+            Command::Up(args) => up::run(&cli.fleet, args).await,
+            Command::Master(args) => serve::run_master(&cli.fleet, args).await,
+            Command::Minion(args) => serve::run_minion(&cli.fleet, args).await,
+            Command::Call(args) => call::run(&cli.fleet, args).await,
+            Command::Minions(args) => minions::run(&cli.fleet, args).await,
+        }
+    });
+    match outcome {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("provis: {err:#}");
+            ExitCode::from(usage_or_failure(&err))
+        }
+    }
+}
+
+/// Exit code for an error: 2 when the user asked for something that cannot be
+/// done as asked, 1 when the fleet or the machine failed.
+fn usage_or_failure(err: &anyhow::Error) -> u8 {
+    let usage = err.chain().any(|cause| {
+        cause
+            .downcast_ref::<provis_core::subject::NameError>()
+            .is_some()
+            || cause
+                .downcast_ref::<provis_core::envelope::EnvelopeError>()
+                .is_some()
+            || matches!(
+                cause.downcast_ref::<provis_core::ClientError>(),
+                Some(provis_core::ClientError::NothingSelected(_))
+            )
+            || cause.downcast_ref::<UsageError>().is_some()
+    });
+    if usage { 2 } else { 1 }
+}
+
+/// A request that cannot be done as asked (bad arguments the parser could not see).
+#[derive(Debug)]
+pub(crate) struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,166 @@
+//! `provis master` and `provis minion`: run one part of the fleet in the
+//! foreground until SIGINT or SIGTERM.
+//!
+//! Settings come in layers, later ones winning: defaults, the context file
+//! (`nats_url`, `prefix`), the `--config` file, then flags and env vars. Each
+//! setting has one name in all of them (`heartbeat_interval_ms`,
+//! `--heartbeat-interval-ms`, `PROVIS_HEARTBEAT_INTERVAL_MS`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Args;
+use provis_core::{MinionId, RoleName};
+use provis_master::MasterConfig;
+use provis_minion::MinionConfig;
+use serde::Deserialize as _;
+use serde::de::DeserializeOwned;
+
+use crate::fleet_args::FleetArgs;
+
+#[derive(Debug, Args)]
+pub struct MasterArgs {
+    /// Master settings file (TOML; see MasterConfig)
+    #[arg(long, env = "PROVIS_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct MinionArgs {
+    /// Minion settings file (TOML; see MinionConfig)
+    #[arg(long, env = "PROVIS_CONFIG")]
+    config: Option<PathBuf>,
+    /// This minion's id [default: the hostname, made a valid id]
+    #[arg(long, env = "PROVIS_ID")]
+    id: Option<MinionId>,
+    /// Roles, comma-separated, e.g. web.eu,db
+    #[arg(long, env = "PROVIS_ROLES", value_delimiter = ',')]
+    roles: Option<Vec<RoleName>>,
+    /// Heartbeat period in milliseconds [default: 2000]
+    #[arg(long, env = "PROVIS_HEARTBEAT_INTERVAL_MS")]
+    heartbeat_interval_ms: Option<u64>,
+    /// Calls run at once [default: 256]
+    #[arg(long, env = "PROVIS_MAX_CONCURRENT_CALLS")]
+    max_concurrent_calls: Option<usize>,
+}
+
+pub async fn run_master(fleet: &FleetArgs, args: MasterArgs) -> anyhow::Result<ExitCode> {
+    let config: MasterConfig = layered_config(fleet, args.config.as_deref(), toml::Table::new())?;
+    tracing::info!(nats_url = %config.fleet.nats_url, "starting master");
+    let master = provis_master::start(config)
+        .await
+        .context("starting the master")?;
+    shutdown_signal().await;
+    master.stop().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn run_minion(fleet: &FleetArgs, args: MinionArgs) -> anyhow::Result<ExitCode> {
+    let mut overrides = toml::Table::new();
+    if let Some(id) = &args.id {
+        overrides.insert("id".into(), id.to_string().into());
+    }
+    if let Some(roles) = &args.roles {
+        let roles: Vec<toml::Value> = roles.iter().map(|r| r.to_string().into()).collect();
+        overrides.insert("roles".into(), roles.into());
+    }
+    if let Some(ms) = args.heartbeat_interval_ms {
+        overrides.insert("heartbeat_interval_ms".into(), toml_int(ms)?);
+    }
+    if let Some(n) = args.max_concurrent_calls {
+        overrides.insert("max_concurrent_calls".into(), toml_int(n as u64)?);
+    }
+    let mut config: toml::Table = layered_config(fleet, args.config.as_deref(), overrides)?;
+    if !config.contains_key("id") {
+        config.insert("id".into(), id_from_hostname()?.to_string().into());
+    }
+    let config =
+        MinionConfig::deserialize(toml::Value::Table(config)).context("invalid minion settings")?;
+    tracing::info!(minion = %config.id, nats_url = %config.fleet.nats_url, "starting minion");
+    let minion = provis_minion::start(config)
+        .await
+        .context("starting the minion")?;
+    shutdown_signal().await;
+    minion.stop().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn toml_int(n: u64) -> anyhow::Result<toml::Value> {
+    Ok(toml::Value::Integer(
+        i64::try_from(n).context("number too large")?,
+    ))
+}
+
+/// Defaults < context file < settings file < flags and env, deserialized as `T`.
+fn layered_config<T: DeserializeOwned>(
+    fleet: &FleetArgs,
+    file: Option<&Path>,
+    overrides: toml::Table,
+) -> anyhow::Result<T> {
+    let mut context = fleet.resolve_file_only()?;
+    let mut table = toml::Table::new();
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read settings file {}", path.display()))?;
+        table = toml::from_str(&text)
+            .with_context(|| format!("settings file {} is not valid TOML", path.display()))?;
+    }
+    // The settings file's own fleet settings win over the context file's.
+    if let Some(url) = table.get("nats_url").and_then(toml::Value::as_str) {
+        context.nats_url = url.to_owned();
+    }
+    if let Some(prefix) = table.get("prefix").and_then(toml::Value::as_str) {
+        context.prefix = prefix.parse().with_context(|| {
+            format!(
+                "bad prefix in {}",
+                file.map(Path::display)
+                    .map(|d| d.to_string())
+                    .unwrap_or_default()
+            )
+        })?;
+    }
+    fleet.apply(&mut context);
+    table.insert("nats_url".into(), context.nats_url.into());
+    table.insert("prefix".into(), context.prefix.to_string().into());
+    table.extend(overrides);
+    let what = file.map_or_else(|| "flags".to_owned(), |path| path.display().to_string());
+    T::deserialize(toml::Value::Table(table)).with_context(|| format!("invalid settings ({what})"))
+}
+
+/// The hostname, lowercased, with anything a minion id cannot hold made '-'.
+fn id_from_hostname() -> anyhow::Result<MinionId> {
+    let raw = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let cleaned: String = raw
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(provis_core::subject::MAX_TOKEN_LEN)
+        .collect();
+    cleaned
+        .parse()
+        .context("cannot derive a minion id from the hostname; give one with --id")
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot watch SIGTERM; only Ctrl-C stops this");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,381 @@
+//! `provis up`: a whole fleet on this machine. Starts nats-server (unless one
+//! already answers), a master and N minions as `provis` processes with roles
+//! from the config repository, writes the context file so `provis call` in
+//! another shell finds the fleet, and stops everything on Ctrl-C or SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use provis_core::nats_server::locate_nats_server;
+use provis_core::registry;
+use provis_core::{FleetContext, MinionId};
+
+use crate::assignments::{self, Assignments};
+use crate::fleet_args::FleetArgs;
+use crate::serve::shutdown_signal;
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Number of minions to start (ids m1, m2, …)
+    #[arg(long, env = "PROVIS_MINIONS", default_value_t = 3)]
+    minions: u16,
+    /// Config repository whose assignments.toml gives the minions' roles [default: ./examples]
+    #[arg(long, env = "PROVIS_REPOSITORY")]
+    repository: Option<PathBuf>,
+    /// Where nats-server's store and every process's log go
+    #[arg(long, env = "PROVIS_DATA_DIR", default_value = ".provis/up")]
+    data_dir: PathBuf,
+    /// Start the fleet, print what runs, then stop it (for scripts and tests)
+    #[arg(long)]
+    no_wait: bool,
+}
+
+/// How long each part may take to come up before `up` gives in.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub async fn run(fleet_args: &FleetArgs, args: UpArgs) -> anyhow::Result<ExitCode> {
+    let mut fleet = FleetContext::default();
+    fleet_args.apply(&mut fleet);
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let data_dir = args.data_dir.canonicalize()?;
+    let repository = find_repository(args.repository.as_deref())?;
+    let assignments = Assignments::load(&repository)?;
+
+    let mut processes = Vec::new();
+    let outcome = bring_up(&fleet, &args, &data_dir, &assignments, &mut processes).await;
+    if let Err(err) = outcome {
+        stop_all(&mut processes).await;
+        return Err(err);
+    }
+
+    let context_path = fleet_args.context_path();
+    fleet.save(&context_path)?;
+    println!();
+    println!(
+        "{:12}  {:6}  {:34}  LOG",
+        "PROCESS", "PID", "ROLE / ADDRESS"
+    );
+    for process in &processes {
+        println!(
+            "{:12}  {:6}  {:34}  {}",
+            process.name,
+            process
+                .child
+                .id()
+                .map_or_else(|| "-".to_owned(), |pid| pid.to_string()),
+            process.detail,
+            process.log.display()
+        );
+    }
+    println!();
+    println!(
+        "fleet is up: NATS {} (prefix {}), roles from {}",
+        fleet.nats_url,
+        fleet.prefix,
+        repository.display()
+    );
+    println!(
+        "context written to {}; from another shell try:",
+        context_path.display()
+    );
+    println!("  provis call --subject role.web sys.ping");
+    println!("  provis call --all sys.facts");
+    if args.no_wait {
+        println!("stopping (--no-wait)");
+    } else {
+        println!("press Ctrl-C to stop the fleet");
+        tokio::select! {
+            () = shutdown_signal() => println!("stopping the fleet"),
+            name = first_exit(&mut processes) => eprintln!("provis: {name} exited on its own; stopping the fleet"),
+        }
+    }
+    stop_all(&mut processes).await;
+    if FleetContext::load(&context_path).ok().flatten().as_ref() == Some(&fleet) {
+        let _ = std::fs::remove_file(&context_path);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bring_up(
+    fleet: &FleetContext,
+    args: &UpArgs,
+    data_dir: &Path,
+    assignments: &Assignments,
+    processes: &mut Vec<FleetProcess>,
+) -> anyhow::Result<()> {
+    if provis_core::client::connect_nats(&fleet.nats_url, "provis-up")
+        .await
+        .is_ok()
+    {
+        println!("using the nats-server already at {}", fleet.nats_url);
+    } else {
+        processes.push(start_nats_server(&fleet.nats_url, data_dir)?);
+        wait_for("nats-server", processes, || async {
+            provis_core::client::connect_nats(&fleet.nats_url, "provis-up")
+                .await
+                .is_ok()
+        })
+        .await?;
+        println!("started nats-server at {}", fleet.nats_url);
+    }
+    let nats = provis_core::client::connect_nats(&fleet.nats_url, "provis-up").await?;
+    let subjects = provis_core::Subjects::new(fleet.prefix.clone());
+
+    let exe = std::env::current_exe().context("cannot find the provis executable")?;
+    processes.push(FleetProcess::spawn(
+        &exe,
+        Stage::Master,
+        "master",
+        &["master"],
+        fleet,
+        data_dir,
+        "master".to_owned(),
+    )?);
+    let ping = subjects.master("ping");
+    wait_for("the master", processes, || async {
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            nats.request(ping.clone(), "".into()),
+        )
+        .await
+        .is_ok_and(|reply| reply.is_ok())
+    })
+    .await?;
+    println!("started the master");
+
+    let mut ids = Vec::new();
+    for n in 1..=args.minions {
+        let id: MinionId = format!("m{n}").parse()?;
+        let roles: Vec<String> = assignments
+            .roles_for(id.as_str())
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let roles = roles.join(",");
+        let detail = if roles.is_empty() {
+            "(no role)".to_owned()
+        } else {
+            roles.clone()
+        };
+        let mut minion_args = vec!["minion", "--id", id.as_str()];
+        if !roles.is_empty() {
+            minion_args.extend(["--roles", roles.as_str()]);
+        }
+        processes.push(FleetProcess::spawn(
+            &exe,
+            Stage::Minion,
+            id.as_str(),
+            &minion_args,
+            fleet,
+            data_dir,
+            detail,
+        )?);
+        ids.push(id);
+    }
+    let js = async_nats::jetstream::new(nats.clone());
+    let store = registry::open_registry(&js).await?;
+    wait_for("the minions", processes, || async {
+        let now = provis_core::envelope::now_unix_ms();
+        let live = registry::read_all(&store).await.unwrap_or_default();
+        ids.iter().all(|id| {
+            live.iter()
+                .any(|record| &record.id == id && record.is_live_at(now))
+        })
+    })
+    .await?;
+    println!("started {} minions", ids.len());
+    Ok(())
+}
+
+/// The config repository: the one given, else `examples/` here or next to
+/// the project the executable was built in.
+fn find_repository(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = given {
+        return Ok(path.to_owned());
+    }
+    let here = std::env::current_dir().ok();
+    let exe = std::env::current_exe().ok();
+    [here, exe]
+        .into_iter()
+        .flatten()
+        .flat_map(|start| start.ancestors().map(|dir| dir.join("examples")).collect::<Vec<_>>())
+        .find(|dir| dir.join(assignments::FILE_NAME).is_file())
+        .context("no config repository found: give one with --repository DIR (it needs an assignments.toml)")
+}
+
+/// The order in which the parts of a fleet stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Minion,
+    Master,
+    NatsServer,
+}
+
+/// One child process of the fleet, killed if `up` itself goes away.
+struct FleetProcess {
+    name: String,
+    stage: Stage,
+    detail: String,
+    log: PathBuf,
+    child: tokio::process::Child,
+}
+
+impl FleetProcess {
+    fn spawn(
+        program: &Path,
+        stage: Stage,
+        name: &str,
+        args: &[&str],
+        fleet: &FleetContext,
+        data_dir: &Path,
+        detail: String,
+    ) -> anyhow::Result<Self> {
+        let log = data_dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
+        let child = tokio::process::Command::new(program)
+            .args(args)
+            .env("PROVIS_NATS_URL", &fleet.nats_url)
+            .env("PROVIS_PREFIX", fleet.prefix.as_str())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({})", program.display()))?;
+        Ok(Self {
+            name: name.to_owned(),
+            stage,
+            detail,
+            log,
+            child,
+        })
+    }
+}
+
+fn start_nats_server(url: &str, data_dir: &Path) -> anyhow::Result<FleetProcess> {
+    let (host, port) = loopback_host_port(url)?;
+    let binary = locate_nats_server()?;
+    let store = data_dir.join("jetstream");
+    let args = [
+        "-a",
+        host.as_str(),
+        "-p",
+        port.as_str(),
+        "-js",
+        "-sd",
+        store.to_str().context("data dir is not UTF-8")?,
+    ];
+    FleetProcess::spawn(
+        &binary,
+        Stage::NatsServer,
+        "nats-server",
+        &args,
+        &FleetContext::default(),
+        data_dir,
+        url.to_owned(),
+    )
+}
+
+/// `nats://127.0.0.1:4222` → ("127.0.0.1", "4222"); `up` starts servers on loopback only.
+fn loopback_host_port(url: &str) -> anyhow::Result<(String, String)> {
+    let rest = url.strip_prefix("nats://").unwrap_or(url);
+    let (host, port) = rest.rsplit_once(':').unwrap_or((rest, "4222"));
+    if !matches!(host, "127.0.0.1" | "localhost" | "::1" | "[::1]") {
+        bail!(
+            "nothing answers at {url}, and provis up only starts a nats-server on loopback; give --nats-url nats://127.0.0.1:PORT"
+        );
+    }
+    let port: u16 = port.parse().with_context(|| format!("bad port in {url}"))?;
+    Ok((host.trim_matches(['[', ']']).to_owned(), port.to_string()))
+}
+
+/// Polls `ready` until it holds; fails early when a process died meanwhile.
+async fn wait_for<F, Fut>(
+    what: &str,
+    processes: &mut [FleetProcess],
+    mut ready: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if ready().await {
+            return Ok(());
+        }
+        for process in processes.iter_mut() {
+            if let Ok(Some(status)) = process.child.try_wait() {
+                bail!(
+                    "{} exited ({status}) while waiting for {what}; its log {} ends with:\n{}",
+                    process.name,
+                    process.log.display(),
+                    log_tail(&process.log)
+                );
+            }
+        }
+        if started.elapsed() > READY_TIMEOUT {
+            bail!(
+                "{what} did not come up within {READY_TIMEOUT:?}; logs are in {}",
+                processes.first().map_or_else(String::new, |p| p
+                    .log
+                    .parent()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default())
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// Resolves with the name of the first process that exits.
+async fn first_exit(processes: &mut [FleetProcess]) -> String {
+    loop {
+        for process in processes.iter_mut() {
+            if let Ok(Some(_)) = process.child.try_wait() {
+                return process.name.clone();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Minions first (so they can mark themselves stopped while the bus is up),
+/// then the master, then nats-server: SIGTERM to each group, then a kill for
+/// any process still there after five seconds.
+async fn stop_all(processes: &mut Vec<FleetProcess>) {
+    for stage in [Stage::Minion, Stage::Master, Stage::NatsServer] {
+        let group: Vec<FleetProcess> = processes.extract_if(.., |p| p.stage == stage).collect();
+        for process in &group {
+            if let Some(pid) = process.child.id().and_then(|pid| i32::try_from(pid).ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
+        for mut process in group {
+            if tokio::time::timeout(Duration::from_secs(5), process.child.wait())
+                .await
+                .is_err()
+            {
+                eprintln!(
+                    "provis: {} did not stop within 5 s; killing it",
+                    process.name
+                );
+                let _ = process.child.kill().await;
+            }
+        }
+    }
+}

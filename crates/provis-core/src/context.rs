@@ -1,0 +1,123 @@
+//! Where a fleet is: the connection settings every `provis` command shares, and
+//! the context file `provis up` writes so that commands in another shell find
+//! the fleet it started.
+//!
+//! Each setting has one name in the file, the CLI flag and the env var:
+//! `nats_url` / `--nats-url` / `PROVIS_NATS_URL`, `prefix` / `--prefix` /
+//! `PROVIS_PREFIX`. A flag or env var wins over the context file, which wins
+//! over the defaults below.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::subject::Prefix;
+
+/// The NATS URL when nothing else says: a local dev server.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// Connection settings of one fleet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FleetContext {
+    /// NATS server URL. Default: `nats://127.0.0.1:4222`.
+    pub nats_url: String,
+    /// First token of every subject. Default: `provis`.
+    pub prefix: Prefix,
+}
+
+impl Default for FleetContext {
+    fn default() -> Self {
+        Self {
+            nats_url: DEFAULT_NATS_URL.to_owned(),
+            prefix: Prefix::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    #[error("cannot read context file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("context file {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("cannot write context file {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl FleetContext {
+    /// The context file: `PROVIS_CONTEXT`, else `$XDG_CONFIG_HOME/provis/context.toml`,
+    /// else `~/.config/provis/context.toml`.
+    pub fn default_path() -> PathBuf {
+        if let Some(path) = std::env::var_os("PROVIS_CONTEXT") {
+            return PathBuf::from(path);
+        }
+        let config = std::env::var_os("XDG_CONFIG_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".config")))
+            .unwrap_or_else(|| PathBuf::from("."));
+        config.join("provis").join("context.toml")
+    }
+
+    /// Reads a context file; a missing file is `None`, a broken one an error.
+    pub fn load(path: &Path) -> Result<Option<Self>, ContextError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(ContextError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        toml::from_str(&text)
+            .map(Some)
+            .map_err(|source| ContextError::Parse {
+                path: path.to_owned(),
+                source,
+            })
+    }
+
+    /// Writes the context file, creating its directory.
+    pub fn save(&self, path: &Path) -> Result<(), ContextError> {
+        let write = |source| ContextError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(write)?;
+        }
+        let text = toml::to_string(self).map_err(|err| write(std::io::Error::other(err)))?;
+        std::fs::write(path, text).map_err(write)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_saved_context_loads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/context.toml");
+        assert_eq!(FleetContext::load(&path).unwrap(), None);
+        let context = FleetContext {
+            nats_url: "nats://127.0.0.1:5000".into(),
+            prefix: "fleet2".parse().unwrap(),
+        };
+        context.save(&path).unwrap();
+        assert_eq!(FleetContext::load(&path).unwrap(), Some(context));
+        std::fs::write(&path, "nats_url = 3").unwrap();
+        assert!(FleetContext::load(&path).is_err());
+    }
+}

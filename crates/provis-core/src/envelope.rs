@@ -1,0 +1,301 @@
+//! Call envelopes and replies: building them on the caller's side, and checking
+//! them on the minion's side before anything runs.
+//!
+//! A minion treats every payload on a call subject as hostile: `open_envelope`
+//! either returns a [`CheckedCall`] whose every field has been validated, or an
+//! [`EnvelopeError`] that maps to a structured reply.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use provis_proto::v1::{CallEnvelope, CallError, CallReply, ErrorCode, call_reply};
+use serde_json::Value;
+
+use crate::subject::{CallTarget, MAX_TOKEN_LEN, NameError};
+
+/// Largest envelope a minion decodes; bigger payloads are refused unread.
+pub const MAX_ENVELOPE_BYTES: usize = 1024 * 1024;
+
+/// Milliseconds since the Unix epoch, the time unit of envelopes.
+pub fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// What a caller wants run: the parts of an envelope a caller chooses.
+#[derive(Debug, Clone)]
+pub struct CallRequest {
+    pub service: String,
+    pub method: String,
+    pub args: Value,
+    pub timeout: Duration,
+}
+
+impl CallRequest {
+    /// Parses `service.method`, e.g. `sys.ping`.
+    pub fn parse_function(
+        function: &str,
+        args: Value,
+        timeout: Duration,
+    ) -> Result<Self, EnvelopeError> {
+        let (service, method) = function
+            .split_once('.')
+            .ok_or_else(|| EnvelopeError::BadFunction(function.to_owned()))?;
+        check_service(service)?;
+        check_method(method)?;
+        Ok(Self {
+            service: service.to_owned(),
+            method: method.to_owned(),
+            args,
+            timeout,
+        })
+    }
+
+    /// Seals the request into an envelope with a fresh call id and nonce.
+    pub fn to_envelope(&self, caller: &str, target: &CallTarget) -> CallEnvelope {
+        let now = now_unix_ms();
+        let call_id = uuid::Uuid::new_v4();
+        let timeout_ms = i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX);
+        CallEnvelope {
+            call_id: call_id.to_string(),
+            caller: caller.to_owned(),
+            target: Some(target_to_proto(target)),
+            service: self.service.clone(),
+            method: self.method.clone(),
+            args_json: self.args.to_string(),
+            deadline_unix_ms: now.saturating_add(timeout_ms),
+            issued_unix_ms: now,
+            nonce: uuid::Uuid::new_v4().as_bytes().to_vec(),
+            signer_public_key: Vec::new(),
+            signature: Vec::new(),
+        }
+    }
+}
+
+fn target_to_proto(target: &CallTarget) -> provis_proto::v1::Target {
+    use provis_proto::v1::target::Kind;
+    let kind = match target {
+        CallTarget::All => Kind::All(true),
+        CallTarget::Role(role) => Kind::Role(role.to_string()),
+        CallTarget::Minions(ids) => Kind::Minion(
+            ids.iter()
+                .map(|id| id.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+    };
+    provis_proto::v1::Target { kind: Some(kind) }
+}
+
+/// Why an envelope was refused or a call could not run.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("payload is {0} bytes, more than the {MAX_ENVELOPE_BYTES} a call may carry")]
+    TooLarge(usize),
+    #[error("payload is not a provis CallEnvelope: {0}")]
+    Undecodable(String),
+    #[error("envelope has no {0}")]
+    Missing(&'static str),
+    #[error("{0:?} is not SERVICE.METHOD (for example sys.ping)")]
+    BadFunction(String),
+    #[error("bad service name: {0}")]
+    BadService(NameError),
+    #[error(
+        "method {0:?} is not a valid name (letters, digits and '_', not starting with a digit)"
+    )]
+    BadMethod(String),
+    #[error("arguments are not JSON: {0}")]
+    BadArguments(String),
+    #[error("deadline passed {0} ms before the call could start")]
+    Expired(i64),
+}
+
+impl EnvelopeError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::BadArguments(_) => ErrorCode::BadArguments,
+            Self::Expired(_) => ErrorCode::DeadlineExceeded,
+            _ => ErrorCode::BadEnvelope,
+        }
+    }
+}
+
+fn check_service(service: &str) -> Result<(), EnvelopeError> {
+    service
+        .parse::<crate::subject::MinionId>()
+        .map(drop)
+        .map_err(|err| match err {
+            NameError::Empty { .. } => NameError::Empty { what: "service" },
+            other => other,
+        })
+        .map_err(EnvelopeError::BadService)
+}
+
+fn check_method(method: &str) -> Result<(), EnvelopeError> {
+    let mut chars = method.chars();
+    let valid = method.len() <= MAX_TOKEN_LEN
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(EnvelopeError::BadMethod(method.to_owned()))
+    }
+}
+
+/// An envelope whose every field has been checked: safe to dispatch.
+#[derive(Debug, Clone)]
+pub struct CheckedCall {
+    pub call_id: String,
+    pub caller: String,
+    pub service: String,
+    pub method: String,
+    pub args: Value,
+    pub deadline_unix_ms: i64,
+}
+
+impl CheckedCall {
+    /// Time left before the deadline (zero when it has passed).
+    pub fn remaining(&self) -> Duration {
+        let left = self.deadline_unix_ms.saturating_sub(now_unix_ms());
+        Duration::from_millis(u64::try_from(left).unwrap_or(0))
+    }
+}
+
+/// Decodes and checks an envelope. On error, the call id is returned too when
+/// it could be read, so the reply can still be matched by the caller.
+pub fn open_envelope(payload: &[u8]) -> Result<CheckedCall, (String, EnvelopeError)> {
+    if payload.len() > MAX_ENVELOPE_BYTES {
+        return Err((String::new(), EnvelopeError::TooLarge(payload.len())));
+    }
+    let envelope = CallEnvelope::decode(payload)
+        .map_err(|err| (String::new(), EnvelopeError::Undecodable(err.to_string())))?;
+    let call_id = envelope.call_id.clone();
+    check_envelope(envelope).map_err(|err| (call_id, err))
+}
+
+fn check_envelope(envelope: CallEnvelope) -> Result<CheckedCall, EnvelopeError> {
+    if envelope.call_id.is_empty() {
+        return Err(EnvelopeError::Missing("call_id"));
+    }
+    if envelope.deadline_unix_ms == 0 {
+        return Err(EnvelopeError::Missing("deadline_unix_ms"));
+    }
+    check_service(&envelope.service)?;
+    check_method(&envelope.method)?;
+    let args = if envelope.args_json.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&envelope.args_json)
+            .map_err(|err| EnvelopeError::BadArguments(err.to_string()))?
+    };
+    let late = now_unix_ms() - envelope.deadline_unix_ms;
+    if late > 0 {
+        return Err(EnvelopeError::Expired(late));
+    }
+    Ok(CheckedCall {
+        call_id: envelope.call_id,
+        caller: envelope.caller,
+        service: envelope.service,
+        method: envelope.method,
+        args,
+        deadline_unix_ms: envelope.deadline_unix_ms,
+    })
+}
+
+/// A successful reply carrying `result` as JSON.
+pub fn ok_reply(call_id: &str, minion: &str, result: &Value, took: Duration) -> CallReply {
+    CallReply {
+        call_id: call_id.to_owned(),
+        minion: minion.to_owned(),
+        outcome: Some(call_reply::Outcome::ResultJson(result.to_string())),
+        duration_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+    }
+}
+
+/// A failed reply.
+pub fn error_reply(
+    call_id: &str,
+    minion: &str,
+    code: ErrorCode,
+    message: impl Into<String>,
+    took: Duration,
+) -> CallReply {
+    CallReply {
+        call_id: call_id.to_owned(),
+        minion: minion.to_owned(),
+        outcome: Some(call_reply::Outcome::Error(CallError {
+            code: code as i32,
+            message: message.into(),
+            stack: String::new(),
+        })),
+        duration_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+    }
+}
+
+/// The short name of an error code, as shown to operators (`unknown_service`).
+pub fn error_code_name(code: i32) -> &'static str {
+    match ErrorCode::try_from(code).unwrap_or(ErrorCode::Unspecified) {
+        ErrorCode::Unspecified => "error",
+        ErrorCode::BadEnvelope => "bad_envelope",
+        ErrorCode::UnknownService => "unknown_service",
+        ErrorCode::UnknownMethod => "unknown_method",
+        ErrorCode::BadArguments => "bad_arguments",
+        ErrorCode::DeadlineExceeded => "deadline_exceeded",
+        ErrorCode::Denied => "denied",
+        ErrorCode::ServiceFailed => "service_failed",
+        ErrorCode::Internal => "internal",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> CallRequest {
+        CallRequest::parse_function("sys.ping", Value::Null, Duration::from_secs(5)).unwrap()
+    }
+
+    #[test]
+    fn a_sealed_envelope_opens() {
+        let envelope = request().to_envelope("operator:test", &CallTarget::All);
+        let call = open_envelope(&envelope.encode_to_vec()).unwrap();
+        assert_eq!(
+            (call.service.as_str(), call.method.as_str()),
+            ("sys", "ping")
+        );
+        assert_eq!(call.call_id, envelope.call_id);
+    }
+
+    #[test]
+    fn garbage_is_refused_with_a_reason() {
+        let (_, err) = open_envelope(b"\xff\xff\xff not protobuf").unwrap_err();
+        assert_eq!(err.code(), ErrorCode::BadEnvelope);
+        let (_, err) = open_envelope(&[]).unwrap_err();
+        assert_eq!(err, EnvelopeError::Missing("call_id"));
+    }
+
+    #[test]
+    fn an_expired_envelope_is_refused_with_its_call_id() {
+        let mut envelope = request().to_envelope("operator:test", &CallTarget::All);
+        envelope.deadline_unix_ms = now_unix_ms() - 1_000;
+        let (call_id, err) = open_envelope(&envelope.encode_to_vec()).unwrap_err();
+        assert_eq!(call_id, envelope.call_id);
+        assert_eq!(err.code(), ErrorCode::DeadlineExceeded);
+    }
+
+    #[test]
+    fn names_in_an_envelope_are_checked() {
+        let mut envelope = request().to_envelope("operator:test", &CallTarget::All);
+        envelope.method = "constructor.call".into();
+        assert!(matches!(
+            open_envelope(&envelope.encode_to_vec()).unwrap_err().1,
+            EnvelopeError::BadMethod(_)
+        ));
+        assert!(CallRequest::parse_function("ping", Value::Null, Duration::ZERO).is_err());
+        assert!(CallRequest::parse_function("Sys.ping", Value::Null, Duration::ZERO).is_err());
+    }
+}

@@ -1,0 +1,19 @@
+//! What every part of provis shares: checked names and subjects, call
+//! envelopes, the registry, events, connection settings, and the call client.
+
+pub mod client;
+pub mod context;
+pub mod envelope;
+pub mod event;
+pub mod nats_server;
+pub mod registry;
+pub mod storage;
+pub mod subject;
+
+pub use client::{CallReport, Client, ClientError, MinionReply, ReplyStatus};
+pub use context::FleetContext;
+pub use envelope::{CallRequest, CheckedCall};
+pub use subject::{CallTarget, MinionId, Prefix, RoleName, Subjects};
+
+/// The version of provis, as minions report it in the registry.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

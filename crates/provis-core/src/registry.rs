@@ -1,0 +1,196 @@
+//! The minion registry (`provis_minions`): what each minion says about itself
+//! on start and with every heartbeat, and how callers read it.
+//!
+//! Liveness is derived from the heartbeat's age rather than stored, so a
+//! minion that dies without a word drops out of selections on its own.
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv::{Operation, Store};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::now_unix_ms;
+use crate::subject::{CallTarget, MinionId, RoleName};
+
+/// A minion counts as live while its last heartbeat is younger than this many
+/// of its own heartbeat intervals.
+pub const MISSED_HEARTBEATS_OFFLINE: i64 = 3;
+
+/// How long a registry read may take before it is given up.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether the minion said it is running or that it stopped cleanly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MinionStatus {
+    Online,
+    Stopped,
+}
+
+/// One minion's registry entry, keyed by its id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MinionRecord {
+    pub id: MinionId,
+    pub hostname: String,
+    pub roles: Vec<RoleName>,
+    /// The provis version the minion runs.
+    pub version: String,
+    pub status: MinionStatus,
+    pub started_unix_ms: i64,
+    pub heartbeat_unix_ms: i64,
+    pub heartbeat_interval_ms: i64,
+    /// Services the minion can run, built-in ones included.
+    pub services: Vec<String>,
+}
+
+impl MinionRecord {
+    /// True when the minion is running and its heartbeat is recent.
+    pub fn is_live_at(&self, now_unix_ms: i64) -> bool {
+        let allowed = self
+            .heartbeat_interval_ms
+            .saturating_mul(MISSED_HEARTBEATS_OFFLINE);
+        self.status == MinionStatus::Online
+            && now_unix_ms.saturating_sub(self.heartbeat_unix_ms) <= allowed
+    }
+
+    /// True when a call to `target` reaches this minion.
+    pub fn is_addressed_by(&self, target: &CallTarget) -> bool {
+        match target {
+            CallTarget::All => true,
+            CallTarget::Role(role) => self.roles.iter().any(|own| own.is_within(role)),
+            CallTarget::Minions(ids) => ids.contains(&self.id),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("cannot open bucket {bucket}: {source} (is a provis master running on this NATS?)")]
+    Open {
+        bucket: &'static str,
+        source: async_nats::jetstream::context::KeyValueError,
+    },
+    #[error("cannot read the minion registry: {0}")]
+    Read(String),
+    #[error("cannot write the minion registry: {0}")]
+    Write(String),
+    #[error("reading the minion registry took longer than {READ_TIMEOUT:?}")]
+    Timeout,
+}
+
+/// Opens the registry bucket, which the master creates.
+pub async fn open_registry(js: &async_nats::jetstream::Context) -> Result<Store, RegistryError> {
+    js.get_key_value(crate::storage::BUCKET_MINIONS)
+        .await
+        .map_err(|source| RegistryError::Open {
+            bucket: crate::storage::BUCKET_MINIONS,
+            source,
+        })
+}
+
+/// Writes a minion's own record.
+pub async fn put_record(store: &Store, record: &MinionRecord) -> Result<(), RegistryError> {
+    let value = serde_json::to_vec(record).map_err(|err| RegistryError::Write(err.to_string()))?;
+    store
+        .put(record.id.as_str(), value.into())
+        .await
+        .map_err(|err| RegistryError::Write(err.to_string()))?;
+    Ok(())
+}
+
+/// Reads every record in one pass over the bucket (one consumer delivering the
+/// last value per key), not one request per minion. Entries that do not parse
+/// are skipped with a warning: one bad record must not hide the fleet.
+pub async fn read_all(store: &Store) -> Result<Vec<MinionRecord>, RegistryError> {
+    // `Store::status` answers from a cache taken when the store was opened;
+    // ask the server. An empty bucket must be told apart before watching,
+    // because a watch on it would wait for a first entry that never comes.
+    let info = store
+        .stream
+        .get_info()
+        .await
+        .map_err(|err| RegistryError::Read(err.to_string()))?;
+    if info.state.messages == 0 {
+        return Ok(Vec::new());
+    }
+    let read = async {
+        let mut watch = store
+            .watch_with_history(">")
+            .await
+            .map_err(|err| RegistryError::Read(err.to_string()))?;
+        let mut records = Vec::new();
+        while let Some(entry) = watch.next().await {
+            let entry = entry.map_err(|err| RegistryError::Read(err.to_string()))?;
+            if entry.operation == Operation::Put {
+                match serde_json::from_slice::<MinionRecord>(&entry.value) {
+                    Ok(record) => records.push(record),
+                    Err(err) => {
+                        tracing::warn!(key = %entry.key, error = %err, "unreadable registry entry skipped");
+                    }
+                }
+            }
+            if entry.delta == 0 {
+                break;
+            }
+        }
+        Ok(records)
+    };
+    tokio::time::timeout(READ_TIMEOUT, read)
+        .await
+        .map_err(|_| RegistryError::Timeout)?
+}
+
+/// The live minions a call to `target` reaches, sorted by id.
+pub async fn live_members(
+    store: &Store,
+    target: &CallTarget,
+) -> Result<Vec<MinionRecord>, RegistryError> {
+    let now = now_unix_ms();
+    let mut members: Vec<MinionRecord> = read_all(store)
+        .await?
+        .into_iter()
+        .filter(|record| record.is_live_at(now) && record.is_addressed_by(target))
+        .collect();
+    members.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(members)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(roles: &[&str], heartbeat: i64) -> MinionRecord {
+        MinionRecord {
+            id: "m1".parse().unwrap(),
+            hostname: "h".into(),
+            roles: roles.iter().map(|r| r.parse().unwrap()).collect(),
+            version: "0".into(),
+            status: MinionStatus::Online,
+            started_unix_ms: 0,
+            heartbeat_unix_ms: heartbeat,
+            heartbeat_interval_ms: 1_000,
+            services: vec![],
+        }
+    }
+
+    #[test]
+    fn liveness_follows_the_heartbeat() {
+        let r = record(&[], 10_000);
+        assert!(r.is_live_at(12_000));
+        assert!(!r.is_live_at(13_001));
+        let stopped = MinionRecord {
+            status: MinionStatus::Stopped,
+            ..r
+        };
+        assert!(!stopped.is_live_at(10_000));
+    }
+
+    #[test]
+    fn a_role_call_reaches_sub_role_members() {
+        let r = record(&["web.eu"], 0);
+        assert!(r.is_addressed_by(&CallTarget::Role("web".parse().unwrap())));
+        assert!(!r.is_addressed_by(&CallTarget::Role("db".parse().unwrap())));
+        assert!(r.is_addressed_by(&CallTarget::All));
+    }
+}

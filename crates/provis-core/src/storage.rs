@@ -1,0 +1,17 @@
+//! Names of the JetStream streams, key-value buckets and object store of a
+//! fleet (see DESIGN.md). The master creates them; everyone else only opens them.
+
+/// Every event, durable, bounded by age and size.
+pub const STREAM_EVENTS: &str = "PROVIS_EVENTS";
+/// State samples, kept at least 8 days.
+pub const STREAM_STATE: &str = "PROVIS_STATE";
+/// Service bundles, named by content digest.
+pub const BUCKET_BUNDLES: &str = "provis_bundles";
+/// Service name → current digest, manifest, signature.
+pub const BUCKET_SERVICES: &str = "provis_services";
+/// Role → services and role config.
+pub const BUCKET_ROLES: &str = "provis_roles";
+/// Minion id → roles and per-minion config.
+pub const BUCKET_ASSIGNMENTS: &str = "provis_assignments";
+/// The registry: live minions, facts, versions loaded, heartbeat.
+pub const BUCKET_MINIONS: &str = "provis_minions";

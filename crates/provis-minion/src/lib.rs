@@ -1,0 +1,278 @@
+//! The provis minion: one agent per machine. It connects to NATS (retrying
+//! with backoff for as long as it takes), listens on its own call subject, the
+//! fleet-wide one and every level of each of its roles, keeps its registry
+//! entry fresh, and answers each call with exactly one reply.
+//!
+//! A minion never dies of a message: every payload is checked before it is
+//! dispatched, and a bad one gets a structured error reply where a reply
+//! subject exists.
+
+pub mod config;
+pub mod dispatch;
+pub mod sys;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv::Store;
+use futures::StreamExt;
+use prost::Message;
+use provis_core::envelope::{error_reply, now_unix_ms, open_envelope};
+use provis_core::registry::{self, MinionRecord, MinionStatus};
+use provis_core::{Subjects, event};
+use serde_json::json;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+pub use config::MinionConfig;
+use dispatch::Dispatcher;
+use sys::SysService;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MinionError {
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("cannot subscribe to {subject}: {reason}")]
+    Subscribe { subject: String, reason: String },
+}
+
+/// A running minion. Dropping the handle leaves it running; call
+/// [`MinionHandle::stop`] for a clean exit or [`MinionHandle::kill`] to make
+/// it vanish as a crashed machine would.
+#[derive(Debug)]
+pub struct MinionHandle {
+    id: String,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl MinionHandle {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Stops taking calls, marks the registry entry stopped, and closes the
+    /// connection after in-flight replies are sent.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Ends the minion at once without a word to the fleet.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+
+    /// Waits until the minion ends (after a stop signal).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+
+    /// Asks the minion to stop without waiting.
+    pub fn request_stop(&self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// Connects and starts serving. Returns once the minion listens on all its
+/// subjects (the connection itself may still be on its way: calls and
+/// heartbeats start when it is up).
+pub async fn start(config: MinionConfig) -> Result<MinionHandle, MinionError> {
+    let url = config.fleet.nats_url.clone();
+    let nats = async_nats::ConnectOptions::new()
+        .name(format!("provis-minion-{}", config.id))
+        .retry_on_initial_connect()
+        .connect(&url)
+        .await
+        .map_err(|err| MinionError::Connect {
+            url: url.clone(),
+            reason: err.to_string(),
+        })?;
+    let subjects = Subjects::new(config.fleet.prefix.clone());
+    let mut subscriptions = Vec::new();
+    for subject in subjects.minion_listen_subjects(&config.id, &config.roles) {
+        let subscription =
+            nats.subscribe(subject.clone())
+                .await
+                .map_err(|err| MinionError::Subscribe {
+                    subject: subject.clone(),
+                    reason: err.to_string(),
+                })?;
+        tracing::debug!(%subject, "listening");
+        subscriptions.push(subscription);
+    }
+
+    let started = Instant::now();
+    let hostname = hostname::get()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dispatcher = Dispatcher::new(SysService {
+        minion: config.id.to_string(),
+        roles: config.roles.iter().map(ToString::to_string).collect(),
+        hostname: hostname.clone(),
+        started,
+    });
+    let record = MinionRecord {
+        id: config.id.clone(),
+        hostname,
+        roles: config.roles.clone(),
+        version: provis_core::VERSION.to_owned(),
+        status: MinionStatus::Online,
+        started_unix_ms: now_unix_ms(),
+        heartbeat_unix_ms: now_unix_ms(),
+        heartbeat_interval_ms: i64::try_from(config.heartbeat_interval().as_millis())
+            .unwrap_or(i64::MAX),
+        services: dispatcher.service_names(),
+    };
+    let max_calls = u32::try_from(config.max_concurrent_calls.clamp(1, 65_536)).unwrap_or(1);
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let runtime = Runtime {
+        nats,
+        subjects,
+        dispatcher: Arc::new(dispatcher),
+        record,
+        heartbeat_interval: config.heartbeat_interval(),
+        limit: Arc::new(Semaphore::new(max_calls as usize)),
+        max_calls,
+    };
+    let id = config.id.to_string();
+    let task = tokio::spawn(runtime.serve(futures::stream::select_all(subscriptions), shutdown_rx));
+    Ok(MinionHandle { id, shutdown, task })
+}
+
+struct Runtime {
+    nats: async_nats::Client,
+    subjects: Subjects,
+    dispatcher: Arc<Dispatcher>,
+    record: MinionRecord,
+    heartbeat_interval: Duration,
+    limit: Arc<Semaphore>,
+    max_calls: u32,
+}
+
+impl Runtime {
+    async fn serve(
+        mut self,
+        mut calls: futures::stream::SelectAll<async_nats::Subscriber>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let id = self.record.id.to_string();
+        let mut heartbeat = tokio::time::interval(self.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut registry: Option<Store> = None;
+        let mut announced = false;
+        tracing::info!(minion = %id, roles = ?self.record.roles, "minion started");
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = heartbeat.tick() => {
+                    if self.beat(&mut registry).await && !announced {
+                        announced = true;
+                        tracing::info!(minion = %id, "registered in the fleet");
+                        event::emit(&self.nats, &self.subjects, &id, "minion.online",
+                            json!({ "minion": id, "roles": self.record.roles })).await;
+                    }
+                }
+                message = calls.next() => match message {
+                    Some(message) => self.accept(message).await,
+                    None => break,
+                },
+            }
+        }
+        self.leave(registry.as_ref()).await;
+    }
+
+    /// Refreshes the registry entry; true when it was written.
+    async fn beat(&mut self, registry: &mut Option<Store>) -> bool {
+        if registry.is_none() {
+            let js = async_nats::jetstream::new(self.nats.clone());
+            match registry::open_registry(&js).await {
+                Ok(store) => *registry = Some(store),
+                Err(err) => {
+                    tracing::warn!(minion = %self.record.id, error = %err, "registry not reachable yet");
+                    return false;
+                }
+            }
+        }
+        let Some(store) = registry.as_ref() else {
+            return false;
+        };
+        self.record.heartbeat_unix_ms = now_unix_ms();
+        match registry::put_record(store, &self.record).await {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::warn!(minion = %self.record.id, error = %err, "heartbeat not written");
+                false
+            }
+        }
+    }
+
+    /// Takes one message off a call subject and answers it on a task of its own,
+    /// so a slow call never holds up the others.
+    async fn accept(&self, message: async_nats::Message) {
+        let minion = self.record.id.to_string();
+        let Some(reply_to) = message.reply.clone() else {
+            tracing::warn!(%minion, subject = %message.subject, "call without a reply subject ignored");
+            return;
+        };
+        let Ok(permit) = self.limit.clone().acquire_owned().await else {
+            return;
+        };
+        let nats = self.nats.clone();
+        let dispatcher = self.dispatcher.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let started = Instant::now();
+            let reply = match open_envelope(&message.payload) {
+                Ok(call) => {
+                    tracing::debug!(%minion, call_id = %call.call_id, caller = %call.caller,
+                        function = %format!("{}.{}", call.service, call.method), "call");
+                    dispatcher.run(&call).await
+                }
+                Err((call_id, err)) => {
+                    tracing::warn!(%minion, subject = %message.subject, error = %err, "call refused");
+                    error_reply(
+                        &call_id,
+                        &minion,
+                        err.code(),
+                        err.to_string(),
+                        started.elapsed(),
+                    )
+                }
+            };
+            if let Err(err) = nats.publish(reply_to, reply.encode_to_vec().into()).await {
+                tracing::warn!(%minion, error = %err, "reply not sent");
+            }
+        });
+    }
+
+    /// Says goodbye: marks the entry stopped so callers stop waiting for it,
+    /// and lets in-flight replies out before the connection closes.
+    async fn leave(mut self, registry: Option<&Store>) {
+        let id = self.record.id.to_string();
+        // Every permit back means every in-flight call has sent its reply.
+        let in_flight_done = self.limit.acquire_many(self.max_calls);
+        if tokio::time::timeout(Duration::from_secs(10), in_flight_done)
+            .await
+            .is_err()
+        {
+            tracing::warn!(minion = %id, "calls still running after 10 s; leaving anyway");
+        }
+        self.record.status = MinionStatus::Stopped;
+        if let Some(store) = registry
+            && let Err(err) = registry::put_record(store, &self.record).await
+        {
+            tracing::warn!(minion = %id, error = %err, "could not mark the registry entry stopped");
+        }
+        event::emit(
+            &self.nats,
+            &self.subjects,
+            &id,
+            "minion.offline",
+            json!({ "minion": id, "reason": "stopped" }),
+        )
+        .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.nats.drain()).await;
+        tracing::info!(minion = %id, "minion stopped");
+    }
+}

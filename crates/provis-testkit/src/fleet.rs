@@ -1,0 +1,179 @@
+//! A fleet for a test: a [`NatsServer`], a master in-process, and minions
+//! either in-process (fast, many per test) or as real `provis` processes
+//! (end-to-end, killable).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use provis_core::envelope::now_unix_ms;
+use provis_core::registry;
+use provis_core::{Client, FleetContext, MinionId, RoleName, Subjects};
+use provis_master::{MasterConfig, MasterHandle};
+use provis_minion::{MinionConfig, MinionHandle};
+
+use crate::{NatsServer, ProvisProcess, eventually};
+
+/// Heartbeat period of test minions: short, so liveness settles fast.
+pub const TEST_HEARTBEAT_INTERVAL_MS: u64 = 500;
+
+#[derive(Debug)]
+pub struct TestFleet {
+    // Field order is drop order: processes and minions go before the server.
+    processes: BTreeMap<String, ProvisProcess>,
+    minions: BTreeMap<String, MinionHandle>,
+    master: Option<MasterHandle>,
+    context: FleetContext,
+    workdir: tempfile::TempDir,
+    nats: NatsServer,
+}
+
+impl TestFleet {
+    /// A nats-server and a master serving it.
+    pub async fn start() -> anyhow::Result<Self> {
+        let nats = NatsServer::start()?;
+        let context = FleetContext {
+            nats_url: nats.url(),
+            ..FleetContext::default()
+        };
+        let master = provis_master::start(MasterConfig {
+            fleet: context.clone(),
+            ..MasterConfig::default()
+        })
+        .await
+        .context("starting the master")?;
+        Ok(Self {
+            processes: BTreeMap::new(),
+            minions: BTreeMap::new(),
+            master: Some(master),
+            context,
+            workdir: tempfile::Builder::new().prefix("provis-fleet-").tempdir()?,
+            nats,
+        })
+    }
+
+    pub fn nats(&self) -> &NatsServer {
+        &self.nats
+    }
+
+    pub fn nats_mut(&mut self) -> &mut NatsServer {
+        &mut self.nats
+    }
+
+    pub fn context(&self) -> &FleetContext {
+        &self.context
+    }
+
+    pub fn subjects(&self) -> Subjects {
+        Subjects::new(self.context.prefix.clone())
+    }
+
+    /// A call client of this fleet, as operator `operator:test`.
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::new(
+            self.nats.connect().await?,
+            self.subjects(),
+            "operator:test",
+        ))
+    }
+
+    /// Starts a minion in this process and waits until it is live.
+    pub async fn add_minion(&mut self, id: &str, roles: &[&str]) -> anyhow::Result<()> {
+        let config = self.minion_config(id, roles)?;
+        let minion = provis_minion::start(config).await?;
+        self.minions.insert(id.to_owned(), minion);
+        self.wait_live(&[id]).await
+    }
+
+    /// The settings a test minion gets.
+    pub fn minion_config(&self, id: &str, roles: &[&str]) -> anyhow::Result<MinionConfig> {
+        let roles = roles
+            .iter()
+            .map(|r| r.parse::<RoleName>())
+            .collect::<Result<_, _>>()?;
+        let mut config = MinionConfig::new(id.parse::<MinionId>()?, roles, self.context.clone());
+        config.heartbeat_interval_ms = TEST_HEARTBEAT_INTERVAL_MS;
+        Ok(config)
+    }
+
+    /// Stops the master cleanly (minions keep running and serving calls).
+    pub async fn stop_master(&mut self) {
+        if let Some(master) = self.master.take() {
+            master.stop().await;
+        }
+    }
+
+    /// Stops an in-process minion cleanly.
+    pub async fn stop_minion(&mut self, id: &str) {
+        if let Some(minion) = self.minions.remove(id) {
+            minion.stop().await;
+        }
+    }
+
+    /// A `provis` command (the binary under test) pointed at this fleet, with
+    /// a context file of its own so the user's is never read or written.
+    pub fn provis_command(&self, provis_bin: &Path) -> Command {
+        let mut command = Command::new(provis_bin);
+        command
+            .env("PROVIS_NATS_URL", &self.context.nats_url)
+            .env("PROVIS_PREFIX", self.context.prefix.as_str())
+            .env("PROVIS_CONTEXT", self.workdir.path().join("context.toml"))
+            .env_remove("PROVIS_LOG");
+        command
+    }
+
+    /// Starts `provis minion` as a process and waits until it is live.
+    pub async fn add_minion_process(
+        &mut self,
+        provis_bin: &Path,
+        id: &str,
+        roles: &[&str],
+    ) -> anyhow::Result<()> {
+        let mut command = self.provis_command(provis_bin);
+        command
+            .args(["minion", "--id", id, "--heartbeat-interval-ms"])
+            .arg(TEST_HEARTBEAT_INTERVAL_MS.to_string());
+        if !roles.is_empty() {
+            command.args(["--roles", &roles.join(",")]);
+        }
+        let log = self.workdir.path().join(format!("{id}.log"));
+        let process = ProvisProcess::spawn(id, command, &log)?;
+        self.processes.insert(id.to_owned(), process);
+        self.wait_live(&[id]).await
+    }
+
+    /// The `provis` process started under this id.
+    pub fn process_mut(&mut self, id: &str) -> Option<&mut ProvisProcess> {
+        self.processes.get_mut(id)
+    }
+
+    /// Waits until every minion named is live in the registry.
+    pub async fn wait_live(&self, ids: &[&str]) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        let store = client.registry().await?;
+        eventually(
+            &format!("minions {ids:?} live in the registry"),
+            Duration::from_secs(15),
+            || async {
+                let now = now_unix_ms();
+                let records = registry::read_all(&store).await.unwrap_or_default();
+                ids.iter().all(|id| {
+                    records
+                        .iter()
+                        .any(|r| r.id.as_str() == *id && r.is_live_at(now))
+                })
+            },
+        )
+        .await
+        .map_err(|err| {
+            let logs: Vec<String> = self
+                .processes
+                .values()
+                .map(|p| format!("---- {} ----\n{}", p.name(), p.log()))
+                .collect();
+            err.context(logs.join("\n"))
+        })
+    }
+}

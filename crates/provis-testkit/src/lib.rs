@@ -1,0 +1,56 @@
+//! The one harness every provis test and benchmark uses: a throwaway
+//! nats-server with JetStream ([`NatsServer`]) and a fleet on top of it
+//! ([`TestFleet`]) whose master and minions run in-process or as real
+//! `provis` processes ([`ProvisProcess`]).
+//!
+//! Everything is on loopback, on ports the server picks itself, with stores
+//! in temporary directories; everything is killed on drop, and the logs of
+//! nats-server and of every process are printed when a test fails.
+
+mod fleet;
+mod nats;
+mod process;
+
+pub use fleet::TestFleet;
+pub use nats::NatsServer;
+pub use process::ProvisProcess;
+
+/// Waits until `ready` holds, polling every 25 ms, or fails after `timeout`.
+pub async fn eventually<F, Fut>(
+    what: &str,
+    timeout: std::time::Duration,
+    mut ready: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !ready().await {
+        if started.elapsed() > timeout {
+            anyhow::bail!("{what} did not happen within {timeout:?}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    Ok(())
+}
+
+/// A loopback port that was free a moment ago, for the rare test that must
+/// name a port before a server starts (`provis up --nats-url`).
+pub fn free_loopback_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Runs a command to completion and returns (exit code, stdout, stderr).
+/// It blocks its thread: tests with in-process minions run on a
+/// multi-threaded runtime so those minions keep answering meanwhile.
+pub fn run_to_end(command: &mut std::process::Command) -> anyhow::Result<(i32, String, String)> {
+    let output = command.output()?;
+    Ok((
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Sets up and runs the demo on a fresh machine: builds provis, installs
+# nats-server when needed, starts a local fleet with `provis up` (nats-server,
+# a master, three minions with roles from examples/), and fans calls out to it.
+# The fleet keeps running for you to try more calls from another shell; Ctrl-C
+# stops it. With --once the demo stops the fleet after the calls.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+once=false
+[ "${1:-}" = "--once" ] && once=true
+
+./scripts/install-nats-server.sh
+cargo build --locked --bin provis
+export PATH="$PWD/target/debug:$PATH"
+
+log=$(mktemp -t provis-up.XXXXXX)
+provis up --minions 3 >"$log" 2>&1 &
+up=$!
+trap 'kill -TERM $up 2>/dev/null; wait $up 2>/dev/null || true' EXIT
+
+# `provis up` prints "fleet is up" once every minion is in the registry.
+for _ in $(seq 1 300); do
+  grep -q "fleet is up" "$log" && break
+  kill -0 $up 2>/dev/null || { cat "$log"; echo "provis up failed" >&2; exit 1; }
+  sleep 0.1
+done
+cat "$log"
+
+run() { echo; echo "\$ $*"; "$@"; }
+run provis minions
+run provis call --subject role.web sys.ping
+run provis call --all sys.facts
+run provis call --minion m3 sys.ping '{"hello": "db"}'
+
+if $once; then
+  echo; echo "demo done; stopping the fleet"
+  exit 0
+fi
+echo
+echo "the fleet keeps running: try 'provis call --subject role.web.eu sys.ping' from another shell"
+echo "(with $PWD/target/debug on PATH); Ctrl-C stops it"
+trap - EXIT
+wait $up

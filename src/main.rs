@@ -1,0 +1,5 @@
+//! The `provis` command: every subcommand lives in `provis-cli`.
+
+fn main() -> std::process::ExitCode {
+    provis_cli::main()
+}

@@ -1,0 +1,186 @@
+//! End-to-end: the `provis` command line itself — its errors, and `provis up`.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use provis_testkit::{TestFleet, eventually, free_loopback_port, run_to_end};
+
+fn provis() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_provis"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_are_one_line_that_says_what_to_do() {
+    let mut fleet = TestFleet::start().await.expect("fleet");
+    fleet.add_minion("m1", &["web"]).await.expect("m1");
+    let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &["call", "--minion", "m1.*", "sys.ping"],
+            2,
+            "minion id \"m1.*\" may only hold",
+        ),
+        (
+            &["call", "--subject", "web", "sys.ping"],
+            2,
+            "is not one of 'all', 'role.<role>",
+        ),
+        (
+            &["call", "--subject", "role.Web", "sys.ping"],
+            2,
+            "role token \"Web\"",
+        ),
+        (&["call", "--all", "ping"], 2, "is not SERVICE.METHOD"),
+        (&["call", "--all", "sys.ping", "{oops"], 2, "are not JSON"),
+        (
+            &["call", "--subject", "role.nobody", "sys.ping"],
+            2,
+            "no live minion matches role.nobody",
+        ),
+        (&["call", "sys.ping"], 2, "--subject"),
+        (&["frobnicate"], 2, "unrecognized subcommand"),
+        (
+            &["call", "--all", "--bogus", "sys.ping"],
+            2,
+            "unexpected argument '--bogus'",
+        ),
+    ];
+    for (args, expected_code, expected_text) in cases {
+        let (code, _, stderr) =
+            run_to_end(fleet.provis_command(provis()).args(*args)).expect("provis runs");
+        assert_eq!(code, *expected_code, "provis {args:?}: {stderr}");
+        assert!(
+            stderr.contains(expected_text),
+            "provis {args:?} said: {stderr}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_nats_is_a_clear_error_not_a_hang() {
+    let fleet = TestFleet::start().await.expect("fleet");
+    let port = free_loopback_port().expect("port");
+    let started = std::time::Instant::now();
+    let (code, _, stderr) = run_to_end(
+        fleet
+            .provis_command(provis())
+            .args(["call", "--all", "sys.ping", "--nats-url"])
+            .arg(format!("nats://127.0.0.1:{port}")),
+    )
+    .expect("provis runs");
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("cannot reach NATS at nats://127.0.0.1:"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("provis up"), "it says what to do: {stderr}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_subcommand_has_help() {
+    let (code, stdout, _) =
+        run_to_end(std::process::Command::new(provis()).arg("--help")).expect("help");
+    assert_eq!(code, 0);
+    for sub in ["up", "master", "minion", "call", "minions"] {
+        assert!(stdout.contains(sub), "--help lists {sub}: {stdout}");
+        let (code, stdout, _) =
+            run_to_end(std::process::Command::new(provis()).args([sub, "--help"])).expect("help");
+        assert_eq!(code, 0, "{sub} --help");
+        assert!(stdout.contains("Usage: provis"), "{stdout}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_a_fleet_that_another_shell_can_call_and_stops_it_on_sigterm() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let context = work.path().join("context.toml");
+    let port = free_loopback_port().expect("port");
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let up = tokio::process::Command::new(provis())
+        .args(["up", "--minions", "3", "--repository"])
+        .arg(&examples)
+        .arg("--data-dir")
+        .arg(work.path().join("up"))
+        .arg("--nats-url")
+        .arg(format!("nats://127.0.0.1:{port}"))
+        .env("PROVIS_CONTEXT", &context)
+        .env_remove("PROVIS_NATS_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("provis up starts");
+
+    eventually(
+        "provis up writes its context",
+        Duration::from_secs(60),
+        || async { context.exists() },
+    )
+    .await
+    .expect("context file");
+
+    // "Another shell": only the context file says where the fleet is.
+    let (code, stdout, stderr) = run_to_end(
+        std::process::Command::new(provis())
+            .args(["call", "--all", "sys.ping", "--output", "json"])
+            .env("PROVIS_CONTEXT", &context)
+            .env_remove("PROVIS_NATS_URL")
+            .env_remove("PROVIS_PREFIX"),
+    )
+    .expect("provis call");
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(report["summary"]["ok"], 3, "{report}");
+
+    let (code, stdout, _) = run_to_end(
+        std::process::Command::new(provis())
+            .args([
+                "call",
+                "--subject",
+                "role.web",
+                "sys.ping",
+                "--output",
+                "json",
+            ])
+            .env("PROVIS_CONTEXT", &context)
+            .env_remove("PROVIS_NATS_URL"),
+    )
+    .expect("provis call");
+    assert_eq!(code, 0, "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(
+        report["summary"]["selected"], 2,
+        "m1 (web.eu) and m2 (web.us): {report}"
+    );
+
+    let pid = up.id().expect("pid").to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    let output = tokio::time::timeout(Duration::from_secs(30), up.wait_with_output())
+        .await
+        .expect("up stops in time")
+        .expect("output");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for part in ["nats-server", "master", "m1", "m2", "m3", "web.eu", "db"] {
+        assert!(
+            stdout.contains(part),
+            "the output says what runs where ({part}): {stdout}"
+        );
+    }
+    assert!(
+        !context.exists(),
+        "the context of a stopped fleet is removed"
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "nats-server is stopped"
+    );
+}
