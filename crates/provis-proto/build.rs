@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         root.join("provis/v1/call.proto"),
         root.join("provis/v1/minion.proto"),
+        root.join("provis/v1/bundle.proto"),
     ];
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());

@@ -7,6 +7,7 @@ pub mod envelope;
 pub mod event;
 pub mod nats_server;
 pub mod registry;
+pub mod roles;
 pub mod storage;
 pub mod subject;
 

@@ -1,0 +1,179 @@
+//! Where bundles live: the bytes in the object store `provis_bundles` under
+//! their digest, and in the key-value bucket `provis_services` a pointer per
+//! service name to its current digest and manifest. Publishing a new version
+//! is one object put (skipped when the digest is already stored) and one
+//! pointer put; every minion watching the pointer converges on its own.
+
+use async_nats::jetstream::{self, kv, object_store::ObjectStore};
+use provis_core::envelope::now_unix_ms;
+use provis_core::storage::{BUCKET_BUNDLES, BUCKET_SERVICES};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+
+use crate::manifest::ServiceManifest;
+use crate::pack::{OpenError, PackedBundle};
+
+/// What `provis_services` holds for one service name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServicePointer {
+    pub name: String,
+    pub version: String,
+    pub digest: String,
+    pub manifest: ServiceManifest,
+    pub size: usize,
+    pub published_unix_ms: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open {bucket}: {reason} (is a provis master running on this NATS?)")]
+    Open {
+        bucket: &'static str,
+        reason: String,
+    },
+    #[error("cannot store bundle {digest}: {reason}")]
+    Put { digest: String, reason: String },
+    #[error("cannot fetch bundle {digest}: {reason}")]
+    Fetch { digest: String, reason: String },
+    #[error(transparent)]
+    Bundle(#[from] OpenError),
+    #[error("cannot write the pointer of service {name}: {reason}")]
+    Pointer { name: String, reason: String },
+}
+
+/// The bundle object store and the service pointers of one fleet.
+#[derive(Clone)]
+pub struct BundleStore {
+    objects: ObjectStore,
+    pointers: kv::Store,
+}
+
+impl std::fmt::Debug for BundleStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BundleStore")
+            .field("pointers", &self.pointers.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BundleStore {
+    /// Opens the buckets the master created.
+    pub async fn open(js: &jetstream::Context) -> Result<Self, StoreError> {
+        let objects =
+            js.get_object_store(BUCKET_BUNDLES)
+                .await
+                .map_err(|err| StoreError::Open {
+                    bucket: BUCKET_BUNDLES,
+                    reason: err.to_string(),
+                })?;
+        let pointers = js
+            .get_key_value(BUCKET_SERVICES)
+            .await
+            .map_err(|err| StoreError::Open {
+                bucket: BUCKET_SERVICES,
+                reason: err.to_string(),
+            })?;
+        Ok(Self { objects, pointers })
+    }
+
+    /// The pointer bucket, for watching.
+    pub fn pointers(&self) -> &kv::Store {
+        &self.pointers
+    }
+
+    /// Stores the bundle (unless its digest is already there) and points its
+    /// service name at it.
+    pub async fn publish(&self, bundle: &PackedBundle) -> Result<ServicePointer, StoreError> {
+        self.put_bundle(bundle).await?;
+        let pointer = ServicePointer {
+            name: bundle.manifest.name.clone(),
+            version: bundle.manifest.version.clone(),
+            digest: bundle.digest.clone(),
+            manifest: bundle.manifest.clone(),
+            size: bundle.bytes.len(),
+            published_unix_ms: now_unix_ms(),
+        };
+        self.put_pointer(&pointer).await?;
+        Ok(pointer)
+    }
+
+    /// Stores the bundle's bytes under its digest, once.
+    pub async fn put_bundle(&self, bundle: &PackedBundle) -> Result<(), StoreError> {
+        if self.objects.info(&bundle.digest).await.is_ok() {
+            return Ok(());
+        }
+        let mut reader = bundle.bytes.as_ref();
+        self.objects
+            .put(bundle.digest.as_str(), &mut reader)
+            .await
+            .map_err(|err| StoreError::Put {
+                digest: bundle.digest.clone(),
+                reason: err.to_string(),
+            })?;
+        Ok(())
+    }
+
+    /// Points a service name at a digest.
+    pub async fn put_pointer(&self, pointer: &ServicePointer) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(pointer).map_err(|err| StoreError::Pointer {
+            name: pointer.name.clone(),
+            reason: err.to_string(),
+        })?;
+        self.pointers
+            .put(&pointer.name, value.into())
+            .await
+            .map_err(|err| StoreError::Pointer {
+                name: pointer.name.clone(),
+                reason: err.to_string(),
+            })?;
+        Ok(())
+    }
+
+    /// Stops pointing at any version of `name`: minions unload it.
+    pub async fn remove_pointer(&self, name: &str) -> Result<(), StoreError> {
+        self.pointers
+            .delete(name)
+            .await
+            .map_err(|err| StoreError::Pointer {
+                name: name.to_owned(),
+                reason: err.to_string(),
+            })
+    }
+
+    /// Fetches the bundle a pointer names and checks its digest.
+    pub async fn fetch(&self, digest: &str) -> Result<PackedBundle, StoreError> {
+        let fetch_err = |reason: String| StoreError::Fetch {
+            digest: digest.to_owned(),
+            reason,
+        };
+        let mut object = self
+            .objects
+            .get(digest)
+            .await
+            .map_err(|err| fetch_err(err.to_string()))?;
+        let mut bytes = Vec::new();
+        object
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|err| fetch_err(err.to_string()))?;
+        Ok(PackedBundle::from_bytes(bytes.into(), digest)?)
+    }
+
+    /// Overwrites the stored bytes of `digest` (tests of tampering only: a
+    /// real publisher never writes a digest that does not match).
+    pub async fn overwrite_bytes_for_test(
+        &self,
+        digest: &str,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let mut reader = bytes;
+        self.objects
+            .put(digest, &mut reader)
+            .await
+            .map_err(|err| StoreError::Put {
+                digest: digest.to_owned(),
+                reason: err.to_string(),
+            })?;
+        Ok(())
+    }
+}

@@ -1,0 +1,412 @@
+//! The sandbox against real QuickJS: methods, failures, limits and the host API.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use provis_bundle::PackedBundle;
+use provis_js::{HostContext, JsCallError, LoadError, ServiceSandbox, StateStore, check_bundle};
+use serde_json::json;
+
+/// Packs a service from (path, source) pairs; `service.toml` among them.
+fn bundle(files: &[(&str, &str)]) -> PackedBundle {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (path, text) in files {
+        let path = dir.path().join(path);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, text).expect("write");
+    }
+    PackedBundle::from_dir(dir.path()).expect("packs")
+}
+
+const MANIFEST: &str =
+    "name = \"demo\"\nversion = \"1\"\n[limits]\ncall_timeout_ms = 300\nmemory_mb = 16\n";
+
+async fn start(files: &[(&str, &str)]) -> Result<ServiceSandbox, LoadError> {
+    let b = bundle(files);
+    ServiceSandbox::start(Arc::new(b.clone()), HostContext::inert(&b.manifest.name)).await
+}
+
+fn soon() -> Instant {
+    Instant::now() + Duration::from_secs(5)
+}
+
+#[tokio::test]
+async fn exported_functions_are_methods_sync_or_async() {
+    let service = start(&[
+        ("service.toml", MANIFEST),
+        ("main.js", "import { double } from './lib/math.js';\nexport function twice(a) { return { n: double(a.n) } }\nexport async function later(a) { await null; return [a, provis.minion.id] }\nexport const notAMethod = 1;"),
+        ("lib/math.js", "export const double = (n) => n * 2;"),
+    ])
+    .await
+    .expect("loads");
+    assert_eq!(service.methods(), ["later", "twice"]);
+    assert_eq!(
+        service
+            .call("twice", json!({"n": 21}), soon())
+            .await
+            .unwrap(),
+        json!({"n": 42})
+    );
+    assert_eq!(
+        service.call("later", json!("x"), soon()).await.unwrap(),
+        json!(["x", "check"])
+    );
+    let err = service.call("nope", json!(null), soon()).await.unwrap_err();
+    assert!(matches!(err, JsCallError::UnknownMethod { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn load_failures_say_which_file_and_why() {
+    let err = start(&[
+        ("service.toml", MANIFEST),
+        (
+            "main.js",
+            "export function f() { return 1 }\nexport function g( {",
+        ),
+    ])
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, LoadError::Module { message, .. } if message.contains("SyntaxError")),
+        "{err}"
+    );
+
+    let err = start(&[
+        ("service.toml", MANIFEST),
+        (
+            "main.js",
+            "import { x } from './missing.js';\nexport function f() { return x }",
+        ),
+    ])
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("missing.js"), "{err}");
+
+    let err = start(&[
+        ("service.toml", MANIFEST),
+        ("main.js", "throw new Error('boom at load');"),
+    ])
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, LoadError::TopLevel { message, .. } if message.contains("boom at load")),
+        "{err}"
+    );
+
+    let err = start(&[
+        ("service.toml", MANIFEST),
+        ("main.js", "while (true) {}\nexport function f() {}"),
+    ])
+    .await
+    .unwrap_err();
+    assert!(matches!(err, LoadError::Timeout(_)), "{err}");
+
+    let err = start(&[
+        ("service.toml", MANIFEST),
+        ("main.js", "export const x = 1;"),
+    ])
+    .await
+    .unwrap_err();
+    assert!(matches!(err, LoadError::NoMethods(_)), "{err}");
+}
+
+#[tokio::test]
+async fn a_bundle_check_compiles_every_own_module() {
+    let broken_helper = bundle(&[
+        ("service.toml", MANIFEST),
+        ("main.js", "export function f() { return 1 }"),
+        ("unused.js", "export function oops( {"),
+    ]);
+    let err = check_bundle(&broken_helper).unwrap_err();
+    assert!(
+        matches!(&err, LoadError::Module { file, .. } if file == "unused.js"),
+        "{err}"
+    );
+    let good = bundle(&[
+        ("service.toml", MANIFEST),
+        ("main.js", "export function f() { return 1 }"),
+    ]);
+    assert_eq!(check_bundle(&good).unwrap(), ["f"]);
+}
+
+#[tokio::test]
+async fn a_throwing_method_returns_message_and_stack_and_the_service_goes_on() {
+    let service = start(&[
+        ("service.toml", MANIFEST),
+        ("main.js", "function inner() { throw new TypeError('bad input: ' + 42) }\nexport function fails() { inner() }\nexport function ok() { return 'ok' }"),
+    ])
+    .await
+    .expect("loads");
+    match service
+        .call("fails", json!(null), soon())
+        .await
+        .unwrap_err()
+    {
+        JsCallError::Exception { message, stack } => {
+            assert_eq!(message, "TypeError: bad input: 42");
+            assert!(
+                stack.contains("inner") && stack.contains("main.js"),
+                "{stack}"
+            );
+        }
+        other => panic!("expected an exception, got {other}"),
+    }
+    assert_eq!(
+        service.call("ok", json!(null), soon()).await.unwrap(),
+        json!("ok")
+    );
+}
+
+#[tokio::test]
+async fn an_infinite_loop_is_interrupted_and_the_service_keeps_serving() {
+    let service = start(&[
+        ("service.toml", MANIFEST),
+        ("main.js", "export function spin() { for (;;) {} }\nexport function guarded() { try { for (;;) {} } finally { return 'escaped' } }\nexport function ok() { return 1 }"),
+    ])
+    .await
+    .expect("loads");
+    let started = Instant::now();
+    let err = service.call("spin", json!(null), soon()).await.unwrap_err();
+    assert!(matches!(err, JsCallError::Timeout(_)), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the manifest's 300 ms limit applies: {:?}",
+        started.elapsed()
+    );
+    let err = service
+        .call("guarded", json!(null), soon())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, JsCallError::Timeout(_)),
+        "try/finally cannot swallow the interrupt: {err}"
+    );
+    assert_eq!(
+        service.call("ok", json!(null), soon()).await.unwrap(),
+        json!(1)
+    );
+}
+
+#[tokio::test]
+async fn a_memory_hog_fails_and_the_service_keeps_serving() {
+    let service = start(&[
+        ("service.toml", MANIFEST),
+        ("main.js", "export function hog() { const a = []; for (;;) a.push(new Array(100000).fill(1)) }\nexport function ok() { return 1 }"),
+    ])
+    .await
+    .expect("loads");
+    let err = service.call("hog", json!(null), soon()).await.unwrap_err();
+    assert!(matches!(err, JsCallError::OutOfMemory(16)), "{err}");
+    assert_eq!(
+        service.call("ok", json!(null), soon()).await.unwrap(),
+        json!(1)
+    );
+}
+
+#[tokio::test]
+async fn a_promise_that_never_settles_is_an_error_not_a_hang() {
+    let service = start(&[
+        ("service.toml", MANIFEST),
+        (
+            "main.js",
+            "export function wait() { return new Promise(() => {}) }",
+        ),
+    ])
+    .await
+    .expect("loads");
+    let err = service.call("wait", json!(null), soon()).await.unwrap_err();
+    assert_eq!(err, JsCallError::NeverSettles);
+}
+
+fn host_with(
+    dir: &Path,
+    manifest_caps: &str,
+) -> (
+    PackedBundle,
+    HostContext,
+    tokio::sync::mpsc::UnboundedReceiver<provis_js::ServiceEvent>,
+) {
+    let manifest = format!("name = \"site\"\nversion = \"1\"\n{manifest_caps}");
+    let b = bundle(&[
+        ("service.toml", &manifest),
+        (
+            "main.js",
+            r#"
+            export function remember(a) { provis.state.set(a.key, a.value); return provis.state.get(a.key) }
+            export function recall(a) { return { mine: provis.state.list(''), theirs: provis.state.get('k', 'other') ?? null } }
+            export function announce(a) { provis.events.emit('site.enabled', { by: provis.minion.id, cfg: provis.config }); return true }
+            export function write(a) { provis.fs.write(a.path, a.text); return provis.fs.read(a.path) }
+            export function read(a) { return provis.fs.read(a.path) }
+            export function run(a) { return provis.exec.run(a.program, a.args) }
+            export function tamper() {
+                const refused = [];
+                for (const attempt of [() => { provis.state = null }, () => { provis.minion.id = 'evil' }, () => { provis.fs.read = () => 'x' }]) {
+                    try { attempt() } catch (e) { refused.push(e.constructor.name) }
+                }
+                return [provis.minion.id, refused, typeof require, typeof process, typeof fetch, typeof setTimeout]
+            }
+        "#,
+        ),
+    ]);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let state = Arc::new(StateStore::open(&dir.join("state")).expect("state"));
+    state.set("other", "k", json!("theirs")).expect("set");
+    let host = HostContext {
+        minion_id: "m1".into(),
+        config: json!({"root": dir.display().to_string()}),
+        state,
+        events: Some(tx),
+        ..HostContext::inert("site")
+    };
+    (b, host, rx)
+}
+
+#[tokio::test]
+async fn the_host_api_grants_state_events_and_nothing_undeclared() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (b, host, mut events) = host_with(dir.path(), "");
+    let service = ServiceSandbox::start(Arc::new(b), host)
+        .await
+        .expect("loads");
+
+    assert_eq!(
+        service
+            .call(
+                "remember",
+                json!({"key": "mode", "value": {"on": true}}),
+                soon()
+            )
+            .await
+            .unwrap(),
+        json!({"on": true})
+    );
+    assert_eq!(
+        service.call("recall", json!(null), soon()).await.unwrap(),
+        json!({"mine": [{"key": "mode", "value": {"on": true}}], "theirs": "theirs"})
+    );
+    assert_eq!(
+        service.call("announce", json!(null), soon()).await.unwrap(),
+        json!(true)
+    );
+    let event = events.recv().await.expect("an event");
+    assert_eq!(
+        (event.service.as_str(), event.kind.as_str()),
+        ("site", "site.enabled")
+    );
+    assert_eq!(event.data["by"], "m1");
+
+    // The state written survives a new store opened on the same directory (a minion restart).
+    let reopened = StateStore::open(&dir.path().join("state")).expect("reopen");
+    assert_eq!(reopened.get("site", "mode"), Some(json!({"on": true})));
+
+    let target = dir.path().join("x.txt").display().to_string();
+    let err = service
+        .call("write", json!({"path": target, "text": "x"}), soon())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("capability fs.write does not cover"),
+        "{err}"
+    );
+    let err = service
+        .call("read", json!({"path": "/etc/passwd"}), soon())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("capability fs.read"), "{err}");
+    let err = service
+        .call(
+            "run",
+            json!({"program": "/bin/echo", "args": ["hi"]}),
+            soon(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("capability exec does not list /bin/echo"),
+        "{err}"
+    );
+    assert_eq!(
+        service.call("tamper", json!(null), soon()).await.unwrap(),
+        json!([
+            "m1",
+            ["TypeError", "TypeError", "TypeError"],
+            "undefined",
+            "undefined",
+            "undefined",
+            "undefined"
+        ]),
+        "the host API is frozen and there is no ambient authority"
+    );
+    assert!(!Path::new(&target).exists());
+}
+
+#[tokio::test]
+async fn granted_fs_and_exec_work_and_escapes_fail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let www = dir.path().canonicalize().expect("canonical").join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    std::fs::write(dir.path().join("secret"), "s3cret").expect("write");
+    std::os::unix::fs::symlink(dir.path().join("secret"), www.join("link")).expect("symlink");
+    let caps = format!(
+        "[capabilities]\nexec = [\"/bin/echo\"]\n[capabilities.fs]\nwrite = [\"{}\"]\n",
+        www.display()
+    );
+    let (b, host, _events) = host_with(dir.path(), &caps);
+    let service = ServiceSandbox::start(
+        Arc::new(b),
+        HostContext {
+            capabilities: b_caps(&caps),
+            ..host
+        },
+    )
+    .await
+    .expect("loads");
+
+    let page = www.join("index.html").display().to_string();
+    assert_eq!(
+        service
+            .call(
+                "write",
+                json!({"path": page, "text": "<h1>on</h1>"}),
+                soon()
+            )
+            .await
+            .unwrap(),
+        json!("<h1>on</h1>")
+    );
+    for escape in [
+        format!("{}/../secret", www.display()),
+        www.join("link").display().to_string(),
+    ] {
+        let err = service
+            .call("read", json!({"path": escape}), soon())
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("does not cover"),
+            "{escape}: {err}"
+        );
+    }
+    let out = service
+        .call(
+            "run",
+            json!({"program": "/bin/echo", "args": ["a; rm -rf /", "$HOME"]}),
+            soon(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out["stdout"], "a; rm -rf / $HOME\n",
+        "arguments are a list, never a shell line"
+    );
+    assert_eq!(out["code"], 0);
+}
+
+fn b_caps(caps: &str) -> provis_bundle::manifest::Capabilities {
+    provis_bundle::ServiceManifest::parse(&format!("name = \"x\"\nversion = \"1\"\n{caps}"))
+        .expect("manifest")
+        .capabilities
+}
