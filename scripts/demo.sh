@@ -31,7 +31,11 @@ run() { echo; echo "\$ $*"; "$@"; }
 run provis minions
 run provis call --subject role.web sys.ping
 run provis call --all sys.facts
-run provis call --minion m3 sys.ping '{"hello": "db"}'
+run provis service list
+run provis call --subject role.web site.enable '{"by": "demo"}'
+run provis call --subject role.web.eu greet.hello '{"name": "operators"}'
+run provis call --all health.check
+run provis call --minion m2 site.status
 
 if $once; then
   echo; echo "demo done; stopping the fleet"

@@ -100,7 +100,7 @@ async fn up_runs_a_fleet_that_another_shell_can_call_and_stops_it_on_sigterm() {
     let up = tokio::process::Command::new(provis())
         .args(["up", "--minions", "3", "--repository"])
         .arg(&examples)
-        .arg("--data-dir")
+        .arg("--dir")
         .arg(work.path().join("up"))
         .arg("--nats-url")
         .arg(format!("nats://127.0.0.1:{port}"))

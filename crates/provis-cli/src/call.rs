@@ -6,8 +6,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{ArgGroup, Args, ValueEnum};
-use provis_core::client::{CallReport, ReplyStatus};
+use std::time::Instant;
+
+use provis_core::client::{CallReport, ReplyGatherer, ReplyStatus};
 use provis_core::{CallRequest, CallTarget, MinionId};
+use provis_proto::v1::minion_client::MinionClient;
 use serde_json::Value;
 
 use crate::UsageError;
@@ -34,10 +37,23 @@ pub struct CallArgs {
     /// How to print the outcome
     #[arg(long, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// Transport: NATS, or each minion's local gRPC API (with --minion)
+    #[arg(long, value_enum, default_value_t = Via::Nats)]
+    via: Via,
+    /// The gRPC API to call (with --via grpc and one --minion) instead of
+    /// looking its address up in the registry
+    #[arg(long, requires = "minion")]
+    grpc_addr: Option<String>,
     /// SERVICE.METHOD, e.g. sys.ping
     function: String,
     /// Arguments as one JSON document
     args: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Via {
+    Nats,
+    Grpc,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -77,11 +93,15 @@ pub async fn run(fleet: &FleetArgs, args: CallArgs) -> anyhow::Result<ExitCode> 
         return Err(UsageError("--timeout must be more than zero".into()).into());
     }
     let request = CallRequest::parse_function(&args.function, call_args, args.timeout)?;
-    let client = fleet.client().await?;
-    let report = client
-        .call(&target, &request)
-        .await
-        .with_context(|| format!("calling {} on {}", args.function, target.describe()))?;
+    let report = if args.via == Via::Grpc {
+        call_via_grpc(fleet, &target, &request, args.grpc_addr.as_deref()).await?
+    } else {
+        let client = fleet.client().await?;
+        client
+            .call(&target, &request)
+            .await
+            .with_context(|| format!("calling {} on {}", args.function, target.describe()))?
+    };
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         Output::Table => print_table(&report, &target, args.timeout),
@@ -127,4 +147,81 @@ fn print_table(report: &CallReport, target: &CallTarget, timeout: Duration) {
         s.error,
         s.no_reply
     );
+}
+
+/// Calls each named minion through its local gRPC API, found in the registry
+/// (or given with --grpc-addr), and reports exactly as a call over NATS does.
+async fn call_via_grpc(
+    fleet: &FleetArgs,
+    target: &CallTarget,
+    request: &CallRequest,
+    grpc_addr: Option<&str>,
+) -> anyhow::Result<CallReport> {
+    let CallTarget::Minions(ids) = target else {
+        return Err(UsageError(
+            "--via grpc calls minions one by one: name them with --minion".into(),
+        )
+        .into());
+    };
+    let addresses: Vec<(MinionId, Result<String, String>)> = match grpc_addr {
+        Some(addr) => {
+            let [id] = ids.as_slice() else {
+                return Err(UsageError(
+                    "--grpc-addr names one minion's API: give exactly one --minion".into(),
+                )
+                .into());
+            };
+            vec![(id.clone(), Ok(addr.to_owned()))]
+        }
+        None => {
+            let client = fleet.client().await?;
+            let records = provis_core::registry::read_all(&client.registry().await?).await?;
+            ids.iter()
+                .map(|id| {
+                    let addr = records
+                        .iter()
+                        .find(|r| &r.id == id)
+                        .ok_or_else(|| format!("{id} is not in the registry"))
+                        .and_then(|r| {
+                            r.grpc_addr
+                                .clone()
+                                .ok_or_else(|| format!("{id} serves no gRPC API"))
+                        });
+                    (id.clone(), addr)
+                })
+                .collect()
+        }
+    };
+    let envelope = request.to_envelope(&crate::fleet_args::operator_identity(), target);
+    let mut gathered = ReplyGatherer::new(ids.clone(), envelope.call_id.clone());
+    for (id, addr) in addresses {
+        let addr = match addr {
+            Ok(addr) => addr,
+            Err(reason) => {
+                gathered.unreachable(id.as_str(), reason);
+                continue;
+            }
+        };
+        let started = Instant::now();
+        let attempt = tokio::time::timeout(request.timeout, async {
+            let mut api = MinionClient::connect(format!("http://{addr}"))
+                .await
+                .map_err(|err| err.to_string())?;
+            api.call(envelope.clone())
+                .await
+                .map_err(|status| status.message().to_owned())
+        })
+        .await;
+        match attempt {
+            Ok(Ok(reply)) => gathered.accept(
+                reply.into_inner(),
+                started.elapsed().as_secs_f64() * 1_000.0,
+            ),
+            Ok(Err(reason)) => {
+                gathered.unreachable(id.as_str(), format!("gRPC API at {addr}: {reason}"))
+            }
+            Err(_) => {} // no reply within the timeout
+        }
+    }
+    Ok(gathered.finish())
 }

@@ -3,7 +3,9 @@
 //! 0 success, 1 a call where some minion failed or never replied, 2 bad usage
 //! or nothing to do (clap's own usage errors exit 2 as well).
 
+mod apply;
 mod assignments;
+mod bundle;
 mod call;
 mod fleet_args;
 mod minions;
@@ -42,6 +44,13 @@ enum Command {
     Call(call::CallArgs),
     /// List the minions in the registry.
     Minions(minions::MinionsArgs),
+    /// Check and pack a service folder; print its digest and methods.
+    Bundle(bundle::BundleArgs),
+    /// Publish and list injected services.
+    #[command(subcommand)]
+    Service(bundle::ServiceCommand),
+    /// Validate a config repository as a whole and make it the fleet's desired state.
+    Apply(apply::ApplyArgs),
 }
 
 /// Runs the command line and returns the process's exit code.
@@ -49,7 +58,11 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_log = match cli.command {
         Command::Up(_) | Command::Master(_) | Command::Minion(_) => "info,async_nats=warn",
-        Command::Call(_) | Command::Minions(_) => "warn",
+        Command::Call(_)
+        | Command::Minions(_)
+        | Command::Bundle(_)
+        | Command::Service(_)
+        | Command::Apply(_) => "warn",
     };
     init_logging(cli.log.as_deref().unwrap_or(default_log));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -69,6 +82,9 @@ pub fn main() -> ExitCode {
             Command::Minion(args) => serve::run_minion(&cli.fleet, args).await,
             Command::Call(args) => call::run(&cli.fleet, args).await,
             Command::Minions(args) => minions::run(&cli.fleet, args).await,
+            Command::Bundle(args) => bundle::run_bundle(args).await,
+            Command::Service(command) => bundle::run_service(&cli.fleet, command).await,
+            Command::Apply(args) => apply::run(&cli.fleet, args).await,
         }
     });
     match outcome {

@@ -43,6 +43,12 @@ pub struct MinionArgs {
     /// Calls run at once [default: 256]
     #[arg(long, env = "PROVIS_MAX_CONCURRENT_CALLS")]
     max_concurrent_calls: Option<usize>,
+    /// Where the minion keeps its state database [default: ~/.local/state/provis/<id>]
+    #[arg(long, env = "PROVIS_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address of the local gRPC API, or `off` [default: 127.0.0.1:0]
+    #[arg(long, env = "PROVIS_GRPC_LISTEN")]
+    grpc_listen: Option<String>,
 }
 
 pub async fn run_master(fleet: &FleetArgs, args: MasterArgs) -> anyhow::Result<ExitCode> {
@@ -70,6 +76,13 @@ pub async fn run_minion(fleet: &FleetArgs, args: MinionArgs) -> anyhow::Result<E
     }
     if let Some(n) = args.max_concurrent_calls {
         overrides.insert("max_concurrent_calls".into(), toml_int(n as u64)?);
+    }
+    if let Some(dir) = &args.data_dir {
+        let dir = dir.to_str().context("--data-dir is not UTF-8")?;
+        overrides.insert("data_dir".into(), dir.into());
+    }
+    if let Some(listen) = &args.grpc_listen {
+        overrides.insert("grpc_listen".into(), listen.as_str().into());
     }
     let mut config: toml::Table = layered_config(fleet, args.config.as_deref(), overrides)?;
     if !config.contains_key("id") {

@@ -13,6 +13,9 @@ use provis_core::nats_server::locate_nats_server;
 use provis_core::registry;
 use provis_core::{FleetContext, MinionId};
 
+use provis_master::repository::ConfigRepository;
+
+use crate::UsageError;
 use crate::assignments::{self, Assignments};
 use crate::fleet_args::FleetArgs;
 use crate::serve::shutdown_signal;
@@ -25,9 +28,9 @@ pub struct UpArgs {
     /// Config repository whose assignments.toml gives the minions' roles [default: ./examples]
     #[arg(long, env = "PROVIS_REPOSITORY")]
     repository: Option<PathBuf>,
-    /// Where nats-server's store and every process's log go
-    #[arg(long, env = "PROVIS_DATA_DIR", default_value = ".provis/up")]
-    data_dir: PathBuf,
+    /// Where nats-server's store, the minions' data and every process's log go
+    #[arg(long, env = "PROVIS_UP_DIR", default_value = ".provis/up")]
+    dir: PathBuf,
     /// Start the fleet, print what runs, then stop it (for scripts and tests)
     #[arg(long)]
     no_wait: bool,
@@ -39,14 +42,25 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 pub async fn run(fleet_args: &FleetArgs, args: UpArgs) -> anyhow::Result<ExitCode> {
     let mut fleet = FleetContext::default();
     fleet_args.apply(&mut fleet);
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
-    let data_dir = args.data_dir.canonicalize()?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("cannot create {}", args.dir.display()))?;
+    let data_dir = args.dir.canonicalize()?;
     let repository = find_repository(args.repository.as_deref())?;
     let assignments = Assignments::load(&repository)?;
+    // Validate before starting anything: a broken repository is a clear error, not a half fleet.
+    let desired = ConfigRepository::load(&repository)
+        .map_err(|invalid| UsageError(format!("{}: {invalid}", repository.display())))?;
 
     let mut processes = Vec::new();
-    let outcome = bring_up(&fleet, &args, &data_dir, &assignments, &mut processes).await;
+    let outcome = bring_up(
+        &fleet,
+        &args,
+        &data_dir,
+        &assignments,
+        &desired,
+        &mut processes,
+    )
+    .await;
     if let Err(err) = outcome {
         stop_all(&mut processes).await;
         return Err(err);
@@ -105,6 +119,7 @@ async fn bring_up(
     args: &UpArgs,
     data_dir: &Path,
     assignments: &Assignments,
+    desired: &ConfigRepository,
     processes: &mut Vec<FleetProcess>,
 ) -> anyhow::Result<()> {
     if provis_core::client::connect_nats(&fleet.nats_url, "provis-up")
@@ -146,6 +161,22 @@ async fn bring_up(
     })
     .await?;
     println!("started the master");
+    let js = async_nats::jetstream::new(nats.clone());
+    let summary = provis_master::apply::apply(&js, desired)
+        .await
+        .context("applying the config repository")?;
+    println!(
+        "applied {} services ({}) and {} roles",
+        desired.services.len(),
+        desired
+            .services
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", "),
+        desired.roles.len()
+    );
+    tracing::debug!(?summary, "applied");
 
     let mut ids = Vec::new();
     for n in 1..=args.minions {
@@ -161,7 +192,9 @@ async fn bring_up(
         } else {
             roles.clone()
         };
-        let mut minion_args = vec!["minion", "--id", id.as_str()];
+        let minion_dir = data_dir.join(id.as_str());
+        let minion_dir = minion_dir.to_str().context("data dir is not UTF-8")?;
+        let mut minion_args = vec!["minion", "--id", id.as_str(), "--data-dir", minion_dir];
         if !roles.is_empty() {
             minion_args.extend(["--roles", roles.as_str()]);
         }
@@ -176,7 +209,6 @@ async fn bring_up(
         )?);
         ids.push(id);
     }
-    let js = async_nats::jetstream::new(nats.clone());
     let store = registry::open_registry(&js).await?;
     wait_for("the minions", processes, || async {
         let now = provis_core::envelope::now_unix_ms();
@@ -188,6 +220,51 @@ async fn bring_up(
     })
     .await?;
     println!("started {} minions", ids.len());
+
+    // Converged means every minion runs every service its roles name.
+    let specs = desired
+        .roles
+        .iter()
+        .map(|(role, spec)| (role.to_string(), spec.clone()))
+        .collect();
+    let expected: Vec<(MinionId, Vec<String>)> = ids
+        .iter()
+        .map(|id| {
+            let roles = assignments.roles_for(id.as_str());
+            (
+                id.clone(),
+                provis_core::roles::services_for(roles, &specs)
+                    .into_keys()
+                    .collect(),
+            )
+        })
+        .collect();
+    let client = provis_core::Client::new(nats.clone(), subjects.clone(), "provis-up");
+    let ask = provis_core::CallRequest::parse_function(
+        "sys.services",
+        serde_json::Value::Null,
+        Duration::from_secs(2),
+    )?;
+    let target = provis_core::CallTarget::Minions(ids.clone());
+    wait_for("the minions to load their services", processes, || async {
+        let Ok(report) = client.call(&target, &ask).await else {
+            return false;
+        };
+        expected.iter().all(|(id, services)| {
+            report.replies.iter().any(|reply| {
+                let running: Vec<&str> = reply
+                    .result
+                    .as_ref()
+                    .and_then(|r| r.as_array())
+                    .map(|all| all.iter().filter_map(|s| s["name"].as_str()).collect())
+                    .unwrap_or_default();
+                reply.minion == id.as_str()
+                    && services.iter().all(|s| running.contains(&s.as_str()))
+            })
+        })
+    })
+    .await?;
+    println!("every minion runs the services of its roles");
     Ok(())
 }
 

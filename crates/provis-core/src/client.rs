@@ -187,42 +187,93 @@ impl Client {
             .await
             .map_err(|err| ClientError::Publish(err.to_string()))?;
 
-        let mut gathered: BTreeMap<String, MinionReply> = BTreeMap::new();
-        let mut discarded = 0;
-        let waiting_for = |gathered: &BTreeMap<String, MinionReply>| {
-            selected
-                .iter()
-                .any(|id| !gathered.contains_key(id.as_str()))
-        };
+        let mut gathered = ReplyGatherer::new(selected, envelope.call_id.clone());
         let deadline = tokio::time::Instant::from_std(started + request.timeout);
-        while waiting_for(&gathered) {
+        while gathered.waiting() {
             let Ok(Some(message)) = tokio::time::timeout_at(deadline, replies.next()).await else {
                 break;
             };
             let ms = started.elapsed().as_secs_f64() * 1_000.0;
             match CallReply::decode(message.payload.as_ref()) {
-                Ok(reply) if reply.call_id == envelope.call_id && !reply.minion.is_empty() => {
-                    if gathered.contains_key(&reply.minion) {
-                        tracing::warn!(minion = %reply.minion, "second reply to one call discarded");
-                        discarded += 1;
-                    } else {
-                        gathered.insert(reply.minion.clone(), reply_line(reply, ms));
-                    }
-                }
-                Ok(reply) => {
-                    tracing::warn!(call_id = %reply.call_id, minion = %reply.minion, "reply for another call discarded");
-                    discarded += 1;
-                }
+                Ok(reply) => gathered.accept(reply, ms),
                 Err(err) => {
                     tracing::warn!(error = %err, "unreadable reply discarded");
-                    discarded += 1;
+                    gathered.discard();
                 }
             }
         }
-        drop(replies);
+        Ok(gathered.finish())
+    }
+}
 
-        for id in &selected {
-            gathered
+/// Collects the replies to one call, one per selected minion, and turns them
+/// into a report: every transport (NATS, the minions' gRPC APIs) reports alike.
+#[derive(Debug)]
+pub struct ReplyGatherer {
+    selected: Vec<MinionId>,
+    call_id: String,
+    gathered: BTreeMap<String, MinionReply>,
+    discarded: usize,
+}
+
+impl ReplyGatherer {
+    pub fn new(selected: Vec<MinionId>, call_id: String) -> Self {
+        Self {
+            selected,
+            call_id,
+            gathered: BTreeMap::new(),
+            discarded: 0,
+        }
+    }
+
+    /// True while some selected minion has not answered.
+    pub fn waiting(&self) -> bool {
+        self.selected
+            .iter()
+            .any(|id| !self.gathered.contains_key(id.as_str()))
+    }
+
+    /// Takes a reply that arrived `ms` after the call was sent. A reply to
+    /// another call or a second reply from one minion is discarded.
+    pub fn accept(&mut self, reply: CallReply, ms: f64) {
+        if reply.call_id != self.call_id || reply.minion.is_empty() {
+            tracing::warn!(call_id = %reply.call_id, minion = %reply.minion, "reply for another call discarded");
+            self.discarded += 1;
+        } else if self.gathered.contains_key(&reply.minion) {
+            tracing::warn!(minion = %reply.minion, "second reply to one call discarded");
+            self.discarded += 1;
+        } else {
+            self.gathered
+                .insert(reply.minion.clone(), reply_line(reply, ms));
+        }
+    }
+
+    /// Counts a reply that could not be read at all.
+    pub fn discard(&mut self) {
+        self.discarded += 1;
+    }
+
+    /// Records a minion that could not be reached at all, with why.
+    pub fn unreachable(&mut self, minion: &str, reason: String) {
+        self.gathered
+            .entry(minion.to_owned())
+            .or_insert_with(|| MinionReply {
+                minion: minion.to_owned(),
+                status: ReplyStatus::NoReply,
+                ms: None,
+                result: None,
+                error: Some(ReplyError {
+                    code: "unreachable".into(),
+                    message: reason,
+                    stack: None,
+                }),
+            });
+    }
+
+    /// The report: selected minions that never answered count as no reply.
+    pub fn finish(mut self) -> CallReport {
+        for id in &self.selected {
+            self.gathered
                 .entry(id.to_string())
                 .or_insert_with(|| MinionReply {
                     minion: id.to_string(),
@@ -232,7 +283,7 @@ impl Client {
                     error: None,
                 });
         }
-        let replies: Vec<MinionReply> = gathered.into_values().collect();
+        let replies: Vec<MinionReply> = self.gathered.into_values().collect();
         let mut summary = CallSummary {
             selected: replies.len(),
             ..CallSummary::default()
@@ -244,11 +295,11 @@ impl Client {
                 ReplyStatus::NoReply => summary.no_reply += 1,
             }
         }
-        Ok(CallReport {
+        CallReport {
             replies,
             summary,
-            discarded,
-        })
+            discarded: self.discarded,
+        }
     }
 }
 

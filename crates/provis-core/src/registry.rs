@@ -4,10 +4,7 @@
 //! Liveness is derived from the heartbeat's age rather than stored, so a
 //! minion that dies without a word drops out of selections on its own.
 
-use std::time::Duration;
-
-use async_nats::jetstream::kv::{Operation, Store};
-use futures::StreamExt;
+use async_nats::jetstream::kv::Store;
 use serde::{Deserialize, Serialize};
 
 use crate::envelope::now_unix_ms;
@@ -16,9 +13,6 @@ use crate::subject::{CallTarget, MinionId, RoleName};
 /// A minion counts as live while its last heartbeat is younger than this many
 /// of its own heartbeat intervals.
 pub const MISSED_HEARTBEATS_OFFLINE: i64 = 3;
-
-/// How long a registry read may take before it is given up.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Whether the minion said it is running or that it stopped cleanly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +36,9 @@ pub struct MinionRecord {
     pub heartbeat_interval_ms: i64,
     /// Services the minion can run, built-in ones included.
     pub services: Vec<String>,
+    /// Address of the minion's local gRPC API, when it serves one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_addr: Option<String>,
 }
 
 impl MinionRecord {
@@ -75,8 +72,6 @@ pub enum RegistryError {
     Read(String),
     #[error("cannot write the minion registry: {0}")]
     Write(String),
-    #[error("reading the minion registry took longer than {READ_TIMEOUT:?}")]
-    Timeout,
 }
 
 /// Opens the registry bucket, which the master creates.
@@ -99,46 +94,25 @@ pub async fn put_record(store: &Store, record: &MinionRecord) -> Result<(), Regi
     Ok(())
 }
 
-/// Reads every record in one pass over the bucket (one consumer delivering the
-/// last value per key), not one request per minion. Entries that do not parse
-/// are skipped with a warning: one bad record must not hide the fleet.
+/// Reads every record in one pass over the bucket, not one request per
+/// minion. Entries that do not parse are skipped with a warning: one bad
+/// record must not hide the fleet.
 pub async fn read_all(store: &Store) -> Result<Vec<MinionRecord>, RegistryError> {
-    // `Store::status` answers from a cache taken when the store was opened;
-    // ask the server. An empty bucket must be told apart before watching,
-    // because a watch on it would wait for a first entry that never comes.
-    let info = store
-        .stream
-        .get_info()
+    let values = crate::kv_snapshot::read_all(store)
         .await
         .map_err(|err| RegistryError::Read(err.to_string()))?;
-    if info.state.messages == 0 {
-        return Ok(Vec::new());
-    }
-    let read = async {
-        let mut watch = store
-            .watch_with_history(">")
-            .await
-            .map_err(|err| RegistryError::Read(err.to_string()))?;
-        let mut records = Vec::new();
-        while let Some(entry) = watch.next().await {
-            let entry = entry.map_err(|err| RegistryError::Read(err.to_string()))?;
-            if entry.operation == Operation::Put {
-                match serde_json::from_slice::<MinionRecord>(&entry.value) {
-                    Ok(record) => records.push(record),
-                    Err(err) => {
-                        tracing::warn!(key = %entry.key, error = %err, "unreadable registry entry skipped");
-                    }
+    Ok(values
+        .into_iter()
+        .filter_map(
+            |(key, value)| match serde_json::from_slice::<MinionRecord>(&value) {
+                Ok(record) => Some(record),
+                Err(err) => {
+                    tracing::warn!(%key, error = %err, "unreadable registry entry skipped");
+                    None
                 }
-            }
-            if entry.delta == 0 {
-                break;
-            }
-        }
-        Ok(records)
-    };
-    tokio::time::timeout(READ_TIMEOUT, read)
-        .await
-        .map_err(|_| RegistryError::Timeout)?
+            },
+        )
+        .collect())
 }
 
 /// The live minions a call to `target` reaches, sorted by id.
@@ -171,6 +145,7 @@ mod tests {
             heartbeat_unix_ms: heartbeat,
             heartbeat_interval_ms: 1_000,
             services: vec![],
+            grpc_addr: None,
         }
     }
 

@@ -121,7 +121,7 @@ pub fn check_path(
 /// Checks that `program` is listed, exactly, under `exec`.
 pub fn check_program(capabilities: &Capabilities, program: &str) -> Result<PathBuf, Denied> {
     let wanted = lexical(program).ok_or_else(|| Denied::NotAbsolute(program.to_owned()))?;
-    if capabilities.exec.iter().any(|listed| *listed == wanted) {
+    if capabilities.exec.contains(&wanted) {
         Ok(wanted)
     } else {
         Err(Denied::Program {

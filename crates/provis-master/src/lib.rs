@@ -5,6 +5,8 @@
 //! - `<prefix>.master.ping`: `{"master": true, "version": "..."}`, for readiness checks;
 //! - `<prefix>.master.minions`: every registry entry, with a `live` flag.
 
+pub mod apply;
+pub mod repository;
 pub mod storage;
 
 use std::time::Duration;

@@ -2,6 +2,7 @@
 //! flag and the env var (`heartbeat_interval_ms` / `--heartbeat-interval-ms` /
 //! `PROVIS_HEARTBEAT_INTERVAL_MS`); the CLI merges them.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use provis_core::{FleetContext, MinionId, RoleName};
@@ -29,6 +30,19 @@ pub struct MinionConfig {
     /// Calls run at once. Default: 256.
     #[serde(default = "default_max_concurrent_calls")]
     pub max_concurrent_calls: usize,
+    /// Where the minion keeps what must survive a restart (the services'
+    /// state database). Default: `$XDG_STATE_HOME/provis/<id>`, else
+    /// `~/.local/state/provis/<id>`.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+    /// Address of the local gRPC API, or `off`. Default: `127.0.0.1:0` (loopback,
+    /// a free port; the registry and `provis call --via grpc` know which).
+    #[serde(default = "default_grpc_listen")]
+    pub grpc_listen: String,
+}
+
+fn default_grpc_listen() -> String {
+    "127.0.0.1:0".to_owned()
 }
 
 fn default_heartbeat_interval_ms() -> u64 {
@@ -48,7 +62,23 @@ impl MinionConfig {
             fleet,
             heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
             max_concurrent_calls: DEFAULT_MAX_CONCURRENT_CALLS,
+            data_dir: None,
+            grpc_listen: default_grpc_listen(),
         }
+    }
+
+    /// The data directory, defaulted from the environment when not set.
+    pub fn data_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.data_dir {
+            return dir.clone();
+        }
+        let base = std::env::var_os("XDG_STATE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/state"))
+            })
+            .unwrap_or_else(|| PathBuf::from(".provis"));
+        base.join("provis").join(self.id.as_str())
     }
 
     pub fn heartbeat_interval(&self) -> Duration {

@@ -9,6 +9,9 @@
 
 pub mod config;
 pub mod dispatch;
+pub mod events;
+pub mod grpc;
+pub mod services;
 pub mod sys;
 
 use std::sync::Arc;
@@ -17,9 +20,9 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::kv::Store;
 use futures::StreamExt;
 use prost::Message;
+use provis_core::Subjects;
 use provis_core::envelope::{error_reply, now_unix_ms, open_envelope};
 use provis_core::registry::{self, MinionRecord, MinionStatus};
-use provis_core::{Subjects, event};
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
@@ -34,6 +37,10 @@ pub enum MinionError {
     Connect { url: String, reason: String },
     #[error("cannot subscribe to {subject}: {reason}")]
     Subscribe { subject: String, reason: String },
+    #[error("cannot open the state database: {0}")]
+    State(#[from] provis_js::state::StateError),
+    #[error("cannot serve gRPC on {addr}: {reason}")]
+    Grpc { addr: String, reason: String },
 }
 
 /// A running minion. Dropping the handle leaves it running; call
@@ -106,12 +113,64 @@ pub async fn start(config: MinionConfig) -> Result<MinionHandle, MinionError> {
     let hostname = hostname::get()
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let dispatcher = Dispatcher::new(SysService {
+    let state = Arc::new(provis_js::StateStore::open(
+        &config.data_dir().join("state"),
+    )?);
+    let table = Arc::new(services::ServiceTable::default());
+    let sys = SysService {
         minion: config.id.to_string(),
         roles: config.roles.iter().map(ToString::to_string).collect(),
         hostname: hostname.clone(),
         started,
-    });
+    };
+    let facts = sys.facts();
+    let dispatcher = Arc::new(Dispatcher::new(sys, table.clone()));
+    let events = events::EventBus::new(nats.clone(), subjects.clone(), config.id.to_string());
+
+    let (service_events, service_events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut background = vec![
+        tokio::spawn(services::forward_service_events(
+            service_events_rx,
+            events.clone(),
+        )),
+        tokio::spawn(services::reconcile_forever(
+            nats.clone(),
+            table,
+            services::HostTemplate {
+                minion: config.id.to_string(),
+                roles: config.roles.clone(),
+                facts,
+                state: state.clone(),
+                service_events,
+            },
+            events.clone(),
+        )),
+    ];
+    let grpc_addr = if config.grpc_listen == "off" {
+        None
+    } else {
+        let listener = tokio::net::TcpListener::bind(&config.grpc_listen)
+            .await
+            .map_err(|err| MinionError::Grpc {
+                addr: config.grpc_listen.clone(),
+                reason: err.to_string(),
+            })?;
+        let addr = listener.local_addr().map_err(|err| MinionError::Grpc {
+            addr: config.grpc_listen.clone(),
+            reason: err.to_string(),
+        })?;
+        let api = grpc::MinionApi {
+            dispatcher: dispatcher.clone(),
+            state: state.clone(),
+            events: events.clone(),
+            nats: nats.clone(),
+            roles: config.roles.iter().map(ToString::to_string).collect(),
+            started,
+        };
+        background.push(tokio::spawn(grpc::serve(api, listener)));
+        tracing::info!(minion = %config.id, %addr, "gRPC API listening");
+        Some(addr.to_string())
+    };
     let record = MinionRecord {
         id: config.id.clone(),
         hostname,
@@ -123,17 +182,19 @@ pub async fn start(config: MinionConfig) -> Result<MinionHandle, MinionError> {
         heartbeat_interval_ms: i64::try_from(config.heartbeat_interval().as_millis())
             .unwrap_or(i64::MAX),
         services: dispatcher.service_names(),
+        grpc_addr,
     };
     let max_calls = u32::try_from(config.max_concurrent_calls.clamp(1, 65_536)).unwrap_or(1);
     let (shutdown, shutdown_rx) = watch::channel(false);
     let runtime = Runtime {
         nats,
-        subjects,
-        dispatcher: Arc::new(dispatcher),
+        events,
+        dispatcher,
         record,
         heartbeat_interval: config.heartbeat_interval(),
         limit: Arc::new(Semaphore::new(max_calls as usize)),
         max_calls,
+        background: BackgroundTasks(background),
     };
     let id = config.id.to_string();
     let task = tokio::spawn(runtime.serve(futures::stream::select_all(subscriptions), shutdown_rx));
@@ -142,12 +203,26 @@ pub async fn start(config: MinionConfig) -> Result<MinionHandle, MinionError> {
 
 struct Runtime {
     nats: async_nats::Client,
-    subjects: Subjects,
+    events: events::EventBus,
     dispatcher: Arc<Dispatcher>,
     record: MinionRecord,
     heartbeat_interval: Duration,
     limit: Arc<Semaphore>,
     max_calls: u32,
+    /// Tasks that live as long as the minion: reconciler, event forwarder, gRPC.
+    background: BackgroundTasks,
+}
+
+/// Tasks aborted when the minion's main task ends or is aborted, so a killed
+/// in-process minion leaves nothing behind.
+struct BackgroundTasks(Vec<JoinHandle<()>>);
+
+impl Drop for BackgroundTasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 impl Runtime {
@@ -169,8 +244,7 @@ impl Runtime {
                     if self.beat(&mut registry).await && !announced {
                         announced = true;
                         tracing::info!(minion = %id, "registered in the fleet");
-                        event::emit(&self.nats, &self.subjects, &id, "minion.online",
-                            json!({ "minion": id, "roles": self.record.roles })).await;
+                        self.events.emit("minion.online", json!({ "minion": id, "roles": self.record.roles })).await;
                     }
                 }
                 message = calls.next() => match message {
@@ -198,6 +272,7 @@ impl Runtime {
             return false;
         };
         self.record.heartbeat_unix_ms = now_unix_ms();
+        self.record.services = self.dispatcher.service_names();
         match registry::put_record(store, &self.record).await {
             Ok(()) => true,
             Err(err) => {
@@ -264,14 +339,16 @@ impl Runtime {
         {
             tracing::warn!(minion = %id, error = %err, "could not mark the registry entry stopped");
         }
-        event::emit(
-            &self.nats,
-            &self.subjects,
-            &id,
-            "minion.offline",
-            json!({ "minion": id, "reason": "stopped" }),
-        )
-        .await;
+        drop(std::mem::replace(
+            &mut self.background,
+            BackgroundTasks(Vec::new()),
+        ));
+        self.events
+            .emit(
+                "minion.offline",
+                json!({ "minion": id, "reason": "stopped" }),
+            )
+            .await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.nats.drain()).await;
         tracing::info!(minion = %id, "minion stopped");
     }

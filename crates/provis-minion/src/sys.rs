@@ -1,6 +1,7 @@
 //! `sys`, the built-in native service every minion answers: `sys.ping`,
-//! `sys.facts`, `sys.services`. It needs no bundle, so a fleet can be checked
-//! before any service has been injected.
+//! `sys.facts`, `sys.services` (the last answered by the dispatcher, which
+//! knows the injected services). It needs no bundle, so a fleet can be
+//! checked before any service has been injected.
 
 use std::time::Instant;
 
@@ -25,12 +26,6 @@ impl SysService {
         match method {
             "ping" => Ok(self.ping(args)),
             "facts" => Ok(self.facts()),
-            "services" => Ok(json!([{
-                "name": NAME,
-                "version": provis_core::VERSION,
-                "builtin": true,
-                "methods": METHODS,
-            }])),
             other => Err(CallFailure::unknown_method(NAME, other, METHODS)),
         }
     }
@@ -44,7 +39,9 @@ impl SysService {
         pong
     }
 
-    fn facts(&self) -> Value {
+    /// What this minion knows about its machine, as `sys.facts` returns it
+    /// and services read it as `provis.facts`.
+    pub fn facts(&self) -> Value {
         json!({
             "id": self.minion,
             "hostname": self.hostname,

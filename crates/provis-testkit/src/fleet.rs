@@ -95,7 +95,18 @@ impl TestFleet {
             .collect::<Result<_, _>>()?;
         let mut config = MinionConfig::new(id.parse::<MinionId>()?, roles, self.context.clone());
         config.heartbeat_interval_ms = TEST_HEARTBEAT_INTERVAL_MS;
+        config.data_dir = Some(self.minion_data_dir(id));
         Ok(config)
+    }
+
+    /// Where minion `id` of this fleet keeps its data; the same across restarts.
+    pub fn minion_data_dir(&self, id: &str) -> std::path::PathBuf {
+        self.workdir.path().join("minions").join(id)
+    }
+
+    /// A scratch directory that lives as long as the fleet.
+    pub fn workdir(&self) -> &Path {
+        self.workdir.path()
     }
 
     /// Stops the master cleanly (minions keep running and serving calls).
@@ -134,7 +145,9 @@ impl TestFleet {
         let mut command = self.provis_command(provis_bin);
         command
             .args(["minion", "--id", id, "--heartbeat-interval-ms"])
-            .arg(TEST_HEARTBEAT_INTERVAL_MS.to_string());
+            .arg(TEST_HEARTBEAT_INTERVAL_MS.to_string())
+            .arg("--data-dir")
+            .arg(self.minion_data_dir(id));
         if !roles.is_empty() {
             command.args(["--roles", &roles.join(",")]);
         }
@@ -147,6 +160,59 @@ impl TestFleet {
     /// The `provis` process started under this id.
     pub fn process_mut(&mut self, id: &str) -> Option<&mut ProvisProcess> {
         self.processes.get_mut(id)
+    }
+
+    /// Validates and applies a config repository directory, as `provis apply` does.
+    pub async fn apply(
+        &self,
+        repository: &Path,
+    ) -> anyhow::Result<provis_master::apply::ApplySummary> {
+        let repository = provis_master::repository::ConfigRepository::load(repository)?;
+        let js = async_nats::jetstream::new(self.nats.connect().await?);
+        Ok(provis_master::apply::apply(&js, &repository).await?)
+    }
+
+    /// The fleet's bundle store, to publish services directly (also ones
+    /// `provis service publish` would refuse, to test what minions do then).
+    pub async fn bundle_store(&self) -> anyhow::Result<provis_bundle::BundleStore> {
+        let js = async_nats::jetstream::new(self.nats.connect().await?);
+        Ok(provis_bundle::BundleStore::open(&js).await?)
+    }
+
+    /// Waits until `minion` runs `service` at `digest` (by asking `sys.services`).
+    pub async fn wait_service(
+        &self,
+        minion: &str,
+        service: &str,
+        digest: &str,
+    ) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        let target = provis_core::CallTarget::Minions(vec![minion.parse()?]);
+        let ask = provis_core::CallRequest::parse_function(
+            "sys.services",
+            serde_json::Value::Null,
+            Duration::from_secs(2),
+        )?;
+        eventually(
+            &format!("{minion} runs {service} at {digest}"),
+            Duration::from_secs(20),
+            || async {
+                let Ok(report) = client.call(&target, &ask).await else {
+                    return false;
+                };
+                report.replies.iter().any(|reply| {
+                    reply
+                        .result
+                        .as_ref()
+                        .and_then(|r| r.as_array())
+                        .is_some_and(|all| {
+                            all.iter()
+                                .any(|s| s["name"] == service && s["digest"] == digest)
+                        })
+                })
+            },
+        )
+        .await
     }
 
     /// Waits until every minion named is live in the registry.

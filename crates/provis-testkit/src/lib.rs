@@ -54,3 +54,16 @@ pub fn run_to_end(command: &mut std::process::Command) -> anyhow::Result<(i32, S
         String::from_utf8_lossy(&output.stderr).into_owned(),
     ))
 }
+
+/// Writes `(relative path, text)` files under `root`, creating directories:
+/// service folders and config repositories for a test.
+pub fn write_files(root: &std::path::Path, files: &[(&str, &str)]) -> anyhow::Result<()> {
+    for (path, text) in files {
+        let path = root.join(path);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&path, text)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,30 @@
+//! `provis apply DIR`: validate a config repository as a whole and write it
+//! into the fleet's desired state.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use provis_master::repository::ConfigRepository;
+
+use crate::UsageError;
+use crate::fleet_args::FleetArgs;
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// The config repository (roles/, services/, assignments.toml)
+    dir: PathBuf,
+}
+
+pub async fn run(fleet: &FleetArgs, args: ApplyArgs) -> anyhow::Result<ExitCode> {
+    let repository = ConfigRepository::load(&args.dir)
+        .map_err(|invalid| UsageError(format!("{}: {invalid}", args.dir.display())))?;
+    let client = fleet.client().await?;
+    let summary = provis_master::apply::apply(
+        &async_nats::jetstream::new(client.nats().clone()),
+        &repository,
+    )
+    .await?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,106 @@
+//! `provis bundle DIR` and `provis service …`: check and pack a service
+//! folder, publish it to the fleet, list what is published.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use provis_bundle::{BundleStore, PackedBundle, ServicePointer};
+use serde_json::json;
+
+use crate::fleet_args::FleetArgs;
+
+#[derive(Debug, Args)]
+pub struct BundleArgs {
+    /// The service folder (service.toml and ES modules)
+    dir: PathBuf,
+    /// Print one JSON document instead of text
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Check, pack and publish service folders; minions whose roles name them load the new version
+    Publish {
+        /// Service folders
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+    },
+    /// List the published services
+    List,
+}
+
+/// Packs and checks a folder: the manifest, every module compiles, every import resolves.
+pub fn pack_checked(dir: &std::path::Path) -> anyhow::Result<(PackedBundle, Vec<String>)> {
+    let bundle = PackedBundle::from_dir(dir)
+        .with_context(|| format!("{} is not a valid service", dir.display()))?;
+    let methods = provis_js::check_bundle(&bundle)
+        .with_context(|| format!("{} is not a valid service", dir.display()))?;
+    Ok((bundle, methods))
+}
+
+pub async fn run_bundle(args: BundleArgs) -> anyhow::Result<ExitCode> {
+    let (bundle, methods) = pack_checked(&args.dir)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "name": bundle.manifest.name,
+                "version": bundle.manifest.version,
+                "digest": bundle.digest,
+                "size": bundle.bytes.len(),
+                "files": bundle.files.keys().collect::<Vec<_>>(),
+                "methods": methods,
+            }))?
+        );
+    } else {
+        println!(
+            "{} {} {}",
+            bundle.manifest.name, bundle.manifest.version, bundle.digest
+        );
+        println!(
+            "  {} files, {} bytes; methods: {}",
+            bundle.files.len(),
+            bundle.bytes.len(),
+            methods.join(", ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn run_service(fleet: &FleetArgs, command: ServiceCommand) -> anyhow::Result<ExitCode> {
+    let client = fleet.client().await?;
+    let store = BundleStore::open(&async_nats::jetstream::new(client.nats().clone())).await?;
+    match command {
+        ServiceCommand::Publish { dirs } => {
+            // Check every folder before publishing any.
+            let bundles = dirs
+                .iter()
+                .map(|dir| pack_checked(dir))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            for (bundle, _) in bundles {
+                let pointer = store.publish(&bundle).await?;
+                println!(
+                    "published {} {} {}",
+                    pointer.name, pointer.version, pointer.digest
+                );
+            }
+        }
+        ServiceCommand::List => {
+            let pointers = provis_core::kv_snapshot::read_all(store.pointers()).await?;
+            println!("{:16}  {:10}  {:73}  SIZE", "SERVICE", "VERSION", "DIGEST");
+            for value in pointers.values() {
+                match serde_json::from_slice::<ServicePointer>(value) {
+                    Ok(p) => println!(
+                        "{:16}  {:10}  {:73}  {}",
+                        p.name, p.version, p.digest, p.size
+                    ),
+                    Err(err) => eprintln!("provis: unreadable service pointer: {err}"),
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,106 @@
+//! Writing a validated repository into the fleet's desired state: bundles and
+//! service pointers, then role specs; services and roles the repository no
+//! longer has are removed. Minions converge by watching these buckets.
+
+use std::collections::BTreeSet;
+
+use async_nats::jetstream;
+use provis_bundle::BundleStore;
+use provis_core::storage::BUCKET_ROLES;
+use serde::Serialize;
+
+use crate::repository::ConfigRepository;
+
+/// What an apply changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ApplySummary {
+    /// Services whose pointer now names a new digest.
+    pub services_changed: Vec<String>,
+    pub services_removed: Vec<String>,
+    pub roles_changed: Vec<String>,
+    pub roles_removed: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Store(#[from] provis_bundle::store::StoreError),
+    #[error("cannot write role {role}: {reason}")]
+    Role { role: String, reason: String },
+}
+
+/// Applies `repository`; writes only what differs from the current state.
+pub async fn apply(
+    js: &jetstream::Context,
+    repository: &ConfigRepository,
+) -> Result<ApplySummary, ApplyError> {
+    let store = BundleStore::open(js).await?;
+    let roles_kv = js
+        .get_key_value(BUCKET_ROLES)
+        .await
+        .map_err(|err| ApplyError::Role {
+            role: "*".into(),
+            reason: err.to_string(),
+        })?;
+    let mut summary = ApplySummary::default();
+
+    let current_pointers = provis_core::kv_snapshot::read_all(store.pointers())
+        .await
+        .map_err(|err| ApplyError::Role {
+            role: "*".into(),
+            reason: err.to_string(),
+        })?;
+    for (name, bundle) in &repository.services {
+        let unchanged = current_pointers
+            .get(name)
+            .and_then(|v| serde_json::from_slice::<provis_bundle::ServicePointer>(v).ok())
+            .is_some_and(|p| p.digest == bundle.digest);
+        if !unchanged {
+            store.publish(bundle).await?;
+            summary.services_changed.push(name.clone());
+        }
+    }
+    for name in current_pointers.keys() {
+        if !repository.services.contains_key(name) {
+            store.remove_pointer(name).await?;
+            summary.services_removed.push(name.clone());
+        }
+    }
+
+    let current_roles = provis_core::kv_snapshot::read_all(&roles_kv)
+        .await
+        .map_err(|err| ApplyError::Role {
+            role: "*".into(),
+            reason: err.to_string(),
+        })?;
+    for (role, spec) in &repository.roles {
+        let value = serde_json::to_vec(spec).map_err(|err| ApplyError::Role {
+            role: role.to_string(),
+            reason: err.to_string(),
+        })?;
+        if current_roles.get(role.as_str()).map(|v| v.as_ref()) != Some(value.as_slice()) {
+            roles_kv
+                .put(role.as_str(), value.into())
+                .await
+                .map_err(|err| ApplyError::Role {
+                    role: role.to_string(),
+                    reason: err.to_string(),
+                })?;
+            summary.roles_changed.push(role.to_string());
+        }
+    }
+    let wanted: BTreeSet<&str> = repository.roles.keys().map(|r| r.as_str()).collect();
+    for role in current_roles.keys() {
+        if !wanted.contains(role.as_str()) {
+            roles_kv
+                .delete(role)
+                .await
+                .map_err(|err| ApplyError::Role {
+                    role: role.clone(),
+                    reason: err.to_string(),
+                })?;
+            summary.roles_removed.push(role.clone());
+        }
+    }
+    Ok(summary)
+}

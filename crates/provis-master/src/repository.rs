@@ -1,0 +1,160 @@
+//! A config repository as a directory: the fleet's desired state.
+//!
+//! ```text
+//! assignments.toml        which roles each minion holds (see provis up)
+//! roles/<role>.toml       services = ["site"], [config.<service>] …; file name = role (web.eu.toml)
+//! services/<name>/        a service folder: service.toml and ES modules
+//! ```
+//!
+//! [`ConfigRepository::load`] validates everything at once (every manifest,
+//! every module compiles, every import resolves, every role names a service
+//! that exists) and reports every problem, not just the first: a repository
+//! is applied whole or not at all.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use provis_bundle::PackedBundle;
+use provis_core::RoleName;
+use provis_core::roles::RoleSpec;
+
+/// One thing wrong with a repository, with the file it is in.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: {reason}")]
+pub struct RepositoryProblem {
+    pub file: String,
+    pub reason: String,
+}
+
+/// A validated repository, ready to apply.
+#[derive(Debug, Clone)]
+pub struct ConfigRepository {
+    pub services: BTreeMap<String, PackedBundle>,
+    pub roles: BTreeMap<RoleName, RoleSpec>,
+}
+
+/// Every problem found, in file order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the repository has {} problem(s):\n{}", .0.len(), .0.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+pub struct InvalidRepository(pub Vec<RepositoryProblem>);
+
+impl ConfigRepository {
+    pub fn load(root: &Path) -> Result<Self, InvalidRepository> {
+        let mut problems = Vec::new();
+        let shown = |path: &Path| {
+            path.strip_prefix(root)
+                .unwrap_or(path)
+                .display()
+                .to_string()
+        };
+        let mut services = BTreeMap::new();
+        for dir in sorted_entries(&root.join("services"), &mut problems, root) {
+            if !dir.is_dir() {
+                continue;
+            }
+            let folder = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            match PackedBundle::from_dir(&dir) {
+                Err(err) => problems.push(RepositoryProblem {
+                    file: shown(&dir),
+                    reason: err.to_string(),
+                }),
+                Ok(bundle) if bundle.manifest.name != folder => problems.push(RepositoryProblem {
+                    file: format!("{}/service.toml", shown(&dir)),
+                    reason: format!(
+                        "name {:?} differs from its folder {folder:?}",
+                        bundle.manifest.name
+                    ),
+                }),
+                Ok(bundle) => match provis_js::check_bundle(&bundle) {
+                    Ok(_) => {
+                        services.insert(folder, bundle);
+                    }
+                    Err(err) => problems.push(RepositoryProblem {
+                        file: shown(&dir),
+                        reason: err.to_string(),
+                    }),
+                },
+            }
+        }
+        let mut roles = BTreeMap::new();
+        for file in sorted_entries(&root.join("roles"), &mut problems, root) {
+            let Some(role) = file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".toml"))
+            else {
+                continue;
+            };
+            let name = match role.parse::<RoleName>() {
+                Ok(name) => name,
+                Err(err) => {
+                    problems.push(RepositoryProblem {
+                        file: shown(&file),
+                        reason: err.to_string(),
+                    });
+                    continue;
+                }
+            };
+            let spec = std::fs::read_to_string(&file)
+                .map_err(|err| err.to_string())
+                .and_then(|text| toml::from_str::<RoleSpec>(&text).map_err(|err| err.to_string()));
+            match spec {
+                Err(reason) => problems.push(RepositoryProblem {
+                    file: shown(&file),
+                    reason,
+                }),
+                Ok(spec) => {
+                    for service in spec.services.iter().chain(spec.config.keys()) {
+                        if !services.contains_key(service)
+                            && !root.join("services").join(service).is_dir()
+                        {
+                            problems.push(RepositoryProblem {
+                                file: shown(&file),
+                                reason: format!(
+                                    "names service {service:?}, which is not in services/"
+                                ),
+                            });
+                        }
+                    }
+                    roles.insert(name, spec);
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(Self { services, roles })
+        } else {
+            Err(InvalidRepository(problems))
+        }
+    }
+}
+
+fn sorted_entries(dir: &Path, problems: &mut Vec<RepositoryProblem>, root: &Path) -> Vec<PathBuf> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            let mut paths: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| !is_hidden(p))
+                .collect();
+            paths.sort();
+            paths
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(err) => {
+            problems.push(RepositoryProblem {
+                file: dir.strip_prefix(root).unwrap_or(dir).display().to_string(),
+                reason: err.to_string(),
+            });
+            Vec::new()
+        }
+    }
+}
+
+fn is_hidden(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'))
+}

@@ -1,0 +1,1 @@
+export const punctuate = (text) => (/[.!?]$/.test(text) ? text : `${text}!`);
