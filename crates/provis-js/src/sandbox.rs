@@ -452,8 +452,6 @@ impl Engine {
                 }
             });
         self.deadline.set(None);
-        // Collect between calls rather than in the middle of the next one.
-        self.runtime.run_gc();
         outcome.map_err(|failure| match failure {
             Failure::Exception { message, stack } => JsCallError::Exception { message, stack },
             Failure::Interrupted => JsCallError::Timeout(started.elapsed()),
