@@ -24,7 +24,10 @@ use serde_json::{Value, json};
 const SOURCE: &str = "export function add(a) { return { sum: a.x + a.y } }";
 
 fn seconds() -> Duration {
-    let s = std::env::var("PROVIS_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let s = std::env::var("PROVIS_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
     Duration::from_secs_f64(s)
 }
 
@@ -83,7 +86,10 @@ fn raw_quickjs() -> (f64, f64, f64) {
     let runtime = Runtime::new().expect("runtime");
     let context = Context::full(&runtime).expect("context");
     context.with(|ctx| {
-        let (module, done) = Module::declare(ctx.clone(), "main.js", SOURCE).expect("declare").eval().expect("eval");
+        let (module, done) = Module::declare(ctx.clone(), "main.js", SOURCE)
+            .expect("declare")
+            .eval()
+            .expect("eval");
         done.finish::<()>().expect("evaluated");
         let add: Function = module.get("add").expect("add");
         let args = json!({"x": 1, "y": 2}).to_string();
@@ -94,7 +100,12 @@ fn raw_quickjs() -> (f64, f64, f64) {
             // The same work the sandbox does per call: JSON in, call, JSON out.
             let arg = ctx.json_parse(args.as_str()).expect("parse");
             let result: rquickjs::Value = add.call((arg,)).expect("call");
-            let text = ctx.json_stringify(result).expect("stringify").expect("json").to_string().expect("string");
+            let text = ctx
+                .json_stringify(result)
+                .expect("stringify")
+                .expect("json")
+                .to_string()
+                .expect("string");
             let _: Value = serde_json::from_str(&text).expect("json");
             let _ = Object::new(ctx.clone());
             samples.push(t.elapsed().as_secs_f64() * 1e6);
@@ -107,34 +118,58 @@ fn raw_quickjs() -> (f64, f64, f64) {
 }
 
 fn row(name: &str, (rate, p50, p99): (f64, f64, f64), limit: Option<(&str, f64)>) {
-    let ratio = limit.map_or_else(String::new, |(what, l)| format!("  {:.2}x of {what}", rate / l));
+    let ratio = limit.map_or_else(String::new, |(what, l)| {
+        format!("  {:.2}x of {what}", rate / l)
+    });
     println!("{name:44} {rate:>10.0} calls/s  p50 {p50:>8.1} µs  p99 {p99:>8.1} µs{ratio}");
 }
 
 fn rate_row(name: &str, rate: f64, limit: Option<(&str, f64)>) {
-    let ratio = limit.map_or_else(String::new, |(what, l)| format!("  {:.2}x of {what}", rate / l));
+    let ratio = limit.map_or_else(String::new, |(what, l)| {
+        format!("  {:.2}x of {what}", rate / l)
+    });
     println!("{name:44} {rate:>10.0} calls/s{ratio}");
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    println!("measuring {:?} each; 2 cores shared by caller, nats-server and minion\n", seconds());
+    println!(
+        "measuring {:?} each; 2 cores shared by caller, nats-server and minion\n",
+        seconds()
+    );
     let quickjs = raw_quickjs();
     row("raw QuickJS call (in-process)", quickjs, None);
 
     let dir = tempfile::tempdir()?;
-    write_files(dir.path(), &[("adder/service.toml", "name = \"adder\"\nversion = \"1\"\n"), ("adder/main.js", SOURCE)])?;
+    write_files(
+        dir.path(),
+        &[
+            ("adder/service.toml", "name = \"adder\"\nversion = \"1\"\n"),
+            ("adder/main.js", SOURCE),
+        ],
+    )?;
     let bundle = PackedBundle::from_dir(&dir.path().join("adder"))?;
-    let sandbox = Arc::new(ServiceSandbox::start(Arc::new(bundle), HostContext::inert("adder")).await?);
+    let sandbox =
+        Arc::new(ServiceSandbox::start(Arc::new(bundle), HostContext::inert("adder")).await?);
     let s = sandbox.clone();
     let through_sandbox = sequential(move || {
         let s = s.clone();
         async move {
-            s.call("add", json!({"x": 1, "y": 2}), Instant::now() + Duration::from_secs(5)).await.expect("call");
+            s.call(
+                "add",
+                json!({"x": 1, "y": 2}),
+                Instant::now() + Duration::from_secs(5),
+            )
+            .await
+            .expect("call");
         }
     })
     .await;
-    row("provis-js sandbox call", through_sandbox, Some(("raw QuickJS", quickjs.0)));
+    row(
+        "provis-js sandbox call",
+        through_sandbox,
+        Some(("raw QuickJS", quickjs.0)),
+    );
 
     let mut fleet = TestFleet::start().await?;
     let nats = fleet.nats().connect().await?;
@@ -168,14 +203,25 @@ async fn main() -> anyhow::Result<()> {
     rate_row("raw NATS request/reply, 16 in flight", raw_nats_16, None);
 
     let repo = fleet.workdir().join("repo");
-    write_files(&repo, &[("roles/bench.toml", "services = [\"adder\"]\n"), ("services/adder/service.toml", "name = \"adder\"\nversion = \"1\"\n"), ("services/adder/main.js", SOURCE)])?;
+    write_files(
+        &repo,
+        &[
+            ("roles/bench.toml", "services = [\"adder\"]\n"),
+            (
+                "services/adder/service.toml",
+                "name = \"adder\"\nversion = \"1\"\n",
+            ),
+            ("services/adder/main.js", SOURCE),
+        ],
+    )?;
     fleet.apply(&repo).await?;
     fleet.add_minion("m1", &["bench"]).await?;
     let digest = PackedBundle::from_dir(&repo.join("services/adder"))?.digest;
     fleet.wait_service("m1", "adder", &digest).await?;
     let client = Arc::new(fleet.client().await?);
     let target = CallTarget::Minions(vec!["m1".parse()?]);
-    let request = CallRequest::parse_function("adder.add", json!({"x": 1, "y": 2}), Duration::from_secs(5))?;
+    let request =
+        CallRequest::parse_function("adder.add", json!({"x": 1, "y": 2}), Duration::from_secs(5))?;
     let (c, t, r) = (client.clone(), target.clone(), request.clone());
     let whole = sequential(move || {
         let (c, t, r) = (c.clone(), t.clone(), r.clone());
@@ -185,7 +231,11 @@ async fn main() -> anyhow::Result<()> {
         }
     })
     .await;
-    row("whole path: Client → NATS → minion → QuickJS", whole, Some(("raw NATS", raw_nats.0)));
+    row(
+        "whole path: Client → NATS → minion → QuickJS",
+        whole,
+        Some(("raw NATS", raw_nats.0)),
+    );
     let (c, t, r) = (client.clone(), target.clone(), request.clone());
     let whole_16 = concurrent(16, move || {
         let (c, t, r) = (c.clone(), t.clone(), r.clone());
@@ -194,7 +244,11 @@ async fn main() -> anyhow::Result<()> {
         }
     })
     .await;
-    rate_row("whole path, 16 in flight", whole_16, Some(("raw NATS 16 in flight", raw_nats_16)));
+    rate_row(
+        "whole path, 16 in flight",
+        whole_16,
+        Some(("raw NATS 16 in flight", raw_nats_16)),
+    );
 
     let provis = Path::new(env!("CARGO_BIN_EXE_provis"));
     let cli = sequential(|| async {
@@ -207,7 +261,11 @@ async fn main() -> anyhow::Result<()> {
         assert!(status.success());
     })
     .await;
-    row("CLI: one `provis call` process per call", cli, Some(("raw NATS", raw_nats.0)));
+    row(
+        "CLI: one `provis call` process per call",
+        cli,
+        Some(("raw NATS", raw_nats.0)),
+    );
     fleet.stop_master().await;
     Ok(())
 }

@@ -28,6 +28,10 @@ pub enum Denied {
     Program { program: String, granted: String },
     #[error("{0} must be an absolute path")]
     NotAbsolute(String),
+    #[error("capability http does not list {host} (service.toml grants: {granted})")]
+    Host { host: String, granted: String },
+    #[error("{0:?} is not an http:// URL (https is not available to services yet)")]
+    BadUrl(String),
 }
 
 fn granted(list: &[PathBuf]) -> String {
@@ -266,4 +270,95 @@ mod tests {
         .unwrap();
         assert!(out.timed_out);
     }
+}
+
+/// Checks that `url` is `http://` to a host (and port) listed under `http`.
+/// An entry `host` allows any port; `host:port` only that one.
+pub fn check_http(capabilities: &Capabilities, url: &str) -> Result<ureq::http::Uri, Denied> {
+    let uri: ureq::http::Uri = url.parse().map_err(|_| Denied::BadUrl(url.to_owned()))?;
+    if uri.scheme_str() != Some("http") || uri.authority().is_some_and(|a| a.as_str().contains('@'))
+    {
+        return Err(Denied::BadUrl(url.to_owned()));
+    }
+    let host = uri
+        .host()
+        .ok_or_else(|| Denied::BadUrl(url.to_owned()))?
+        .to_ascii_lowercase();
+    let port = uri.port_u16().unwrap_or(80);
+    let allowed = capabilities.http.iter().any(|entry| {
+        let entry = entry.to_ascii_lowercase();
+        match entry.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => {
+                h == host && p.parse::<u16>().ok() == Some(port)
+            }
+            _ => entry == host,
+        }
+    });
+    if allowed {
+        Ok(uri)
+    } else {
+        let granted = if capabilities.http.is_empty() {
+            "none".to_owned()
+        } else {
+            capabilities.http.join(", ")
+        };
+        Err(Denied::Host {
+            host: format!("{host}:{port}"),
+            granted,
+        })
+    }
+}
+
+/// What an HTTP request brought back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpOutcome {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// Sends one request to an already checked URL. Redirects are not followed
+/// (a redirect could lead to a host the manifest does not list); the body is
+/// capped at 1 MiB.
+pub fn http_request(
+    method: &str,
+    uri: ureq::http::Uri,
+    headers: &[(String, String)],
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Result<HttpOutcome, String> {
+    let config = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .max_redirects(0)
+        .http_status_as_error(false)
+        .build();
+    let agent = ureq::Agent::new_with_config(config);
+    let mut request = ureq::http::Request::builder().method(method).uri(uri);
+    for (name, value) in headers {
+        request = request.header(name, value);
+    }
+    let request = request.body(body).map_err(|err| err.to_string())?;
+    let mut response = agent.run(request).map_err(|err| err.to_string())?;
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(name, value)| {
+            (
+                name.to_string(),
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let status = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(MAX_CAPTURE_BYTES as u64)
+        .read_to_string()
+        .map_err(|err| err.to_string())?;
+    Ok(HttpOutcome {
+        status,
+        headers,
+        body,
+    })
 }

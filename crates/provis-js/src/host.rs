@@ -14,6 +14,7 @@
 //! | `provis.fs.read(path)`, `.exists(path)`, `.list(dir)` | needs `fs.read` (or `fs.write`) over the path |
 //! | `provis.fs.write(path, text)`, `.mkdir(path)`, `.remove(path)` | needs `fs.write` over the path |
 //! | `provis.exec.run(program, args, {timeout_ms})` | needs `exec` to list the program; no shell |
+//! | `provis.http.request({method, url, headers, body, timeout_ms})` | needs `http` to list the host |
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -119,6 +120,9 @@ pub fn install<'js>(ctx: &Ctx<'js>, host: &HostContext, deadline: &CallDeadline)
     let exec = exec_api(ctx, host, deadline.clone())?;
     provis.set("exec", exec.clone())?;
     frozen.push(exec);
+    let http = http_api(ctx, host, deadline.clone())?;
+    provis.set("http", http.clone())?;
+    frozen.push(http);
 
     ctx.globals()
         .prop("provis", Property::from(provis.clone()))?;
@@ -340,7 +344,7 @@ fn fs_api<'js>(ctx: &Ctx<'js>, host: &HostContext) -> JsResult<Object<'js>> {
     Ok(api)
 }
 
-/// Longest a program may run when the call does not say.
+/// Longest a program or an HTTP request may take when the call does not say.
 const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn exec_api<'js>(
@@ -388,6 +392,62 @@ fn exec_api<'js>(
                         "stderr": outcome.stderr,
                         "timed_out": outcome.timed_out,
                     }),
+                )
+            },
+        )?,
+    )?;
+    Ok(api)
+}
+
+fn http_api<'js>(
+    ctx: &Ctx<'js>,
+    host: &HostContext,
+    deadline: CallDeadline,
+) -> JsResult<Object<'js>> {
+    let api = Object::new(ctx.clone())?;
+    let caps = host.capabilities.clone();
+    api.set(
+        "request",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>, options: Object<'js>| -> JsResult<Value<'js>> {
+                let url: String = options
+                    .get("url")
+                    .or_else(|_| throw(&ctx, "http.request needs {url: \"http://…\"}"))?;
+                let uri = capability::check_http(&caps, &url).or_else(|err| throw(&ctx, err))?;
+                let method = options
+                    .get::<_, Option<String>>("method")?
+                    .unwrap_or_else(|| "GET".to_owned());
+                let body = options
+                    .get::<_, Option<Coerced<String>>>("body")?
+                    .map(|b| b.0.into_bytes())
+                    .unwrap_or_default();
+                let headers: Vec<(String, String)> =
+                    match options.get::<_, Option<Object>>("headers")? {
+                        Some(headers) => headers
+                            .props::<String, Coerced<String>>()
+                            .map(|entry| entry.map(|(k, v)| (k, v.0)))
+                            .collect::<JsResult<_>>()?,
+                        None => Vec::new(),
+                    };
+                let timeout = options
+                    .get::<_, Option<f64>>("timeout_ms")?
+                    .filter(|ms| ms.is_finite() && *ms > 0.0)
+                    .map_or(DEFAULT_EXEC_TIMEOUT, |ms| Duration::from_millis(ms as u64));
+                let left = deadline
+                    .get()
+                    .map_or(timeout, |at| at.saturating_duration_since(Instant::now()));
+                let outcome =
+                    capability::http_request(&method, uri, &headers, body, timeout.min(left))
+                        .or_else(|err| throw(&ctx, format!("http {method} {url} failed: {err}")))?;
+                let headers: serde_json::Map<String, serde_json::Value> = outcome
+                    .headers
+                    .into_iter()
+                    .map(|(k, v)| (k, serde_json::Value::String(v)))
+                    .collect();
+                to_js(
+                    &ctx,
+                    &json!({ "status": outcome.status, "headers": headers, "body": outcome.body }),
                 )
             },
         )?,

@@ -410,3 +410,97 @@ fn b_caps(caps: &str) -> provis_bundle::manifest::Capabilities {
         .expect("manifest")
         .capabilities
 }
+
+/// A one-thread HTTP server on loopback answering `hello` on `/`, and a
+/// redirect to another host on `/away`.
+fn http_server() -> u16 {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut first = String::new();
+            let _ = reader.read_line(&mut first);
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) <= 2 {
+                    break;
+                }
+            }
+            let mut stream = stream;
+            let response = if first.contains("/away") {
+                "HTTP/1.1 302 Found\r\nLocation: http://169.254.169.254/\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()
+            } else {
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello".to_owned()
+            };
+            let _ = stream.write_all(response.as_bytes());
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn http_reaches_listed_hosts_only_and_follows_no_redirect() {
+    let port = http_server();
+    let manifest =
+        format!("name = \"web\"\nversion = \"1\"\n[capabilities]\nhttp = [\"127.0.0.1:{port}\"]\n");
+    let b = bundle(&[
+        ("service.toml", &manifest),
+        (
+            "main.js",
+            "export function get(a) { const r = provis.http.request({ url: a.url }); return { status: r.status, body: r.body } }",
+        ),
+    ]);
+    let service = ServiceSandbox::start(
+        Arc::new(b.clone()),
+        HostContext {
+            capabilities: b.manifest.capabilities.clone(),
+            ..HostContext::inert("web")
+        },
+    )
+    .await
+    .expect("loads");
+    let ok = service
+        .call(
+            "get",
+            json!({"url": format!("http://127.0.0.1:{port}/")}),
+            soon(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok, json!({"status": 200, "body": "hello"}));
+    let redirect = service
+        .call(
+            "get",
+            json!({"url": format!("http://127.0.0.1:{port}/away")}),
+            soon(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        redirect["status"], 302,
+        "the redirect is handed back, not followed"
+    );
+    for (url, needle) in [
+        (
+            format!("http://127.0.0.1:{}/", port.wrapping_add(1)),
+            "capability http does not list",
+        ),
+        (
+            "http://localhost/".to_owned(),
+            "capability http does not list localhost:80",
+        ),
+        (format!("https://127.0.0.1:{port}/"), "not an http:// URL"),
+        (
+            format!("http://user@127.0.0.1:{port}/"),
+            "not an http:// URL",
+        ),
+    ] {
+        let err = service
+            .call("get", json!({"url": url}), soon())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(needle), "{url}: {err}");
+    }
+}
