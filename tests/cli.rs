@@ -35,7 +35,7 @@ async fn usage_errors_are_one_line_that_says_what_to_do() {
         (
             &["call", "--subject", "role.nobody", "sys.ping"],
             2,
-            "no live minion matches role.nobody",
+            "no live minion matches: 0 live in role.nobody",
         ),
         (&["call", "sys.ping"], 2, "--subject"),
         (&["frobnicate"], 2, "unrecognized subcommand"),

@@ -1,26 +1,36 @@
-//! `provis call`: send one function to a target and print who answered,
-//! who failed and who never replied.
+//! `provis call`: choose minions, send them one function, and report who
+//! answered, who failed and who never replied, as replies come in.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{ArgGroup, Args, ValueEnum};
-use std::time::Instant;
-
-use provis_core::client::{CallReport, ReplyGatherer, ReplyStatus};
+use provis_core::client::{
+    BatchSize, CallPlan, CallReport, MinionReply, ReplyGatherer, ReplyStatus,
+};
+use provis_core::selection::{Filter, Pick};
 use provis_core::{CallRequest, CallTarget, MinionId};
 use provis_proto::v1::minion_client::MinionClient;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::UsageError;
 use crate::fleet_args::FleetArgs;
 
+/// Fan-outs at least this large get a progress bar on a terminal.
+const PROGRESS_THRESHOLD: usize = 20;
+
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("target").required(true).args(["subject", "all", "minion"])))]
-#[command(
-    after_help = "Examples:\n  provis call --subject role.web sys.ping\n  provis call --all sys.facts\n  provis call --minion m1 --minion m2 sys.ping '{\"hello\": 1}'"
-)]
+#[command(group(ArgGroup::new("pick").args(["percent", "count"])))]
+#[command(after_help = "Examples:
+  provis call --subject role.web sys.ping
+  provis call --all sys.facts --output json
+  provis call --subject role.web site.enable --percent 30 --seed 7
+  provis call --all health.check --where 'state.mem.free_pct < 10.0'
+  provis call --subject role.web site.enable --batch 25% --batch-wait 10s --stop-on-failure 10
+  provis call --minion m1 --minion m2 sys.ping '{\"hello\": 1}'")]
 pub struct CallArgs {
     /// Target as a subject: `role.<role>[.<sub-role>…]`, `minion.<id>` or `all`
     #[arg(long)]
@@ -31,7 +41,30 @@ pub struct CallArgs {
     /// One minion by id (repeat for several)
     #[arg(long)]
     minion: Vec<String>,
-    /// How long to wait for replies, e.g. 500ms, 5s
+    /// Only minions for which this CEL expression holds, over id, roles,
+    /// facts, state, labels and services (e.g. 'state.mem.free_pct < 10.0')
+    #[arg(long = "where", value_name = "EXPRESSION")]
+    filter: Option<String>,
+    /// This share of the matching live minions (rounded up, at least one)
+    #[arg(long)]
+    percent: Option<f64>,
+    /// This many of the matching live minions
+    #[arg(long)]
+    count: Option<usize>,
+    /// Pick the same minions every time (with --percent or --count)
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Rolling batches of N minions or N% of the selection
+    #[arg(long, value_parser = parse_batch)]
+    batch: Option<BatchSize>,
+    /// Pause between batches, e.g. 10s
+    #[arg(long, value_parser = humantime::parse_duration, requires = "batch")]
+    batch_wait: Option<Duration>,
+    /// Start no further batch once more than this percentage of the minions
+    /// called so far failed or did not reply
+    #[arg(long, value_name = "PERCENT", value_parser = parse_percent, requires = "batch")]
+    stop_on_failure: Option<f64>,
+    /// How long to wait for replies (per batch), e.g. 500ms, 5s
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     timeout: Duration,
     /// How to print the outcome
@@ -50,16 +83,36 @@ pub struct CallArgs {
     args: Option<String>,
 }
 
+fn parse_batch(text: &str) -> Result<BatchSize, String> {
+    text.parse()
+}
+
+fn parse_percent(text: &str) -> Result<f64, String> {
+    let p: f64 = text
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("{text:?} is not a percentage"))?;
+    if (0.0..=100.0).contains(&p) {
+        Ok(p)
+    } else {
+        Err(format!("{text:?} is not between 0 and 100"))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Via {
     Nats,
     Grpc,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
+    /// A table and a summary line
     Table,
+    /// One JSON document at the end
     Json,
+    /// One JSON line per reply as it arrives, then a summary line
+    Ndjson,
 }
 
 impl CallArgs {
@@ -77,6 +130,22 @@ impl CallArgs {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(CallTarget::Minions(ids))
     }
+
+    fn pick(&self) -> Pick {
+        match (self.percent, self.count) {
+            (Some(p), _) => Pick::Percent(p),
+            (None, Some(n)) => Pick::Count(n),
+            (None, None) => Pick::All,
+        }
+    }
+
+    fn plan(&self) -> CallPlan {
+        CallPlan {
+            batch: self.batch,
+            batch_wait: self.batch_wait.unwrap_or_default(),
+            stop_on_failure_pct: self.stop_on_failure,
+        }
+    }
 }
 
 pub async fn run(fleet: &FleetArgs, args: CallArgs) -> anyhow::Result<ExitCode> {
@@ -93,17 +162,46 @@ pub async fn run(fleet: &FleetArgs, args: CallArgs) -> anyhow::Result<ExitCode> 
         return Err(UsageError("--timeout must be more than zero".into()).into());
     }
     let request = CallRequest::parse_function(&args.function, call_args, args.timeout)?;
+    let filter = args.filter.as_deref().map(Filter::parse).transpose()?;
+    args.pick().check()?;
+
     let report = if args.via == Via::Grpc {
+        if filter.is_some() || args.pick() != Pick::All || args.batch.is_some() {
+            return Err(UsageError(
+                "--via grpc calls named minions only: drop --where, --percent, --count and --batch"
+                    .into(),
+            )
+            .into());
+        }
         call_via_grpc(fleet, &target, &request, args.grpc_addr.as_deref()).await?
     } else {
         let client = fleet.client().await?;
-        client
-            .call(&target, &request)
+        let selection = client
+            .select(&target, filter.as_ref(), args.pick(), args.seed)
+            .await?;
+        let mut printer = LivePrinter::new(args.output, selection.chosen.len());
+        if args.output == Output::Table {
+            println!(
+                "# selected {}: {}",
+                selection.chosen.len(),
+                selection.reason
+            );
+        }
+        let report = client
+            .call_selected(&target, &selection, &request, &args.plan(), &mut |reply| {
+                printer.reply(reply)
+            })
             .await
-            .with_context(|| format!("calling {} on {}", args.function, target.describe()))?
+            .with_context(|| format!("calling {} on {}", args.function, target.describe()))?;
+        printer.finish();
+        report
     };
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Ndjson => println!(
+            "{}",
+            json!({ "summary": report.summary, "selection": report.selection })
+        ),
         Output::Table => print_table(&report, &target, args.timeout),
     }
     Ok(if report.all_ok() {
@@ -111,6 +209,50 @@ pub async fn run(fleet: &FleetArgs, args: CallArgs) -> anyhow::Result<ExitCode> 
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Shows replies as they arrive: one JSON line each for ndjson; a progress
+/// bar for a long fan-out on a terminal; nothing otherwise.
+struct LivePrinter {
+    output: Output,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl LivePrinter {
+    fn new(output: Output, selected: usize) -> Self {
+        let bar = (output == Output::Table
+            && selected >= PROGRESS_THRESHOLD
+            && std::io::stderr().is_terminal())
+        .then(|| {
+            let bar = indicatif::ProgressBar::new(selected as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} replies {msg} [{elapsed}]",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar
+        });
+        Self { output, bar }
+    }
+
+    fn reply(&mut self, reply: &MinionReply) {
+        if self.output == Output::Ndjson {
+            println!("{}", serde_json::to_string(reply).unwrap_or_default());
+        }
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+            if reply.status != ReplyStatus::Ok {
+                bar.set_message(format!("(last failure: {})", reply.minion));
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 fn print_table(report: &CallReport, target: &CallTarget, timeout: Duration) {
@@ -127,20 +269,34 @@ fn print_table(report: &CallReport, target: &CallTarget, timeout: Duration) {
             ReplyStatus::Ok => "ok",
             ReplyStatus::Error => "error",
             ReplyStatus::NoReply => "no_reply",
+            ReplyStatus::Skipped => "skipped",
         };
         let time = reply
             .ms
             .map_or_else(|| "-".to_owned(), |ms| format!("{ms:.1} ms"));
-        let detail = match (&reply.result, &reply.error) {
-            (Some(result), _) => result.to_string(),
-            (None, Some(error)) => format!("{}: {}", error.code, error.message),
-            (None, None) => format!("no reply within {}", humantime::format_duration(timeout)),
+        let detail = match (&reply.result, &reply.error, reply.status) {
+            (Some(result), _, _) => result.to_string(),
+            (None, Some(error), _) => format!("{}: {}", error.code, error.message),
+            (None, None, ReplyStatus::Skipped) => {
+                "not called: an earlier batch failed too often".to_owned()
+            }
+            (None, None, _) => format!("no reply within {}", humantime::format_duration(timeout)),
         };
         println!("{:width$}  {status:8}  {time:>9}  {detail}", reply.minion);
     }
     let s = report.summary;
+    let skipped = if s.skipped > 0 {
+        format!(", {} skipped", s.skipped)
+    } else {
+        String::new()
+    };
+    let batches = if report.batches > 0 {
+        format!(" in {} batches", report.batches)
+    } else {
+        String::new()
+    };
     println!(
-        "{} selected ({}): {} ok, {} error, {} no reply",
+        "{} selected ({}){batches}: {} ok, {} error, {} no reply{skipped}",
         s.selected,
         target.describe(),
         s.ok,
@@ -213,10 +369,12 @@ async fn call_via_grpc(
         })
         .await;
         match attempt {
-            Ok(Ok(reply)) => gathered.accept(
-                reply.into_inner(),
-                started.elapsed().as_secs_f64() * 1_000.0,
-            ),
+            Ok(Ok(reply)) => {
+                gathered.accept(
+                    reply.into_inner(),
+                    started.elapsed().as_secs_f64() * 1_000.0,
+                );
+            }
             Ok(Err(reason)) => {
                 gathered.unreachable(id.as_str(), format!("gRPC API at {addr}: {reason}"))
             }

@@ -111,6 +111,13 @@ fn usage_or_failure(err: &anyhow::Error) -> u8 {
                 Some(provis_core::ClientError::NothingSelected(_))
             )
             || cause.downcast_ref::<UsageError>().is_some()
+            || cause
+                .downcast_ref::<provis_core::selection::SelectError>()
+                .is_some()
+            || matches!(
+                cause.downcast_ref::<provis_core::ClientError>(),
+                Some(provis_core::ClientError::Select(_))
+            )
     });
     if usage { 2 } else { 1 }
 }

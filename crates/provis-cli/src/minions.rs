@@ -1,4 +1,5 @@
-//! `provis minions`: the registry as the master sees it.
+//! `provis minions`: the registry, filtered with the same expressions as
+//! `provis call --where`.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -6,12 +7,19 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use provis_core::envelope::now_unix_ms;
-use provis_core::registry::{self, MinionRecord};
+use provis_core::registry::{self, MinionRecord, MinionStatus};
+use provis_core::selection::{Filter, Verdict};
 
 use crate::fleet_args::FleetArgs;
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  provis minions\n  provis minions --where 'state.mem.free_pct < 10.0'\n  provis minions --where '\"web\" in roles' --output json"
+)]
 pub struct MinionsArgs {
+    /// Only minions for which this CEL expression holds (see `provis call --help`)
+    #[arg(long = "where", value_name = "EXPRESSION")]
+    filter: Option<String>,
     /// How to print the list
     #[arg(long, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -24,12 +32,22 @@ enum Output {
 }
 
 pub async fn run(fleet: &FleetArgs, args: MinionsArgs) -> anyhow::Result<ExitCode> {
+    let filter = args.filter.as_deref().map(Filter::parse).transpose()?;
     let client = fleet.client().await?;
     let store = client.registry().await?;
     let mut records = registry::read_all(&store)
         .await
         .context("reading the registry")?;
     records.sort_by(|a, b| a.id.cmp(&b.id));
+    if let Some(filter) = &filter {
+        let mut kept = Vec::new();
+        for record in records {
+            if filter.evaluate(&record)? == Verdict::Match {
+                kept.push(record);
+            }
+        }
+        records = kept;
+    }
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&records)?),
         Output::Table => print_table(&records),
@@ -40,24 +58,46 @@ pub async fn run(fleet: &FleetArgs, args: MinionsArgs) -> anyhow::Result<ExitCod
 fn print_table(records: &[MinionRecord]) {
     let now = now_unix_ms();
     println!(
-        "{:12}  {:8}  {:24}  {:8}  LAST SEEN",
-        "MINION", "STATE", "ROLES", "VERSION"
+        "{:12}  {:8}  {:16}  {:26}  {:>5}  {:>5}  {:>5}  LAST SEEN",
+        "MINION", "STATE", "ROLES", "SERVICES", "MEM%", "DISK%", "LOAD"
     );
     for record in records {
-        let state = if record.is_live_at(now) {
-            "online"
-        } else {
-            "offline"
+        let state = match record.status {
+            MinionStatus::Online if record.is_live_at(now) => "online",
+            MinionStatus::Stopped => "stopped",
+            _ => "offline",
         };
         let roles: Vec<&str> = record.roles.iter().map(|r| r.as_str()).collect();
-        let ago = Duration::from_millis(u64::try_from(now - record.heartbeat_unix_ms).unwrap_or(0));
+        let services: Vec<String> = record
+            .services
+            .iter()
+            .filter(|(name, _)| name.as_str() != "sys")
+            .map(|(name, version)| format!("{name}@{version}"))
+            .collect();
+        let number = |value: &serde_json::Value| {
+            value
+                .as_f64()
+                .map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"))
+        };
+        let mem_free = number(&record.state["mem"]["free_pct"]);
+        let disk_free = number(&record.state["disk"]["free_pct"]);
+        let load = record.state["load"]["one"]
+            .as_f64()
+            .map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
+        let ago = Duration::from_secs(
+            u64::try_from((now - record.heartbeat_unix_ms) / 1000).unwrap_or(0),
+        );
         println!(
-            "{:12}  {state:8}  {:24}  {:8}  {} ago",
+            "{:12}  {state:8}  {:16}  {:26}  {mem_free:>5}  {disk_free:>5}  {load:>5}  {} ago",
             record.id,
             roles.join(","),
-            record.version,
-            humantime::format_duration(Duration::from_secs(ago.as_secs()))
+            if services.is_empty() {
+                "-".to_owned()
+            } else {
+                services.join(",")
+            },
+            humantime::format_duration(ago)
         );
     }
-    println!("{} minions", records.len());
+    println!("{} minions (MEM% and DISK% are free space)", records.len());
 }

@@ -1,15 +1,49 @@
-//! The one public API for calls: the CLI, the master and tests all fan out
-//! through [`Client::call`].
+//! The one public API for calls: the CLI, the master and tests all select
+//! and fan out through [`Client`].
+//!
+//! ```no_run
+//! # async fn example() -> anyhow::Result<()> {
+//! use std::time::Duration;
+//! use provis_core::{CallRequest, CallTarget, Client, Subjects};
+//! use provis_core::client::{CallPlan, connect_nats};
+//! use provis_core::selection::{Filter, Pick};
+//!
+//! let nats = connect_nats("nats://127.0.0.1:4222", "my-tool").await?;
+//! let client = Client::new(nats, Subjects::default(), "operator:alice");
+//! let request = CallRequest::parse_function("site.enable", serde_json::json!({"by": "alice"}), Duration::from_secs(5))?;
+//!
+//! // 30% of the web servers with less than 10% free memory, the same 30% every time.
+//! let target = CallTarget::parse_subject("role.web")?;
+//! let filter = Filter::parse("state.mem.free_pct < 10.0")?;
+//! let selection = client.select(&target, Some(&filter), Pick::Percent(30.0), Some(1)).await?;
+//! let report = client
+//!     .call_selected(&target, &selection, &request, &CallPlan::default(), &mut |reply| println!("{reply:?}"))
+//!     .await?;
+//! println!("{} ok of {}", report.summary.ok, report.summary.selected);
+//! # Ok(()) }
+//! ```
 //!
 //! A call to a role or to the whole fleet is a single publish on the role's
-//! subject; the client knows whom to wait for from one read of the registry,
-//! and gathers replies on one inbox until every selected minion answered or
-//! the timeout passed.
+//! subject, whatever the size of the fleet; a subset (`--percent`, `--where`,
+//! a batch) is the same single publish with the chosen ids in the envelope's
+//! `selected` field, so minions left out ignore it. Whom to wait for comes
+//! from one read of the registry, never a request per minion. Replies are
+//! gathered on one inbox until every selected minion answered or the timeout
+//! passed.
 //!
-//! Any program can do the same with plain NATS: publish a protobuf
-//! `provis.v1.CallEnvelope` (see `proto/provis/v1/call.proto`) with a reply
-//! subject on `provis.minion.<id>.call`, `provis.role.<role>.call` or
-//! `provis.all.call`, and read one `provis.v1.CallReply` per minion from it.
+//! ## From another language, with plain NATS
+//!
+//! Generate types from `proto/provis/v1/call.proto`, then:
+//! 1. build a `provis.v1.CallEnvelope`: a fresh `call_id`, your `caller`,
+//!    `service` and `method`, `args_json` (a JSON document), and
+//!    `deadline_unix_ms` (now + timeout, in ms since the epoch);
+//! 2. subscribe to a fresh inbox subject, then publish the encoded envelope
+//!    with that inbox as reply subject on `provis.minion.<id>.call`,
+//!    `provis.role.<role>.call` or `provis.all.call`;
+//! 3. read one encoded `provis.v1.CallReply` per minion from the inbox: its
+//!    `minion`, and either `result_json` or `error` (`code`, `message`,
+//!    `stack`). Read the registry (KV bucket `provis_minions`, one JSON record
+//!    per minion) to know whom to wait for.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -20,8 +54,9 @@ use provis_proto::v1::{CallReply, call_reply};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::envelope::{CallRequest, error_code_name};
+use crate::envelope::{CallRequest, error_code_name, now_unix_ms};
 use crate::registry::{self, RegistryError};
+use crate::selection::{Filter, Pick, Selection};
 use crate::subject::{CallTarget, MinionId, Subjects};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,8 +67,10 @@ pub enum ClientError {
     Connect { url: String, reason: String },
     #[error(transparent)]
     Registry(#[from] RegistryError),
-    #[error("no live minion matches {0}; `provis call --all sys.ping` shows who is up")]
+    #[error("no live minion matches: {0}; `provis minions` shows who is up")]
     NothingSelected(String),
+    #[error(transparent)]
+    Select(#[from] crate::selection::SelectError),
     #[error("cannot send the call: {0}")]
     Publish(String),
 }
@@ -59,6 +96,8 @@ pub enum ReplyStatus {
     Ok,
     Error,
     NoReply,
+    /// Selected, but its batch never ran (`--stop-on-failure` stopped the call).
+    Skipped,
 }
 
 /// A structured error as a minion reported it.
@@ -88,6 +127,8 @@ pub struct CallSummary {
     pub ok: usize,
     pub error: usize,
     pub no_reply: usize,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub skipped: usize,
 }
 
 /// Everything a call produced: one reply per selected minion, by minion id.
@@ -95,6 +136,12 @@ pub struct CallSummary {
 pub struct CallReport {
     pub replies: Vec<MinionReply>,
     pub summary: CallSummary,
+    /// Who was selected and why, when the registry chose.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selection: Option<Selection>,
+    /// Batches run, when the call ran in batches.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub batches: usize,
     /// Replies that could not be read or arrived twice; they count nowhere else.
     #[serde(skip_serializing_if = "is_zero")]
     pub discarded: usize,
@@ -109,6 +156,71 @@ impl CallReport {
     pub fn all_ok(&self) -> bool {
         self.summary.ok == self.summary.selected
     }
+
+    fn from_lines(mut replies: Vec<MinionReply>, discarded: usize) -> Self {
+        replies.sort_by(|a, b| a.minion.cmp(&b.minion));
+        let mut summary = CallSummary {
+            selected: replies.len(),
+            ..CallSummary::default()
+        };
+        for reply in &replies {
+            match reply.status {
+                ReplyStatus::Ok => summary.ok += 1,
+                ReplyStatus::Error => summary.error += 1,
+                ReplyStatus::NoReply => summary.no_reply += 1,
+                ReplyStatus::Skipped => summary.skipped += 1,
+            }
+        }
+        Self {
+            replies,
+            summary,
+            selection: None,
+            batches: 0,
+            discarded,
+        }
+    }
+}
+
+/// The size of each batch of a rolling call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BatchSize {
+    Count(usize),
+    /// A share of the selection, rounded up, at least one.
+    Percent(f64),
+}
+
+impl std::str::FromStr for BatchSize {
+    type Err = String;
+    /// `10` or `25%`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || format!("batch size {text:?} is not N or N% (e.g. 10 or 25%)");
+        match text.strip_suffix('%') {
+            Some(p) => {
+                let p: f64 = p.trim().parse().map_err(|_| bad())?;
+                if p > 0.0 && p <= 100.0 {
+                    Ok(Self::Percent(p))
+                } else {
+                    Err(bad())
+                }
+            }
+            None => match text.trim().parse::<usize>() {
+                Ok(n) if n > 0 => Ok(Self::Count(n)),
+                _ => Err(bad()),
+            },
+        }
+    }
+}
+
+/// How a call runs over its selection: all at once, or in rolling batches.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CallPlan {
+    /// Rolling batches: the next starts when the last one ended.
+    pub batch: Option<BatchSize>,
+    /// Pause between batches.
+    pub batch_wait: Duration,
+    /// Stop starting batches once more than this share (percent) of the
+    /// minions called so far failed or did not reply.
+    pub stop_on_failure_pct: Option<f64>,
 }
 
 /// Calls minions over NATS on behalf of one caller identity.
@@ -141,53 +253,158 @@ impl Client {
         registry::open_registry(&async_nats::jetstream::new(self.nats.clone())).await
     }
 
-    /// The minions a call to `target` waits for: the named ones, or the live
-    /// members the registry lists.
-    pub async fn select(&self, target: &CallTarget) -> Result<Vec<MinionId>, ClientError> {
-        if let CallTarget::Minions(ids) = target {
-            let mut ids = ids.clone();
-            ids.sort();
-            ids.dedup();
-            return Ok(ids);
+    /// Chooses the minions a call reaches, from one snapshot of the registry.
+    /// Minions named one by one, with no filter, are taken as named (a minion
+    /// missing from the registry then shows as no reply).
+    pub async fn select(
+        &self,
+        target: &CallTarget,
+        filter: Option<&Filter>,
+        pick: Pick,
+        seed: Option<u64>,
+    ) -> Result<Selection, ClientError> {
+        let pick = pick.check()?;
+        if let (CallTarget::Minions(ids), None, Pick::All) = (target, filter, pick) {
+            let mut chosen = ids.clone();
+            chosen.sort();
+            chosen.dedup();
+            return Ok(Selection {
+                live: chosen.len(),
+                matched: chosen.len(),
+                reason: format!("named: {}", target.describe()),
+                chosen,
+                missing_fields: Default::default(),
+            });
         }
-        let store = self.registry().await?;
-        let members = registry::live_members(&store, target).await?;
-        if members.is_empty() {
-            return Err(ClientError::NothingSelected(target.describe()));
+        let records = registry::read_all(&self.registry().await?).await?;
+        let selection =
+            crate::selection::select(&records, target, filter, pick, seed, now_unix_ms())?;
+        if selection.chosen.is_empty() {
+            return Err(ClientError::NothingSelected(selection.reason));
         }
-        Ok(members.into_iter().map(|record| record.id).collect())
+        Ok(selection)
     }
 
-    /// Sends `request` to `target` and gathers one reply per selected minion
-    /// until all answered or `request.timeout` passed.
+    /// Calls every live member of `target` and waits for their replies.
     pub async fn call(
         &self,
         target: &CallTarget,
         request: &CallRequest,
     ) -> Result<CallReport, ClientError> {
-        let selected = self.select(target).await?;
-        let envelope = request.to_envelope(&self.caller, target);
-        let payload = bytes::Bytes::from(envelope.encode_to_vec());
+        let selection = self.select(target, None, Pick::All, None).await?;
+        self.call_selected(
+            target,
+            &selection,
+            request,
+            &CallPlan::default(),
+            &mut |_| {},
+        )
+        .await
+    }
 
+    /// Calls the minions of `selection`, all at once or in rolling batches,
+    /// handing each reply to `on_reply` as it arrives (and each no-reply when
+    /// its batch ends).
+    pub async fn call_selected(
+        &self,
+        target: &CallTarget,
+        selection: &Selection,
+        request: &CallRequest,
+        plan: &CallPlan,
+        on_reply: &mut (dyn FnMut(&MinionReply) + Send),
+    ) -> Result<CallReport, ClientError> {
+        let chosen = &selection.chosen;
+        let size = match plan.batch {
+            None => chosen.len(),
+            Some(BatchSize::Count(n)) => n,
+            Some(BatchSize::Percent(p)) => {
+                ((chosen.len() as f64 * p / 100.0).ceil() as usize).max(1)
+            }
+        }
+        .max(1);
+        // Only a call to every live member may go without naming them.
+        let whole_target = chosen.len() == selection.live;
+        let mut lines = Vec::with_capacity(chosen.len());
+        let mut discarded = 0;
+        let mut batches = 0;
+        let mut stopped = false;
+        for (index, batch) in chosen.chunks(size).enumerate() {
+            if stopped {
+                lines.extend(batch.iter().map(|id| MinionReply {
+                    minion: id.to_string(),
+                    status: ReplyStatus::Skipped,
+                    ms: None,
+                    result: None,
+                    error: None,
+                }));
+                continue;
+            }
+            if index > 0 && !plan.batch_wait.is_zero() {
+                tokio::time::sleep(plan.batch_wait).await;
+            }
+            let subset = !(whole_target && batch.len() == chosen.len());
+            let (batch_lines, batch_discarded) = self
+                .call_once(target, batch, subset, request, on_reply)
+                .await?;
+            batches += 1;
+            discarded += batch_discarded;
+            lines.extend(batch_lines);
+            if let Some(limit) = plan.stop_on_failure_pct {
+                let failed = lines
+                    .iter()
+                    .filter(|l| matches!(l.status, ReplyStatus::Error | ReplyStatus::NoReply))
+                    .count();
+                if failed as f64 * 100.0 / lines.len() as f64 > limit {
+                    stopped = true;
+                }
+            }
+        }
+        let mut report = CallReport::from_lines(lines, discarded);
+        report.selection = Some(selection.clone());
+        report.batches = if plan.batch.is_some() { batches } else { 0 };
+        Ok(report)
+    }
+
+    /// One publish (or one per named minion) and the gathering of its replies.
+    async fn call_once(
+        &self,
+        target: &CallTarget,
+        batch: &[MinionId],
+        subset: bool,
+        request: &CallRequest,
+        on_reply: &mut (dyn FnMut(&MinionReply) + Send),
+    ) -> Result<(Vec<MinionReply>, usize), ClientError> {
+        let mut envelope = request.to_envelope(&self.caller, target);
+        let subjects = match target {
+            CallTarget::Minions(_) => batch
+                .iter()
+                .map(|id| self.subjects.minion_call(id))
+                .collect(),
+            _ => {
+                if subset {
+                    envelope.selected = batch.iter().map(ToString::to_string).collect();
+                }
+                self.subjects.call_subjects(target)
+            }
+        };
+        let payload = bytes::Bytes::from(envelope.encode_to_vec());
         let inbox = self.nats.new_inbox();
+        let publish_err = |err: &dyn std::fmt::Display| ClientError::Publish(err.to_string());
         let mut replies = self
             .nats
             .subscribe(inbox.clone())
             .await
-            .map_err(|err| ClientError::Publish(err.to_string()))?;
+            .map_err(|e| publish_err(&e))?;
         let started = Instant::now();
-        for subject in self.subjects.call_subjects(target) {
+        for subject in subjects {
             self.nats
                 .publish_with_reply(subject, inbox.clone(), payload.clone())
                 .await
-                .map_err(|err| ClientError::Publish(err.to_string()))?;
+                .map_err(|e| publish_err(&e))?;
         }
-        self.nats
-            .flush()
-            .await
-            .map_err(|err| ClientError::Publish(err.to_string()))?;
+        self.nats.flush().await.map_err(|e| publish_err(&e))?;
 
-        let mut gathered = ReplyGatherer::new(selected, envelope.call_id.clone());
+        let mut gathered = ReplyGatherer::new(batch.to_vec(), envelope.call_id.clone());
         let deadline = tokio::time::Instant::from_std(started + request.timeout);
         while gathered.waiting() {
             let Ok(Some(message)) = tokio::time::timeout_at(deadline, replies.next()).await else {
@@ -195,19 +412,27 @@ impl Client {
             };
             let ms = started.elapsed().as_secs_f64() * 1_000.0;
             match CallReply::decode(message.payload.as_ref()) {
-                Ok(reply) => gathered.accept(reply, ms),
+                Ok(reply) => {
+                    if let Some(line) = gathered.accept(reply, ms) {
+                        on_reply(line);
+                    }
+                }
                 Err(err) => {
                     tracing::warn!(error = %err, "unreadable reply discarded");
                     gathered.discard();
                 }
             }
         }
-        Ok(gathered.finish())
+        let (lines, discarded) = gathered.into_lines();
+        for line in lines.iter().filter(|l| l.status == ReplyStatus::NoReply) {
+            on_reply(line);
+        }
+        Ok((lines, discarded))
     }
 }
 
-/// Collects the replies to one call, one per selected minion, and turns them
-/// into a report: every transport (NATS, the minions' gRPC APIs) reports alike.
+/// Collects the replies to one call, one per selected minion: every
+/// transport (NATS, the minions' gRPC APIs) reports alike.
 #[derive(Debug)]
 pub struct ReplyGatherer {
     selected: Vec<MinionId>,
@@ -233,18 +458,24 @@ impl ReplyGatherer {
             .any(|id| !self.gathered.contains_key(id.as_str()))
     }
 
-    /// Takes a reply that arrived `ms` after the call was sent. A reply to
-    /// another call or a second reply from one minion is discarded.
-    pub fn accept(&mut self, reply: CallReply, ms: f64) {
-        if reply.call_id != self.call_id || reply.minion.is_empty() {
-            tracing::warn!(call_id = %reply.call_id, minion = %reply.minion, "reply for another call discarded");
+    /// Takes a reply that arrived `ms` after the call was sent and returns its
+    /// line. A reply to another call, from a minion not selected, or a second
+    /// reply from one minion is discarded.
+    pub fn accept(&mut self, reply: CallReply, ms: f64) -> Option<&MinionReply> {
+        if reply.call_id != self.call_id
+            || !self.selected.iter().any(|id| id.as_str() == reply.minion)
+        {
+            tracing::warn!(call_id = %reply.call_id, minion = %reply.minion, "reply not expected for this call discarded");
             self.discarded += 1;
+            None
         } else if self.gathered.contains_key(&reply.minion) {
             tracing::warn!(minion = %reply.minion, "second reply to one call discarded");
             self.discarded += 1;
+            None
         } else {
-            self.gathered
-                .insert(reply.minion.clone(), reply_line(reply, ms));
+            let minion = reply.minion.clone();
+            self.gathered.insert(minion.clone(), reply_line(reply, ms));
+            self.gathered.get(&minion)
         }
     }
 
@@ -270,8 +501,9 @@ impl ReplyGatherer {
             });
     }
 
-    /// The report: selected minions that never answered count as no reply.
-    pub fn finish(mut self) -> CallReport {
+    /// Every selected minion's line (no reply for the silent ones) and the
+    /// count of discarded replies.
+    pub fn into_lines(mut self) -> (Vec<MinionReply>, usize) {
         for id in &self.selected {
             self.gathered
                 .entry(id.to_string())
@@ -283,23 +515,13 @@ impl ReplyGatherer {
                     error: None,
                 });
         }
-        let replies: Vec<MinionReply> = self.gathered.into_values().collect();
-        let mut summary = CallSummary {
-            selected: replies.len(),
-            ..CallSummary::default()
-        };
-        for reply in &replies {
-            match reply.status {
-                ReplyStatus::Ok => summary.ok += 1,
-                ReplyStatus::Error => summary.error += 1,
-                ReplyStatus::NoReply => summary.no_reply += 1,
-            }
-        }
-        CallReport {
-            replies,
-            summary,
-            discarded: self.discarded,
-        }
+        (self.gathered.into_values().collect(), self.discarded)
+    }
+
+    /// The report of a call with this one gathering.
+    pub fn finish(self) -> CallReport {
+        let (lines, discarded) = self.into_lines();
+        CallReport::from_lines(lines, discarded)
     }
 }
 

@@ -69,6 +69,7 @@ impl CallRequest {
             nonce: uuid::Uuid::new_v4().as_bytes().to_vec(),
             signer_public_key: Vec::new(),
             signature: Vec::new(),
+            selected: Vec::new(),
         }
     }
 }
@@ -168,16 +169,27 @@ impl CheckedCall {
 /// Decodes and checks an envelope. On error, the call id is returned too when
 /// it could be read, so the reply can still be matched by the caller.
 pub fn open_envelope(payload: &[u8]) -> Result<CheckedCall, (String, EnvelopeError)> {
-    if payload.len() > MAX_ENVELOPE_BYTES {
-        return Err((String::new(), EnvelopeError::TooLarge(payload.len())));
-    }
-    let envelope = CallEnvelope::decode(payload)
-        .map_err(|err| (String::new(), EnvelopeError::Undecodable(err.to_string())))?;
+    let envelope = decode_envelope(payload)?;
     let call_id = envelope.call_id.clone();
     check_envelope(envelope).map_err(|err| (call_id, err))
 }
 
-fn check_envelope(envelope: CallEnvelope) -> Result<CheckedCall, EnvelopeError> {
+/// Decodes an envelope without checking its fields.
+pub fn decode_envelope(payload: &[u8]) -> Result<CallEnvelope, (String, EnvelopeError)> {
+    if payload.len() > MAX_ENVELOPE_BYTES {
+        return Err((String::new(), EnvelopeError::TooLarge(payload.len())));
+    }
+    CallEnvelope::decode(payload)
+        .map_err(|err| (String::new(), EnvelopeError::Undecodable(err.to_string())))
+}
+
+/// True when the envelope is for `minion`: it names no subset, or names it.
+pub fn is_selected(envelope: &CallEnvelope, minion: &str) -> bool {
+    envelope.selected.is_empty() || envelope.selected.iter().any(|id| id == minion)
+}
+
+/// Checks every field of a decoded envelope.
+pub fn check_envelope(envelope: CallEnvelope) -> Result<CheckedCall, EnvelopeError> {
     if envelope.call_id.is_empty() {
         return Err(EnvelopeError::Missing("call_id"));
     }

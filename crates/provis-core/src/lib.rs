@@ -9,6 +9,7 @@ pub mod kv_snapshot;
 pub mod nats_server;
 pub mod registry;
 pub mod roles;
+pub mod selection;
 pub mod storage;
 pub mod subject;
 

@@ -4,6 +4,8 @@
 //! Liveness is derived from the heartbeat's age rather than stored, so a
 //! minion that dies without a word drops out of selections on its own.
 
+use std::collections::BTreeMap;
+
 use async_nats::jetstream::kv::Store;
 use serde::{Deserialize, Serialize};
 
@@ -14,12 +16,15 @@ use crate::subject::{CallTarget, MinionId, RoleName};
 /// of its own heartbeat intervals.
 pub const MISSED_HEARTBEATS_OFFLINE: i64 = 3;
 
-/// Whether the minion said it is running or that it stopped cleanly.
+/// Whether the minion is running, stopped cleanly, or went silent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MinionStatus {
     Online,
+    /// It stopped cleanly and said so.
     Stopped,
+    /// It missed its heartbeats; the master marked it so.
+    Offline,
 }
 
 /// One minion's registry entry, keyed by its id.
@@ -34,8 +39,14 @@ pub struct MinionRecord {
     pub started_unix_ms: i64,
     pub heartbeat_unix_ms: i64,
     pub heartbeat_interval_ms: i64,
-    /// Services the minion can run, built-in ones included.
-    pub services: Vec<String>,
+    /// Services the minion runs, built-in ones included: name → version.
+    pub services: BTreeMap<String, String>,
+    /// What the machine is (see the minion's `machine` module for the fields).
+    #[serde(default)]
+    pub facts: serde_json::Value,
+    /// The latest state sample, taken with the heartbeat.
+    #[serde(default)]
+    pub state: serde_json::Value,
     /// Address of the minion's local gRPC API, when it serves one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grpc_addr: Option<String>,
@@ -144,7 +155,9 @@ mod tests {
             started_unix_ms: 0,
             heartbeat_unix_ms: heartbeat,
             heartbeat_interval_ms: 1_000,
-            services: vec![],
+            services: BTreeMap::new(),
+            facts: serde_json::Value::Null,
+            state: serde_json::Value::Null,
             grpc_addr: None,
         }
     }

@@ -6,6 +6,7 @@
 //! - `<prefix>.master.minions`: every registry entry, with a `live` flag.
 
 pub mod apply;
+pub mod liveness;
 pub mod repository;
 pub mod storage;
 
@@ -105,6 +106,24 @@ pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
     .await;
     tracing::info!(prefix = %subjects.prefix(), "master serving");
 
+    let liveness = {
+        let (nats, subjects, js) = (nats.clone(), subjects.clone(), js.clone());
+        tokio::spawn(async move {
+            loop {
+                match registry::open_registry(&js).await {
+                    Ok(store) => {
+                        if let Err(err) =
+                            liveness::watch(nats.clone(), subjects.clone(), store).await
+                        {
+                            tracing::warn!(error = %err, "registry watch ended; starting again");
+                        }
+                    }
+                    Err(err) => tracing::warn!(error = %err, "registry not reachable"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let task = tokio::spawn(async move {
         let mut requests = requests;
@@ -117,6 +136,7 @@ pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
                 },
             }
         }
+        liveness.abort();
         let _ = tokio::time::timeout(Duration::from_secs(2), nats.drain()).await;
         tracing::info!("master stopped");
     });

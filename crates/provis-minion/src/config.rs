@@ -2,6 +2,7 @@
 //! flag and the env var (`heartbeat_interval_ms` / `--heartbeat-interval-ms` /
 //! `PROVIS_HEARTBEAT_INTERVAL_MS`); the CLI merges them.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -39,6 +40,18 @@ pub struct MinionConfig {
     /// a free port; the registry and `provis call --via grpc` know which).
     #[serde(default = "default_grpc_listen")]
     pub grpc_listen: String,
+    /// Free-form labels, part of the facts (`facts.labels.team == "payments"`). Default: none.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Whether to run injected services. `false` leaves only the built-in
+    /// `sys` service (no bucket watches): for minimal agents and simulated
+    /// fleets. Default: true.
+    #[serde(default = "default_inject_services")]
+    pub inject_services: bool,
+}
+
+fn default_inject_services() -> bool {
+    true
 }
 
 fn default_grpc_listen() -> String {
@@ -64,6 +77,8 @@ impl MinionConfig {
             max_concurrent_calls: DEFAULT_MAX_CONCURRENT_CALLS,
             data_dir: None,
             grpc_listen: default_grpc_listen(),
+            labels: BTreeMap::new(),
+            inject_services: true,
         }
     }
 

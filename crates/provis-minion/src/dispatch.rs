@@ -92,6 +92,18 @@ impl Dispatcher {
             .collect()
     }
 
+    /// Each service this minion runs with its version, as the registry lists them.
+    pub fn service_versions(&self) -> std::collections::BTreeMap<String, String> {
+        let injected = self.services.all();
+        std::iter::once((sys::NAME.to_owned(), provis_core::VERSION.to_owned()))
+            .chain(
+                injected
+                    .iter()
+                    .map(|s| (s.sandbox.name().to_owned(), s.sandbox.version().to_owned())),
+            )
+            .collect()
+    }
+
     /// Every service with its version, digest and methods.
     pub fn describe_services(&self) -> Vec<Value> {
         let mut all = vec![json!({

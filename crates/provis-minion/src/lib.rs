@@ -11,6 +11,7 @@ pub mod config;
 pub mod dispatch;
 pub mod events;
 pub mod grpc;
+pub mod machine;
 pub mod services;
 pub mod sys;
 
@@ -21,7 +22,9 @@ use async_nats::jetstream::kv::Store;
 use futures::StreamExt;
 use prost::Message;
 use provis_core::Subjects;
-use provis_core::envelope::{error_reply, now_unix_ms, open_envelope};
+use provis_core::envelope::{
+    check_envelope, decode_envelope, error_reply, is_selected, now_unix_ms,
+};
 use provis_core::registry::{self, MinionRecord, MinionStatus};
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
@@ -117,10 +120,11 @@ pub async fn start(config: MinionConfig) -> Result<MinionHandle, MinionError> {
         &config.data_dir().join("state"),
     )?);
     let table = Arc::new(services::ServiceTable::default());
+    let mut machine = machine::Machine::new();
     let sys = SysService {
         minion: config.id.to_string(),
         roles: config.roles.iter().map(ToString::to_string).collect(),
-        hostname: hostname.clone(),
+        machine_facts: machine.facts(&config.labels),
         started,
     };
     let facts = sys.facts();
@@ -128,24 +132,24 @@ pub async fn start(config: MinionConfig) -> Result<MinionHandle, MinionError> {
     let events = events::EventBus::new(nats.clone(), subjects.clone(), config.id.to_string());
 
     let (service_events, service_events_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut background = vec![
-        tokio::spawn(services::forward_service_events(
-            service_events_rx,
-            events.clone(),
-        )),
-        tokio::spawn(services::reconcile_forever(
+    let mut background = vec![tokio::spawn(services::forward_service_events(
+        service_events_rx,
+        events.clone(),
+    ))];
+    if config.inject_services {
+        background.push(tokio::spawn(services::reconcile_forever(
             nats.clone(),
             table,
             services::HostTemplate {
                 minion: config.id.to_string(),
                 roles: config.roles.clone(),
-                facts,
+                facts: facts.clone(),
                 state: state.clone(),
                 service_events,
             },
             events.clone(),
-        )),
-    ];
+        )));
+    }
     let grpc_addr = if config.grpc_listen == "off" {
         None
     } else {
@@ -181,13 +185,16 @@ pub async fn start(config: MinionConfig) -> Result<MinionHandle, MinionError> {
         heartbeat_unix_ms: now_unix_ms(),
         heartbeat_interval_ms: i64::try_from(config.heartbeat_interval().as_millis())
             .unwrap_or(i64::MAX),
-        services: dispatcher.service_names(),
+        services: dispatcher.service_versions(),
+        facts,
+        state: machine.sample(),
         grpc_addr,
     };
     let max_calls = u32::try_from(config.max_concurrent_calls.clamp(1, 65_536)).unwrap_or(1);
     let (shutdown, shutdown_rx) = watch::channel(false);
     let runtime = Runtime {
         nats,
+        machine,
         events,
         dispatcher,
         record,
@@ -203,6 +210,7 @@ pub async fn start(config: MinionConfig) -> Result<MinionHandle, MinionError> {
 
 struct Runtime {
     nats: async_nats::Client,
+    machine: machine::Machine,
     events: events::EventBus,
     dispatcher: Arc<Dispatcher>,
     record: MinionRecord,
@@ -272,7 +280,8 @@ impl Runtime {
             return false;
         };
         self.record.heartbeat_unix_ms = now_unix_ms();
-        self.record.services = self.dispatcher.service_names();
+        self.record.services = self.dispatcher.service_versions();
+        self.record.state = self.machine.sample();
         match registry::put_record(store, &self.record).await {
             Ok(()) => true,
             Err(err) => {
@@ -298,8 +307,18 @@ impl Runtime {
         tokio::spawn(async move {
             let _permit = permit;
             let started = Instant::now();
-            let reply = match open_envelope(&message.payload) {
-                Ok(call) => {
+            let checked = decode_envelope(&message.payload).and_then(|envelope| {
+                if !is_selected(&envelope, &minion) {
+                    return Ok(None); // a subset that leaves this minion out
+                }
+                let call_id = envelope.call_id.clone();
+                check_envelope(envelope)
+                    .map(Some)
+                    .map_err(|err| (call_id, err))
+            });
+            let reply = match checked {
+                Ok(None) => return,
+                Ok(Some(call)) => {
                     tracing::debug!(%minion, call_id = %call.call_id, caller = %call.caller,
                         function = %format!("{}.{}", call.service, call.method), "call");
                     dispatcher.run(&call).await

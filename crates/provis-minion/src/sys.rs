@@ -17,7 +17,8 @@ pub const METHODS: &[&str] = &["ping", "facts", "services"];
 pub struct SysService {
     pub minion: String,
     pub roles: Vec<String>,
-    pub hostname: String,
+    /// The machine's facts, gathered at start.
+    pub machine_facts: Value,
     pub started: Instant,
 }
 
@@ -42,15 +43,10 @@ impl SysService {
     /// What this minion knows about its machine, as `sys.facts` returns it
     /// and services read it as `provis.facts`.
     pub fn facts(&self) -> Value {
-        json!({
-            "id": self.minion,
-            "hostname": self.hostname,
-            "roles": self.roles,
-            "os": std::env::consts::OS,
-            "arch": std::env::consts::ARCH,
-            "cpus": std::thread::available_parallelism().map_or(1, usize::from),
-            "version": provis_core::VERSION,
-            "uptime_s": self.started.elapsed().as_secs(),
-        })
+        let mut facts = self.machine_facts.clone();
+        facts["id"] = json!(self.minion);
+        facts["roles"] = json!(self.roles);
+        facts["uptime_s"] = json!(self.started.elapsed().as_secs());
+        facts
     }
 }

@@ -82,6 +82,14 @@ impl TestFleet {
     /// Starts a minion in this process and waits until it is live.
     pub async fn add_minion(&mut self, id: &str, roles: &[&str]) -> anyhow::Result<()> {
         let config = self.minion_config(id, roles)?;
+        self.add_minion_with(config).await
+    }
+
+    /// Starts a minion with these settings (from [`Self::minion_config`],
+    /// adjusted) and waits until it is live.
+    pub async fn add_minion_with(&mut self, config: MinionConfig) -> anyhow::Result<()> {
+        let id = config.id.to_string();
+        let id = id.as_str();
         let minion = provis_minion::start(config).await?;
         self.minions.insert(id.to_owned(), minion);
         self.wait_live(&[id]).await

@@ -1,0 +1,407 @@
+//! Choosing minions: who a call (or a listing) is about, from one snapshot of
+//! the registry, without asking any minion.
+//!
+//! A selection is the live members of a target, narrowed by a `--where`
+//! expression (CEL) over what the registry knows of each minion, then cut to
+//! `--percent` or `--count` of them, at random or stably with `--seed`.
+//!
+//! Expressions see: `id` (string), `roles` (list of strings), `facts` and
+//! `state` (maps; see the minion's `machine` module for their fields),
+//! `labels` (map, the same as `facts.labels`) and `services` (map of name to
+//! version). For example `state.mem.free_pct < 10 && "web" in roles`.
+//! A field no minion has is an error naming it; a field only some minions
+//! have makes the others not match (test with `has(facts.labels.team)`).
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use crate::registry::MinionRecord;
+use crate::subject::{CallTarget, MinionId};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SelectError {
+    #[error("--where {expression:?} does not parse: {reason}")]
+    Parse { expression: String, reason: String },
+    #[error(
+        "--where names {name:?}, which no selected minion has (expressions see id, roles, facts, state, labels, services)"
+    )]
+    UnknownField { name: String },
+    #[error("--where {expression:?} failed on {minion}: {reason}")]
+    Evaluation {
+        expression: String,
+        minion: String,
+        reason: String,
+    },
+    #[error("--where {expression:?} must be true or false, but gave {got} on {minion}")]
+    NotBoolean {
+        expression: String,
+        minion: String,
+        got: String,
+    },
+    #[error("--percent must be more than 0 and at most 100, not {0}")]
+    BadPercent(f64),
+    #[error("--count must be at least 1")]
+    BadCount,
+}
+
+/// A compiled `--where` expression.
+#[derive(Debug)]
+pub struct Filter {
+    source: String,
+    program: cel::Program,
+}
+
+impl Filter {
+    pub fn parse(expression: &str) -> Result<Self, SelectError> {
+        let program = cel::Program::compile(expression).map_err(|err| SelectError::Parse {
+            expression: expression.to_owned(),
+            reason: err.to_string().replace("ERROR: <input>:", "at "),
+        })?;
+        Ok(Self {
+            source: expression.to_owned(),
+            program,
+        })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether `record` matches; `Missing(field)` when the expression reads a
+    /// field this minion does not have.
+    pub fn evaluate(&self, record: &MinionRecord) -> Result<Verdict, SelectError> {
+        let mut context = cel::Context::default();
+        let variables = [
+            ("id", json!(record.id)),
+            ("roles", json!(record.roles)),
+            ("facts", record.facts.clone()),
+            ("state", record.state.clone()),
+            (
+                "labels",
+                record
+                    .facts
+                    .get("labels")
+                    .cloned()
+                    .unwrap_or_else(|| json!({})),
+            ),
+            ("services", json!(record.services)),
+        ];
+        for (name, value) in variables {
+            let value = cel::to_value(value).map_err(|err| self.failed(record, err.to_string()))?;
+            context.add_variable_from_value(name, value);
+        }
+        match self.program.execute(&context) {
+            Ok(cel::Value::Bool(true)) => Ok(Verdict::Match),
+            Ok(cel::Value::Bool(false)) => Ok(Verdict::NoMatch),
+            Ok(other) => Err(SelectError::NotBoolean {
+                expression: self.source.clone(),
+                minion: record.id.to_string(),
+                got: format!("{other:?}"),
+            }),
+            Err(cel::ExecutionError::NoSuchKey(name)) => Ok(Verdict::Missing(name.to_string())),
+            Err(cel::ExecutionError::UndeclaredReference(name)) => Err(SelectError::UnknownField {
+                name: name.to_string(),
+            }),
+            Err(err) => Err(self.failed(record, err.to_string())),
+        }
+    }
+
+    fn failed(&self, record: &MinionRecord, reason: String) -> SelectError {
+        SelectError::Evaluation {
+            expression: self.source.clone(),
+            minion: record.id.to_string(),
+            reason,
+        }
+    }
+}
+
+/// One minion's answer to a filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Match,
+    NoMatch,
+    /// The expression read a field this minion does not have.
+    Missing(String),
+}
+
+/// How many of the matching minions to take.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pick {
+    All,
+    /// This share, rounded up, at least one.
+    Percent(f64),
+    Count(usize),
+}
+
+impl Pick {
+    pub fn check(self) -> Result<Self, SelectError> {
+        match self {
+            Self::Percent(p) if !(p > 0.0 && p <= 100.0) => Err(SelectError::BadPercent(p)),
+            Self::Count(0) => Err(SelectError::BadCount),
+            other => Ok(other),
+        }
+    }
+
+    fn take(self, matched: usize) -> usize {
+        match self {
+            Self::All => matched,
+            Self::Percent(p) => ((matched as f64 * p / 100.0).ceil() as usize)
+                .clamp(1, matched.max(1))
+                .min(matched),
+            Self::Count(n) => n.min(matched),
+        }
+    }
+}
+
+/// Who was selected, and the numbers that say why.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Selection {
+    /// Selected minions, sorted by id.
+    pub chosen: Vec<MinionId>,
+    /// Live members of the target.
+    pub live: usize,
+    /// Of those, how many the filter matched.
+    pub matched: usize,
+    /// Fields the filter read that some minions lack, with how many lack each.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub missing_fields: BTreeMap<String, usize>,
+    /// One line: target, filter, pick.
+    pub reason: String,
+}
+
+/// Selects from `records` (one registry snapshot taken at `now_unix_ms`).
+/// With `seed`, the same seed picks the same minions from the same fleet, and
+/// adding or removing a minion changes the pick by at most that minion.
+pub fn select(
+    records: &[MinionRecord],
+    target: &CallTarget,
+    filter: Option<&Filter>,
+    pick: Pick,
+    seed: Option<u64>,
+    now_unix_ms: i64,
+) -> Result<Selection, SelectError> {
+    let pick = pick.check()?;
+    let live: Vec<&MinionRecord> = records
+        .iter()
+        .filter(|r| r.is_live_at(now_unix_ms) && r.is_addressed_by(target))
+        .collect();
+    let mut matched = Vec::new();
+    let mut missing_fields: BTreeMap<String, usize> = BTreeMap::new();
+    for record in &live {
+        let verdict = match filter {
+            None => Verdict::Match,
+            Some(filter) => filter.evaluate(record)?,
+        };
+        match verdict {
+            Verdict::Match => matched.push(*record),
+            Verdict::NoMatch => {}
+            Verdict::Missing(field) => *missing_fields.entry(field).or_default() += 1,
+        }
+    }
+    if matched.is_empty()
+        && !live.is_empty()
+        && let Some((field, count)) = missing_fields.iter().next()
+        && *count == live.len()
+    {
+        return Err(SelectError::UnknownField {
+            name: field.clone(),
+        });
+    }
+    let matched_count = matched.len();
+    let take = pick.take(matched_count);
+    if take < matched_count {
+        let seed = seed.unwrap_or_else(random_seed);
+        matched.sort_by_cached_key(|record| rank(seed, record.id.as_str()));
+        matched.truncate(take);
+    }
+    let mut chosen: Vec<MinionId> = matched.iter().map(|r| r.id.clone()).collect();
+    chosen.sort();
+    let mut reason = format!("{} live in {}", live.len(), target.describe());
+    if let Some(filter) = filter {
+        reason.push_str(&format!(", {matched_count} where {}", filter.source()));
+    }
+    match pick {
+        Pick::All => {}
+        Pick::Percent(p) => reason.push_str(&format!(", {p}% of them: {}", chosen.len())),
+        Pick::Count(n) => reason.push_str(&format!(", {n} of them: {}", chosen.len())),
+    }
+    if seed.is_some() && pick != Pick::All {
+        reason.push_str(" (stable pick)");
+    }
+    Ok(Selection {
+        live: live.len(),
+        matched: matched_count,
+        chosen,
+        missing_fields,
+        reason,
+    })
+}
+
+fn random_seed() -> u64 {
+    let bytes = uuid::Uuid::new_v4();
+    let mut seed = [0u8; 8];
+    seed.copy_from_slice(&bytes.as_bytes()[..8]);
+    u64::from_le_bytes(seed)
+}
+
+/// A position for `id` in the order `seed` defines: sha256(seed, id).
+fn rank(seed: u64, id: &str) -> Vec<u8> {
+    let mut input = seed.to_le_bytes().to_vec();
+    input.extend_from_slice(id.as_bytes());
+    ring::digest::digest(&ring::digest::SHA256, &input)
+        .as_ref()
+        .to_vec()
+}
+
+/// The fields of a record as expressions see them, for `provis minions --output json`.
+pub fn expression_view(record: &MinionRecord) -> Value {
+    json!({
+        "id": record.id,
+        "roles": record.roles,
+        "facts": record.facts,
+        "state": record.state,
+        "services": record.services,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::MinionStatus;
+
+    fn minion(id: &str, roles: &[&str], free_pct: f64, team: Option<&str>) -> MinionRecord {
+        let mut labels = serde_json::Map::new();
+        if let Some(team) = team {
+            labels.insert("team".into(), json!(team));
+        }
+        MinionRecord {
+            id: id.parse().unwrap(),
+            hostname: id.into(),
+            roles: roles.iter().map(|r| r.parse().unwrap()).collect(),
+            version: "0".into(),
+            status: MinionStatus::Online,
+            started_unix_ms: 0,
+            heartbeat_unix_ms: 1_000,
+            heartbeat_interval_ms: 1_000,
+            services: [("sys".to_owned(), "0".to_owned())].into(),
+            facts: json!({ "os": "debian", "mem_total_mb": 8000, "labels": labels }),
+            state: json!({ "mem": { "free_pct": free_pct } }),
+            grpc_addr: None,
+        }
+    }
+
+    fn fleet(n: usize) -> Vec<MinionRecord> {
+        (0..n)
+            .map(|i| minion(&format!("m{i}"), &["web.eu"], i as f64, None))
+            .collect()
+    }
+
+    const ALL: CallTarget = CallTarget::All;
+
+    #[test]
+    fn where_filters_over_state_facts_and_roles() {
+        let records = fleet(20);
+        let filter =
+            Filter::parse("state.mem.free_pct < 5.0 && 'web.eu' in roles && facts.os == 'debian'")
+                .unwrap();
+        let selection = select(&records, &ALL, Some(&filter), Pick::All, None, 1_000).unwrap();
+        assert_eq!(selection.chosen.len(), 5);
+        assert_eq!((selection.live, selection.matched), (20, 5));
+        assert!(selection.reason.contains("5 where"), "{}", selection.reason);
+    }
+
+    #[test]
+    fn percent_and_count_pick_exactly_that_many() {
+        let records = fleet(10);
+        let pick = |p| {
+            select(&records, &ALL, None, p, Some(7), 1_000)
+                .unwrap()
+                .chosen
+                .len()
+        };
+        assert_eq!(pick(Pick::Percent(30.0)), 3);
+        assert_eq!(pick(Pick::Percent(1.0)), 1, "at least one when P > 0");
+        assert_eq!(pick(Pick::Percent(100.0)), 10);
+        assert_eq!(pick(Pick::Count(4)), 4);
+        assert_eq!(pick(Pick::Count(40)), 10);
+        assert!(matches!(
+            select(&records, &ALL, None, Pick::Percent(0.0), None, 0),
+            Err(SelectError::BadPercent(_))
+        ));
+        assert!(matches!(
+            select(&records, &ALL, None, Pick::Percent(150.0), None, 0),
+            Err(SelectError::BadPercent(_))
+        ));
+        assert!(matches!(
+            select(&records, &ALL, None, Pick::Count(0), None, 0),
+            Err(SelectError::BadCount)
+        ));
+    }
+
+    #[test]
+    fn a_seed_picks_stably_even_as_the_fleet_changes() {
+        let records = fleet(50);
+        let a = select(&records, &ALL, None, Pick::Count(10), Some(42), 1_000)
+            .unwrap()
+            .chosen;
+        let b = select(&records, &ALL, None, Pick::Count(10), Some(42), 1_000)
+            .unwrap()
+            .chosen;
+        assert_eq!(a, b);
+        let other = select(&records, &ALL, None, Pick::Count(10), Some(43), 1_000)
+            .unwrap()
+            .chosen;
+        assert_ne!(a, other);
+        // One more minion changes the pick by at most one.
+        let mut grown = records.clone();
+        grown.push(minion("extra", &["web"], 50.0, None));
+        let c = select(&grown, &ALL, None, Pick::Count(10), Some(42), 1_000)
+            .unwrap()
+            .chosen;
+        assert!(a.iter().filter(|id| !c.contains(id)).count() <= 1);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_expressions_are_clear_errors() {
+        let records = fleet(3);
+        let err = Filter::parse("state.mem.free_pct <").unwrap_err();
+        assert!(matches!(err, SelectError::Parse { .. }), "{err}");
+        let unknown = Filter::parse("state.mem.nosuch < 10.0").unwrap();
+        let err = select(&records, &ALL, Some(&unknown), Pick::All, None, 1_000).unwrap_err();
+        assert_eq!(
+            err,
+            SelectError::UnknownField {
+                name: "nosuch".into()
+            }
+        );
+        let undeclared = Filter::parse("stat.mem.free_pct < 10.0").unwrap();
+        let err = select(&records, &ALL, Some(&undeclared), Pick::All, None, 1_000).unwrap_err();
+        assert!(err.to_string().contains("\"stat\""), "{err}");
+        let not_bool = Filter::parse("state.mem.free_pct").unwrap();
+        assert!(matches!(
+            select(&records, &ALL, Some(&not_bool), Pick::All, None, 1_000),
+            Err(SelectError::NotBoolean { .. })
+        ));
+    }
+
+    #[test]
+    fn a_field_only_some_minions_have_matches_those() {
+        let records = vec![
+            minion("a", &["web"], 1.0, Some("pay")),
+            minion("b", &["web"], 1.0, None),
+        ];
+        let filter = Filter::parse("labels.team == 'pay'").unwrap();
+        let selection = select(&records, &ALL, Some(&filter), Pick::All, None, 1_000).unwrap();
+        assert_eq!(selection.chosen, vec!["a".parse::<MinionId>().unwrap()]);
+        assert_eq!(selection.missing_fields.get("team"), Some(&1));
+        let guarded = Filter::parse("has(labels.team) && labels.team == 'pay'").unwrap();
+        assert_eq!(
+            select(&records, &ALL, Some(&guarded), Pick::All, None, 1_000)
+                .unwrap()
+                .chosen
+                .len(),
+            1
+        );
+    }
+}
