@@ -432,10 +432,11 @@ impl Client {
 }
 
 /// Collects the replies to one call, one per selected minion: every
-/// transport (NATS, the minions' gRPC APIs) reports alike.
+/// transport (NATS, the minions' gRPC APIs) reports alike. Each reply costs
+/// O(log n), so gathering from a large fleet stays linear.
 #[derive(Debug)]
 pub struct ReplyGatherer {
-    selected: Vec<MinionId>,
+    selected: std::collections::BTreeSet<String>,
     call_id: String,
     gathered: BTreeMap<String, MinionReply>,
     discarded: usize,
@@ -444,7 +445,7 @@ pub struct ReplyGatherer {
 impl ReplyGatherer {
     pub fn new(selected: Vec<MinionId>, call_id: String) -> Self {
         Self {
-            selected,
+            selected: selected.into_iter().map(String::from).collect(),
             call_id,
             gathered: BTreeMap::new(),
             discarded: 0,
@@ -453,18 +454,15 @@ impl ReplyGatherer {
 
     /// True while some selected minion has not answered.
     pub fn waiting(&self) -> bool {
-        self.selected
-            .iter()
-            .any(|id| !self.gathered.contains_key(id.as_str()))
+        // Only selected minions are ever gathered, so counting suffices.
+        self.gathered.len() < self.selected.len()
     }
 
     /// Takes a reply that arrived `ms` after the call was sent and returns its
     /// line. A reply to another call, from a minion not selected, or a second
     /// reply from one minion is discarded.
     pub fn accept(&mut self, reply: CallReply, ms: f64) -> Option<&MinionReply> {
-        if reply.call_id != self.call_id
-            || !self.selected.iter().any(|id| id.as_str() == reply.minion)
-        {
+        if reply.call_id != self.call_id || !self.selected.contains(&reply.minion) {
             tracing::warn!(call_id = %reply.call_id, minion = %reply.minion, "reply not expected for this call discarded");
             self.discarded += 1;
             None

@@ -98,6 +98,24 @@ pub async fn start(config: MinionConfig) -> Result<MinionHandle, MinionError> {
             url: url.clone(),
             reason: err.to_string(),
         })?;
+    start_inner(config, nats, true).await
+}
+
+/// Starts a minion on a NATS connection it shares with others, as the
+/// testkit's simulated fleets do (many minions per process); it never closes
+/// that connection.
+pub async fn start_on(
+    config: MinionConfig,
+    nats: async_nats::Client,
+) -> Result<MinionHandle, MinionError> {
+    start_inner(config, nats, false).await
+}
+
+async fn start_inner(
+    config: MinionConfig,
+    nats: async_nats::Client,
+    owns_connection: bool,
+) -> Result<MinionHandle, MinionError> {
     let subjects = Subjects::new(config.fleet.prefix.clone());
     let mut subscriptions = Vec::new();
     for subject in subjects.minion_listen_subjects(&config.id, &config.roles) {
@@ -202,6 +220,7 @@ pub async fn start(config: MinionConfig) -> Result<MinionHandle, MinionError> {
         limit: Arc::new(Semaphore::new(max_calls as usize)),
         max_calls,
         background: BackgroundTasks(background),
+        owns_connection,
     };
     let id = config.id.to_string();
     let task = tokio::spawn(runtime.serve(futures::stream::select_all(subscriptions), shutdown_rx));
@@ -219,6 +238,8 @@ struct Runtime {
     max_calls: u32,
     /// Tasks that live as long as the minion: reconciler, event forwarder, gRPC.
     background: BackgroundTasks,
+    /// False when the connection is shared with other minions.
+    owns_connection: bool,
 }
 
 /// Tasks aborted when the minion's main task ends or is aborted, so a killed
@@ -368,7 +389,11 @@ impl Runtime {
                 json!({ "minion": id, "reason": "stopped" }),
             )
             .await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.nats.drain()).await;
+        if self.owns_connection {
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.nats.drain()).await;
+        } else {
+            let _ = self.nats.flush().await;
+        }
         tracing::info!(minion = %id, "minion stopped");
     }
 }

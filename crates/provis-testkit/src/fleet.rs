@@ -95,6 +95,53 @@ impl TestFleet {
         self.wait_live(&[id]).await
     }
 
+    /// Starts `count` minions in this process, `sim0000`, `sim0001`, …, with
+    /// `roles`, sharing `connections` NATS connections: the same minion code
+    /// as a real fleet, many per process, for scale tests and benchmarks.
+    /// They run only the built-in `sys` service and heartbeat every
+    /// `heartbeat_interval`. Returns once all are live in the registry.
+    pub async fn add_simulated_minions(
+        &mut self,
+        count: usize,
+        roles: &[&str],
+        connections: usize,
+        heartbeat_interval: Duration,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut clients = Vec::new();
+        for _ in 0..connections.max(1) {
+            clients.push(self.nats.connect().await?);
+        }
+        let mut ids = Vec::with_capacity(count);
+        for n in 0..count {
+            let id = format!("sim{n:04}");
+            let mut config = self.minion_config(&id, roles)?;
+            config.grpc_listen = "off".to_owned();
+            config.inject_services = false;
+            config.heartbeat_interval_ms = u64::try_from(heartbeat_interval.as_millis())?;
+            let minion =
+                provis_minion::start_on(config, clients[n % clients.len()].clone()).await?;
+            self.minions.insert(id.clone(), minion);
+            ids.push(id);
+        }
+        let client = self.client().await?;
+        let store = client.registry().await?;
+        eventually(
+            &format!("{count} simulated minions live"),
+            Duration::from_secs(120),
+            || async {
+                let now = now_unix_ms();
+                let records = registry::read_all(&store).await.unwrap_or_default();
+                let live = records
+                    .iter()
+                    .filter(|r| r.is_live_at(now) && r.id.as_str().starts_with("sim"))
+                    .count();
+                live >= count
+            },
+        )
+        .await?;
+        Ok(ids)
+    }
+
     /// The settings a test minion gets.
     pub fn minion_config(&self, id: &str, roles: &[&str]) -> anyhow::Result<MinionConfig> {
         let roles = roles

@@ -1,0 +1,180 @@
+//! Fan-out at fleet scale, each figure beside the raw NATS figure for the
+//! same pattern in the same run:
+//!
+//! - a call to a whole role of N minions, from publish to the last reply,
+//!   against one raw publish answered by N raw subscribers;
+//! - the same call including the registry read that decides whom to wait for;
+//! - p50/p99 of a call to one minion, against a raw request/reply.
+//!
+//! Minions are testkit's simulated minions: the real minion code, many per
+//! process on shared connections. Run: `cargo bench --bench fanout`
+//! (PROVIS_BENCH_SIZES=100,1000,5000 and PROVIS_BENCH_ROUNDS=20 by default).
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use provis_core::client::CallPlan;
+use provis_core::selection::Pick;
+use provis_core::{CallRequest, CallTarget};
+use provis_testkit::TestFleet;
+use serde_json::Value;
+
+fn env_list(name: &str, default: &str) -> Vec<usize> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.to_owned())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+fn percentiles(mut samples: Vec<f64>) -> (f64, f64) {
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    (at(0.5), at(0.99))
+}
+
+/// One raw publish answered by `n` subscribers: ms from publish to the last reply.
+async fn raw_fanout(nats: &async_nats::Client, subject: &str, n: usize) -> f64 {
+    let inbox = nats.new_inbox();
+    let mut replies = nats.subscribe(inbox.clone()).await.expect("inbox");
+    let started = Instant::now();
+    nats.publish_with_reply(subject.to_owned(), inbox, "ping".into())
+        .await
+        .expect("publish");
+    nats.flush().await.expect("flush");
+    for _ in 0..n {
+        tokio::time::timeout(Duration::from_secs(30), replies.next())
+            .await
+            .expect("all raw replies")
+            .expect("reply");
+    }
+    started.elapsed().as_secs_f64() * 1e3
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let rounds = env_list("PROVIS_BENCH_ROUNDS", "20")
+        .first()
+        .copied()
+        .unwrap_or(20);
+    println!(
+        "{rounds} rounds per figure; 2 cores shared by caller, nats-server and every minion\n"
+    );
+    println!(
+        "{:>6}  {:>28}  {:>28}  {:>28}  {:>8}",
+        "N",
+        "provis: call → last reply",
+        "provis incl. registry read",
+        "raw NATS: 1 pub, N replies",
+        "ratio"
+    );
+    for n in env_list("PROVIS_BENCH_SIZES", "100,1000,5000") {
+        let mut fleet = TestFleet::start().await?;
+        let connections = (n / 250).clamp(1, 16);
+        let setup = Instant::now();
+        let ids = fleet
+            .add_simulated_minions(n, &["web"], connections, Duration::from_secs(30))
+            .await?;
+        let setup = setup.elapsed();
+
+        // Raw responders: N subscribers spread over the same number of connections.
+        let mut raw_clients = Vec::new();
+        for _ in 0..connections {
+            raw_clients.push(fleet.nats().connect().await?);
+        }
+        for i in 0..n {
+            let client = raw_clients[i % connections].clone();
+            let mut sub = client.subscribe("bench.raw.fanout").await?;
+            tokio::spawn(async move {
+                while let Some(message) = sub.next().await {
+                    if let Some(reply) = message.reply {
+                        let _ = client.publish(reply, "pong".into()).await;
+                    }
+                }
+            });
+        }
+        for client in &raw_clients {
+            client.flush().await?;
+        }
+        let nats = fleet.nats().connect().await?;
+
+        let client = fleet.client().await?;
+        let target = CallTarget::Role("web".parse()?);
+        let request =
+            CallRequest::parse_function("sys.ping", Value::Null, Duration::from_secs(30))?;
+        let selection = client.select(&target, None, Pick::All, None).await?;
+        assert_eq!(selection.chosen.len(), n);
+        let (mut provis_ms, mut with_registry_ms, mut raw_ms) =
+            (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let started = Instant::now();
+            let report = client
+                .call_selected(
+                    &target,
+                    &selection,
+                    &request,
+                    &CallPlan::default(),
+                    &mut |_| {},
+                )
+                .await?;
+            provis_ms.push(started.elapsed().as_secs_f64() * 1e3);
+            assert_eq!(report.summary.ok, n, "every minion answered");
+
+            let started = Instant::now();
+            let report = client.call(&target, &request).await?;
+            with_registry_ms.push(started.elapsed().as_secs_f64() * 1e3);
+            assert_eq!(report.summary.ok, n);
+
+            raw_ms.push(raw_fanout(&nats, "bench.raw.fanout", n).await);
+        }
+        let (p50, p99) = percentiles(provis_ms);
+        let (r50, r99) = percentiles(with_registry_ms);
+        let (n50, n99) = percentiles(raw_ms);
+        println!(
+            "{n:>6}  {:>28}  {:>28}  {:>28}  {:>7.2}x",
+            format!("p50 {p50:.1} ms p99 {p99:.1} ms"),
+            format!("p50 {r50:.1} ms p99 {r99:.1} ms"),
+            format!("p50 {n50:.1} ms p99 {n99:.1} ms"),
+            p50 / n50
+        );
+
+        // One minion: p50/p99 of a single call against a raw request/reply.
+        let one = CallTarget::Minions(vec![ids[0].parse()?]);
+        let one_selection = client.select(&one, None, Pick::All, None).await?;
+        let mut single = Vec::new();
+        let mut raw_single = Vec::new();
+        let mut echo = nats.subscribe("bench.raw.one").await?;
+        let responder = nats.clone();
+        tokio::spawn(async move {
+            while let Some(message) = echo.next().await {
+                if let Some(reply) = message.reply {
+                    let _ = responder.publish(reply, "pong".into()).await;
+                }
+            }
+        });
+        for _ in 0..(rounds * 25) {
+            let started = Instant::now();
+            client
+                .call_selected(
+                    &one,
+                    &one_selection,
+                    &request,
+                    &CallPlan::default(),
+                    &mut |_| {},
+                )
+                .await?;
+            single.push(started.elapsed().as_secs_f64() * 1e6);
+            let started = Instant::now();
+            nats.request("bench.raw.one", "ping".into()).await?;
+            raw_single.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+        let (s50, s99) = percentiles(single);
+        let (q50, q99) = percentiles(raw_single);
+        println!(
+            "        single call in a fleet of {n}: p50 {s50:.0} µs p99 {s99:.0} µs; raw request/reply p50 {q50:.0} µs p99 {q99:.0} µs ({:.2}x); fleet start {setup:.1?}",
+            s50 / q50
+        );
+        drop(fleet);
+    }
+    Ok(())
+}
