@@ -7,8 +7,10 @@ mod apply;
 mod assignments;
 mod bundle;
 mod call;
+mod events;
 mod fleet_args;
 mod minions;
+mod query;
 mod serve;
 mod up;
 
@@ -51,6 +53,10 @@ enum Command {
     Service(bundle::ServiceCommand),
     /// Validate a config repository as a whole and make it the fleet's desired state.
     Apply(apply::ApplyArgs),
+    /// Which minions match an expression: now, for a whole window, or at least once in it.
+    Query(query::QueryArgs),
+    /// The fleet's events, past and as they happen.
+    Events(events::EventsArgs),
 }
 
 /// Runs the command line and returns the process's exit code.
@@ -62,7 +68,9 @@ pub fn main() -> ExitCode {
         | Command::Minions(_)
         | Command::Bundle(_)
         | Command::Service(_)
-        | Command::Apply(_) => "warn",
+        | Command::Apply(_)
+        | Command::Query(_)
+        | Command::Events(_) => "warn",
     };
     init_logging(cli.log.as_deref().unwrap_or(default_log));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -85,6 +93,8 @@ pub fn main() -> ExitCode {
             Command::Bundle(args) => bundle::run_bundle(args).await,
             Command::Service(command) => bundle::run_service(&cli.fleet, command).await,
             Command::Apply(args) => apply::run(&cli.fleet, args).await,
+            Command::Query(args) => query::run(&cli.fleet, args).await,
+            Command::Events(args) => events::run(&cli.fleet, args).await,
         }
     });
     match outcome {

@@ -10,6 +10,7 @@ pub mod nats_server;
 pub mod registry;
 pub mod roles;
 pub mod selection;
+pub mod state;
 pub mod storage;
 pub mod subject;
 

@@ -15,6 +15,7 @@
 //! | `provis.fs.write(path, text)`, `.mkdir(path)`, `.remove(path)` | needs `fs.write` over the path |
 //! | `provis.exec.run(program, args, {timeout_ms})` | needs `exec` to list the program; no shell |
 //! | `provis.http.request({method, url, headers, body, timeout_ms})` | needs `http` to list the host |
+//! | `provis.fleet.query(expression, {for_ms, any_ms})` | needs `fleet_query`; the master's answer |
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -51,6 +52,22 @@ pub struct HostContext {
     pub state: Arc<StateStore>,
     /// Where `provis.events.emit` sends; `None` drops events (bundle checks).
     pub events: Option<tokio::sync::mpsc::UnboundedSender<ServiceEvent>>,
+    /// How `provis.fleet.query` reaches the master; `None` where there is none.
+    pub fleet: Option<FleetQuery>,
+}
+
+/// Asks the fleet's state database a question: (expression, mode, window in
+/// ms) → the master's answer. It blocks the service's own thread only.
+#[derive(Clone)]
+pub struct FleetQuery(pub Arc<FleetQueryFn>);
+
+/// (expression, mode: `latest`|`for`|`any`, window in ms) → the master's answer.
+pub type FleetQueryFn = dyn Fn(&str, &str, i64) -> Result<serde_json::Value, String> + Send + Sync;
+
+impl std::fmt::Debug for FleetQuery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FleetQuery")
+    }
 }
 
 impl HostContext {
@@ -66,6 +83,7 @@ impl HostContext {
             capabilities: Capabilities::default(),
             state: Arc::new(StateStore::in_memory()),
             events: None,
+            fleet: None,
         }
     }
 }
@@ -123,6 +141,9 @@ pub fn install<'js>(ctx: &Ctx<'js>, host: &HostContext, deadline: &CallDeadline)
     let http = http_api(ctx, host, deadline.clone())?;
     provis.set("http", http.clone())?;
     frozen.push(http);
+    let fleet = fleet_api(ctx, host)?;
+    provis.set("fleet", fleet.clone())?;
+    frozen.push(fleet);
 
     ctx.globals()
         .prop("provis", Property::from(provis.clone()))?;
@@ -451,6 +472,34 @@ fn http_api<'js>(
                 )
             },
         )?,
+    )?;
+    Ok(api)
+}
+
+fn fleet_api<'js>(ctx: &Ctx<'js>, host: &HostContext) -> JsResult<Object<'js>> {
+    let api = Object::new(ctx.clone())?;
+    let granted = host.capabilities.fleet_query;
+    let fleet = host.fleet.clone();
+    api.set(
+        "query",
+        Function::new(ctx.clone(), move |ctx: Ctx<'js>, expression: String, options: Opt<Object<'js>>| -> JsResult<Value<'js>> {
+            if !granted {
+                return throw(&ctx, "capability fleet_query is not granted (service.toml: [capabilities] fleet_query = true)");
+            }
+            let Some(fleet) = &fleet else {
+                return throw(&ctx, "this minion cannot reach the fleet's state database");
+            };
+            let (mode, window) = match options.0 {
+                Some(o) => match (o.get::<_, Option<f64>>("for_ms")?, o.get::<_, Option<f64>>("any_ms")?) {
+                    (Some(ms), _) => ("for", ms as i64),
+                    (None, Some(ms)) => ("any", ms as i64),
+                    (None, None) => ("latest", 0),
+                },
+                None => ("latest", 0),
+            };
+            let answer = (fleet.0)(&expression, mode, window).or_else(|err| throw(&ctx, err))?;
+            to_js(&ctx, &answer)
+        })?,
     )?;
     Ok(api)
 }

@@ -3,11 +3,17 @@
 //!
 //! Served subjects (JSON replies; errors are `{"error": "..."}`):
 //! - `<prefix>.master.ping`: `{"master": true, "version": "..."}`, for readiness checks;
-//! - `<prefix>.master.minions`: every registry entry, with a `live` flag.
+//! - `<prefix>.master.minions`: every registry entry, with a `live` flag;
+//! - `<prefix>.master.query`: a [`query::QueryRequest`] answered with a
+//!   [`query::QueryAnswer`] from the registry and the state index;
+//! - `<prefix>.master.stats`: the state index in numbers.
 
 pub mod apply;
+pub mod fleet_view;
 pub mod liveness;
+pub mod query;
 pub mod repository;
+pub mod state_index;
 pub mod storage;
 
 use std::time::Duration;
@@ -24,7 +30,7 @@ use tokio::task::JoinHandle;
 pub use storage::StorageLimits;
 
 /// The master's settings; each field has one name in the file, the flag and the env var.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MasterConfig {
     /// Where the fleet is (NATS URL and subject prefix).
@@ -33,6 +39,35 @@ pub struct MasterConfig {
     /// Retention of the fleet's streams.
     #[serde(default)]
     pub storage: StorageLimits,
+    /// Width of a state history bucket, in seconds. Default: 3600.
+    #[serde(default = "default_state_bucket_s")]
+    pub state_bucket_s: u64,
+}
+
+fn default_state_bucket_s() -> u64 {
+    3_600
+}
+
+impl MasterConfig {
+    /// The state index's limits from these settings.
+    pub fn index_limits(&self) -> state_index::IndexLimits {
+        let to_ms = |s: u64| i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX);
+        state_index::IndexLimits {
+            bucket_ms: to_ms(self.state_bucket_s.max(1)),
+            retention_ms: to_ms(self.storage.state_max_age_s),
+            ..state_index::IndexLimits::default()
+        }
+    }
+}
+
+impl Default for MasterConfig {
+    fn default() -> Self {
+        Self {
+            fleet: FleetContext::default(),
+            storage: StorageLimits::default(),
+            state_bucket_s: default_state_bucket_s(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,14 +141,19 @@ pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
     .await;
     tracing::info!(prefix = %subjects.prefix(), "master serving");
 
+    let view = std::sync::Arc::new(fleet_view::FleetView::new(config.index_limits()));
+    let state_feed = {
+        let (view, js, subjects) = (view.clone(), js.clone(), subjects.clone());
+        tokio::spawn(async move { view.follow_state(js, subjects).await })
+    };
     let liveness = {
-        let (nats, subjects, js) = (nats.clone(), subjects.clone(), js.clone());
+        let (nats, subjects, js, view) = (nats.clone(), subjects.clone(), js.clone(), view.clone());
         tokio::spawn(async move {
             loop {
                 match registry::open_registry(&js).await {
                     Ok(store) => {
                         if let Err(err) =
-                            liveness::watch(nats.clone(), subjects.clone(), store).await
+                            liveness::watch(nats.clone(), subjects.clone(), store, &view).await
                         {
                             tracing::warn!(error = %err, "registry watch ended; starting again");
                         }
@@ -131,12 +171,13 @@ pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
             tokio::select! {
                 _ = shutdown_rx.changed() => break,
                 request = requests.next() => match request {
-                    Some(request) => answer(&nats, &js, &subjects, request).await,
+                    Some(request) => answer(&nats, &js, &subjects, &view, request).await,
                     None => break,
                 },
             }
         }
         liveness.abort();
+        state_feed.abort();
         let _ = tokio::time::timeout(Duration::from_secs(2), nats.drain()).await;
         tracing::info!("master stopped");
     });
@@ -147,6 +188,7 @@ async fn answer(
     nats: &async_nats::Client,
     js: &async_nats::jetstream::Context,
     subjects: &Subjects,
+    view: &fleet_view::FleetView,
     request: async_nats::Message,
 ) {
     let Some(reply_to) = request.reply.clone() else {
@@ -161,9 +203,11 @@ async fn answer(
     let body = match what.as_str() {
         "ping" => json!({ "master": true, "version": provis_core::VERSION }),
         "minions" => list_minions(js).await,
-        other => {
-            json!({ "error": format!("the master serves no {other:?}; it serves ping, minions") })
-        }
+        "query" => run_query(view, &request.payload),
+        "stats" => serde_json::to_value(view.stats()).unwrap_or(Value::Null),
+        other => json!({
+            "error": format!("the master serves no {other:?}; it serves ping, minions, query, stats")
+        }),
     };
     if let Err(err) = nats.publish(reply_to, body.to_string().into()).await {
         tracing::warn!(error = %err, "master reply not sent");
@@ -190,5 +234,21 @@ async fn list_minions(js: &async_nats::jetstream::Context) -> Value {
             json!({ "minions": minions })
         }
         Err(err) => json!({ "error": err.to_string() }),
+    }
+}
+
+fn run_query(view: &fleet_view::FleetView, payload: &[u8]) -> Value {
+    let request = match serde_json::from_slice::<query::QueryRequest>(payload) {
+        Ok(request) => request,
+        Err(err) => return json!({ "error": format!("not a query request: {err}") }),
+    };
+    if !view.rebuilt() {
+        return json!({ "error": "the state index is still being rebuilt from the stream; try again in a moment" });
+    }
+    let registry = view.registry().clone();
+    let index = view.index();
+    match query::answer(&request, &registry, &index, now_unix_ms()) {
+        Ok(answer) => serde_json::to_value(answer).unwrap_or(Value::Null),
+        Err(err) => json!({ "error": err.to_string(), "usage": true }),
     }
 }

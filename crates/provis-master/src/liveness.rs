@@ -13,6 +13,8 @@ use futures::StreamExt;
 use provis_core::envelope::now_unix_ms;
 use provis_core::registry::{MinionRecord, MinionStatus};
 use provis_core::{Subjects, event};
+
+use crate::fleet_view::FleetView;
 use serde_json::json;
 
 /// How often silent minions are looked for.
@@ -23,6 +25,7 @@ pub async fn watch(
     nats: async_nats::Client,
     subjects: Subjects,
     registry: Store,
+    view: &FleetView,
 ) -> Result<(), String> {
     let mut entries = registry
         .watch_with_history(">")
@@ -36,7 +39,9 @@ pub async fn watch(
                 let entry = entry.ok_or("registry watch closed")?.map_err(|e| e.to_string())?;
                 if entry.operation != Operation::Put {
                     known.remove(&entry.key);
+                    view.registry_mut().remove(&entry.key);
                 } else if let Ok(record) = serde_json::from_slice::<MinionRecord>(&entry.value) {
+                    view.registry_mut().insert(entry.key.clone(), record.clone());
                     known.insert(entry.key, record);
                 }
             }

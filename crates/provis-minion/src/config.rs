@@ -28,6 +28,9 @@ pub struct MinionConfig {
     /// How often the minion refreshes its registry entry. Default: 2000 ms.
     #[serde(default = "default_heartbeat_interval_ms")]
     pub heartbeat_interval_ms: u64,
+    /// How often a state sample goes to `<prefix>.state.<id>`. Default: 60000 ms.
+    #[serde(default = "default_state_interval_ms")]
+    pub state_interval_ms: u64,
     /// Calls run at once. Default: 256.
     #[serde(default = "default_max_concurrent_calls")]
     pub max_concurrent_calls: usize,
@@ -62,6 +65,10 @@ fn default_heartbeat_interval_ms() -> u64 {
     DEFAULT_HEARTBEAT_INTERVAL_MS
 }
 
+fn default_state_interval_ms() -> u64 {
+    60_000
+}
+
 fn default_max_concurrent_calls() -> usize {
     DEFAULT_MAX_CONCURRENT_CALLS
 }
@@ -75,6 +82,7 @@ impl MinionConfig {
             fleet,
             heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
             max_concurrent_calls: DEFAULT_MAX_CONCURRENT_CALLS,
+            state_interval_ms: default_state_interval_ms(),
             data_dir: None,
             grpc_listen: default_grpc_listen(),
             labels: BTreeMap::new(),
@@ -98,5 +106,9 @@ impl MinionConfig {
 
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.heartbeat_interval_ms.max(100))
+    }
+
+    pub fn state_interval(&self) -> Duration {
+        Duration::from_millis(self.state_interval_ms.max(100))
     }
 }

@@ -164,6 +164,7 @@ async fn start_inner(
                 facts: facts.clone(),
                 state: state.clone(),
                 service_events,
+                fleet: fleet_query(nats.clone(), subjects.master("query")),
             },
             events.clone(),
         )));
@@ -212,6 +213,8 @@ async fn start_inner(
     let (shutdown, shutdown_rx) = watch::channel(false);
     let runtime = Runtime {
         nats,
+        subjects: subjects.clone(),
+        state_interval: config.state_interval(),
         machine,
         events,
         dispatcher,
@@ -229,6 +232,8 @@ async fn start_inner(
 
 struct Runtime {
     nats: async_nats::Client,
+    subjects: Subjects,
+    state_interval: Duration,
     machine: machine::Machine,
     events: events::EventBus,
     dispatcher: Arc<Dispatcher>,
@@ -265,6 +270,8 @@ impl Runtime {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut registry: Option<Store> = None;
         let mut announced = false;
+        let mut sampling = tokio::time::interval(self.state_interval);
+        sampling.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!(minion = %id, roles = ?self.record.roles, "minion started");
         loop {
             tokio::select! {
@@ -276,6 +283,7 @@ impl Runtime {
                         self.events.emit("minion.online", json!({ "minion": id, "roles": self.record.roles })).await;
                     }
                 }
+                _ = sampling.tick() => self.publish_sample().await,
                 message = calls.next() => match message {
                     Some(message) => self.accept(message).await,
                     None => break,
@@ -283,6 +291,25 @@ impl Runtime {
             }
         }
         self.leave(registry.as_ref()).await;
+    }
+
+    /// Publishes a state sample on `<prefix>.state.<id>`, kept by `PROVIS_STATE`.
+    async fn publish_sample(&mut self) {
+        self.record.state = self.machine.sample();
+        let sample = provis_core::state::StateSample {
+            minion: self.record.id.clone(),
+            at_unix_ms: now_unix_ms(),
+            state: self.record.state.clone(),
+        };
+        let subject = self.subjects.state(&self.record.id);
+        match serde_json::to_vec(&sample) {
+            Ok(payload) => {
+                if let Err(err) = self.nats.publish(subject, payload.into()).await {
+                    tracing::warn!(minion = %self.record.id, error = %err, "state sample not published");
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "state sample not serialisable"),
+        }
     }
 
     /// Refreshes the registry entry; true when it was written.
@@ -396,4 +423,31 @@ impl Runtime {
         }
         tracing::info!(minion = %id, "minion stopped");
     }
+}
+
+/// `provis.fleet.query` for this minion's services: a request to the master,
+/// made from the service's own thread.
+fn fleet_query(nats: async_nats::Client, subject: String) -> provis_js::host::FleetQuery {
+    let runtime = tokio::runtime::Handle::current();
+    provis_js::host::FleetQuery(Arc::new(
+        move |expression: &str, mode: &str, window_ms: i64| {
+            let request = json!({ "expression": expression, "mode": mode, "window_ms": window_ms });
+            let (nats, subject) = (nats.clone(), subject.clone());
+            runtime.block_on(async move {
+                let reply = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    nats.request(subject, request.to_string().into()),
+                )
+                .await
+                .map_err(|_| "the master did not answer within 5 s".to_owned())?
+                .map_err(|err| format!("cannot ask the master: {err}"))?;
+                let body: serde_json::Value =
+                    serde_json::from_slice(&reply.payload).map_err(|err| err.to_string())?;
+                match body["error"].as_str() {
+                    Some(error) => Err(error.to_owned()),
+                    None => Ok(body),
+                }
+            })
+        },
+    ))
 }

@@ -80,6 +80,7 @@ pub struct HostTemplate {
     pub facts: Value,
     pub state: Arc<StateStore>,
     pub service_events: mpsc::UnboundedSender<ServiceEvent>,
+    pub fleet: provis_js::host::FleetQuery,
 }
 
 /// Keeps `table` in step with the desired state until the connection ends.
@@ -280,6 +281,7 @@ impl Reconciler {
             capabilities: bundle.manifest.capabilities.clone(),
             state: self.host.state.clone(),
             events: Some(self.host.service_events.clone()),
+            fleet: Some(self.host.fleet.clone()),
         };
         let sandbox = ServiceSandbox::start(Arc::new(bundle), host)
             .await

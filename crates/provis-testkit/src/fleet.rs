@@ -25,6 +25,7 @@ pub struct TestFleet {
     processes: BTreeMap<String, ProvisProcess>,
     minions: BTreeMap<String, MinionHandle>,
     master: Option<MasterHandle>,
+    master_config: MasterConfig,
     context: FleetContext,
     workdir: tempfile::TempDir,
     nats: NatsServer,
@@ -33,21 +34,29 @@ pub struct TestFleet {
 impl TestFleet {
     /// A nats-server and a master serving it.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A nats-server and a master whose settings `adjust` changes first.
+    pub async fn start_with(adjust: impl FnOnce(&mut MasterConfig)) -> anyhow::Result<Self> {
         let nats = NatsServer::start()?;
         let context = FleetContext {
             nats_url: nats.url(),
             ..FleetContext::default()
         };
-        let master = provis_master::start(MasterConfig {
+        let mut config = MasterConfig {
             fleet: context.clone(),
             ..MasterConfig::default()
-        })
-        .await
-        .context("starting the master")?;
+        };
+        adjust(&mut config);
+        let master = provis_master::start(config.clone())
+            .await
+            .context("starting the master")?;
         Ok(Self {
             processes: BTreeMap::new(),
             minions: BTreeMap::new(),
             master: Some(master),
+            master_config: config,
             context,
             workdir: tempfile::Builder::new().prefix("provis-fleet-").tempdir()?,
             nats,
@@ -169,6 +178,52 @@ impl TestFleet {
         if let Some(master) = self.master.take() {
             master.stop().await;
         }
+    }
+
+    /// Stops the master and starts it again with the same settings.
+    pub async fn restart_master(&mut self) -> anyhow::Result<()> {
+        self.stop_master().await;
+        self.master = Some(provis_master::start(self.master_config.clone()).await?);
+        Ok(())
+    }
+
+    /// Publishes state samples as minion `minion` would, with their own
+    /// timestamps, through JetStream (each acknowledged by the stream).
+    pub async fn publish_samples(
+        &self,
+        minion: &str,
+        samples: &[(i64, serde_json::Value)],
+    ) -> anyhow::Result<()> {
+        let js = async_nats::jetstream::new(self.nats.connect().await?);
+        let subject = format!("{}.state.{minion}", self.context.prefix);
+        let mut acks = Vec::new();
+        for (at, state) in samples {
+            let payload = serde_json::json!({ "minion": minion, "at_unix_ms": at, "state": state });
+            acks.push(
+                js.publish(subject.clone(), serde_json::to_vec(&payload)?.into())
+                    .await?,
+            );
+        }
+        for ack in acks {
+            ack.await?;
+        }
+        Ok(())
+    }
+
+    /// Asks the master a question on `<prefix>.master.<what>` and returns its JSON answer.
+    pub async fn ask_master(
+        &self,
+        what: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let nats = self.nats.connect().await?;
+        let reply = nats
+            .request(
+                self.subjects().master(what),
+                serde_json::to_vec(body)?.into(),
+            )
+            .await?;
+        Ok(serde_json::from_slice(&reply.payload)?)
     }
 
     /// Stops an in-process minion cleanly.

@@ -1,0 +1,178 @@
+//! What the master knows of the fleet at this moment: the registry as its
+//! watch last saw it, and the state index fed from `PROVIS_STATE`. Shared by
+//! the watchers that fill it and the requests that read it.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+use provis_core::Subjects;
+use provis_core::envelope::now_unix_ms;
+use provis_core::registry::MinionRecord;
+use provis_core::storage::STREAM_STATE;
+use serde::Serialize;
+
+use crate::state_index::{IndexCounters, IndexLimits, StateIndex};
+
+#[derive(Debug)]
+pub struct FleetView {
+    pub registry: RwLock<BTreeMap<String, MinionRecord>>,
+    pub index: Mutex<StateIndex>,
+    rebuild: Mutex<Option<RebuildReport>>,
+}
+
+/// How the index came back after a start.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RebuildReport {
+    pub samples: u64,
+    pub seconds: f64,
+}
+
+/// The index in numbers, for `<prefix>.master.stats`.
+#[derive(Debug, Clone, Serialize)]
+pub struct IndexStats {
+    pub minions: usize,
+    pub counters: IndexCounters,
+    pub approximate_bytes: usize,
+    pub fingerprint: String,
+    pub rebuild: Option<RebuildReport>,
+}
+
+impl FleetView {
+    pub fn new(limits: IndexLimits) -> Self {
+        Self {
+            registry: RwLock::default(),
+            index: Mutex::new(StateIndex::new(limits)),
+            rebuild: Mutex::new(None),
+        }
+    }
+
+    pub fn index(&self) -> std::sync::MutexGuard<'_, StateIndex> {
+        self.index
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn registry(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, MinionRecord>> {
+        self.registry
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn registry_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, MinionRecord>> {
+        self.registry
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn stats(&self) -> IndexStats {
+        let rebuild = *self
+            .rebuild
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let index = self.index();
+        IndexStats {
+            minions: index.minions().count(),
+            counters: index.counters(),
+            approximate_bytes: index.approximate_bytes(),
+            fingerprint: index.fingerprint(),
+            rebuild,
+        }
+    }
+
+    /// True once the index has caught up with the stream as it was at start.
+    pub fn rebuilt(&self) -> bool {
+        self.rebuild
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// Feeds the index from `PROVIS_STATE` for as long as the master runs:
+    /// the whole stream first (the rebuild), then every new sample. A broken
+    /// consumer is recreated from the next sequence, so nothing is read twice.
+    pub async fn follow_state(&self, js: jetstream::Context, subjects: Subjects) {
+        let mut next_sequence = 1u64;
+        let started = std::time::Instant::now();
+        let prefix = format!("{}.state.", subjects.prefix());
+        loop {
+            let outcome = self
+                .follow_from(&js, &subjects, &prefix, &mut next_sequence, started)
+                .await;
+            if let Err(err) = outcome {
+                tracing::warn!(error = %err, "state stream consumer ended; recreating it");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn follow_from(
+        &self,
+        js: &jetstream::Context,
+        subjects: &Subjects,
+        prefix: &str,
+        next_sequence: &mut u64,
+        started: std::time::Instant,
+    ) -> Result<(), String> {
+        let mut stream = js
+            .get_stream(STREAM_STATE)
+            .await
+            .map_err(|e| e.to_string())?;
+        let last_at_start = stream
+            .info()
+            .await
+            .map_err(|e| e.to_string())?
+            .state
+            .last_sequence;
+        if !self.rebuilt() && last_at_start < *next_sequence {
+            self.finish_rebuild(0, started);
+        }
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: subjects.wildcard("state"),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: *next_sequence,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+        let mut prune = tokio::time::interval(Duration::from_secs(300));
+        let mut seen = 0u64;
+        loop {
+            tokio::select! {
+                message = messages.next() => {
+                    let message = message.ok_or("state consumer closed")?.map_err(|e| e.to_string())?;
+                    let sequence = message.info().map_err(|e| e.to_string())?.stream_sequence;
+                    let minion = message.subject.as_str().strip_prefix(prefix).unwrap_or_default().to_owned();
+                    self.index().ingest(&minion, &message.payload, now_unix_ms());
+                    *next_sequence = sequence + 1;
+                    seen += 1;
+                    if !self.rebuilt() && sequence >= last_at_start {
+                        self.finish_rebuild(seen, started);
+                    }
+                }
+                _ = prune.tick() => self.index().prune(now_unix_ms()),
+            }
+        }
+    }
+
+    fn finish_rebuild(&self, samples: u64, started: std::time::Instant) {
+        let report = RebuildReport {
+            samples,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        tracing::info!(
+            samples,
+            seconds = report.seconds,
+            "state index rebuilt from the stream"
+        );
+        *self
+            .rebuild
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(report);
+    }
+}
