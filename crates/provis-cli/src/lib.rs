@@ -4,7 +4,6 @@
 //! or nothing to do (clap's own usage errors exit 2 as well).
 
 mod apply;
-mod assignments;
 mod bundle;
 mod call;
 mod events;
@@ -12,6 +11,7 @@ mod fleet_args;
 mod minions;
 mod query;
 mod serve;
+mod status;
 mod up;
 
 use std::process::ExitCode;
@@ -57,6 +57,11 @@ enum Command {
     Query(query::QueryArgs),
     /// The fleet's events, past and as they happen.
     Events(events::EventsArgs),
+    /// The config commit applied, when, and which minions converged on it.
+    Status(status::StatusArgs),
+    /// Change a minion's roles on the fly, over what git assigns.
+    #[command(subcommand)]
+    Role(status::RoleCommand),
 }
 
 /// Runs the command line and returns the process's exit code.
@@ -70,7 +75,9 @@ pub fn main() -> ExitCode {
         | Command::Service(_)
         | Command::Apply(_)
         | Command::Query(_)
-        | Command::Events(_) => "warn",
+        | Command::Events(_)
+        | Command::Status(_)
+        | Command::Role(_) => "warn",
     };
     init_logging(cli.log.as_deref().unwrap_or(default_log));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -95,6 +102,8 @@ pub fn main() -> ExitCode {
             Command::Apply(args) => apply::run(&cli.fleet, args).await,
             Command::Query(args) => query::run(&cli.fleet, args).await,
             Command::Events(args) => events::run(&cli.fleet, args).await,
+            Command::Status(args) => status::run_status(&cli.fleet, args).await,
+            Command::Role(command) => status::run_role(&cli.fleet, command).await,
         }
     });
     match outcome {
@@ -145,11 +154,25 @@ impl std::fmt::Display for UsageError {
 impl std::error::Error for UsageError {}
 
 fn init_logging(filter: &str) {
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false),
+        )
         .init();
+    // A minion takes the log level its master assigns.
+    provis_minion::set_log_level_hook(move |level| {
+        match tracing_subscriber::EnvFilter::try_new(level) {
+            Ok(filter) => {
+                let _ = handle.reload(filter);
+            }
+            Err(err) => tracing::warn!(level, error = %err, "assigned log level ignored"),
+        }
+    });
 }

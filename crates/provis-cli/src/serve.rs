@@ -21,9 +21,51 @@ use crate::fleet_args::FleetArgs;
 
 #[derive(Debug, Args)]
 pub struct MasterArgs {
-    /// Master settings file (TOML; see MasterConfig)
-    #[arg(long, env = "PROVIS_CONFIG")]
+    /// Master settings file (TOML; see MasterConfig); reloaded on change or SIGHUP
+    #[arg(long, env = "PROVIS_CONFIG", global = true)]
     config: Option<PathBuf>,
+    /// The config repository to follow: a local path or a file:// or git:// URL
+    #[arg(long, env = "PROVIS_REPOSITORY")]
+    repository: Option<String>,
+    /// The branch followed [default: main]
+    #[arg(long, env = "PROVIS_BRANCH")]
+    branch: Option<String>,
+    /// How often the branch is fetched, in seconds [default: 10]
+    #[arg(long, env = "PROVIS_POLL_INTERVAL_S")]
+    poll_interval_s: Option<u64>,
+    /// Where the master keeps its mirror of the repository
+    #[arg(long, env = "PROVIS_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    action: Option<MasterAction>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum MasterAction {
+    /// Ask the running master to fetch its repository now and apply what is new
+    Sync,
+}
+
+impl MasterArgs {
+    fn overrides(&self) -> anyhow::Result<toml::Table> {
+        let mut overrides = toml::Table::new();
+        if let Some(repository) = &self.repository {
+            overrides.insert("repository".into(), repository.as_str().into());
+        }
+        if let Some(branch) = &self.branch {
+            overrides.insert("branch".into(), branch.as_str().into());
+        }
+        if let Some(seconds) = self.poll_interval_s {
+            overrides.insert("poll_interval_s".into(), toml_int(seconds)?);
+        }
+        if let Some(dir) = &self.data_dir {
+            overrides.insert(
+                "data_dir".into(),
+                dir.to_str().context("--data-dir is not UTF-8")?.into(),
+            );
+        }
+        Ok(overrides)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -52,14 +94,71 @@ pub struct MinionArgs {
 }
 
 pub async fn run_master(fleet: &FleetArgs, args: MasterArgs) -> anyhow::Result<ExitCode> {
-    let config: MasterConfig = layered_config(fleet, args.config.as_deref(), toml::Table::new())?;
-    tracing::info!(nats_url = %config.fleet.nats_url, "starting master");
-    let master = provis_master::start(config)
+    if let Some(MasterAction::Sync) = args.action {
+        return sync_now(fleet).await;
+    }
+    let load = || -> anyhow::Result<MasterConfig> {
+        layered_config(fleet, args.config.as_deref(), args.overrides()?)
+    };
+    let modified = |path: &Option<PathBuf>| {
+        path.as_ref()
+            .and_then(|p| std::fs::metadata(p).ok()?.modified().ok())
+    };
+    // Noted before reading, so a change made while the master starts is not missed.
+    let mut seen = modified(&args.config);
+    let mut config = load()?;
+    tracing::info!(nats_url = %config.fleet.nats_url, repository = ?config.repository, "starting master");
+    let master = provis_master::start(config.clone())
         .await
         .context("starting the master")?;
-    shutdown_signal().await;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut check = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        let reload = tokio::select! {
+            () = shutdown_signal() => break,
+            _ = hangup.recv() => true,
+            _ = check.tick() => {
+                let now = modified(&args.config);
+                let changed = now != seen;
+                seen = now;
+                changed
+            }
+        };
+        if !reload {
+            continue;
+        }
+        match load() {
+            Ok(new) => {
+                if (&new.fleet, &new.storage, new.state_bucket_s)
+                    != (&config.fleet, &config.storage, config.state_bucket_s)
+                {
+                    tracing::warn!(
+                        "nats_url, prefix, storage and state_bucket_s take effect at the next start"
+                    );
+                }
+                master.reload(&new);
+                tracing::info!(repository = ?new.repository, branch = %new.branch, poll_interval_s = new.poll_interval_s, "settings reloaded");
+                config = new;
+            }
+            Err(err) => {
+                tracing::error!(error = %format!("{err:#}"), "settings not reloaded; keeping the current ones")
+            }
+        }
+    }
     master.stop().await;
     Ok(ExitCode::SUCCESS)
+}
+
+async fn sync_now(fleet: &FleetArgs) -> anyhow::Result<ExitCode> {
+    let answer = crate::status::ask_master(fleet, "sync", &serde_json::json!({})).await?;
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    Ok(
+        if answer.get("error").is_some() || answer["outcome"] == "rejected" {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        },
+    )
 }
 
 pub async fn run_minion(fleet: &FleetArgs, args: MinionArgs) -> anyhow::Result<ExitCode> {

@@ -16,7 +16,7 @@ use provis_core::{FleetContext, MinionId};
 use provis_master::repository::ConfigRepository;
 
 use crate::UsageError;
-use crate::assignments::{self, Assignments};
+
 use crate::fleet_args::FleetArgs;
 use crate::serve::shutdown_signal;
 
@@ -46,21 +46,12 @@ pub async fn run(fleet_args: &FleetArgs, args: UpArgs) -> anyhow::Result<ExitCod
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
     let data_dir = args.dir.canonicalize()?;
     let repository = find_repository(args.repository.as_deref())?;
-    let assignments = Assignments::load(&repository)?;
     // Validate before starting anything: a broken repository is a clear error, not a half fleet.
     let desired = ConfigRepository::load(&repository)
         .map_err(|invalid| UsageError(format!("{}: {invalid}", repository.display())))?;
 
     let mut processes = Vec::new();
-    let outcome = bring_up(
-        &fleet,
-        &args,
-        &data_dir,
-        &assignments,
-        &desired,
-        &mut processes,
-    )
-    .await;
+    let outcome = bring_up(&fleet, &args, &data_dir, &desired, &mut processes).await;
     if let Err(err) = outcome {
         stop_all(&mut processes).await;
         return Err(err);
@@ -118,7 +109,6 @@ async fn bring_up(
     fleet: &FleetContext,
     args: &UpArgs,
     data_dir: &Path,
-    assignments: &Assignments,
     desired: &ConfigRepository,
     processes: &mut Vec<FleetProcess>,
 ) -> anyhow::Result<()> {
@@ -181,8 +171,9 @@ async fn bring_up(
     let mut ids = Vec::new();
     for n in 1..=args.minions {
         let id: MinionId = format!("m{n}").parse()?;
-        let roles: Vec<String> = assignments
-            .roles_for(id.as_str())
+        let roles: Vec<String> = desired
+            .assignments
+            .glob_roles(id.as_str())
             .iter()
             .map(ToString::to_string)
             .collect();
@@ -230,10 +221,10 @@ async fn bring_up(
     let expected: Vec<(MinionId, Vec<String>)> = ids
         .iter()
         .map(|id| {
-            let roles = assignments.roles_for(id.as_str());
+            let roles = desired.assignments.glob_roles(id.as_str());
             (
                 id.clone(),
-                provis_core::roles::services_for(roles, &specs)
+                provis_core::roles::services_for(&roles, &specs)
                     .into_keys()
                     .collect(),
             )
@@ -280,7 +271,7 @@ fn find_repository(given: Option<&Path>) -> anyhow::Result<PathBuf> {
         .into_iter()
         .flatten()
         .flat_map(|start| start.ancestors().map(|dir| dir.join("examples")).collect::<Vec<_>>())
-        .find(|dir| dir.join(assignments::FILE_NAME).is_file())
+        .find(|dir| dir.join(provis_master::assignments::ASSIGNMENTS_FILE).is_file())
         .context("no config repository found: give one with --repository DIR (it needs an assignments.toml)")
 }
 

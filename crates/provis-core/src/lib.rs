@@ -1,6 +1,7 @@
 //! What every part of provis shares: checked names and subjects, call
 //! envelopes, the registry, events, connection settings, and the call client.
 
+pub mod assignment;
 pub mod client;
 pub mod context;
 pub mod envelope;

@@ -47,6 +47,12 @@ pub struct MinionRecord {
     /// The latest state sample, taken with the heartbeat.
     #[serde(default)]
     pub state: serde_json::Value,
+    /// The applied commit whose assignment this minion has converged on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub converged_commit: Option<String>,
+    /// Roles it holds only through `provis role assign`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overlay_roles: Vec<RoleName>,
     /// Address of the minion's local gRPC API, when it serves one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grpc_addr: Option<String>,
@@ -159,6 +165,8 @@ mod tests {
             facts: serde_json::Value::Null,
             state: serde_json::Value::Null,
             grpc_addr: None,
+            converged_commit: None,
+            overlay_roles: Vec::new(),
         }
     }
 

@@ -288,6 +288,8 @@ mod tests {
             facts: json!({ "os": "debian", "mem_total_mb": 8000, "labels": labels }),
             state: json!({ "mem": { "free_pct": free_pct } }),
             grpc_addr: None,
+            converged_commit: None,
+            overlay_roles: Vec::new(),
         }
     }
 

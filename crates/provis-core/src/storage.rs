@@ -15,3 +15,6 @@ pub const BUCKET_ROLES: &str = "provis_roles";
 pub const BUCKET_ASSIGNMENTS: &str = "provis_assignments";
 /// The registry: live minions, facts, versions loaded, heartbeat.
 pub const BUCKET_MINIONS: &str = "provis_minions";
+/// The master's own desired-state records: the applied commit (`applied`),
+/// the last rejected one (`rejected`) and the role overlay (`overlay`).
+pub const BUCKET_CONFIG: &str = "provis_config";

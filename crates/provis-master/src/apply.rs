@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::repository::ConfigRepository;
 
 /// What an apply changed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ApplySummary {
     /// Services whose pointer now names a new digest.
     pub services_changed: Vec<String>,

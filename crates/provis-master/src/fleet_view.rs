@@ -36,7 +36,9 @@ pub struct IndexStats {
     pub minions: usize,
     pub counters: IndexCounters,
     pub approximate_bytes: usize,
-    pub fingerprint: String,
+    /// Present when asked for (`{"fingerprint": true}`): it reads the whole index.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
     pub rebuild: Option<RebuildReport>,
 }
 
@@ -67,7 +69,7 @@ impl FleetView {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub fn stats(&self) -> IndexStats {
+    pub fn stats(&self, with_fingerprint: bool) -> IndexStats {
         let rebuild = *self
             .rebuild
             .lock()
@@ -77,7 +79,7 @@ impl FleetView {
             minions: index.minions().count(),
             counters: index.counters(),
             approximate_bytes: index.approximate_bytes(),
-            fingerprint: index.fingerprint(),
+            fingerprint: with_fingerprint.then(|| index.fingerprint()),
             rebuild,
         }
     }

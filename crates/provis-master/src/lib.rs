@@ -9,7 +9,10 @@
 //! - `<prefix>.master.stats`: the state index in numbers.
 
 pub mod apply;
+pub mod assignments;
+pub mod desired;
 pub mod fleet_view;
+pub mod git_source;
 pub mod liveness;
 pub mod query;
 pub mod repository;
@@ -42,6 +45,27 @@ pub struct MasterConfig {
     /// Width of a state history bucket, in seconds. Default: 3600.
     #[serde(default = "default_state_bucket_s")]
     pub state_bucket_s: u64,
+    /// The config repository followed: a local path or a file:// or git:// URL. Default: none.
+    #[serde(default)]
+    pub repository: Option<String>,
+    /// The branch followed. Default: main.
+    #[serde(default = "default_branch")]
+    pub branch: String,
+    /// How often the branch is fetched, in seconds. Default: 10.
+    #[serde(default = "default_poll_interval_s")]
+    pub poll_interval_s: u64,
+    /// Where the master keeps its mirror of the repository. Default:
+    /// `$XDG_STATE_HOME/provis/master`, else `~/.local/state/provis/master`.
+    #[serde(default)]
+    pub data_dir: Option<std::path::PathBuf>,
+}
+
+fn default_branch() -> String {
+    "main".to_owned()
+}
+
+fn default_poll_interval_s() -> u64 {
+    10
 }
 
 fn default_state_bucket_s() -> u64 {
@@ -49,6 +73,31 @@ fn default_state_bucket_s() -> u64 {
 }
 
 impl MasterConfig {
+    /// The settings the desired-state loop follows (and takes up on reload).
+    pub fn source(&self) -> desired::SourceSettings {
+        desired::SourceSettings {
+            repository: self.repository.clone(),
+            branch: self.branch.clone(),
+            poll_interval_s: self.poll_interval_s,
+        }
+    }
+
+    /// The data directory, defaulted from the environment when not set.
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        if let Some(dir) = &self.data_dir {
+            return dir.clone();
+        }
+        std::env::var_os("XDG_STATE_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .map(|home| std::path::PathBuf::from(home).join(".local/state"))
+            })
+            .unwrap_or_else(|| std::path::PathBuf::from(".provis"))
+            .join("provis")
+            .join("master")
+    }
+
     /// The state index's limits from these settings.
     pub fn index_limits(&self) -> state_index::IndexLimits {
         let to_ms = |s: u64| i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX);
@@ -66,6 +115,10 @@ impl Default for MasterConfig {
             fleet: FleetContext::default(),
             storage: StorageLimits::default(),
             state_bucket_s: default_state_bucket_s(),
+            repository: None,
+            branch: default_branch(),
+            poll_interval_s: default_poll_interval_s(),
+            data_dir: None,
         }
     }
 }
@@ -84,10 +137,17 @@ pub enum MasterError {
 #[derive(Debug)]
 pub struct MasterHandle {
     shutdown: watch::Sender<bool>,
+    settings: watch::Sender<desired::SourceSettings>,
     task: JoinHandle<()>,
 }
 
 impl MasterHandle {
+    /// Takes up new settings without dropping connections. Repository,
+    /// branch and poll interval change at once; the others need a restart.
+    pub fn reload(&self, config: &MasterConfig) {
+        self.settings.send_replace(config.source());
+    }
+
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
@@ -146,15 +206,41 @@ pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
         let (view, js, subjects) = (view.clone(), js.clone(), subjects.clone());
         tokio::spawn(async move { view.follow_state(js, subjects).await })
     };
+    let (desired_tx, desired_rx) = tokio::sync::mpsc::channel(1024);
+    let (settings, settings_rx) = watch::channel(config.source());
+    let desired = desired::DesiredState::open(
+        js.clone(),
+        nats.clone(),
+        subjects.clone(),
+        view.clone(),
+        config.data_dir(),
+    )
+    .await
+    .map_err(|reason| MasterError::Subscribe {
+        subject: "provis_config".into(),
+        reason,
+    })?;
+    let desired_loop = tokio::spawn(desired.run(settings_rx, desired_rx));
+    if config.repository.is_some() {
+        // Take up the repository at once rather than after a poll interval.
+        let (reply, _) = tokio::sync::oneshot::channel();
+        let _ = desired_tx.send(desired::DesiredRequest::Sync(reply)).await;
+    }
     let liveness = {
         let (nats, subjects, js, view) = (nats.clone(), subjects.clone(), js.clone(), view.clone());
+        let desired_tx = desired_tx.clone();
         tokio::spawn(async move {
             loop {
                 match registry::open_registry(&js).await {
                     Ok(store) => {
-                        if let Err(err) =
-                            liveness::watch(nats.clone(), subjects.clone(), store, &view).await
-                        {
+                        let watched = liveness::watch(
+                            nats.clone(),
+                            subjects.clone(),
+                            store,
+                            &view,
+                            &desired_tx,
+                        );
+                        if let Err(err) = watched.await {
                             tracing::warn!(error = %err, "registry watch ended; starting again");
                         }
                     }
@@ -164,6 +250,13 @@ pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
             }
         })
     };
+    let context = std::sync::Arc::new(Served {
+        nats: nats.clone(),
+        js,
+        subjects,
+        view,
+        desired: desired_tx,
+    });
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let task = tokio::spawn(async move {
         let mut requests = requests;
@@ -171,46 +264,96 @@ pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
             tokio::select! {
                 _ = shutdown_rx.changed() => break,
                 request = requests.next() => match request {
-                    Some(request) => answer(&nats, &js, &subjects, &view, request).await,
+                    // Each on a task of its own: a slow sync never holds up a ping.
+                    Some(request) => { tokio::spawn(answer(context.clone(), request)); }
                     None => break,
                 },
             }
         }
         liveness.abort();
         state_feed.abort();
+        desired_loop.abort();
         let _ = tokio::time::timeout(Duration::from_secs(2), nats.drain()).await;
         tracing::info!("master stopped");
     });
-    Ok(MasterHandle { shutdown, task })
+    Ok(MasterHandle {
+        shutdown,
+        settings,
+        task,
+    })
 }
 
-async fn answer(
-    nats: &async_nats::Client,
-    js: &async_nats::jetstream::Context,
-    subjects: &Subjects,
-    view: &fleet_view::FleetView,
-    request: async_nats::Message,
-) {
+/// What requests on `<prefix>.master.>` are answered from.
+struct Served {
+    nats: async_nats::Client,
+    js: async_nats::jetstream::Context,
+    subjects: Subjects,
+    view: std::sync::Arc<fleet_view::FleetView>,
+    desired: tokio::sync::mpsc::Sender<desired::DesiredRequest>,
+}
+
+async fn answer(served: std::sync::Arc<Served>, request: async_nats::Message) {
     let Some(reply_to) = request.reply.clone() else {
         return;
     };
     let what = request
         .subject
         .as_str()
-        .strip_prefix(&subjects.master(""))
+        .strip_prefix(&served.subjects.master(""))
         .unwrap_or_default()
         .to_owned();
     let body = match what.as_str() {
         "ping" => json!({ "master": true, "version": provis_core::VERSION }),
-        "minions" => list_minions(js).await,
-        "query" => run_query(view, &request.payload),
-        "stats" => serde_json::to_value(view.stats()).unwrap_or(Value::Null),
+        "minions" => list_minions(&served.js).await,
+        "query" => run_query(&served.view, &request.payload),
+        "stats" => {
+            let with_fingerprint = serde_json::from_slice::<Value>(&request.payload)
+                .is_ok_and(|body| body["fingerprint"] == true);
+            serde_json::to_value(served.view.stats(with_fingerprint)).unwrap_or(Value::Null)
+        }
+        "sync" => ask_desired(&served, desired::DesiredRequest::Sync).await,
+        "status" => ask_desired(&served, desired::DesiredRequest::Status).await,
+        "role" => match serde_json::from_slice::<RoleRequest>(&request.payload) {
+            Ok(role) => {
+                ask_desired(&served, |reply| desired::DesiredRequest::Role {
+                    op: role.op,
+                    minion: role.minion,
+                    role: role.role,
+                    reply,
+                })
+                .await
+            }
+            Err(err) => json!({ "error": format!("not a role request: {err}"), "usage": true }),
+        },
         other => json!({
-            "error": format!("the master serves no {other:?}; it serves ping, minions, query, stats")
+            "error": format!("the master serves no {other:?}; it serves ping, minions, query, stats, sync, status, role")
         }),
     };
-    if let Err(err) = nats.publish(reply_to, body.to_string().into()).await {
+    if let Err(err) = served.nats.publish(reply_to, body.to_string().into()).await {
         tracing::warn!(error = %err, "master reply not sent");
+    }
+}
+
+/// A request on `<prefix>.master.role`.
+#[derive(Debug, Deserialize)]
+struct RoleRequest {
+    op: desired::RoleOp,
+    minion: provis_core::MinionId,
+    #[serde(default)]
+    role: Option<provis_core::RoleName>,
+}
+
+async fn ask_desired(
+    served: &Served,
+    make: impl FnOnce(tokio::sync::oneshot::Sender<Value>) -> desired::DesiredRequest,
+) -> Value {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if served.desired.send(make(reply)).await.is_err() {
+        return json!({ "error": "the master's desired-state loop stopped" });
+    }
+    match tokio::time::timeout(Duration::from_secs(120), answer).await {
+        Ok(Ok(value)) => value,
+        _ => json!({ "error": "the master did not finish in time" }),
     }
 }
 

@@ -26,6 +26,7 @@ pub async fn watch(
     subjects: Subjects,
     registry: Store,
     view: &FleetView,
+    desired: &tokio::sync::mpsc::Sender<crate::desired::DesiredRequest>,
 ) -> Result<(), String> {
     let mut entries = registry
         .watch_with_history(">")
@@ -41,8 +42,13 @@ pub async fn watch(
                     known.remove(&entry.key);
                     view.registry_mut().remove(&entry.key);
                 } else if let Ok(record) = serde_json::from_slice::<MinionRecord>(&entry.value) {
+                    let new_or_changed = known.get(&entry.key).is_none_or(|old| old.facts != record.facts);
                     view.registry_mut().insert(entry.key.clone(), record.clone());
-                    known.insert(entry.key, record);
+                    known.insert(entry.key.clone(), record);
+                    if new_or_changed {
+                        // Its assignment may depend on who it is and on its facts.
+                        let _ = desired.try_send(crate::desired::DesiredRequest::Minion(entry.key));
+                    }
                 }
             }
             _ = sweep.tick() => {

@@ -204,5 +204,7 @@ fn bare_record(id: &str) -> Option<MinionRecord> {
         facts: Value::Object(Default::default()),
         state: Value::Null,
         grpc_addr: None,
+        converged_commit: None,
+        overlay_roles: Vec::new(),
     })
 }

@@ -1,7 +1,9 @@
 //! A config repository as a directory: the fleet's desired state.
 //!
 //! ```text
-//! assignments.toml        which roles each minion holds (see provis up)
+//! assignments.toml        which roles each minion holds: id globs and fact rules (see assignments.rs)
+//! minions.toml            per-minion settings: log level, state interval, labels
+//! master.toml             the master's own settings that live in git (poll_interval_s)
 //! roles/<role>.toml       services = ["site"], [config.<service>] …; file name = role (web.eu.toml)
 //! services/<name>/        a service folder: service.toml and ES modules
 //! ```
@@ -18,6 +20,8 @@ use provis_bundle::PackedBundle;
 use provis_core::RoleName;
 use provis_core::roles::RoleSpec;
 
+use crate::assignments::Assignments;
+
 /// One thing wrong with a repository, with the file it is in.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{file}: {reason}")]
@@ -27,10 +31,21 @@ pub struct RepositoryProblem {
 }
 
 /// A validated repository, ready to apply.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ConfigRepository {
     pub services: BTreeMap<String, PackedBundle>,
     pub roles: BTreeMap<RoleName, RoleSpec>,
+    pub assignments: Assignments,
+    pub master: RepositoryMasterSettings,
+}
+
+/// `master.toml`: the master's settings that are kept in git.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryMasterSettings {
+    /// How often the master looks for a new commit, in seconds.
+    #[serde(default)]
+    pub poll_interval_s: Option<u64>,
 }
 
 /// Every problem found, in file order.
@@ -123,8 +138,37 @@ impl ConfigRepository {
                 }
             }
         }
+        let (assignments, found) = Assignments::load(root);
+        problems.extend(
+            found
+                .into_iter()
+                .map(|(file, reason)| RepositoryProblem { file, reason }),
+        );
+        for role in assignments.roles_named() {
+            if !roles.contains_key(role) {
+                problems.push(RepositoryProblem {
+                    file: crate::assignments::ASSIGNMENTS_FILE.to_owned(),
+                    reason: format!("assigns role {role:?}, which has no roles/{role}.toml"),
+                });
+            }
+        }
+        let master = match std::fs::read_to_string(root.join("master.toml")) {
+            Err(_) => RepositoryMasterSettings::default(),
+            Ok(text) => toml::from_str(&text).unwrap_or_else(|err: toml::de::Error| {
+                problems.push(RepositoryProblem {
+                    file: "master.toml".to_owned(),
+                    reason: err.to_string(),
+                });
+                RepositoryMasterSettings::default()
+            }),
+        };
         if problems.is_empty() {
-            Ok(Self { services, roles })
+            Ok(Self {
+                services,
+                roles,
+                assignments,
+                master,
+            })
         } else {
             Err(InvalidRepository(problems))
         }

@@ -96,6 +96,11 @@ pub async fn ensure(
             "registry: live minions, facts, versions, heartbeat",
             1,
         ),
+        (
+            BUCKET_CONFIG,
+            "applied and rejected commits, role overlay",
+            10,
+        ),
     ];
     for (name, description, history) in buckets {
         js.create_or_update_key_value(kv::Config {

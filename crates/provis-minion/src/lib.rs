@@ -7,10 +7,12 @@
 //! dispatched, and a bad one gets a structured error reply where a reply
 //! subject exists.
 
+pub mod assignment;
 pub mod config;
 pub mod dispatch;
 pub mod events;
 pub mod grpc;
+pub mod listener;
 pub mod machine;
 pub mod services;
 pub mod sys;
@@ -19,7 +21,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv::Store;
-use futures::StreamExt;
 use prost::Message;
 use provis_core::Subjects;
 use provis_core::envelope::{
@@ -117,18 +118,9 @@ async fn start_inner(
     owns_connection: bool,
 ) -> Result<MinionHandle, MinionError> {
     let subjects = Subjects::new(config.fleet.prefix.clone());
-    let mut subscriptions = Vec::new();
-    for subject in subjects.minion_listen_subjects(&config.id, &config.roles) {
-        let subscription =
-            nats.subscribe(subject.clone())
-                .await
-                .map_err(|err| MinionError::Subscribe {
-                    subject: subject.clone(),
-                    reason: err.to_string(),
-                })?;
-        tracing::debug!(%subject, "listening");
-        subscriptions.push(subscription);
-    }
+    let (mut listener, calls) =
+        listener::Listener::new(nats.clone(), subjects.clone(), config.id.clone());
+    listener.listen_for(&config.roles).await?;
 
     let started = Instant::now();
     let hostname = hostname::get()
@@ -141,10 +133,13 @@ async fn start_inner(
     let mut machine = machine::Machine::new();
     let sys = SysService {
         minion: config.id.to_string(),
-        roles: config.roles.iter().map(ToString::to_string).collect(),
-        machine_facts: machine.facts(&config.labels),
+        roles: Arc::new(std::sync::RwLock::new(
+            config.roles.iter().map(ToString::to_string).collect(),
+        )),
+        machine_facts: Arc::new(std::sync::RwLock::new(machine.facts(&config.labels))),
         started,
     };
+    let (shared_roles, shared_facts) = (sys.roles.clone(), sys.machine_facts.clone());
     let facts = sys.facts();
     let dispatcher = Arc::new(Dispatcher::new(sys, table.clone()));
     let events = events::EventBus::new(nats.clone(), subjects.clone(), config.id.to_string());
@@ -154,19 +149,31 @@ async fn start_inner(
         service_events_rx,
         events.clone(),
     ))];
+    let (desired, desired_rx) = watch::channel(services::DesiredRoles {
+        roles: config.roles.clone(),
+        commit: None,
+    });
+    let (converged_tx, converged) = watch::channel(None);
+    let (assignments_tx, assignments) = tokio::sync::mpsc::channel(16);
+    background.push(tokio::spawn(assignment::follow(
+        nats.clone(),
+        config.id.to_string(),
+        assignments_tx,
+    )));
     if config.inject_services {
         background.push(tokio::spawn(services::reconcile_forever(
             nats.clone(),
             table,
             services::HostTemplate {
                 minion: config.id.to_string(),
-                roles: config.roles.clone(),
                 facts: facts.clone(),
                 state: state.clone(),
                 service_events,
                 fleet: fleet_query(nats.clone(), subjects.master("query")),
             },
             events.clone(),
+            desired_rx,
+            converged_tx,
         )));
     }
     let grpc_addr = if config.grpc_listen == "off" {
@@ -208,6 +215,8 @@ async fn start_inner(
         facts,
         state: machine.sample(),
         grpc_addr,
+        converged_commit: None,
+        overlay_roles: Vec::new(),
     };
     let max_calls = u32::try_from(config.max_concurrent_calls.clamp(1, 65_536)).unwrap_or(1);
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -224,9 +233,15 @@ async fn start_inner(
         max_calls,
         background: BackgroundTasks(background),
         owns_connection,
+        listener,
+        labels: config.labels.clone(),
+        shared_roles,
+        shared_facts,
+        desired,
+        inject_services: config.inject_services,
     };
     let id = config.id.to_string();
-    let task = tokio::spawn(runtime.serve(futures::stream::select_all(subscriptions), shutdown_rx));
+    let task = tokio::spawn(runtime.serve(calls, assignments, converged, shutdown_rx));
     Ok(MinionHandle { id, shutdown, task })
 }
 
@@ -245,6 +260,13 @@ struct Runtime {
     background: BackgroundTasks,
     /// False when the connection is shared with other minions.
     owns_connection: bool,
+    listener: listener::Listener,
+    /// Labels from the minion's own settings, under those the master assigns.
+    labels: std::collections::BTreeMap<String, String>,
+    shared_roles: Arc<std::sync::RwLock<Vec<String>>>,
+    shared_facts: Arc<std::sync::RwLock<serde_json::Value>>,
+    desired: watch::Sender<services::DesiredRoles>,
+    inject_services: bool,
 }
 
 /// Tasks aborted when the minion's main task ends or is aborted, so a killed
@@ -262,7 +284,9 @@ impl Drop for BackgroundTasks {
 impl Runtime {
     async fn serve(
         mut self,
-        mut calls: futures::stream::SelectAll<async_nats::Subscriber>,
+        mut calls: tokio::sync::mpsc::Receiver<async_nats::Message>,
+        mut assignments: tokio::sync::mpsc::Receiver<provis_core::assignment::Assignment>,
+        mut converged: watch::Receiver<Option<String>>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let id = self.record.id.to_string();
@@ -284,13 +308,74 @@ impl Runtime {
                     }
                 }
                 _ = sampling.tick() => self.publish_sample().await,
-                message = calls.next() => match message {
+                Some(assignment) = assignments.recv() => {
+                    if let Some(interval) = self.take_assignment(assignment).await {
+                        sampling = tokio::time::interval(interval);
+                        sampling.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
+                    self.beat(&mut registry).await;
+                }
+                Ok(()) = converged.changed() => {
+                    self.record.converged_commit = converged.borrow_and_update().clone();
+                    self.beat(&mut registry).await;
+                }
+                message = calls.recv() => match message {
                     Some(message) => self.accept(message).await,
                     None => break,
                 },
             }
         }
         self.leave(registry.as_ref()).await;
+    }
+
+    /// Takes up what the master assigns: roles (listening and services
+    /// follow), settings. Returns the new sampling interval when it changed.
+    async fn take_assignment(
+        &mut self,
+        assignment: provis_core::assignment::Assignment,
+    ) -> Option<Duration> {
+        let id = self.record.id.to_string();
+        if assignment.roles != self.record.roles {
+            tracing::info!(minion = %id, roles = ?assignment.roles, commit = %assignment.commit, "roles assigned");
+            if let Err(err) = self.listener.listen_for(&assignment.roles).await {
+                tracing::warn!(minion = %id, error = %err, "cannot listen for the new roles");
+            }
+            *self
+                .shared_roles
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                assignment.roles.iter().map(ToString::to_string).collect();
+            self.record.roles = assignment.roles.clone();
+        }
+        self.record.overlay_roles = assignment.overlay_roles.clone();
+        let settings = &assignment.settings;
+        let mut labels = self.labels.clone();
+        labels.extend(settings.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if self.record.facts["labels"] != json!(labels) {
+            self.record.facts["labels"] = json!(labels);
+            self.shared_facts
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)["labels"] = json!(labels);
+        }
+        if let Some(level) = &settings.log_level {
+            apply_log_level(level);
+        }
+        let interval = settings
+            .state_interval_ms
+            .map(|ms| Duration::from_millis(ms.max(100)))
+            .filter(|interval| *interval != self.state_interval);
+        if let Some(interval) = interval {
+            self.state_interval = interval;
+        }
+        self.desired.send_replace(services::DesiredRoles {
+            roles: assignment.roles,
+            commit: Some(assignment.commit.clone()),
+        });
+        if !self.inject_services {
+            // No services to converge: taking the assignment is converging.
+            self.record.converged_commit = Some(assignment.commit);
+        }
+        interval
     }
 
     /// Publishes a state sample on `<prefix>.state.<id>`, kept by `PROVIS_STATE`.
@@ -450,4 +535,22 @@ fn fleet_query(nats: async_nats::Client, subject: String) -> provis_js::host::Fl
             })
         },
     ))
+}
+
+/// What changes the process's log filter when the master assigns a log
+/// level; installed by the `provis` binary (in-process fleets have none).
+static LOG_LEVEL_HOOK: std::sync::OnceLock<Box<LogLevelHook>> = std::sync::OnceLock::new();
+
+/// Changes the process's log filter to the level given.
+pub type LogLevelHook = dyn Fn(&str) + Send + Sync;
+
+/// Installs the process's log-level hook (once).
+pub fn set_log_level_hook(hook: impl Fn(&str) + Send + Sync + 'static) {
+    let _ = LOG_LEVEL_HOOK.set(Box::new(hook));
+}
+
+fn apply_log_level(level: &str) {
+    if let Some(hook) = LOG_LEVEL_HOOK.get() {
+        hook(level);
+    }
 }

@@ -21,7 +21,7 @@ use provis_core::roles::{RoleSpec, services_for};
 use provis_core::storage::BUCKET_ROLES;
 use provis_js::{HostContext, ServiceEvent, ServiceSandbox, StateStore};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::events::EventBus;
 
@@ -76,19 +76,29 @@ impl ServiceTable {
 #[derive(Debug, Clone)]
 pub struct HostTemplate {
     pub minion: String,
-    pub roles: Vec<RoleName>,
     pub facts: Value,
     pub state: Arc<StateStore>,
     pub service_events: mpsc::UnboundedSender<ServiceEvent>,
     pub fleet: provis_js::host::FleetQuery,
 }
 
-/// Keeps `table` in step with the desired state until the connection ends.
+/// The roles a minion holds now, and the applied commit they come from
+/// (none while no master has assigned it anything).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DesiredRoles {
+    pub roles: Vec<RoleName>,
+    pub commit: Option<String>,
+}
+
+/// Keeps `table` in step with the desired state until the connection ends,
+/// and tells `converged` which commit it has caught up with.
 pub async fn reconcile_forever(
     nats: async_nats::Client,
     table: Arc<ServiceTable>,
     host: HostTemplate,
     events: EventBus,
+    desired: watch::Receiver<DesiredRoles>,
+    converged: watch::Sender<Option<String>>,
 ) {
     let js = async_nats::jetstream::new(nats);
     // The master creates the buckets; wait for them as long as it takes.
@@ -115,6 +125,8 @@ pub async fn reconcile_forever(
         specs: BTreeMap::new(),
         pointers: BTreeMap::new(),
         failed: BTreeMap::new(),
+        desired,
+        converged,
     };
     loop {
         if let Err(err) = reconciler.watch(&roles_kv).await {
@@ -133,6 +145,8 @@ struct Reconciler {
     pointers: BTreeMap<String, ServicePointer>,
     /// Service → (digest, config) that failed to load, so it is not retried in a loop.
     failed: BTreeMap<String, (String, Value)>,
+    desired: watch::Receiver<DesiredRoles>,
+    converged: watch::Sender<Option<String>>,
 }
 
 impl Reconciler {
@@ -147,8 +161,12 @@ impl Reconciler {
             .watch_with_history(">")
             .await
             .map_err(|e| e.to_string())?;
+        let mut desired = self.desired.clone();
+        // What is already known (possibly nothing) is worth a first look.
+        self.reconcile().await;
         loop {
             tokio::select! {
+                changed = desired.changed() => changed.map_err(|_| "the minion stopped".to_owned())?,
                 entry = roles.next() => self.apply_role(entry.ok_or("roles watch closed")?.map_err(|e| e.to_string())?),
                 entry = pointers.next() => self.apply_pointer(entry.ok_or("services watch closed")?.map_err(|e| e.to_string())?),
             }
@@ -198,7 +216,13 @@ impl Reconciler {
     }
 
     async fn reconcile(&mut self) {
-        let wanted = services_for(&self.host.roles, &self.specs);
+        let desired = self.desired.borrow().clone();
+        self.reconcile_roles(&desired.roles).await;
+        self.converged.send_replace(desired.commit);
+    }
+
+    async fn reconcile_roles(&mut self, roles: &[RoleName]) {
+        let wanted = services_for(roles, &self.specs);
         for name in self.table.names() {
             let still_wanted = wanted.contains_key(&name) && self.pointers.contains_key(&name);
             if !still_wanted && let Some(old) = self.table.remove(&name) {
@@ -225,7 +249,7 @@ impl Reconciler {
             if self.failed.get(&name) == Some(&(pointer.digest.clone(), config.clone())) {
                 continue;
             }
-            match self.load(&pointer, config.clone()).await {
+            match self.load(&pointer, config.clone(), roles).await {
                 Ok(loaded) => {
                     self.failed.remove(&name);
                     let kind = if current.is_some() {
@@ -260,7 +284,12 @@ impl Reconciler {
         }
     }
 
-    async fn load(&self, pointer: &ServicePointer, config: Value) -> Result<LoadedService, String> {
+    async fn load(
+        &self,
+        pointer: &ServicePointer,
+        config: Value,
+        roles: &[RoleName],
+    ) -> Result<LoadedService, String> {
         let bundle = self
             .store
             .fetch(&pointer.digest)
@@ -275,7 +304,7 @@ impl Reconciler {
         let host = HostContext {
             service: pointer.name.clone(),
             minion_id: self.host.minion.clone(),
-            roles: self.host.roles.iter().map(ToString::to_string).collect(),
+            roles: roles.iter().map(ToString::to_string).collect(),
             facts: self.host.facts.clone(),
             config: config.clone(),
             capabilities: bundle.manifest.capabilities.clone(),

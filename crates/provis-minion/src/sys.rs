@@ -3,6 +3,7 @@
 //! knows the injected services). It needs no bundle, so a fleet can be
 //! checked before any service has been injected.
 
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use serde_json::{Value, json};
@@ -16,9 +17,10 @@ pub const METHODS: &[&str] = &["ping", "facts", "services"];
 #[derive(Debug, Clone)]
 pub struct SysService {
     pub minion: String,
-    pub roles: Vec<String>,
-    /// The machine's facts, gathered at start.
-    pub machine_facts: Value,
+    /// Changes when the master assigns other roles.
+    pub roles: Arc<RwLock<Vec<String>>>,
+    /// The machine's facts (labels change with the minion's settings).
+    pub machine_facts: Arc<RwLock<Value>>,
     pub started: Instant,
 }
 
@@ -43,9 +45,18 @@ impl SysService {
     /// What this minion knows about its machine, as `sys.facts` returns it
     /// and services read it as `provis.facts`.
     pub fn facts(&self) -> Value {
-        let mut facts = self.machine_facts.clone();
+        let mut facts = self
+            .machine_facts
+            .read()
+            .map(|f| f.clone())
+            .unwrap_or_default();
         facts["id"] = json!(self.minion);
-        facts["roles"] = json!(self.roles);
+        facts["roles"] = json!(
+            *self
+                .roles
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        );
         facts["uptime_s"] = json!(self.started.elapsed().as_secs());
         facts
     }

@@ -196,10 +196,16 @@ impl TestFleet {
     ) -> anyhow::Result<()> {
         let js = async_nats::jetstream::new(self.nats.connect().await?);
         let subject = format!("{}.state.{minion}", self.context.prefix);
-        let mut acks = Vec::new();
+        let mut acks = std::collections::VecDeque::new();
         for (at, state) in samples {
+            // async-nats holds at most 5,000 unacknowledged publishes.
+            if acks.len() >= 4_000
+                && let Some(ack) = acks.pop_front()
+            {
+                ack.await?;
+            }
             let payload = serde_json::json!({ "minion": minion, "at_unix_ms": at, "state": state });
-            acks.push(
+            acks.push_back(
                 js.publish(subject.clone(), serde_json::to_vec(&payload)?.into())
                     .await?,
             );

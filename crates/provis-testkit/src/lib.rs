@@ -8,10 +8,12 @@
 //! nats-server and of every process are printed when a test fails.
 
 mod fleet;
+mod git;
 mod nats;
 mod process;
 
 pub use fleet::TestFleet;
+pub use git::GitRepo;
 pub use nats::NatsServer;
 pub use process::ProvisProcess;
 

@@ -1,0 +1,50 @@
+//! What the master assigns each minion (`provis_assignments/<id>`): its roles
+//! and the settings it applies without a restart, with the applied commit
+//! they come from. The master computes them (from git and the operator's
+//! overlay); the minion follows its own entry.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::subject::RoleName;
+
+/// Settings a minion applies on the fly. Each is optional: absent means the
+/// minion keeps its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MinionSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl MinionSettings {
+    /// Takes what `other` sets over what this sets.
+    pub fn refine(&mut self, other: &MinionSettings) {
+        if other.log_level.is_some() {
+            self.log_level.clone_from(&other.log_level);
+        }
+        if other.state_interval_ms.is_some() {
+            self.state_interval_ms = other.state_interval_ms;
+        }
+        self.labels
+            .extend(other.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+}
+
+/// What `provis_assignments/<id>` holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub roles: Vec<RoleName>,
+    /// Roles present only because of the overlay.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overlay_roles: Vec<RoleName>,
+    #[serde(default)]
+    pub settings: MinionSettings,
+    /// The applied commit this assignment belongs to.
+    pub commit: String,
+}

@@ -1,0 +1,441 @@
+//! Desired state from git: the master follows one branch of a repository,
+//! validates each new commit as a whole, applies a valid one (bundles, service
+//! pointers, roles, then every minion's assignment) and announces it with
+//! `config.applied`; an invalid one is announced with `config.rejected`,
+//! every reason and file in it, and the fleet keeps the last good state.
+//! Reverting a commit is a new commit with the old content: a rollback.
+//!
+//! What was applied is recorded in `provis_config/applied`, so a master
+//! restart applies nothing twice. Assignments are recomputed for a minion
+//! when it appears or its facts change, and for everyone after an apply or
+//! an overlay change; only entries that differ are written.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use provis_core::envelope::now_unix_ms;
+use provis_core::storage::{BUCKET_ASSIGNMENTS, BUCKET_CONFIG};
+use provis_core::{MinionId, RoleName, Subjects, event};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::apply::{ApplySummary, apply};
+use crate::assignments::{Overlay, OverlayEntry};
+use crate::fleet_view::FleetView;
+use crate::git_source::GitSource;
+use crate::repository::ConfigRepository;
+
+/// `provis_config/applied`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppliedRecord {
+    pub commit: String,
+    pub summary: String,
+    pub applied_unix_ms: i64,
+    pub changes: ApplySummary,
+}
+
+/// Where desired state comes from; part of the master's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSettings {
+    /// The config repository: a local path or a file:// or git:// URL. Default: none.
+    #[serde(default)]
+    pub repository: Option<String>,
+    /// The branch followed. Default: main.
+    #[serde(default = "default_branch")]
+    pub branch: String,
+    /// How often the branch is fetched, in seconds (master.toml in the
+    /// repository may say otherwise). Default: 10.
+    #[serde(default = "default_poll_interval_s")]
+    pub poll_interval_s: u64,
+}
+
+fn default_branch() -> String {
+    "main".to_owned()
+}
+
+fn default_poll_interval_s() -> u64 {
+    10
+}
+
+impl Default for SourceSettings {
+    fn default() -> Self {
+        Self {
+            repository: None,
+            branch: default_branch(),
+            poll_interval_s: default_poll_interval_s(),
+        }
+    }
+}
+
+/// A request the desired-state loop answers.
+#[derive(Debug)]
+pub enum DesiredRequest {
+    /// Fetch now and apply what is new.
+    Sync(oneshot::Sender<Value>),
+    /// Change the role overlay of one minion.
+    Role {
+        op: RoleOp,
+        minion: MinionId,
+        role: Option<RoleName>,
+        reply: oneshot::Sender<Value>,
+    },
+    /// Recompute one minion's assignment (it appeared or its facts changed).
+    Minion(String),
+    /// The applied commit and who converged on it.
+    Status(oneshot::Sender<Value>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoleOp {
+    Assign,
+    Unassign,
+    Reset,
+}
+
+pub struct DesiredState {
+    js: jetstream::Context,
+    nats: async_nats::Client,
+    subjects: Subjects,
+    view: Arc<FleetView>,
+    work_dir: PathBuf,
+    config: kv::Store,
+    assignments: kv::Store,
+    loaded: Option<(String, Arc<ConfigRepository>)>,
+    applied: Option<AppliedRecord>,
+    rejected: Option<String>,
+    last_source_error: Option<String>,
+}
+
+impl std::fmt::Debug for DesiredState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DesiredState")
+            .field("applied", &self.applied)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DesiredState {
+    pub async fn open(
+        js: jetstream::Context,
+        nats: async_nats::Client,
+        subjects: Subjects,
+        view: Arc<FleetView>,
+        work_dir: PathBuf,
+    ) -> Result<Self, String> {
+        let config = js
+            .get_key_value(BUCKET_CONFIG)
+            .await
+            .map_err(|e| e.to_string())?;
+        let assignments = js
+            .get_key_value(BUCKET_ASSIGNMENTS)
+            .await
+            .map_err(|e| e.to_string())?;
+        let applied = match config.get("applied").await {
+            Ok(Some(value)) => serde_json::from_slice(&value).ok(),
+            _ => None,
+        };
+        let rejected = match config.get("rejected").await {
+            Ok(Some(value)) => serde_json::from_slice::<Value>(&value)
+                .ok()
+                .and_then(|v| v["commit"].as_str().map(str::to_owned)),
+            _ => None,
+        };
+        Ok(Self {
+            js,
+            nats,
+            subjects,
+            view,
+            work_dir,
+            config,
+            assignments,
+            loaded: None,
+            applied,
+            rejected,
+            last_source_error: None,
+        })
+    }
+
+    /// Serves until the master stops: polls the branch, answers requests,
+    /// follows settings changes.
+    pub async fn run(
+        mut self,
+        mut settings: watch::Receiver<SourceSettings>,
+        mut requests: mpsc::Receiver<DesiredRequest>,
+    ) {
+        loop {
+            let current = settings.borrow().clone();
+            let poll = self
+                .loaded
+                .as_ref()
+                .and_then(|(_, repo)| repo.master.poll_interval_s)
+                .unwrap_or(current.poll_interval_s)
+                .max(1);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(poll)) => {
+                    if current.repository.is_some() {
+                        self.sync(&current).await;
+                    }
+                }
+                changed = settings.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    tracing::info!(settings = ?*settings.borrow(), "desired-state settings reloaded");
+                    let current = settings.borrow().clone();
+                    if current.repository.is_some() {
+                        self.sync(&current).await;
+                    }
+                }
+                request = requests.recv() => match request {
+                    None => return,
+                    Some(DesiredRequest::Sync(reply)) => {
+                        let outcome = self.sync(&current).await;
+                        let _ = reply.send(outcome);
+                    }
+                    Some(DesiredRequest::Role { op, minion, role, reply }) => {
+                        let outcome = self.change_overlay(op, &minion, role).await;
+                        let _ = reply.send(outcome);
+                    }
+                    Some(DesiredRequest::Minion(id)) => self.assign_minions(Some(&id)).await,
+                    Some(DesiredRequest::Status(reply)) => {
+                        let _ = reply.send(self.status());
+                    }
+                },
+            }
+        }
+    }
+
+    async fn emit(&self, kind: &str, data: Value) {
+        event::emit(&self.nats, &self.subjects, "master", kind, data).await;
+    }
+
+    /// Fetches the branch and applies what is new; returns what happened.
+    pub async fn sync(&mut self, settings: &SourceSettings) -> Value {
+        let Some(repository) = settings.repository.clone() else {
+            return json!({ "error": "the master follows no repository (set repository in its settings)" });
+        };
+        let source = GitSource::new(&repository, &settings.branch, &self.work_dir.join("git"));
+        let fetch = {
+            let source = source.clone();
+            tokio::task::spawn_blocking(move || source.fetch_head()).await
+        };
+        let head = match fetch {
+            Ok(Ok(head)) => {
+                self.last_source_error = None;
+                head
+            }
+            Ok(Err(err)) => return self.source_failed(err.to_string()).await,
+            Err(err) => return self.source_failed(err.to_string()).await,
+        };
+        if self
+            .loaded
+            .as_ref()
+            .is_some_and(|(commit, _)| *commit == head)
+        {
+            return json!({ "commit": head, "outcome": "unchanged" });
+        }
+        if self.rejected.as_deref() == Some(head.as_str()) {
+            return json!({ "commit": head, "outcome": "rejected before" });
+        }
+        let loaded = tokio::task::spawn_blocking(move || {
+            let fetched = source.export(&head).map_err(|err| {
+                (
+                    head.clone(),
+                    String::new(),
+                    vec![json!({ "file": "", "reason": err.to_string() })],
+                )
+            })?;
+            ConfigRepository::load(&fetched.dir)
+                .map(|repo| (fetched.commit.clone(), fetched.summary.clone(), repo))
+                .map_err(|invalid| {
+                    let problems = invalid
+                        .0
+                        .iter()
+                        .map(|p| json!({ "file": p.file, "reason": p.reason }))
+                        .collect();
+                    (fetched.commit, fetched.summary, problems)
+                })
+        })
+        .await;
+        let (commit, summary, repo) = match loaded {
+            Ok(Ok(loaded)) => loaded,
+            Ok(Err((commit, summary, problems))) => {
+                return self.reject(commit, summary, problems).await;
+            }
+            Err(err) => return self.source_failed(err.to_string()).await,
+        };
+        let repo = Arc::new(repo);
+        if self
+            .applied
+            .as_ref()
+            .is_some_and(|applied| applied.commit == commit)
+        {
+            // Already applied (before a master restart): take it up, write nothing.
+            tracing::info!(%commit, "config already applied; nothing to write");
+            self.loaded = Some((commit.clone(), repo));
+            self.assign_minions(None).await;
+            return json!({ "commit": commit, "outcome": "already applied" });
+        }
+        let changes = match apply(&self.js, &repo).await {
+            Ok(changes) => changes,
+            Err(err) => {
+                tracing::warn!(%commit, error = %err, "config could not be written; will try again");
+                return json!({ "commit": commit, "error": err.to_string() });
+            }
+        };
+        let record = AppliedRecord {
+            commit: commit.clone(),
+            summary: summary.clone(),
+            applied_unix_ms: now_unix_ms(),
+            changes: changes.clone(),
+        };
+        if let Ok(value) = serde_json::to_vec(&record) {
+            let _ = self.config.put("applied", value.into()).await;
+        }
+        self.applied = Some(record);
+        self.loaded = Some((commit.clone(), repo));
+        self.assign_minions(None).await;
+        tracing::info!(%commit, %summary, "config applied");
+        self.emit(
+            "config.applied",
+            json!({ "commit": commit, "summary": summary, "changes": changes }),
+        )
+        .await;
+        json!({ "commit": commit, "outcome": "applied", "changes": changes })
+    }
+
+    async fn reject(&mut self, commit: String, summary: String, problems: Vec<Value>) -> Value {
+        tracing::warn!(%commit, problems = problems.len(), "config rejected");
+        let data = json!({ "commit": commit, "summary": summary, "problems": problems, "keeping": self.applied.as_ref().map(|a| a.commit.clone()) });
+        if let Ok(value) = serde_json::to_vec(&data) {
+            let _ = self.config.put("rejected", value.into()).await;
+        }
+        self.rejected = Some(commit.clone());
+        self.emit("config.rejected", data.clone()).await;
+        json!({ "commit": commit, "outcome": "rejected", "problems": problems })
+    }
+
+    async fn source_failed(&mut self, reason: String) -> Value {
+        if self.last_source_error.as_deref() != Some(reason.as_str()) {
+            tracing::warn!(%reason, "config repository unreachable; the fleet keeps its state");
+            self.emit("config.source_failed", json!({ "reason": reason, "keeping": self.applied.as_ref().map(|a| a.commit.clone()) })).await;
+            self.last_source_error = Some(reason.clone());
+        }
+        json!({ "error": reason })
+    }
+
+    async fn overlay(&self) -> Overlay {
+        match self.config.get("overlay").await {
+            Ok(Some(value)) => serde_json::from_slice(&value).unwrap_or_default(),
+            _ => Overlay::new(),
+        }
+    }
+
+    async fn change_overlay(
+        &mut self,
+        op: RoleOp,
+        minion: &MinionId,
+        role: Option<RoleName>,
+    ) -> Value {
+        if self.loaded.is_none() {
+            return json!({ "error": "the master has applied no config repository; roles come from the minions' own settings" });
+        }
+        let mut overlay = self.overlay().await;
+        let entry = overlay.entry(minion.to_string()).or_default();
+        match (op, role.clone()) {
+            (RoleOp::Assign, Some(role)) => {
+                entry.remove.remove(&role);
+                entry.add.insert(role);
+            }
+            (RoleOp::Unassign, Some(role)) => {
+                entry.add.remove(&role);
+                entry.remove.insert(role);
+            }
+            (RoleOp::Reset, _) => *entry = OverlayEntry::default(),
+            (_, None) => return json!({ "error": "assign and unassign need a role" }),
+        }
+        if *entry == OverlayEntry::default() {
+            overlay.remove(minion.as_str());
+        }
+        match serde_json::to_vec(&overlay) {
+            Ok(value) => {
+                if let Err(err) = self.config.put("overlay", value.into()).await {
+                    return json!({ "error": err.to_string() });
+                }
+            }
+            Err(err) => return json!({ "error": err.to_string() }),
+        }
+        let kind = match op {
+            RoleOp::Assign => "role.assigned",
+            RoleOp::Unassign => "role.unassigned",
+            RoleOp::Reset => "role.reset",
+        };
+        self.emit(kind, json!({ "minion": minion, "role": role }))
+            .await;
+        self.assign_minions(Some(minion.as_str())).await;
+        json!({ "minion": minion, "overlay": overlay.get(minion.as_str()) })
+    }
+
+    /// Writes the assignment of `only` (or of every registered minion) where it changed.
+    async fn assign_minions(&self, only: Option<&str>) {
+        let Some((commit, repo)) = &self.loaded else {
+            return;
+        };
+        let overlay = self.overlay().await;
+        let records: Vec<_> = {
+            let registry = self.view.registry();
+            registry
+                .values()
+                .filter(|r| only.is_none_or(|id| r.id.as_str() == id))
+                .cloned()
+                .collect()
+        };
+        let current = match only {
+            Some(id) => match self.assignments.get(id).await {
+                Ok(Some(value)) => BTreeMap::from([(id.to_owned(), value)]),
+                _ => BTreeMap::new(),
+            },
+            None => provis_core::kv_snapshot::read_all(&self.assignments)
+                .await
+                .unwrap_or_default(),
+        };
+        for record in records {
+            let assignment =
+                repo.assignments
+                    .assign(&record, overlay.get(record.id.as_str()), commit);
+            let Ok(value) = serde_json::to_vec(&assignment) else {
+                continue;
+            };
+            if current.get(record.id.as_str()).map(|v| v.as_ref()) != Some(value.as_slice())
+                && let Err(err) = self.assignments.put(record.id.as_str(), value.into()).await
+            {
+                tracing::warn!(minion = %record.id, error = %err, "assignment not written");
+            }
+        }
+    }
+
+    /// The applied commit and each registered minion's convergence on it.
+    pub fn status(&self) -> Value {
+        let now = now_unix_ms();
+        let registry = self.view.registry();
+        let applied = self.applied.as_ref().map(|a| a.commit.as_str());
+        let minions: Vec<Value> = registry
+            .values()
+            .map(|r| {
+                json!({
+                    "minion": r.id,
+                    "live": r.is_live_at(now),
+                    "converged": applied.is_some() && r.converged_commit.as_deref() == applied,
+                    "commit": r.converged_commit,
+                })
+            })
+            .collect();
+        json!({ "applied": self.applied, "rejected": self.rejected, "minions": minions })
+    }
+}

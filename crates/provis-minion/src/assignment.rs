@@ -1,0 +1,45 @@
+//! Following this minion's entry in `provis_assignments`: the roles and
+//! settings the master assigns it, delivered to the minion's main loop as
+//! they change (the current one first).
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv::Operation;
+use futures::StreamExt;
+use provis_core::assignment::Assignment;
+use provis_core::storage::BUCKET_ASSIGNMENTS;
+use tokio::sync::mpsc;
+
+/// Sends every new assignment of `minion` to `updates` for as long as the minion runs.
+pub async fn follow(nats: async_nats::Client, minion: String, updates: mpsc::Sender<Assignment>) {
+    let js = async_nats::jetstream::new(nats);
+    loop {
+        match js.get_key_value(BUCKET_ASSIGNMENTS).await {
+            Ok(store) => match store.watch_with_history(&minion).await {
+                Ok(mut entries) => {
+                    while let Some(entry) = entries.next().await {
+                        let Ok(entry) = entry else { break };
+                        if entry.operation != Operation::Put {
+                            continue;
+                        }
+                        match serde_json::from_slice::<Assignment>(&entry.value) {
+                            Ok(assignment) => {
+                                if updates.send(assignment).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(err) => {
+                                tracing::warn!(%minion, error = %err, "unreadable assignment ignored")
+                            }
+                        }
+                    }
+                }
+                Err(err) => tracing::warn!(%minion, error = %err, "cannot watch the assignment"),
+            },
+            Err(err) => {
+                tracing::debug!(%minion, error = %err, "assignments bucket not reachable yet")
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
