@@ -73,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
         let connections = (n / 250).clamp(1, 16);
         let setup = Instant::now();
         let ids = fleet
-            .add_simulated_minions(n, &["web"], connections, Duration::from_secs(30))
+            .add_simulated_minions(n, &["web"], connections, Duration::from_secs(30), false)
             .await?;
         let setup = setup.elapsed();
 

@@ -107,14 +107,15 @@ impl TestFleet {
     /// Starts `count` minions in this process, `sim0000`, `sim0001`, …, with
     /// `roles`, sharing `connections` NATS connections: the same minion code
     /// as a real fleet, many per process, for scale tests and benchmarks.
-    /// They run only the built-in `sys` service and heartbeat every
-    /// `heartbeat_interval`. Returns once all are live in the registry.
+    /// They heartbeat every `heartbeat_interval` and run injected services
+    /// only with `inject_services`. Returns once all are live in the registry.
     pub async fn add_simulated_minions(
         &mut self,
         count: usize,
         roles: &[&str],
         connections: usize,
         heartbeat_interval: Duration,
+        inject_services: bool,
     ) -> anyhow::Result<Vec<String>> {
         let mut clients = Vec::new();
         for _ in 0..connections.max(1) {
@@ -125,7 +126,7 @@ impl TestFleet {
             let id = format!("sim{n:04}");
             let mut config = self.minion_config(&id, roles)?;
             config.grpc_listen = "off".to_owned();
-            config.inject_services = false;
+            config.inject_services = inject_services;
             config.heartbeat_interval_ms = u64::try_from(heartbeat_interval.as_millis())?;
             let minion =
                 provis_minion::start_on(config, clients[n % clients.len()].clone()).await?;
