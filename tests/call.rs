@@ -177,7 +177,26 @@ async fn bad_envelopes_get_structured_errors_and_the_minion_keeps_serving() {
         other => panic!("expected an error, got {other:?}"),
     };
 
+    let mut refused = nats
+        .subscribe("provis.event.m1.call.refused")
+        .await
+        .expect("subscribe");
     let garbage = ask(b"\xff\x00 certainly not protobuf".to_vec()).await;
+    let event = tokio::time::timeout(
+        Duration::from_secs(5),
+        futures::StreamExt::next(&mut refused),
+    )
+    .await
+    .expect("a call.refused event")
+    .expect("message");
+    let event: Value = serde_json::from_slice(&event.payload).expect("json");
+    assert!(
+        event["data"]["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("not a provis CallEnvelope"),
+        "{event}"
+    );
     assert_eq!(garbage.minion, "m1");
     assert_eq!(code_of(&garbage).0, ErrorCode::BadEnvelope);
 

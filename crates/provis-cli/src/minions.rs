@@ -67,7 +67,18 @@ fn print_table(records: &[MinionRecord]) {
             MinionStatus::Stopped => "stopped",
             _ => "offline",
         };
-        let roles: Vec<&str> = record.roles.iter().map(|r| r.as_str()).collect();
+        // Roles given by `provis role assign` rather than git are marked with a '+'.
+        let roles: Vec<String> = record
+            .roles
+            .iter()
+            .map(|r| {
+                if record.overlay_roles.contains(r) {
+                    format!("{r}+")
+                } else {
+                    r.to_string()
+                }
+            })
+            .collect();
         let services: Vec<String> = record
             .services
             .iter()

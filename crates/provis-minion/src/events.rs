@@ -40,3 +40,42 @@ impl EventBus {
         self.local.subscribe()
     }
 }
+
+/// Reports refused calls (malformed, expired, out of policy) as
+/// `call.refused` events, at most one a second: a flood of bad messages must
+/// not become a flood of events. The ones held back are counted in the next.
+#[derive(Debug, Clone)]
+pub struct RefusalReporter {
+    bus: EventBus,
+    last_ms: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    held_back: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl RefusalReporter {
+    pub fn new(bus: EventBus) -> Self {
+        Self {
+            bus,
+            last_ms: Default::default(),
+            held_back: Default::default(),
+        }
+    }
+
+    pub async fn refused(&self, subject: &str, reason: &str) {
+        use std::sync::atomic::Ordering;
+        let now = provis_core::envelope::now_unix_ms();
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if now - last < 1_000
+            || self
+                .last_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let held_back = self.held_back.swap(0, Ordering::Relaxed);
+        let data =
+            serde_json::json!({ "subject": subject, "reason": reason, "held_back": held_back });
+        self.bus.emit("call.refused", data).await;
+    }
+}

@@ -220,12 +220,13 @@ async fn start_inner(
     };
     let max_calls = u32::try_from(config.max_concurrent_calls.clamp(1, 65_536)).unwrap_or(1);
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let runtime_events = events;
     let runtime = Runtime {
         nats,
         subjects: subjects.clone(),
         state_interval: config.state_interval(),
         machine,
-        events,
+        events: runtime_events.clone(),
         dispatcher,
         record,
         heartbeat_interval: config.heartbeat_interval(),
@@ -234,6 +235,7 @@ async fn start_inner(
         background: BackgroundTasks(background),
         owns_connection,
         listener,
+        refusals: events::RefusalReporter::new(runtime_events.clone()),
         labels: config.labels.clone(),
         shared_roles,
         shared_facts,
@@ -261,6 +263,7 @@ struct Runtime {
     /// False when the connection is shared with other minions.
     owns_connection: bool,
     listener: listener::Listener,
+    refusals: events::RefusalReporter,
     /// Labels from the minion's own settings, under those the master assigns.
     labels: std::collections::BTreeMap<String, String>,
     shared_roles: Arc<std::sync::RwLock<Vec<String>>>,
@@ -430,6 +433,9 @@ impl Runtime {
         let minion = self.record.id.to_string();
         let Some(reply_to) = message.reply.clone() else {
             tracing::warn!(%minion, subject = %message.subject, "call without a reply subject ignored");
+            self.refusals
+                .refused(message.subject.as_str(), "no reply subject")
+                .await;
             return;
         };
         let Ok(permit) = self.limit.clone().acquire_owned().await else {
@@ -437,6 +443,7 @@ impl Runtime {
         };
         let nats = self.nats.clone();
         let dispatcher = self.dispatcher.clone();
+        let refusals = self.refusals.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let started = Instant::now();
@@ -458,6 +465,9 @@ impl Runtime {
                 }
                 Err((call_id, err)) => {
                     tracing::warn!(%minion, subject = %message.subject, error = %err, "call refused");
+                    refusals
+                        .refused(message.subject.as_str(), &err.to_string())
+                        .await;
                     error_reply(
                         &call_id,
                         &minion,
