@@ -12,7 +12,8 @@ once=false
 
 ./scripts/install-nats-server.sh
 cargo build --locked --bin provis
-export PATH="$PWD/target/debug:$PATH"
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+export PATH="$target_dir/debug:$PATH"
 
 log=$(mktemp -t provis-up.XXXXXX)
 provis up --minions 3 >"$log" 2>&1 &
@@ -43,6 +44,6 @@ if $once; then
 fi
 echo
 echo "the fleet keeps running: try 'provis call --subject role.web.eu sys.ping' from another shell"
-echo "(with $PWD/target/debug on PATH); Ctrl-C stops it"
+echo "(with $target_dir/debug on PATH); Ctrl-C stops it"
 trap - EXIT
 wait $up

@@ -24,6 +24,18 @@ fn one(id: &str) -> CallTarget {
     CallTarget::Minions(vec![id.parse().expect("id")])
 }
 
+/// Applies a repository whose role `web` runs `counter` 1.0.0; returns the
+/// repository's path and the bundle's digest.
+async fn apply_counter(fleet: &TestFleet) -> (std::path::PathBuf, String) {
+    let repo = fleet.workdir().join("repo");
+    repository(&repo, "1.0.0", COUNTER);
+    fleet.apply(&repo).await.expect("apply");
+    let digest = PackedBundle::from_dir(&repo.join("services/counter"))
+        .expect("pack")
+        .digest;
+    (repo, digest)
+}
+
 /// A repository with one service `counter` (version `v`, body `main`) for role `web`.
 fn repository(root: &Path, version: &str, main: &str) {
     let manifest =
@@ -53,16 +65,11 @@ export function announce() { provis.events.emit("counted", { n: provis.state.get
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_injected_service_answers_over_nats_and_grpc_alike() {
     let mut fleet = TestFleet::start().await.expect("fleet");
-    let repo = fleet.workdir().join("repo");
-    repository(&repo, "1.0.0", COUNTER);
-    fleet.apply(&repo).await.expect("apply");
+    let (_, digest) = apply_counter(&fleet).await;
     fleet
         .add_minion_process(provis(), "m1", &["web.eu"])
         .await
         .expect("m1");
-    let digest = PackedBundle::from_dir(&repo.join("services/counter"))
-        .expect("pack")
-        .digest;
     fleet
         .wait_service("m1", "counter", &digest)
         .await
@@ -130,15 +137,10 @@ async fn an_injected_service_answers_over_nats_and_grpc_alike() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_from_a_service_reach_subscribers() {
     let mut fleet = TestFleet::start().await.expect("fleet");
-    let repo = fleet.workdir().join("repo");
-    repository(&repo, "1.0.0", COUNTER);
-    fleet.apply(&repo).await.expect("apply");
+    let (_, digest) = apply_counter(&fleet).await;
     let nats = fleet.nats().connect().await.expect("nats");
     let mut events = nats.subscribe("provis.event.>").await.expect("subscribe");
     fleet.add_minion("m1", &["web"]).await.expect("m1");
-    let digest = PackedBundle::from_dir(&repo.join("services/counter"))
-        .expect("pack")
-        .digest;
     fleet
         .wait_service("m1", "counter", &digest)
         .await
@@ -173,13 +175,10 @@ async fn events_from_a_service_reach_subscribers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_reload_under_concurrent_calls_fails_no_call() {
     let mut fleet = TestFleet::start().await.expect("fleet");
-    let repo = fleet.workdir().join("repo");
-    repository(&repo, "1.0.0", COUNTER);
-    fleet.apply(&repo).await.expect("apply");
+    let (repo, digest) = apply_counter(&fleet).await;
     fleet.add_minion("m1", &["web"]).await.expect("m1");
-    let v1 = PackedBundle::from_dir(&repo.join("services/counter")).expect("pack");
     fleet
-        .wait_service("m1", "counter", &v1.digest)
+        .wait_service("m1", "counter", &digest)
         .await
         .expect("v1 loaded");
 
@@ -297,13 +296,10 @@ async fn a_hot_reload_under_concurrent_calls_fails_no_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bundle_that_does_not_match_its_digest_is_refused() {
     let mut fleet = TestFleet::start().await.expect("fleet");
-    let repo = fleet.workdir().join("repo");
-    repository(&repo, "1.0.0", COUNTER);
-    fleet.apply(&repo).await.expect("apply");
+    let (repo, digest) = apply_counter(&fleet).await;
     fleet.add_minion("m1", &["web"]).await.expect("m1");
-    let v1 = PackedBundle::from_dir(&repo.join("services/counter")).expect("pack");
     fleet
-        .wait_service("m1", "counter", &v1.digest)
+        .wait_service("m1", "counter", &digest)
         .await
         .expect("v1 loaded");
 
@@ -356,12 +352,7 @@ async fn a_bundle_that_does_not_match_its_digest_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_survives_a_minion_that_dies_and_comes_back() {
     let mut fleet = TestFleet::start().await.expect("fleet");
-    let repo = fleet.workdir().join("repo");
-    repository(&repo, "1.0.0", COUNTER);
-    fleet.apply(&repo).await.expect("apply");
-    let digest = PackedBundle::from_dir(&repo.join("services/counter"))
-        .expect("pack")
-        .digest;
+    let (_, digest) = apply_counter(&fleet).await;
     fleet
         .add_minion_process(provis(), "m1", &["web"])
         .await

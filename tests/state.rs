@@ -346,7 +346,7 @@ async fn provis_events_lists_and_follows_the_fleet_s_events() {
             "events",
             "--follow",
             "--since",
-            "1s",
+            "30s",
             "--type",
             "minion.offline",
         ])

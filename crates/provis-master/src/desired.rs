@@ -38,38 +38,13 @@ pub struct AppliedRecord {
     pub changes: ApplySummary,
 }
 
-/// Where desired state comes from; part of the master's settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Where desired state comes from: the part of the master's settings
+/// ([`crate::MasterConfig::source`]) the loop follows and takes up on reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceSettings {
-    /// The config repository: a local path or a file:// or git:// URL. Default: none.
-    #[serde(default)]
     pub repository: Option<String>,
-    /// The branch followed. Default: main.
-    #[serde(default = "default_branch")]
     pub branch: String,
-    /// How often the branch is fetched, in seconds (master.toml in the
-    /// repository may say otherwise). Default: 10.
-    #[serde(default = "default_poll_interval_s")]
     pub poll_interval_s: u64,
-}
-
-fn default_branch() -> String {
-    "main".to_owned()
-}
-
-fn default_poll_interval_s() -> u64 {
-    10
-}
-
-impl Default for SourceSettings {
-    fn default() -> Self {
-        Self {
-            repository: None,
-            branch: default_branch(),
-            poll_interval_s: default_poll_interval_s(),
-        }
-    }
 }
 
 /// A request the desired-state loop answers.
