@@ -10,7 +10,7 @@ use provis_proto::v1::minion_client::MinionClient;
 use provis_proto::v1::{
     GetStateRequest, HealthRequest, ListServicesRequest, WatchEventsRequest, call_reply,
 };
-use provis_testkit::{TestFleet, write_files};
+use provis_testkit::{TestFleet, run_to_end, write_files};
 use serde_json::Value;
 
 fn provis() -> &'static Path {
@@ -155,4 +155,66 @@ async fn the_local_api_serves_health_services_state_events_and_calls() {
         matches!(reply.outcome, Some(call_reply::Outcome::Error(ref e)) if e.message.contains("not a valid name")),
         "{reply:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_api_serves_tls_when_configured_and_never_plaintext_off_loopback() {
+    let mut fleet = TestFleet::start().await.expect("fleet");
+    let issued =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    let (cert, key) = (
+        fleet.workdir().join("grpc.pem"),
+        fleet.workdir().join("grpc.key"),
+    );
+    std::fs::write(&cert, issued.cert.pem()).expect("cert");
+    std::fs::write(&key, issued.signing_key.serialize_pem()).expect("key");
+    let args = [
+        "--grpc-tls-cert".as_ref(),
+        cert.as_os_str(),
+        "--grpc-tls-key".as_ref(),
+        key.as_os_str(),
+    ];
+    fleet
+        .add_minion_process_with(provis(), "m1", &["web"], &args)
+        .await
+        .expect("m1 with TLS");
+
+    let call = |extra: &[&std::ffi::OsStr]| {
+        let mut command = fleet.provis_command(provis());
+        command
+            .args([
+                "call", "--via", "grpc", "--minion", "m1", "--output", "json",
+            ])
+            .args(extra)
+            .arg("sys.ping");
+        let (code, stdout, _) = run_to_end(&mut command).expect("provis call");
+        (
+            code,
+            serde_json::from_str::<Value>(&stdout).unwrap_or_default(),
+        )
+    };
+    let (code, report) = call(&["--grpc-ca".as_ref(), cert.as_os_str()]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["replies"][0]["result"]["pong"], true);
+    let (code, report) = call(&[]);
+    assert_eq!(code, 1);
+    assert!(
+        report["replies"][0]["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--grpc-ca"),
+        "{report}"
+    );
+
+    // Plaintext off loopback is refused before anything listens.
+    let (code, _, stderr) = run_to_end(
+        fleet
+            .provis_command(provis())
+            .args(["minion", "--id", "m9", "--grpc-listen", "0.0.0.0:0"])
+            .arg("--data-dir")
+            .arg(fleet.workdir().join("m9")),
+    )
+    .expect("minion");
+    assert_ne!(code, 0);
+    assert!(stderr.contains("must serve TLS"), "{stderr}");
 }

@@ -77,6 +77,13 @@ pub struct CallArgs {
     /// looking its address up in the registry
     #[arg(long, requires = "minion")]
     grpc_addr: Option<String>,
+    /// PEM certificate of the authority that signed the minions' gRPC TLS
+    /// certificates (needed when their API speaks TLS)
+    #[arg(long, env = "PROVIS_GRPC_CA")]
+    grpc_ca: Option<std::path::PathBuf>,
+    /// The name the minions' gRPC certificates are issued to
+    #[arg(long, env = "PROVIS_GRPC_DOMAIN", default_value = "localhost")]
+    grpc_domain: String,
     /// SERVICE.METHOD, e.g. sys.ping
     function: String,
     /// Arguments as one JSON document
@@ -173,7 +180,11 @@ pub async fn run(fleet: &FleetArgs, args: CallArgs) -> anyhow::Result<ExitCode> 
             )
             .into());
         }
-        call_via_grpc(fleet, &target, &request, args.grpc_addr.as_deref()).await?
+        let tls = GrpcTls {
+            ca: args.grpc_ca.clone(),
+            domain: args.grpc_domain.clone(),
+        };
+        call_via_grpc(fleet, &target, &request, args.grpc_addr.as_deref(), &tls).await?
     } else {
         let client = fleet.client().await?;
         let selection = client
@@ -307,11 +318,60 @@ fn print_table(report: &CallReport, target: &CallTarget, timeout: Duration) {
 
 /// Calls each named minion through its local gRPC API, found in the registry
 /// (or given with --grpc-addr), and reports exactly as a call over NATS does.
+/// A minion's gRPC address, and whether it speaks TLS.
+type ApiAddress = (String, bool);
+
+/// How to reach minions' gRPC APIs that speak TLS.
+struct GrpcTls {
+    ca: Option<std::path::PathBuf>,
+    domain: String,
+}
+
+impl GrpcTls {
+    /// A connection to `addr`, over TLS when `tls`.
+    async fn connect(
+        &self,
+        addr: &str,
+        tls: bool,
+    ) -> Result<MinionClient<tonic::transport::Channel>, String> {
+        use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+        let endpoint = if tls {
+            let Some(ca) = &self.ca else {
+                return Err(
+                    "its gRPC API speaks TLS: give --grpc-ca (the certificate that signed it)"
+                        .into(),
+                );
+            };
+            let pem =
+                std::fs::read(ca).map_err(|err| format!("cannot read {}: {err}", ca.display()))?;
+            let config = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(pem))
+                .domain_name(self.domain.clone());
+            Channel::from_shared(format!("https://{addr}"))
+                .map_err(|e| e.to_string())?
+                .tls_config(config)
+                .map_err(|e| e.to_string())?
+        } else {
+            Channel::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?
+        };
+        let channel = endpoint.connect().await.map_err(|err| {
+            format!(
+                "{err}: {}",
+                std::error::Error::source(&err)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            )
+        })?;
+        Ok(MinionClient::new(channel))
+    }
+}
+
 async fn call_via_grpc(
     fleet: &FleetArgs,
     target: &CallTarget,
     request: &CallRequest,
     grpc_addr: Option<&str>,
+    tls: &GrpcTls,
 ) -> anyhow::Result<CallReport> {
     let CallTarget::Minions(ids) = target else {
         return Err(UsageError(
@@ -319,7 +379,7 @@ async fn call_via_grpc(
         )
         .into());
     };
-    let addresses: Vec<(MinionId, Result<String, String>)> = match grpc_addr {
+    let addresses: Vec<(MinionId, Result<ApiAddress, String>)> = match grpc_addr {
         Some(addr) => {
             let [id] = ids.as_slice() else {
                 return Err(UsageError(
@@ -327,7 +387,7 @@ async fn call_via_grpc(
                 )
                 .into());
             };
-            vec![(id.clone(), Ok(addr.to_owned()))]
+            vec![(id.clone(), Ok((addr.to_owned(), tls.ca.is_some())))]
         }
         None => {
             let client = fleet.client().await?;
@@ -341,6 +401,7 @@ async fn call_via_grpc(
                         .and_then(|r| {
                             r.grpc_addr
                                 .clone()
+                                .map(|addr| (addr, r.grpc_tls))
                                 .ok_or_else(|| format!("{id} serves no gRPC API"))
                         });
                     (id.clone(), addr)
@@ -351,7 +412,7 @@ async fn call_via_grpc(
     let envelope = request.to_envelope(&crate::fleet_args::operator_identity(), target);
     let mut gathered = ReplyGatherer::new(ids.clone(), envelope.call_id.clone());
     for (id, addr) in addresses {
-        let addr = match addr {
+        let (addr, speaks_tls) = match addr {
             Ok(addr) => addr,
             Err(reason) => {
                 gathered.unreachable(id.as_str(), reason);
@@ -360,9 +421,7 @@ async fn call_via_grpc(
         };
         let started = Instant::now();
         let attempt = tokio::time::timeout(request.timeout, async {
-            let mut api = MinionClient::connect(format!("http://{addr}"))
-                .await
-                .map_err(|err| err.to_string())?;
+            let mut api = tls.connect(&addr, speaks_tls).await?;
             api.call(envelope.clone())
                 .await
                 .map_err(|status| status.message().to_owned())

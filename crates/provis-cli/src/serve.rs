@@ -91,6 +91,12 @@ pub struct MinionArgs {
     /// Address of the local gRPC API, or `off` [default: 127.0.0.1:0]
     #[arg(long, env = "PROVIS_GRPC_LISTEN")]
     grpc_listen: Option<String>,
+    /// PEM certificate of the gRPC API (serves TLS with --grpc-tls-key)
+    #[arg(long, env = "PROVIS_GRPC_TLS_CERT")]
+    grpc_tls_cert: Option<PathBuf>,
+    /// PEM private key of the gRPC API
+    #[arg(long, env = "PROVIS_GRPC_TLS_KEY")]
+    grpc_tls_key: Option<PathBuf>,
 }
 
 pub async fn run_master(fleet: &FleetArgs, args: MasterArgs) -> anyhow::Result<ExitCode> {
@@ -182,6 +188,17 @@ pub async fn run_minion(fleet: &FleetArgs, args: MinionArgs) -> anyhow::Result<E
     }
     if let Some(listen) = &args.grpc_listen {
         overrides.insert("grpc_listen".into(), listen.as_str().into());
+    }
+    for (key, path) in [
+        ("grpc_tls_cert", &args.grpc_tls_cert),
+        ("grpc_tls_key", &args.grpc_tls_key),
+    ] {
+        if let Some(path) = path {
+            overrides.insert(
+                key.into(),
+                path.to_str().context("path is not UTF-8")?.into(),
+            );
+        }
     }
     let mut config: toml::Table = layered_config(fleet, args.config.as_deref(), overrides)?;
     if !config.contains_key("id") {

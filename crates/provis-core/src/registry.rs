@@ -56,6 +56,9 @@ pub struct MinionRecord {
     /// Address of the minion's local gRPC API, when it serves one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grpc_addr: Option<String>,
+    /// Whether that API speaks TLS.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub grpc_tls: bool,
 }
 
 impl MinionRecord {
@@ -165,6 +168,7 @@ mod tests {
             facts: serde_json::Value::Null,
             state: serde_json::Value::Null,
             grpc_addr: None,
+            grpc_tls: false,
             converged_commit: None,
             overlay_roles: Vec::new(),
         }

@@ -288,6 +288,7 @@ mod tests {
             facts: json!({ "os": "debian", "mem_total_mb": 8000, "labels": labels }),
             state: json!({ "mem": { "free_pct": free_pct } }),
             grpc_addr: None,
+            grpc_tls: false,
             converged_commit: None,
             overlay_roles: Vec::new(),
         }

@@ -204,6 +204,7 @@ fn bare_record(id: &str) -> Option<MinionRecord> {
         facts: Value::Object(Default::default()),
         state: Value::Null,
         grpc_addr: None,
+        grpc_tls: false,
         converged_commit: None,
         overlay_roles: Vec::new(),
     })

@@ -43,6 +43,14 @@ pub struct MinionConfig {
     /// a free port; the registry and `provis call --via grpc` know which).
     #[serde(default = "default_grpc_listen")]
     pub grpc_listen: String,
+    /// PEM certificate (chain) of the gRPC API; with `grpc_tls_key`, the API
+    /// serves TLS. Required when `grpc_listen` is not a loopback address.
+    /// Default: none.
+    #[serde(default)]
+    pub grpc_tls_cert: Option<PathBuf>,
+    /// PEM private key of the gRPC API. Default: none.
+    #[serde(default)]
+    pub grpc_tls_key: Option<PathBuf>,
     /// Free-form labels, part of the facts (`facts.labels.team == "payments"`). Default: none.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -85,6 +93,8 @@ impl MinionConfig {
             state_interval_ms: default_state_interval_ms(),
             data_dir: None,
             grpc_listen: default_grpc_listen(),
+            grpc_tls_cert: None,
+            grpc_tls_key: None,
             labels: BTreeMap::new(),
             inject_services: true,
         }

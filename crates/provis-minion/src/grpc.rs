@@ -17,6 +17,7 @@ use provis_proto::v1::{
     HealthResponse, ListServicesRequest, ListServicesResponse, ServiceInfo, StateEntry,
     WatchEventsRequest,
 };
+use tonic::transport::{Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 use crate::dispatch::Dispatcher;
@@ -29,14 +30,45 @@ pub struct MinionApi {
     pub state: Arc<StateStore>,
     pub events: EventBus,
     pub nats: async_nats::Client,
-    pub roles: Vec<String>,
+    /// Changes when the master assigns other roles.
+    pub roles: Arc<std::sync::RwLock<Vec<String>>>,
     pub started: Instant,
 }
 
-/// Serves the API on `listener` until the task is aborted.
-pub async fn serve(api: MinionApi, listener: tokio::net::TcpListener) {
+/// The TLS identity from `grpc_tls_cert` and `grpc_tls_key`: none when
+/// neither is set, an error when only one is or a file cannot be read.
+pub fn tls_identity(config: &crate::MinionConfig) -> Result<Option<Identity>, crate::MinionError> {
+    let fail = |reason: String| crate::MinionError::Grpc {
+        addr: config.grpc_listen.clone(),
+        reason,
+    };
+    match (&config.grpc_tls_cert, &config.grpc_tls_key) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => {
+            let read = |path: &std::path::Path| {
+                std::fs::read(path)
+                    .map_err(|err| fail(format!("cannot read {}: {err}", path.display())))
+            };
+            Ok(Some(Identity::from_pem(read(cert)?, read(key)?)))
+        }
+        _ => Err(fail("grpc_tls_cert and grpc_tls_key go together".into())),
+    }
+}
+
+/// Serves the API on `listener` (over TLS with `tls`) until the task is aborted.
+pub async fn serve(api: MinionApi, listener: tokio::net::TcpListener, tls: Option<Identity>) {
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
-    if let Err(err) = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(identity) = tls {
+        server = match server.tls_config(ServerTlsConfig::new().identity(identity)) {
+            Ok(server) => server,
+            Err(err) => {
+                tracing::error!(error = %err, "gRPC TLS settings refused; the API does not start");
+                return;
+            }
+        };
+    }
+    if let Err(err) = server
         .add_service(MinionServer::new(api))
         .serve_with_incoming(incoming)
         .await
@@ -111,7 +143,7 @@ impl Minion for MinionApi {
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
         Ok(Response::new(HealthResponse {
             minion: self.dispatcher.minion().to_owned(),
-            roles: self.roles.clone(),
+            roles: self.roles.read().map(|r| r.clone()).unwrap_or_default(),
             version: provis_core::VERSION.to_owned(),
             uptime_s: self.started.elapsed().as_secs(),
             nats_connected: self.nats.connection_state()

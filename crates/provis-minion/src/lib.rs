@@ -176,15 +176,31 @@ async fn start_inner(
             converged_tx,
         )));
     }
+    let grpc_tls = config.grpc_tls_cert.is_some();
     let grpc_addr = if config.grpc_listen == "off" {
         None
     } else {
-        let listener = tokio::net::TcpListener::bind(&config.grpc_listen)
-            .await
-            .map_err(|err| MinionError::Grpc {
+        let tls = grpc::tls_identity(&config)?;
+        let wanted: std::net::SocketAddr =
+            config.grpc_listen.parse().map_err(|_| MinionError::Grpc {
                 addr: config.grpc_listen.clone(),
-                reason: err.to_string(),
+                reason: "grpc_listen must be IP:PORT (e.g. 127.0.0.1:7422) or off".into(),
             })?;
+        if !wanted.ip().is_loopback() && tls.is_none() {
+            return Err(MinionError::Grpc {
+                addr: config.grpc_listen.clone(),
+                reason:
+                    "a gRPC API off loopback must serve TLS: set grpc_tls_cert and grpc_tls_key"
+                        .into(),
+            });
+        }
+        let listener =
+            tokio::net::TcpListener::bind(wanted)
+                .await
+                .map_err(|err| MinionError::Grpc {
+                    addr: config.grpc_listen.clone(),
+                    reason: err.to_string(),
+                })?;
         let addr = listener.local_addr().map_err(|err| MinionError::Grpc {
             addr: config.grpc_listen.clone(),
             reason: err.to_string(),
@@ -194,10 +210,10 @@ async fn start_inner(
             state: state.clone(),
             events: events.clone(),
             nats: nats.clone(),
-            roles: config.roles.iter().map(ToString::to_string).collect(),
+            roles: shared_roles.clone(),
             started,
         };
-        background.push(tokio::spawn(grpc::serve(api, listener)));
+        background.push(tokio::spawn(grpc::serve(api, listener, tls)));
         tracing::info!(minion = %config.id, %addr, "gRPC API listening");
         Some(addr.to_string())
     };
@@ -215,6 +231,7 @@ async fn start_inner(
         facts,
         state: machine.sample(),
         grpc_addr,
+        grpc_tls,
         converged_commit: None,
         overlay_roles: Vec::new(),
     };

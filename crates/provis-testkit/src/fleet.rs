@@ -259,6 +259,18 @@ impl TestFleet {
         id: &str,
         roles: &[&str],
     ) -> anyhow::Result<()> {
+        self.add_minion_process_with(provis_bin, id, roles, &[])
+            .await
+    }
+
+    /// Starts `provis minion` with `extra` arguments as a process and waits until it is live.
+    pub async fn add_minion_process_with(
+        &mut self,
+        provis_bin: &Path,
+        id: &str,
+        roles: &[&str],
+        extra: &[&std::ffi::OsStr],
+    ) -> anyhow::Result<()> {
         let mut command = self.provis_command(provis_bin);
         command
             .args(["minion", "--id", id, "--heartbeat-interval-ms"])
@@ -268,6 +280,7 @@ impl TestFleet {
         if !roles.is_empty() {
             command.args(["--roles", &roles.join(",")]);
         }
+        command.args(extra);
         let log = self.workdir.path().join(format!("{id}.log"));
         let process = ProvisProcess::spawn(id, command, &log)?;
         self.processes.insert(id.to_owned(), process);
