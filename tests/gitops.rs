@@ -425,6 +425,11 @@ async fn a_master_process_takes_up_its_settings_file_without_a_restart() {
     let log = fleet.workdir().join("master.log");
     let mut master = provis_testkit::ProvisProcess::spawn("master", master, &log).expect("master");
     fleet.add_minion("m1", &[]).await.expect("m1");
+    eventually("the master is serving", Duration::from_secs(10), || async {
+        master.log().contains("master serving")
+    })
+    .await
+    .expect("master up");
     // Nothing to follow yet; then the file names the repository.
     std::fs::write(
         &settings,

@@ -47,4 +47,9 @@ pub struct Assignment {
     pub settings: MinionSettings,
     /// The applied commit this assignment belongs to.
     pub commit: String,
+    /// What the minion runs when it has converged on `commit`: service name
+    /// → bundle digest. A minion reports the commit only once it runs these
+    /// (or tried and failed), not merely once it heard of its roles.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<String, String>,
 }

@@ -198,6 +198,7 @@ impl Assignments {
             overlay_roles,
             settings,
             commit: commit.to_owned(),
+            services: BTreeMap::new(),
         }
     }
 }

@@ -380,10 +380,23 @@ impl DesiredState {
                 .await
                 .unwrap_or_default(),
         };
+        let specs: BTreeMap<String, provis_core::roles::RoleSpec> = repo
+            .roles
+            .iter()
+            .map(|(role, spec)| (role.to_string(), spec.clone()))
+            .collect();
         for record in records {
-            let assignment =
+            let mut assignment =
                 repo.assignments
                     .assign(&record, overlay.get(record.id.as_str()), commit);
+            assignment.services = provis_core::roles::services_for(&assignment.roles, &specs)
+                .into_keys()
+                .filter_map(|name| {
+                    repo.services
+                        .get(&name)
+                        .map(|bundle| (name, bundle.digest.clone()))
+                })
+                .collect();
             let Ok(value) = serde_json::to_vec(&assignment) else {
                 continue;
             };

@@ -151,7 +151,7 @@ async fn start_inner(
     ))];
     let (desired, desired_rx) = watch::channel(services::DesiredRoles {
         roles: config.roles.clone(),
-        commit: None,
+        ..services::DesiredRoles::default()
     });
     let (converged_tx, converged) = watch::channel(None);
     let (assignments_tx, assignments) = tokio::sync::mpsc::channel(16);
@@ -390,6 +390,7 @@ impl Runtime {
         self.desired.send_replace(services::DesiredRoles {
             roles: assignment.roles,
             commit: Some(assignment.commit.clone()),
+            services: assignment.services,
         });
         if !self.inject_services {
             // No services to converge: taking the assignment is converging.

@@ -88,6 +88,8 @@ pub struct HostTemplate {
 pub struct DesiredRoles {
     pub roles: Vec<RoleName>,
     pub commit: Option<String>,
+    /// Service → digest this minion runs once converged on `commit`.
+    pub services: BTreeMap<String, String>,
 }
 
 /// Keeps `table` in step with the desired state until the connection ends,
@@ -218,7 +220,21 @@ impl Reconciler {
     async fn reconcile(&mut self) {
         let desired = self.desired.borrow().clone();
         self.reconcile_roles(&desired.roles).await;
-        self.converged.send_replace(desired.commit);
+        // Converged once every expected service runs (or failed) at its
+        // expected digest: role specs and pointers may arrive after the
+        // assignment, and a later change reconciles again.
+        let caught_up = desired.services.iter().all(|(name, digest)| {
+            self.table
+                .get(name)
+                .is_some_and(|s| s.sandbox.digest() == digest)
+                || self
+                    .failed
+                    .get(name)
+                    .is_some_and(|(failed, _)| failed == digest)
+        });
+        if caught_up {
+            self.converged.send_replace(desired.commit);
+        }
     }
 
     async fn reconcile_roles(&mut self, roles: &[RoleName]) {
