@@ -296,6 +296,10 @@ async fn minions_sample_their_machine_and_services_can_query_the_fleet() {
             .contains("capability fleet_query is not granted"),
         "{error:?}"
     );
+    assert_eq!(
+        error.code, "denied",
+        "a capability denial is told apart from a failure"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -274,6 +274,7 @@ impl Client {
                 reason: format!("named: {}", target.describe()),
                 chosen,
                 missing_fields: Default::default(),
+                filtered: false,
             });
         }
         let records = registry::read_all(&self.registry().await?).await?;
@@ -323,7 +324,7 @@ impl Client {
         }
         .max(1);
         // Only a call to every live member may go without naming them.
-        let whole_target = chosen.len() == selection.live;
+        let whole_target = chosen.len() == selection.live && !selection.filtered;
         let mut lines = Vec::with_capacity(chosen.len());
         let mut discarded = 0;
         let mut batches = 0;

@@ -204,7 +204,7 @@ pub fn check_envelope(envelope: CallEnvelope) -> Result<CheckedCall, EnvelopeErr
         serde_json::from_str(&envelope.args_json)
             .map_err(|err| EnvelopeError::BadArguments(err.to_string()))?
     };
-    let late = now_unix_ms() - envelope.deadline_unix_ms;
+    let late = now_unix_ms().saturating_sub(envelope.deadline_unix_ms);
     if late > 0 {
         return Err(EnvelopeError::Expired(late));
     }

@@ -168,6 +168,10 @@ pub struct Selection {
     pub missing_fields: BTreeMap<String, usize>,
     /// One line: target, filter, pick.
     pub reason: String,
+    /// True when a `--where` filter chose: then the call must name its
+    /// minions, since a minion the registry does not list was never checked.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub filtered: bool,
 }
 
 /// Selects from `records` (one registry snapshot taken at `now_unix_ms`).
@@ -188,16 +192,30 @@ pub fn select(
         .collect();
     let mut matched = Vec::new();
     let mut missing_fields: BTreeMap<String, usize> = BTreeMap::new();
+    let mut failures = Vec::new();
     for record in &live {
         let verdict = match filter {
             None => Verdict::Match,
-            Some(filter) => filter.evaluate(record)?,
+            // A name no minion can have is the expression's fault: stop.
+            Some(filter) => match filter.evaluate(record) {
+                Err(err @ SelectError::UnknownField { .. }) => return Err(err),
+                // One minion's odd data (a string where a number was meant)
+                // must not hide the rest of the fleet: it just does not match.
+                Err(err) => {
+                    failures.push(err);
+                    continue;
+                }
+                Ok(verdict) => verdict,
+            },
         };
         match verdict {
             Verdict::Match => matched.push(*record),
             Verdict::NoMatch => {}
             Verdict::Missing(field) => *missing_fields.entry(field).or_default() += 1,
         }
+    }
+    if matched.is_empty() && !live.is_empty() && failures.len() == live.len() {
+        return Err(failures.swap_remove(0));
     }
     if matched.is_empty()
         && !live.is_empty()
@@ -235,6 +253,7 @@ pub fn select(
         chosen,
         missing_fields,
         reason,
+        filtered: filter.is_some(),
     })
 }
 

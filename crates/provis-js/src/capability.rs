@@ -7,6 +7,7 @@
 //! link inside a granted directory cannot point outside it).
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -99,16 +100,29 @@ pub fn check_path(
     }
     // Resolve symlinks: of the path itself when it exists, else of its parent
     // (a file about to be created). A dangling or looping link is refused.
-    let resolved = match wanted.canonicalize() {
-        Ok(resolved) => resolved,
-        Err(_) if std::fs::symlink_metadata(&wanted).is_ok() => return Err(deny(&wanted)),
-        Err(_) => {
-            let parent = wanted.parent().ok_or_else(|| deny(&wanted))?;
-            let name = wanted.file_name().ok_or_else(|| deny(&wanted))?;
-            match parent.canonicalize() {
-                Ok(parent) => parent.join(name),
-                // The parent does not exist either: nothing to follow, the lexical check stands.
-                Err(_) => wanted.clone(),
+    // Resolve symlinks through the longest part of the path that exists, then
+    // put the missing rest back: a link anywhere on the way (even above
+    // directories `mkdir` is about to create) is followed before the check.
+    // A dangling or looping link is refused.
+    let mut existing = wanted.as_path();
+    let mut missing = Vec::new();
+    let resolved = loop {
+        match existing.canonicalize() {
+            Ok(real) => {
+                break missing
+                    .iter()
+                    .rev()
+                    .fold(real, |path, part| path.join(part));
+            }
+            Err(_) if std::fs::symlink_metadata(existing).is_ok() => return Err(deny(&wanted)),
+            Err(_) => {
+                missing.push(
+                    existing
+                        .file_name()
+                        .ok_or_else(|| deny(&wanted))?
+                        .to_owned(),
+                );
+                existing = existing.parent().ok_or_else(|| deny(&wanted))?;
             }
         }
     };
@@ -154,6 +168,8 @@ pub fn run_program(
 ) -> std::io::Result<ExecOutcome> {
     let mut child = Command::new(program)
         .args(args)
+        // Its own process group, so a timeout kills whatever it started too.
+        .process_group(0)
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .stdin(Stdio::null())
@@ -187,6 +203,10 @@ pub fn run_program(
             break (Some(status), false);
         }
         if started.elapsed() >= timeout {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let group = nix::unistd::Pid::from_raw(pid);
+                let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+            }
             let _ = child.kill();
             let _ = child.wait();
             break (None, true);
@@ -239,6 +259,9 @@ mod tests {
         assert!(check_path(&c, &s(&www.join("link")), Access::Read).is_err());
         assert!(check_path(&c, &s(&www.join("link")), Access::Write).is_err());
         std::os::unix::fs::symlink(&root, www.join("up")).unwrap();
+        // through a link, into directories that do not exist yet (mkdir -p)
+        assert!(check_path(&c, &s(&www.join("up/new/deeper")), Access::Write).is_err());
+        assert!(check_path(&c, &s(&www.join("sub/new/deeper")), Access::Write).is_ok());
         assert!(check_path(&c, &s(&www.join("up/secret")), Access::Read).is_err());
         // a read-only grant does not allow writing; relative paths are refused
         let c = caps(&[&www], &[]);
@@ -269,6 +292,16 @@ mod tests {
         )
         .unwrap();
         assert!(out.timed_out);
+        // A program that leaves a child holding its output is cut off with it.
+        let started = std::time::Instant::now();
+        let script = vec!["-c".to_owned(), "sleep 30 & sleep 30".to_owned()];
+        let out = run_program(Path::new("/bin/sh"), &script, Duration::from_millis(200)).unwrap();
+        assert!(out.timed_out);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }
 

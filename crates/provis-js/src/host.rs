@@ -51,7 +51,7 @@ pub struct HostContext {
     pub capabilities: Capabilities,
     pub state: Arc<StateStore>,
     /// Where `provis.events.emit` sends; `None` drops events (bundle checks).
-    pub events: Option<tokio::sync::mpsc::UnboundedSender<ServiceEvent>>,
+    pub events: Option<tokio::sync::mpsc::Sender<ServiceEvent>>,
     /// How `provis.fleet.query` reaches the master; `None` where there is none.
     pub fleet: Option<FleetQuery>,
 }
@@ -104,6 +104,17 @@ fn from_js<'js>(ctx: &Ctx<'js>, value: Value<'js>) -> JsResult<serde_json::Value
 
 fn throw<T>(ctx: &Ctx<'_>, message: impl std::fmt::Display) -> JsResult<T> {
     Err(Exception::throw_message(ctx, &message.to_string()))
+}
+
+/// The name of the error a capability denial throws, so callers can tell a
+/// denial (`denied`) from a failure of the service's own.
+pub const DENIED_ERROR_NAME: &str = "PermissionDenied";
+
+/// Throws a `PermissionDenied` error: the manifest does not grant this.
+fn deny<T>(ctx: &Ctx<'_>, message: impl std::fmt::Display) -> JsResult<T> {
+    let exception = Exception::from_message(ctx.clone(), &message.to_string())?;
+    exception.set("name", DENIED_ERROR_NAME)?;
+    Err(ctx.throw(exception.into_value()))
 }
 
 /// The running call's deadline, shared with the interrupt handler, so that a
@@ -239,15 +250,22 @@ fn events_api<'js>(ctx: &Ctx<'js>, host: &HostContext) -> JsResult<Object<'js>> 
                     Some(value) => from_js(&ctx, value)?,
                     None => serde_json::Value::Null,
                 };
-                if let Some(sink) = &sink {
-                    // The receiver only goes away when the minion stops; then events have nowhere to go.
-                    let _ = sink.send(crate::host::ServiceEvent {
-                        service: service.clone(),
-                        kind,
-                        data,
-                    });
+                let Some(sink) = &sink else { return Ok(()) };
+                let event = crate::host::ServiceEvent {
+                    service: service.clone(),
+                    kind,
+                    data,
+                };
+                match sink.try_send(event) {
+                    // The queue is bounded, outside the service's memory limit: a
+                    // service emitting faster than events can leave is told so.
+                    Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => throw(
+                        &ctx,
+                        "events are emitted faster than they can be sent; slow down",
+                    ),
+                    // Closed only when the minion stops: nowhere to go.
+                    _ => Ok(()),
                 }
-                Ok(())
             },
         )?,
     )?;
@@ -283,7 +301,7 @@ fn fs_api<'js>(ctx: &Ctx<'js>, host: &HostContext) -> JsResult<Object<'js>> {
             ctx.clone(),
             move |ctx: Ctx<'js>, path: String| -> JsResult<String> {
                 let path = capability::check_path(&caps, &path, Access::Read)
-                    .or_else(|err| throw(&ctx, err))?;
+                    .or_else(|err| deny(&ctx, err))?;
                 std::fs::read_to_string(&path)
                     .or_else(|err| throw(&ctx, format!("cannot read {}: {err}", path.display())))
             },
@@ -296,7 +314,7 @@ fn fs_api<'js>(ctx: &Ctx<'js>, host: &HostContext) -> JsResult<Object<'js>> {
             ctx.clone(),
             move |ctx: Ctx<'js>, path: String| -> JsResult<bool> {
                 let path = capability::check_path(&caps, &path, Access::Read)
-                    .or_else(|err| throw(&ctx, err))?;
+                    .or_else(|err| deny(&ctx, err))?;
                 Ok(path.exists())
             },
         )?,
@@ -308,7 +326,7 @@ fn fs_api<'js>(ctx: &Ctx<'js>, host: &HostContext) -> JsResult<Object<'js>> {
             ctx.clone(),
             move |ctx: Ctx<'js>, path: String| -> JsResult<Vec<String>> {
                 let path = capability::check_path(&caps, &path, Access::Read)
-                    .or_else(|err| throw(&ctx, err))?;
+                    .or_else(|err| deny(&ctx, err))?;
                 let entries = std::fs::read_dir(&path)
                     .or_else(|err| throw(&ctx, format!("cannot list {}: {err}", path.display())))?;
                 let mut names: Vec<String> = entries
@@ -327,7 +345,7 @@ fn fs_api<'js>(ctx: &Ctx<'js>, host: &HostContext) -> JsResult<Object<'js>> {
             ctx.clone(),
             move |ctx: Ctx<'js>, path: String, text: Coerced<String>| -> JsResult<()> {
                 let path = capability::check_path(&caps, &path, Access::Write)
-                    .or_else(|err| throw(&ctx, err))?;
+                    .or_else(|err| deny(&ctx, err))?;
                 std::fs::write(&path, text.0)
                     .or_else(|err| throw(&ctx, format!("cannot write {}: {err}", path.display())))
             },
@@ -340,7 +358,7 @@ fn fs_api<'js>(ctx: &Ctx<'js>, host: &HostContext) -> JsResult<Object<'js>> {
             ctx.clone(),
             move |ctx: Ctx<'js>, path: String| -> JsResult<()> {
                 let path = capability::check_path(&caps, &path, Access::Write)
-                    .or_else(|err| throw(&ctx, err))?;
+                    .or_else(|err| deny(&ctx, err))?;
                 std::fs::create_dir_all(&path)
                     .or_else(|err| throw(&ctx, format!("cannot create {}: {err}", path.display())))
             },
@@ -353,7 +371,7 @@ fn fs_api<'js>(ctx: &Ctx<'js>, host: &HostContext) -> JsResult<Object<'js>> {
             ctx.clone(),
             move |ctx: Ctx<'js>, path: String| -> JsResult<bool> {
                 let path = capability::check_path(&caps, &path, Access::Write)
-                    .or_else(|err| throw(&ctx, err))?;
+                    .or_else(|err| deny(&ctx, err))?;
                 match std::fs::remove_file(&path) {
                     Ok(()) => Ok(true),
                     Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(false),
@@ -385,7 +403,7 @@ fn exec_api<'js>(
                   options: Opt<Object<'js>>|
                   -> JsResult<Value<'js>> {
                 let program =
-                    capability::check_program(&caps, &program).or_else(|err| throw(&ctx, err))?;
+                    capability::check_program(&caps, &program).or_else(|err| deny(&ctx, err))?;
                 let args: Vec<String> = match args.0 {
                     Some(array) => array
                         .iter::<Coerced<String>>()
@@ -435,7 +453,7 @@ fn http_api<'js>(
                 let url: String = options
                     .get("url")
                     .or_else(|_| throw(&ctx, "http.request needs {url: \"http://…\"}"))?;
-                let uri = capability::check_http(&caps, &url).or_else(|err| throw(&ctx, err))?;
+                let uri = capability::check_http(&caps, &url).or_else(|err| deny(&ctx, err))?;
                 let method = options
                     .get::<_, Option<String>>("method")?
                     .unwrap_or_else(|| "GET".to_owned());
@@ -484,7 +502,7 @@ fn fleet_api<'js>(ctx: &Ctx<'js>, host: &HostContext) -> JsResult<Object<'js>> {
         "query",
         Function::new(ctx.clone(), move |ctx: Ctx<'js>, expression: String, options: Opt<Object<'js>>| -> JsResult<Value<'js>> {
             if !granted {
-                return throw(&ctx, "capability fleet_query is not granted (service.toml: [capabilities] fleet_query = true)");
+                return deny(&ctx, "capability fleet_query is not granted (service.toml: [capabilities] fleet_query = true)");
             }
             let Some(fleet) = &fleet else {
                 return throw(&ctx, "this minion cannot reach the fleet's state database");

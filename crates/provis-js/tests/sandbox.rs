@@ -225,7 +225,7 @@ fn host_with(
 ) -> (
     PackedBundle,
     HostContext,
-    tokio::sync::mpsc::UnboundedReceiver<provis_js::ServiceEvent>,
+    tokio::sync::mpsc::Receiver<provis_js::ServiceEvent>,
 ) {
     let manifest = format!("name = \"site\"\nversion = \"1\"\n{manifest_caps}");
     let b = bundle(&[
@@ -249,7 +249,7 @@ fn host_with(
         "#,
         ),
     ]);
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
     let state = Arc::new(StateStore::open(&dir.join("state")).expect("state"));
     state.set("other", "k", json!("theirs")).expect("set");
     let host = HostContext {

@@ -143,6 +143,9 @@ impl DesiredState {
         mut settings: watch::Receiver<SourceSettings>,
         mut requests: mpsc::Receiver<DesiredRequest>,
     ) {
+        // The next poll is fixed when the last one ran, so a stream of other
+        // requests never pushes it back.
+        let mut last_poll = tokio::time::Instant::now();
         loop {
             let current = settings.borrow().clone();
             let poll = self
@@ -152,7 +155,8 @@ impl DesiredState {
                 .unwrap_or(current.poll_interval_s)
                 .max(1);
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(poll)) => {
+                _ = tokio::time::sleep_until(last_poll + Duration::from_secs(poll)) => {
+                    last_poll = tokio::time::Instant::now();
                     if current.repository.is_some() {
                         self.sync(&current).await;
                     }
@@ -219,14 +223,10 @@ impl DesiredState {
             return json!({ "commit": head, "outcome": "rejected before" });
         }
         let loaded = tokio::task::spawn_blocking(move || {
-            let fetched = source.export(&head).map_err(|err| {
-                (
-                    head.clone(),
-                    String::new(),
-                    vec![json!({ "file": "", "reason": err.to_string() })],
-                )
-            })?;
-            ConfigRepository::load(&fetched.dir)
+            // A failed export (disk full, permissions) says nothing about the
+            // commit: it is a source failure, tried again, never a rejection.
+            let fetched = source.export(&head).map_err(|err| err.to_string())?;
+            Ok(ConfigRepository::load(&fetched.dir)
                 .map(|repo| (fetched.commit.clone(), fetched.summary.clone(), repo))
                 .map_err(|invalid| {
                     let problems = invalid
@@ -235,14 +235,15 @@ impl DesiredState {
                         .map(|p| json!({ "file": p.file, "reason": p.reason }))
                         .collect();
                     (fetched.commit, fetched.summary, problems)
-                })
+                }))
         })
         .await;
         let (commit, summary, repo) = match loaded {
-            Ok(Ok(loaded)) => loaded,
-            Ok(Err((commit, summary, problems))) => {
+            Ok(Ok(Ok(loaded))) => loaded,
+            Ok(Ok(Err((commit, summary, problems)))) => {
                 return self.reject(commit, summary, problems).await;
             }
+            Ok(Err(reason)) => return self.source_failed(reason).await,
             Err(err) => return self.source_failed(err.to_string()).await,
         };
         let repo = Arc::new(repo);

@@ -110,11 +110,17 @@ pub fn answer(
             ..record.clone()
         };
         let mut verdict = |state: &Value| -> Result<bool, SelectError> {
-            Ok(match filter.evaluate(&with_state(state))? {
-                Verdict::Match => true,
-                Verdict::NoMatch => false,
-                Verdict::Missing(field) => {
+            Ok(match filter.evaluate(&with_state(state)) {
+                Ok(Verdict::Match) => true,
+                Ok(Verdict::NoMatch) => false,
+                Ok(Verdict::Missing(field)) => {
                     *missing.entry(field).or_default() += 1;
+                    false
+                }
+                Err(err @ SelectError::UnknownField { .. }) => return Err(err),
+                // One minion's odd data must not hide the fleet: no match.
+                Err(err) => {
+                    tracing::debug!(minion = %record.id, error = %err, "query failed on one minion");
                     false
                 }
             })

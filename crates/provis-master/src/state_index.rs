@@ -17,6 +17,10 @@ use provis_core::state::StateSample;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+/// Most distinct numeric fields the history keeps (the samples provis
+/// minions send have about a dozen); later new names are not kept.
+pub const MAX_FIELDS: usize = 256;
+
 /// How the index groups and bounds samples.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexLimits {
@@ -148,6 +152,8 @@ impl StateIndex {
         for (path, value) in numeric {
             let id = match self.field_ids.get(&path) {
                 Some(id) => *id,
+                // A bounded schema: a minion inventing field names must not grow the master.
+                None if self.fields.len() >= MAX_FIELDS => continue,
                 None => {
                     self.fields.push(path.clone());
                     self.field_ids.insert(path, self.fields.len() - 1);

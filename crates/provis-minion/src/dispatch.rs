@@ -47,6 +47,11 @@ impl From<JsCallError> for CallFailure {
             JsCallError::UnknownMethod { .. } => ErrorCode::UnknownMethod,
             JsCallError::Timeout(_) => ErrorCode::DeadlineExceeded,
             JsCallError::Busy(_) | JsCallError::Stopped(_) => ErrorCode::Internal,
+            JsCallError::Exception { message, .. }
+                if message.starts_with(provis_js::host::DENIED_ERROR_NAME) =>
+            {
+                ErrorCode::Denied
+            }
             JsCallError::Exception { .. }
             | JsCallError::OutOfMemory(_)
             | JsCallError::NeverSettles

@@ -144,7 +144,8 @@ async fn start_inner(
     let dispatcher = Arc::new(Dispatcher::new(sys, table.clone()));
     let events = events::EventBus::new(nats.clone(), subjects.clone(), config.id.to_string());
 
-    let (service_events, service_events_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Bounded: what services emit waits here, outside their memory limits.
+    let (service_events, service_events_rx) = tokio::sync::mpsc::channel(4096);
     let mut background = vec![tokio::spawn(services::forward_service_events(
         service_events_rx,
         events.clone(),
@@ -456,14 +457,16 @@ impl Runtime {
                 .await;
             return;
         };
-        let Ok(permit) = self.limit.clone().acquire_owned().await else {
-            return;
-        };
+        // The slot is awaited inside the task: a minion full of slow calls
+        // must keep its heartbeat, its assignments and its shutdown going.
+        let limit = self.limit.clone();
         let nats = self.nats.clone();
         let dispatcher = self.dispatcher.clone();
         let refusals = self.refusals.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let Ok(_permit) = limit.acquire_owned().await else {
+                return;
+            };
             let started = Instant::now();
             let checked = decode_envelope(&message.payload).and_then(|envelope| {
                 if !is_selected(&envelope, &minion) {

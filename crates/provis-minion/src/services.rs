@@ -78,7 +78,7 @@ pub struct HostTemplate {
     pub minion: String,
     pub facts: Value,
     pub state: Arc<StateStore>,
-    pub service_events: mpsc::UnboundedSender<ServiceEvent>,
+    pub service_events: mpsc::Sender<ServiceEvent>,
     pub fleet: provis_js::host::FleetQuery,
 }
 
@@ -339,10 +339,7 @@ impl Reconciler {
 }
 
 /// Publishes what services emit, as `<minion>.<service>.<kind>` events.
-pub async fn forward_service_events(
-    mut events: mpsc::UnboundedReceiver<ServiceEvent>,
-    bus: EventBus,
-) {
+pub async fn forward_service_events(mut events: mpsc::Receiver<ServiceEvent>, bus: EventBus) {
     while let Some(event) = events.recv().await {
         bus.emit(&format!("{}.{}", event.service, event.kind), event.data)
             .await;
