@@ -242,7 +242,7 @@ async fn a_hot_reload_under_concurrent_calls_fails_no_call() {
     )
     .expect("write");
     let broken = PackedBundle::from_dir(&broken_dir).expect("pack");
-    store.publish(&broken).await.expect("publish broken");
+    store.publish(&broken, None).await.expect("publish broken");
     let failed = tokio::time::timeout(Duration::from_secs(10), failed_events.next())
         .await
         .expect("a service.failed event")
@@ -323,7 +323,7 @@ async fn a_bundle_that_does_not_match_its_digest_is_refused() {
         .overwrite_bytes_for_test(&v2.digest, &tampered)
         .await
         .expect("store tampered bytes");
-    store.publish(&v2).await.expect("point at v2"); // the object exists, so only the pointer moves
+    store.publish(&v2, None).await.expect("point at v2"); // the object exists, so only the pointer moves
 
     let failed = tokio::time::timeout(Duration::from_secs(10), failed_events.next())
         .await

@@ -6,6 +6,7 @@
 
 use async_nats::jetstream::{self, kv, object_store::ObjectStore};
 use provis_core::envelope::now_unix_ms;
+use provis_core::identity::Identity;
 use provis_core::storage::{BUCKET_BUNDLES, BUCKET_SERVICES};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
@@ -22,6 +23,56 @@ pub struct ServicePointer {
     pub manifest: ServiceManifest,
     pub size: usize,
     pub published_unix_ms: i64,
+    /// The publisher's signature over the service name and digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<BundleSignature>,
+}
+
+/// Who vouches for a bundle: an ed25519 signature over
+/// `provis-bundle-v1:<name>:<digest>`, so a signed bundle cannot be
+/// re-pointed under another service's name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleSignature {
+    /// The signer's public key (`ed25519:<hex>`).
+    pub signer: String,
+    pub signature: String,
+}
+
+fn signed_message(name: &str, digest: &str) -> Vec<u8> {
+    format!("provis-bundle-v1:{name}:{digest}").into_bytes()
+}
+
+impl ServicePointer {
+    /// Checks the pointer is signed by one of `trusted`; with no trusted key
+    /// at all, anything goes (an unsecured fleet).
+    pub fn check_signature(&self, trusted: &[String]) -> Result<(), String> {
+        if trusted.is_empty() {
+            return Ok(());
+        }
+        let Some(signed) = &self.signature else {
+            return Err(format!(
+                "bundle {} of {} is not signed; this minion runs signed bundles only",
+                self.digest, self.name
+            ));
+        };
+        if !trusted.contains(&signed.signer) {
+            return Err(format!(
+                "bundle {} of {} is signed by {}, which this minion does not trust",
+                self.digest, self.name, signed.signer
+            ));
+        }
+        if !provis_core::identity::verify(
+            &signed.signer,
+            &signed_message(&self.name, &self.digest),
+            &signed.signature,
+        ) {
+            return Err(format!(
+                "the signature of bundle {} of {} does not verify: refused",
+                self.digest, self.name
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,16 +133,26 @@ impl BundleStore {
     }
 
     /// Stores the bundle (unless its digest is already there) and points its
-    /// service name at it.
-    pub async fn publish(&self, bundle: &PackedBundle) -> Result<ServicePointer, StoreError> {
+    /// service name at it, signed by `signer` when given.
+    pub async fn publish(
+        &self,
+        bundle: &PackedBundle,
+        signer: Option<&Identity>,
+    ) -> Result<ServicePointer, StoreError> {
         self.put_bundle(bundle).await?;
+        let name = bundle.manifest.name.clone();
+        let signature = signer.map(|key| BundleSignature {
+            signer: key.public_key().to_owned(),
+            signature: key.sign(&signed_message(&name, &bundle.digest)),
+        });
         let pointer = ServicePointer {
-            name: bundle.manifest.name.clone(),
+            name,
             version: bundle.manifest.version.clone(),
             digest: bundle.digest.clone(),
             manifest: bundle.manifest.clone(),
             size: bundle.bytes.len(),
             published_unix_ms: now_unix_ms(),
+            signature,
         };
         self.put_pointer(&pointer).await?;
         Ok(pointer)

@@ -14,15 +14,20 @@ use crate::fleet_args::FleetArgs;
 pub struct ApplyArgs {
     /// The config repository (roles/, services/, assignments.toml)
     dir: PathBuf,
+    /// Sign the bundles with this private key (see `provis keys create`)
+    #[arg(long, env = "PROVIS_SIGNING_KEY")]
+    signing_key: Option<PathBuf>,
 }
 
 pub async fn run(fleet: &FleetArgs, args: ApplyArgs) -> anyhow::Result<ExitCode> {
     let repository = ConfigRepository::load(&args.dir)
         .map_err(|invalid| UsageError(format!("{}: {invalid}", args.dir.display())))?;
     let client = fleet.client().await?;
+    let signer = crate::keys::signer(args.signing_key.as_deref())?;
     let summary = provis_master::apply::apply(
         &async_nats::jetstream::new(client.nats().clone()),
         &repository,
+        signer.as_ref(),
     )
     .await?;
     println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -27,6 +27,9 @@ pub enum ServiceCommand {
         /// Service folders
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
+        /// Sign the bundles with this private key (see `provis keys create`)
+        #[arg(long, env = "PROVIS_SIGNING_KEY")]
+        signing_key: Option<PathBuf>,
     },
     /// List the published services
     List,
@@ -74,14 +77,15 @@ pub async fn run_service(fleet: &FleetArgs, command: ServiceCommand) -> anyhow::
     let client = fleet.client().await?;
     let store = BundleStore::open(&async_nats::jetstream::new(client.nats().clone())).await?;
     match command {
-        ServiceCommand::Publish { dirs } => {
+        ServiceCommand::Publish { dirs, signing_key } => {
+            let signer = crate::keys::signer(signing_key.as_deref())?;
             // Check every folder before publishing any.
             let bundles = dirs
                 .iter()
                 .map(|dir| pack_checked(dir))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             for (bundle, _) in bundles {
-                let pointer = store.publish(&bundle).await?;
+                let pointer = store.publish(&bundle, signer.as_ref()).await?;
                 println!(
                     "published {} {} {}",
                     pointer.name, pointer.version, pointer.digest

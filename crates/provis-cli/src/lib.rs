@@ -8,6 +8,7 @@ mod bundle;
 mod call;
 mod events;
 mod fleet_args;
+mod keys;
 mod minions;
 mod query;
 mod serve;
@@ -62,6 +63,9 @@ enum Command {
     /// Change a minion's roles on the fly, over what git assigns.
     #[command(subcommand)]
     Role(status::RoleCommand),
+    /// Create and list identities (ed25519 keys) on this machine.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
 }
 
 /// Runs the command line and returns the process's exit code.
@@ -77,7 +81,8 @@ pub fn main() -> ExitCode {
         | Command::Query(_)
         | Command::Events(_)
         | Command::Status(_)
-        | Command::Role(_) => "warn",
+        | Command::Role(_)
+        | Command::Keys(_) => "warn",
     };
     init_logging(cli.log.as_deref().unwrap_or(default_log));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -104,6 +109,7 @@ pub fn main() -> ExitCode {
             Command::Events(args) => events::run(&cli.fleet, args).await,
             Command::Status(args) => status::run_status(&cli.fleet, args).await,
             Command::Role(command) => status::run_role(&cli.fleet, command).await,
+            Command::Keys(command) => keys::run(command),
         }
     });
     match outcome {

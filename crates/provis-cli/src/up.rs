@@ -152,7 +152,7 @@ async fn bring_up(
     .await?;
     println!("started the master");
     let js = async_nats::jetstream::new(nats.clone());
-    let summary = provis_master::apply::apply(&js, desired)
+    let summary = provis_master::apply::apply(&js, desired, None)
         .await
         .context("applying the config repository")?;
     println!(

@@ -6,6 +6,7 @@ pub mod client;
 pub mod context;
 pub mod envelope;
 pub mod event;
+pub mod identity;
 pub mod kv_snapshot;
 pub mod nats_server;
 pub mod registry;

@@ -33,6 +33,7 @@ pub enum ApplyError {
 pub async fn apply(
     js: &jetstream::Context,
     repository: &ConfigRepository,
+    signer: Option<&provis_core::identity::Identity>,
 ) -> Result<ApplySummary, ApplyError> {
     let store = BundleStore::open(js).await?;
     let roles_kv = js
@@ -56,7 +57,7 @@ pub async fn apply(
             .and_then(|v| serde_json::from_slice::<provis_bundle::ServicePointer>(v).ok())
             .is_some_and(|p| p.digest == bundle.digest);
         if !unchanged {
-            store.publish(bundle).await?;
+            store.publish(bundle, signer).await?;
             summary.services_changed.push(name.clone());
         }
     }

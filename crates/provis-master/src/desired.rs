@@ -79,6 +79,8 @@ pub struct DesiredState {
     subjects: Subjects,
     view: Arc<FleetView>,
     work_dir: PathBuf,
+    /// Signs every bundle the master publishes.
+    identity: Arc<provis_core::identity::Identity>,
     config: kv::Store,
     assignments: kv::Store,
     loaded: Option<(String, Arc<ConfigRepository>)>,
@@ -102,6 +104,7 @@ impl DesiredState {
         subjects: Subjects,
         view: Arc<FleetView>,
         work_dir: PathBuf,
+        identity: Arc<provis_core::identity::Identity>,
     ) -> Result<Self, String> {
         let config = js
             .get_key_value(BUCKET_CONFIG)
@@ -127,6 +130,7 @@ impl DesiredState {
             subjects,
             view,
             work_dir,
+            identity,
             config,
             assignments,
             loaded: None,
@@ -258,7 +262,7 @@ impl DesiredState {
             self.assign_minions(None).await;
             return json!({ "commit": commit, "outcome": "already applied" });
         }
-        let changes = match apply(&self.js, &repo).await {
+        let changes = match apply(&self.js, &repo, Some(&self.identity)).await {
             Ok(changes) => changes,
             Err(err) => {
                 tracing::warn!(%commit, error = %err, "config could not be written; will try again");

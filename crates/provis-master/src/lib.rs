@@ -58,6 +58,10 @@ pub struct MasterConfig {
     /// `$XDG_STATE_HOME/provis/master`, else `~/.local/state/provis/master`.
     #[serde(default)]
     pub data_dir: Option<std::path::PathBuf>,
+    /// The master's private key, which signs every bundle it publishes
+    /// (created on first start). Default: `<data_dir>/master.key`.
+    #[serde(default)]
+    pub signing_key: Option<std::path::PathBuf>,
 }
 
 fn default_branch() -> String {
@@ -119,6 +123,7 @@ impl Default for MasterConfig {
             branch: default_branch(),
             poll_interval_s: default_poll_interval_s(),
             data_dir: None,
+            signing_key: None,
         }
     }
 }
@@ -208,12 +213,27 @@ pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
     };
     let (desired_tx, desired_rx) = tokio::sync::mpsc::channel(1024);
     let (settings, settings_rx) = watch::channel(config.source());
+    let key_path = config
+        .signing_key
+        .clone()
+        .unwrap_or_else(|| config.data_dir().join("master.key"));
+    let identity = std::sync::Arc::new(
+        provis_core::identity::Identity::load_or_create(&key_path).map_err(|err| {
+            MasterError::Subscribe {
+                subject: "signing key".into(),
+                reason: err.to_string(),
+            }
+        })?,
+    );
+    tracing::info!(public_key = %identity.public_key(), "bundles are signed with this key; pin it on minions (trusted_bundle_keys)");
+    let public_key = identity.public_key().to_owned();
     let desired = desired::DesiredState::open(
         js.clone(),
         nats.clone(),
         subjects.clone(),
         view.clone(),
         config.data_dir(),
+        identity,
     )
     .await
     .map_err(|reason| MasterError::Subscribe {
@@ -251,6 +271,7 @@ pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
         })
     };
     let context = std::sync::Arc::new(Served {
+        public_key,
         nats: nats.clone(),
         js,
         subjects,
@@ -285,6 +306,7 @@ pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
 
 /// What requests on `<prefix>.master.>` are answered from.
 struct Served {
+    public_key: String,
     nats: async_nats::Client,
     js: async_nats::jetstream::Context,
     subjects: Subjects,
@@ -303,7 +325,9 @@ async fn answer(served: std::sync::Arc<Served>, request: async_nats::Message) {
         .unwrap_or_default()
         .to_owned();
     let body = match what.as_str() {
-        "ping" => json!({ "master": true, "version": provis_core::VERSION }),
+        "ping" => {
+            json!({ "master": true, "version": provis_core::VERSION, "public_key": served.public_key })
+        }
         "minions" => list_minions(&served.js).await,
         "query" => run_query(&served.view, &request.payload),
         "stats" => {

@@ -51,6 +51,11 @@ pub struct MinionConfig {
     /// PEM private key of the gRPC API. Default: none.
     #[serde(default)]
     pub grpc_tls_key: Option<PathBuf>,
+    /// Public keys (`ed25519:<hex>`, pinned at install) whose signature a
+    /// bundle must carry to run here, usually the master's. Default: none,
+    /// which runs unsigned bundles (an unsecured fleet).
+    #[serde(default)]
+    pub trusted_bundle_keys: Vec<String>,
     /// Free-form labels, part of the facts (`facts.labels.team == "payments"`). Default: none.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -95,6 +100,7 @@ impl MinionConfig {
             grpc_listen: default_grpc_listen(),
             grpc_tls_cert: None,
             grpc_tls_key: None,
+            trusted_bundle_keys: Vec::new(),
             labels: BTreeMap::new(),
             inject_services: true,
         }

@@ -167,6 +167,7 @@ async fn start_inner(
             table,
             services::HostTemplate {
                 minion: config.id.to_string(),
+                trusted_bundle_keys: config.trusted_bundle_keys.clone(),
                 facts: facts.clone(),
                 state: state.clone(),
                 service_events,

@@ -76,6 +76,8 @@ impl ServiceTable {
 #[derive(Debug, Clone)]
 pub struct HostTemplate {
     pub minion: String,
+    /// Keys one of which must have signed a bundle for it to run (none: any bundle).
+    pub trusted_bundle_keys: Vec<String>,
     pub facts: Value,
     pub state: Arc<StateStore>,
     pub service_events: mpsc::Sender<ServiceEvent>,
@@ -306,6 +308,7 @@ impl Reconciler {
         config: Value,
         roles: &[RoleName],
     ) -> Result<LoadedService, String> {
+        pointer.check_signature(&self.host.trusted_bundle_keys)?;
         let bundle = self
             .store
             .fetch(&pointer.digest)

@@ -44,8 +44,11 @@ impl TestFleet {
             nats_url: nats.url(),
             ..FleetContext::default()
         };
+        let workdir = tempfile::Builder::new().prefix("provis-fleet-").tempdir()?;
         let mut config = MasterConfig {
             fleet: context.clone(),
+            // The master's mirror and key stay inside the fleet's scratch space.
+            data_dir: Some(workdir.path().join("master")),
             ..MasterConfig::default()
         };
         adjust(&mut config);
@@ -58,7 +61,7 @@ impl TestFleet {
             master: Some(master),
             master_config: config,
             context,
-            workdir: tempfile::Builder::new().prefix("provis-fleet-").tempdir()?,
+            workdir,
             nats,
         })
     }
@@ -297,9 +300,18 @@ impl TestFleet {
         &self,
         repository: &Path,
     ) -> anyhow::Result<provis_master::apply::ApplySummary> {
+        self.apply_signed(repository, None).await
+    }
+
+    /// Like [`Self::apply`], the bundles signed by `signer`.
+    pub async fn apply_signed(
+        &self,
+        repository: &Path,
+        signer: Option<&provis_core::identity::Identity>,
+    ) -> anyhow::Result<provis_master::apply::ApplySummary> {
         let repository = provis_master::repository::ConfigRepository::load(repository)?;
         let js = async_nats::jetstream::new(self.nats.connect().await?);
-        Ok(provis_master::apply::apply(&js, &repository).await?)
+        Ok(provis_master::apply::apply(&js, &repository, signer).await?)
     }
 
     /// The fleet's bundle store, to publish services directly (also ones

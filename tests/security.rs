@@ -1,0 +1,245 @@
+//! End-to-end: identities and signed bundles. A minion that pins keys runs
+//! only bundles one of them signed; anything else is refused, an event says
+//! why, and the version it had keeps serving.
+
+use std::path::Path;
+use std::time::Duration;
+
+use futures::StreamExt;
+use provis_bundle::{PackedBundle, ServicePointer};
+use provis_core::identity::Identity;
+use provis_core::{CallRequest, CallTarget};
+use provis_testkit::{GitRepo, TestFleet, run_to_end, write_files};
+use serde_json::{Value, json};
+
+fn provis() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_provis"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_created_private_and_listed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = |args: &[&str]| {
+        run_to_end(
+            std::process::Command::new(provis())
+                .arg("keys")
+                .args(args)
+                .arg("--dir")
+                .arg(dir.path()),
+        )
+        .expect("provis keys")
+    };
+    let (code, public, _) = keys(&["create", "alice"]);
+    assert_eq!(code, 0);
+    assert!(public.trim().starts_with("ed25519:"), "{public}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.path().join("alice.key"))
+            .expect("key")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "private keys are 0600");
+    let (code, _, stderr) = keys(&["create", "alice"]);
+    assert_eq!(code, 1, "a key is never overwritten");
+    assert!(stderr.contains("exists already"), "{stderr}");
+    let (_, listed, _) = keys(&["list"]);
+    assert!(
+        listed.contains("alice") && listed.contains(public.trim()),
+        "{listed}"
+    );
+}
+
+fn counter(root: &Path, version: &str) {
+    write_files(
+        root,
+        &[
+            ("roles/web.toml", "services = [\"counter\"]\n"),
+            (
+                "services/counter/service.toml",
+                &format!("name = \"counter\"\nversion = \"{version}\"\n"),
+            ),
+            (
+                "services/counter/main.js",
+                &format!("export function version() {{ return '{version}' }}\n"),
+            ),
+        ],
+    )
+    .expect("repo");
+}
+
+async fn version(fleet: &TestFleet, minion: &str) -> Option<Value> {
+    let client = fleet.client().await.ok()?;
+    let request =
+        CallRequest::parse_function("counter.version", Value::Null, Duration::from_secs(2)).ok()?;
+    client
+        .call(&CallTarget::Minions(vec![minion.parse().ok()?]), &request)
+        .await
+        .ok()?
+        .replies[0]
+        .result
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minion_runs_only_bundles_signed_by_a_key_it_pins() {
+    let mut fleet = TestFleet::start().await.expect("fleet");
+    let signer = Identity::create(&fleet.workdir().join("keys/release.key")).expect("key");
+    let stranger = Identity::create(&fleet.workdir().join("keys/stranger.key")).expect("key");
+    let repo = fleet.workdir().join("repo");
+    counter(&repo, "1");
+    fleet
+        .apply_signed(&repo, Some(&signer))
+        .await
+        .expect("apply");
+    let v1 = PackedBundle::from_dir(&repo.join("services/counter")).expect("pack");
+
+    let nats = fleet.nats().connect().await.expect("nats");
+    let mut failed_m2 = nats
+        .subscribe("provis.event.m2.service.failed")
+        .await
+        .expect("subscribe");
+    let mut failed = nats
+        .subscribe("provis.event.m1.service.failed")
+        .await
+        .expect("subscribe");
+    let mut trusting = fleet.minion_config("m1", &["web"]).expect("config");
+    trusting.trusted_bundle_keys = vec![signer.public_key().to_owned()];
+    fleet.add_minion_with(trusting).await.expect("m1");
+    fleet
+        .wait_service("m1", "counter", &v1.digest)
+        .await
+        .expect("a signed bundle runs");
+
+    let mut wary = fleet.minion_config("m2", &["web"]).expect("config");
+    wary.trusted_bundle_keys = vec![stranger.public_key().to_owned()];
+    fleet.add_minion_with(wary).await.expect("m2");
+    let event = tokio::time::timeout(Duration::from_secs(10), failed_m2.next())
+        .await
+        .expect("an event")
+        .expect("message");
+    let event: Value = serde_json::from_slice(&event.payload).expect("json");
+    assert_eq!(event["source"], "provis/m2");
+    assert!(
+        event["data"]["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("does not trust"),
+        "{event}"
+    );
+    assert_eq!(version(&fleet, "m2").await, None, "m2 never ran it");
+
+    // An unsigned version 2, published as an attacker with store access would.
+    let store = fleet.bundle_store().await.expect("store");
+    counter(&repo, "2");
+    let v2 = PackedBundle::from_dir(&repo.join("services/counter")).expect("pack");
+    store.publish(&v2, None).await.expect("publish unsigned");
+    let event = tokio::time::timeout(Duration::from_secs(10), failed.next())
+        .await
+        .expect("an event")
+        .expect("message");
+    let event: Value = serde_json::from_slice(&event.payload).expect("json");
+    assert!(
+        event["data"]["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("not signed"),
+        "{event}"
+    );
+    assert_eq!(
+        version(&fleet, "m1").await,
+        Some(json!("1")),
+        "the signed version keeps serving"
+    );
+
+    // Version 3 under version 1's signature: the signature covers the digest, so it fails.
+    counter(&repo, "3");
+    let v3 = PackedBundle::from_dir(&repo.join("services/counter")).expect("pack");
+    store.put_bundle(&v3).await.expect("bytes");
+    let signed_v1: ServicePointer = {
+        let js = async_nats::jetstream::new(nats.clone());
+        let kv = js.get_key_value("provis_services").await.expect("kv");
+        let history: Vec<_> = kv
+            .history("counter")
+            .await
+            .expect("history")
+            .collect()
+            .await;
+        history
+            .iter()
+            .filter_map(|e| e.as_ref().ok())
+            .find_map(|e| {
+                serde_json::from_slice::<ServicePointer>(&e.value)
+                    .ok()
+                    .filter(|p| p.signature.is_some())
+            })
+            .expect("v1 pointer")
+    };
+    let forged = ServicePointer {
+        digest: v3.digest.clone(),
+        version: "3".into(),
+        ..signed_v1
+    };
+    store.put_pointer(&forged).await.expect("forged pointer");
+    let event = tokio::time::timeout(Duration::from_secs(10), failed.next())
+        .await
+        .expect("an event")
+        .expect("message");
+    let event: Value = serde_json::from_slice(&event.payload).expect("json");
+    assert!(
+        event["data"]["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("does not verify"),
+        "{event}"
+    );
+    assert_eq!(version(&fleet, "m1").await, Some(json!("1")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_master_signs_what_it_applies_from_git() {
+    let repo = GitRepo::init().expect("repo");
+    let commit = repo
+        .commit(
+            "counter",
+            &[
+                ("roles/web.toml", "services = [\"counter\"]\n"),
+                (
+                    "assignments.toml",
+                    "[[assign]]\nminions = \"*\"\nroles = [\"web\"]\n",
+                ),
+                (
+                    "services/counter/service.toml",
+                    "name = \"counter\"\nversion = \"1\"\n",
+                ),
+                (
+                    "services/counter/main.js",
+                    "export function version() { return '1' }\n",
+                ),
+            ],
+        )
+        .expect("commit");
+    let source = repo.path_string();
+    let mut fleet = TestFleet::start_with(|config| config.repository = Some(source))
+        .await
+        .expect("fleet");
+    let ping = fleet.ask_master("ping", &json!({})).await.expect("ping");
+    let master_key = ping["public_key"]
+        .as_str()
+        .expect("the master's public key")
+        .to_owned();
+    let mut config = fleet.minion_config("m1", &[]).expect("config");
+    config.trusted_bundle_keys = vec![master_key];
+    fleet.add_minion_with(config).await.expect("m1");
+    provis_testkit::eventually(
+        "m1 runs the signed bundle",
+        Duration::from_secs(20),
+        || async {
+            let status = fleet
+                .ask_master("status", &json!({}))
+                .await
+                .unwrap_or_default();
+            status["applied"]["commit"] == commit && version(&fleet, "m1").await == Some(json!("1"))
+        },
+    )
+    .await
+    .expect("signed and running");
+}
