@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream::consumer;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use futures::StreamExt;
 use provis_core::MinionId;
 use provis_core::event::CloudEvent;
@@ -14,6 +14,7 @@ use provis_core::storage::STREAM_EVENTS;
 use wildmatch::WildMatch;
 
 use crate::fleet_args::FleetArgs;
+use crate::output::Output;
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
@@ -36,12 +37,6 @@ pub struct EventsArgs {
     /// How to print events: a line each, or one JSON document (CloudEvents) per line
     #[arg(long, value_enum, default_value_t = Output::Table)]
     output: Output,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Output {
-    Table,
-    Json,
 }
 
 pub async fn run(fleet: &FleetArgs, args: EventsArgs) -> anyhow::Result<ExitCode> {

@@ -10,6 +10,7 @@ mod events;
 mod fleet_args;
 mod keys;
 mod minions;
+mod output;
 mod query;
 mod serve;
 mod status;

@@ -5,12 +5,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use provis_core::envelope::now_unix_ms;
 use provis_core::registry::{self, MinionRecord, MinionStatus};
 use provis_core::selection::{Filter, Verdict};
 
 use crate::fleet_args::FleetArgs;
+use crate::output::Output;
 
 #[derive(Debug, Args)]
 #[command(
@@ -23,12 +24,6 @@ pub struct MinionsArgs {
     /// How to print the list
     #[arg(long, value_enum, default_value_t = Output::Table)]
     output: Output,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Output {
-    Table,
-    Json,
 }
 
 pub async fn run(fleet: &FleetArgs, args: MinionsArgs) -> anyhow::Result<ExitCode> {

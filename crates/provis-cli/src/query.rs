@@ -4,12 +4,13 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{ArgGroup, Args, ValueEnum};
+use clap::{ArgGroup, Args};
 use provis_master::query::{QueryAnswer, QueryMatch, QueryMode, QueryRequest};
 use serde_json::Value;
 
 use crate::UsageError;
 use crate::fleet_args::FleetArgs;
+use crate::output::Output;
 
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("window").args(["for_window", "any_window"])))]
@@ -33,12 +34,6 @@ pub struct QueryArgs {
     /// How to print the answer
     #[arg(long, value_enum, default_value_t = Output::Table)]
     output: Output,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Output {
-    Table,
-    Json,
 }
 
 pub async fn run(fleet: &FleetArgs, args: QueryArgs) -> anyhow::Result<ExitCode> {
