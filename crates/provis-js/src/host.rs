@@ -62,7 +62,8 @@ pub struct HostContext {
 pub struct FleetQuery(pub Arc<FleetQueryFn>);
 
 /// (expression, mode: `latest`|`for`|`any`, window in ms) → the master's answer.
-pub type FleetQueryFn = dyn Fn(&str, &str, i64) -> Result<serde_json::Value, String> + Send + Sync;
+pub type FleetQueryFn =
+    dyn Fn(&str, &str, i64, Duration) -> Result<serde_json::Value, String> + Send + Sync;
 
 impl std::fmt::Debug for FleetQuery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -152,7 +153,7 @@ pub fn install<'js>(ctx: &Ctx<'js>, host: &HostContext, deadline: &CallDeadline)
     let http = http_api(ctx, host, deadline.clone())?;
     provis.set("http", http.clone())?;
     frozen.push(http);
-    let fleet = fleet_api(ctx, host)?;
+    let fleet = fleet_api(ctx, host, deadline.clone())?;
     provis.set("fleet", fleet.clone())?;
     frozen.push(fleet);
 
@@ -494,7 +495,11 @@ fn http_api<'js>(
     Ok(api)
 }
 
-fn fleet_api<'js>(ctx: &Ctx<'js>, host: &HostContext) -> JsResult<Object<'js>> {
+fn fleet_api<'js>(
+    ctx: &Ctx<'js>,
+    host: &HostContext,
+    deadline: CallDeadline,
+) -> JsResult<Object<'js>> {
     let api = Object::new(ctx.clone())?;
     let granted = host.capabilities.fleet_query;
     let fleet = host.fleet.clone();
@@ -515,7 +520,9 @@ fn fleet_api<'js>(ctx: &Ctx<'js>, host: &HostContext) -> JsResult<Object<'js>> {
                 },
                 None => ("latest", 0),
             };
-            let answer = (fleet.0)(&expression, mode, window).or_else(|err| throw(&ctx, err))?;
+            // Never past the call's own deadline, and never more than 5 s.
+            let left = deadline.get().map_or(Duration::from_secs(5), |at| at.saturating_duration_since(Instant::now()));
+            let answer = (fleet.0)(&expression, mode, window, left.min(Duration::from_secs(5))).or_else(|err| throw(&ctx, err))?;
             to_js(&ctx, &answer)
         })?,
     )?;

@@ -547,16 +547,16 @@ impl Runtime {
 fn fleet_query(nats: async_nats::Client, subject: String) -> provis_js::host::FleetQuery {
     let runtime = tokio::runtime::Handle::current();
     provis_js::host::FleetQuery(Arc::new(
-        move |expression: &str, mode: &str, window_ms: i64| {
+        move |expression: &str, mode: &str, window_ms: i64, timeout: Duration| {
             let request = json!({ "expression": expression, "mode": mode, "window_ms": window_ms });
             let (nats, subject) = (nats.clone(), subject.clone());
             runtime.block_on(async move {
                 let reply = tokio::time::timeout(
-                    Duration::from_secs(5),
+                    timeout,
                     nats.request(subject, request.to_string().into()),
                 )
                 .await
-                .map_err(|_| "the master did not answer within 5 s".to_owned())?
+                .map_err(|_| format!("the master did not answer within {timeout:?}"))?
                 .map_err(|err| format!("cannot ask the master: {err}"))?;
                 let body: serde_json::Value =
                     serde_json::from_slice(&reply.payload).map_err(|err| err.to_string())?;
