@@ -56,12 +56,12 @@ pub struct HostContext {
     pub fleet: Option<FleetQuery>,
 }
 
-/// Asks the fleet's state database a question: (expression, mode, window in
-/// ms) → the master's answer. It blocks the service's own thread only.
+/// Asks the fleet's state database a question and waits at most the given
+/// time for the master's answer. It blocks the service's own thread only.
 #[derive(Clone)]
 pub struct FleetQuery(pub Arc<FleetQueryFn>);
 
-/// (expression, mode: `latest`|`for`|`any`, window in ms) → the master's answer.
+/// (expression, mode: `latest`|`for`|`any`, window in ms, how long to wait) → the master's answer.
 pub type FleetQueryFn =
     dyn Fn(&str, &str, i64, Duration) -> Result<serde_json::Value, String> + Send + Sync;
 
