@@ -243,3 +243,100 @@ async fn the_master_signs_what_it_applies_from_git() {
     .await
     .expect("signed and running");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minion_that_pins_callers_runs_only_their_fresh_signed_calls() {
+    use prost::Message;
+    use provis_proto::v1::{CallReply, call_reply};
+
+    let mut fleet = TestFleet::start().await.expect("fleet");
+    let keys = fleet.workdir().join("keys");
+    let alice = Identity::create(&keys.join("alice.key")).expect("alice");
+    let mallory = Identity::create(&keys.join("mallory.key")).expect("mallory");
+    let trusted = alice.public_key().to_owned();
+    fleet
+        .add_minion_process_with(
+            provis(),
+            "m1",
+            &["web"],
+            &["--trusted-callers".as_ref(), trusted.as_ref()],
+        )
+        .await
+        .expect("m1");
+    let nats = fleet.nats().connect().await.expect("nats");
+    let mut refused = nats
+        .subscribe("provis.event.m1.call.refused")
+        .await
+        .expect("subscribe");
+
+    let call = |key: Option<&Path>, via: &str| {
+        let mut command = fleet.provis_command(provis());
+        command.args(["call", "--minion", "m1", "--via", via, "--output", "json"]);
+        if let Some(key) = key {
+            command.arg("--key").arg(key);
+        }
+        let (code, stdout, _) = run_to_end(command.arg("sys.ping")).expect("provis call");
+        (
+            code,
+            serde_json::from_str::<Value>(&stdout).unwrap_or_default(),
+        )
+    };
+    let (code, report) = call(Some(&keys.join("alice.key")), "nats");
+    assert_eq!(code, 0, "{report}");
+    for (key, via, needle) in [
+        (None, "nats", "not signed"),
+        (Some(keys.join("mallory.key")), "nats", "does not trust"),
+        (None, "grpc", "not signed"),
+    ] {
+        let (code, report) = call(key.as_deref(), via);
+        assert_eq!(code, 1, "{report}");
+        let error = &report["replies"][0]["error"];
+        assert_eq!(error["code"], "denied", "{report}");
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(needle),
+            "{needle}: {report}"
+        );
+    }
+    let event = tokio::time::timeout(Duration::from_secs(5), refused.next())
+        .await
+        .expect("a call.refused event")
+        .expect("message");
+    assert!(String::from_utf8_lossy(&event.payload).contains("not signed"));
+
+    // A replayed envelope and a stale one, straight on NATS.
+    let subject = fleet.subjects().minion_call(&"m1".parse().expect("id"));
+    let ask = |envelope: &provis_proto::v1::CallEnvelope| {
+        let (nats, subject, payload) = (nats.clone(), subject.clone(), envelope.encode_to_vec());
+        async move {
+            let reply = nats.request(subject, payload.into()).await.expect("reply");
+            CallReply::decode(reply.payload.as_ref()).expect("a reply")
+        }
+    };
+    let request = CallRequest::parse_function("sys.ping", Value::Null, Duration::from_secs(5))
+        .expect("request");
+    let mut envelope = request.to_envelope("operator:alice", &CallTarget::All);
+    provis_core::call_auth::sign(&mut envelope, &alice);
+    assert!(matches!(
+        ask(&envelope).await.outcome,
+        Some(call_reply::Outcome::ResultJson(_))
+    ));
+    match ask(&envelope).await.outcome {
+        Some(call_reply::Outcome::Error(error)) => {
+            assert!(error.message.contains("replay"), "{error:?}")
+        }
+        other => panic!("a replay ran: {other:?}"),
+    }
+    let mut stale = request.to_envelope("operator:alice", &CallTarget::All);
+    stale.issued_unix_ms -= 600_000;
+    provis_core::call_auth::sign(&mut stale, &alice);
+    match ask(&stale).await.outcome {
+        Some(call_reply::Outcome::Error(error)) => {
+            assert!(error.message.contains("clock"), "{error:?}")
+        }
+        other => panic!("a stale call ran: {other:?}"),
+    }
+    drop(mallory);
+}

@@ -84,6 +84,9 @@ pub struct CallArgs {
     /// The name the minions' gRPC certificates are issued to
     #[arg(long, env = "PROVIS_GRPC_DOMAIN", default_value = "localhost")]
     grpc_domain: String,
+    /// Sign the call with this private key (minions that pin callers require it)
+    #[arg(long, env = "PROVIS_KEY")]
+    key: Option<std::path::PathBuf>,
     /// SERVICE.METHOD, e.g. sys.ping
     function: String,
     /// Arguments as one JSON document
@@ -184,9 +187,21 @@ pub async fn run(fleet: &FleetArgs, args: CallArgs) -> anyhow::Result<ExitCode> 
             ca: args.grpc_ca.clone(),
             domain: args.grpc_domain.clone(),
         };
-        call_via_grpc(fleet, &target, &request, args.grpc_addr.as_deref(), &tls).await?
+        let signer = crate::keys::signer(args.key.as_deref())?;
+        call_via_grpc(
+            fleet,
+            &target,
+            &request,
+            args.grpc_addr.as_deref(),
+            &tls,
+            signer.as_ref(),
+        )
+        .await?
     } else {
-        let client = fleet.client().await?;
+        let mut client = fleet.client().await?;
+        if let Some(signer) = crate::keys::signer(args.key.as_deref())? {
+            client = client.with_signer(signer);
+        }
         let selection = client
             .select(&target, filter.as_ref(), args.pick(), args.seed)
             .await?;
@@ -372,6 +387,7 @@ async fn call_via_grpc(
     request: &CallRequest,
     grpc_addr: Option<&str>,
     tls: &GrpcTls,
+    signer: Option<&provis_core::identity::Identity>,
 ) -> anyhow::Result<CallReport> {
     let CallTarget::Minions(ids) = target else {
         return Err(UsageError(
@@ -409,7 +425,10 @@ async fn call_via_grpc(
                 .collect()
         }
     };
-    let envelope = request.to_envelope(&crate::fleet_args::operator_identity(), target);
+    let mut envelope = request.to_envelope(&crate::fleet_args::operator_identity(), target);
+    if let Some(signer) = signer {
+        provis_core::call_auth::sign(&mut envelope, signer);
+    }
     let mut gathered = ReplyGatherer::new(ids.clone(), envelope.call_id.clone());
     for (id, addr) in addresses {
         let (addr, speaks_tls) = match addr {

@@ -100,6 +100,9 @@ pub struct MinionArgs {
     /// Public keys whose signature a bundle needs to run here, comma-separated
     #[arg(long, env = "PROVIS_TRUSTED_BUNDLE_KEYS", value_delimiter = ',')]
     trusted_bundle_keys: Option<Vec<String>>,
+    /// Public keys of the callers whose signed calls run here, comma-separated
+    #[arg(long, env = "PROVIS_TRUSTED_CALLERS", value_delimiter = ',')]
+    trusted_callers: Option<Vec<String>>,
 }
 
 pub async fn run_master(fleet: &FleetArgs, args: MasterArgs) -> anyhow::Result<ExitCode> {
@@ -192,9 +195,14 @@ pub async fn run_minion(fleet: &FleetArgs, args: MinionArgs) -> anyhow::Result<E
     if let Some(listen) = &args.grpc_listen {
         overrides.insert("grpc_listen".into(), listen.as_str().into());
     }
-    if let Some(keys) = &args.trusted_bundle_keys {
-        let keys: Vec<toml::Value> = keys.iter().map(|k| k.as_str().into()).collect();
-        overrides.insert("trusted_bundle_keys".into(), keys.into());
+    for (setting, keys) in [
+        ("trusted_bundle_keys", &args.trusted_bundle_keys),
+        ("trusted_callers", &args.trusted_callers),
+    ] {
+        if let Some(keys) = keys {
+            let keys: Vec<toml::Value> = keys.iter().map(|k| k.as_str().into()).collect();
+            overrides.insert(setting.into(), keys.into());
+        }
     }
     for (key, path) in [
         ("grpc_tls_cert", &args.grpc_tls_cert),

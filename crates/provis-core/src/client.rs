@@ -229,6 +229,8 @@ pub struct Client {
     nats: async_nats::Client,
     subjects: Subjects,
     caller: String,
+    /// Signs every envelope when set (minions that pin callers require it).
+    signer: Option<std::sync::Arc<crate::identity::Identity>>,
 }
 
 impl Client {
@@ -237,6 +239,20 @@ impl Client {
             nats,
             subjects,
             caller: caller.into(),
+            signer: None,
+        }
+    }
+
+    /// This client, signing every envelope as `signer`.
+    pub fn with_signer(mut self, signer: crate::identity::Identity) -> Self {
+        self.signer = Some(std::sync::Arc::new(signer));
+        self
+    }
+
+    /// Signs `envelope` when this client has a signer.
+    pub fn seal(&self, envelope: &mut provis_proto::v1::CallEnvelope) {
+        if let Some(signer) = &self.signer {
+            crate::call_auth::sign(envelope, signer);
         }
     }
 
@@ -388,6 +404,7 @@ impl Client {
                 self.subjects.call_subjects(target)
             }
         };
+        self.seal(&mut envelope);
         let payload = bytes::Bytes::from(envelope.encode_to_vec());
         let inbox = self.nats.new_inbox();
         let publish_err = |err: &dyn std::fmt::Display| ClientError::Publish(err.to_string());

@@ -110,6 +110,8 @@ pub enum EnvelopeError {
     BadArguments(String),
     #[error("deadline passed {0} ms before the call could start")]
     Expired(i64),
+    #[error("refused: {0}")]
+    Denied(String),
 }
 
 impl EnvelopeError {
@@ -117,6 +119,7 @@ impl EnvelopeError {
         match self {
             Self::BadArguments(_) => ErrorCode::BadArguments,
             Self::Expired(_) => ErrorCode::DeadlineExceeded,
+            Self::Denied(_) => ErrorCode::Denied,
             _ => ErrorCode::BadEnvelope,
         }
     }

@@ -2,6 +2,7 @@
 //! envelopes, the registry, events, connection settings, and the call client.
 
 pub mod assignment;
+pub mod call_auth;
 pub mod client;
 pub mod context;
 pub mod envelope;

@@ -56,6 +56,11 @@ pub struct MinionConfig {
     /// which runs unsigned bundles (an unsecured fleet).
     #[serde(default)]
     pub trusted_bundle_keys: Vec<String>,
+    /// Public keys of the callers (operators, the master) whose signed calls
+    /// this minion runs; any other call is refused. Default: none, which runs
+    /// every call (an unsecured fleet).
+    #[serde(default)]
+    pub trusted_callers: Vec<String>,
     /// Free-form labels, part of the facts (`facts.labels.team == "payments"`). Default: none.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -101,6 +106,7 @@ impl MinionConfig {
             grpc_tls_cert: None,
             grpc_tls_key: None,
             trusted_bundle_keys: Vec::new(),
+            trusted_callers: Vec::new(),
             labels: BTreeMap::new(),
             inject_services: true,
         }

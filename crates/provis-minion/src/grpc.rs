@@ -26,6 +26,7 @@ use crate::events::EventBus;
 /// What the gRPC API serves from.
 #[derive(Debug, Clone)]
 pub struct MinionApi {
+    pub guard: provis_core::call_auth::CallGuard,
     pub dispatcher: Arc<Dispatcher>,
     pub state: Arc<StateStore>,
     pub events: EventBus,
@@ -82,9 +83,16 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<Event, Status>> + Send + 'st
 #[tonic::async_trait]
 impl Minion for MinionApi {
     async fn call(&self, request: Request<CallEnvelope>) -> Result<Response<CallReply>, Status> {
-        // The same check as over NATS: re-encoding is cheap and keeps one path.
-        let payload = request.into_inner().encode_to_vec();
-        let reply = match open_envelope(&payload) {
+        // The same checks as over NATS: re-encoding is cheap and keeps one path.
+        let envelope = request.into_inner();
+        let admitted = self.guard.admit(&envelope).map_err(|err| {
+            (
+                envelope.call_id.clone(),
+                provis_core::envelope::EnvelopeError::Denied(err.to_string()),
+            )
+        });
+        let payload = envelope.encode_to_vec();
+        let reply = match admitted.and_then(|_| open_envelope(&payload)) {
             Ok(call) => self.dispatcher.run(&call).await,
             Err((call_id, err)) => error_reply(
                 &call_id,

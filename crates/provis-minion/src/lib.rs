@@ -178,6 +178,7 @@ async fn start_inner(
             converged_tx,
         )));
     }
+    let guard = provis_core::call_auth::CallGuard::new(config.trusted_callers.clone());
     let grpc_tls = config.grpc_tls_cert.is_some();
     let grpc_addr = if config.grpc_listen == "off" {
         None
@@ -208,6 +209,7 @@ async fn start_inner(
             reason: err.to_string(),
         })?;
         let api = grpc::MinionApi {
+            guard: guard.clone(),
             dispatcher: dispatcher.clone(),
             state: state.clone(),
             events: events.clone(),
@@ -255,6 +257,7 @@ async fn start_inner(
         owns_connection,
         listener,
         refusals: events::RefusalReporter::new(runtime_events.clone()),
+        guard: guard.clone(),
         labels: config.labels.clone(),
         shared_roles,
         shared_facts,
@@ -283,6 +286,8 @@ struct Runtime {
     owns_connection: bool,
     listener: listener::Listener,
     refusals: events::RefusalReporter,
+    /// Admits only signed, fresh calls from trusted callers (when any are pinned).
+    guard: provis_core::call_auth::CallGuard,
     /// Labels from the minion's own settings, under those the master assigns.
     labels: std::collections::BTreeMap<String, String>,
     shared_roles: Arc<std::sync::RwLock<Vec<String>>>,
@@ -464,6 +469,7 @@ impl Runtime {
         let nats = self.nats.clone();
         let dispatcher = self.dispatcher.clone();
         let refusals = self.refusals.clone();
+        let guard = self.guard.clone();
         tokio::spawn(async move {
             let Ok(_permit) = limit.acquire_owned().await else {
                 return;
@@ -474,6 +480,12 @@ impl Runtime {
                     return Ok(None); // a subset that leaves this minion out
                 }
                 let call_id = envelope.call_id.clone();
+                guard.admit(&envelope).map_err(|err| {
+                    (
+                        call_id.clone(),
+                        provis_core::envelope::EnvelopeError::Denied(err.to_string()),
+                    )
+                })?;
                 check_envelope(envelope)
                     .map(Some)
                     .map_err(|err| (call_id, err))
