@@ -340,3 +340,132 @@ async fn a_minion_that_pins_callers_runs_only_their_fresh_signed_calls() {
     }
     drop(mallory);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_call_policy_from_git_says_which_operator_may_call_what() {
+    let keys = tempfile::tempdir().expect("keys");
+    let alice = Identity::create(&keys.path().join("alice.key")).expect("alice");
+    let bob = Identity::create(&keys.path().join("bob.key")).expect("bob");
+    let mallory = Identity::create(&keys.path().join("mallory.key")).expect("mallory");
+    let policy = format!(
+        "[[operator]]\nname = \"alice\"\nkey = \"{}\"\n[[operator.allow]]\nroles = [\"web\"]\nservices = [\"counter\"]\nmethods = [\"version\"]\n\n\
+         [[operator]]\nname = \"bob\"\nkey = \"{}\"\n[[operator.allow]]\nroles = [\"*\"]\nservices = [\"sys\"]\nmethods = [\"ping\"]\n",
+        alice.public_key(),
+        bob.public_key()
+    );
+    let repo = GitRepo::init().expect("repo");
+    let commit = repo
+        .commit(
+            "policy",
+            &[
+                ("roles/web.toml", "services = [\"counter\"]\n"),
+                (
+                    "assignments.toml",
+                    "[[assign]]\nminions = \"*\"\nroles = [\"web\"]\n",
+                ),
+                (
+                    "services/counter/service.toml",
+                    "name = \"counter\"\nversion = \"1\"\n",
+                ),
+                (
+                    "services/counter/main.js",
+                    "export function version() { return '1' }\n",
+                ),
+                ("policy.toml", &policy),
+            ],
+        )
+        .expect("commit");
+    let source = repo.path_string();
+    let mut fleet = TestFleet::start_with(|config| config.repository = Some(source))
+        .await
+        .expect("fleet");
+    let master_key = fleet.ask_master("ping", &json!({})).await.expect("ping")["public_key"]
+        .as_str()
+        .expect("key")
+        .to_owned();
+    let mut config = fleet.minion_config("m1", &[]).expect("config");
+    config.trusted_bundle_keys = vec![master_key];
+    fleet.add_minion_with(config).await.expect("m1");
+
+    let nats = fleet.nats().connect().await.expect("nats");
+    // Callers by the name of their key file (none: an unsigned caller).
+    let as_caller = |name: Option<&str>| {
+        let client = provis_core::Client::new(nats.clone(), fleet.subjects(), "operator:test");
+        match name {
+            Some(name) => client.with_signer(
+                Identity::load(&keys.path().join(format!("{name}.key"))).expect("key"),
+            ),
+            None => client,
+        }
+    };
+    let outcome = |client: provis_core::Client, function: &'static str| async move {
+        let request = CallRequest::parse_function(function, Value::Null, Duration::from_secs(2))
+            .expect("request");
+        let report = client
+            .call(
+                &CallTarget::Minions(vec!["m1".parse().expect("id")]),
+                &request,
+            )
+            .await
+            .expect("call");
+        let reply = report.replies[0].clone();
+        match (reply.result, reply.error) {
+            (Some(result), _) => Ok(result),
+            (_, Some(error)) => Err(format!("{}: {}", error.code, error.message)),
+            _ => Err("no reply".to_owned()),
+        }
+    };
+    provis_testkit::eventually(
+        "m1 converged and follows the policy",
+        Duration::from_secs(20),
+        || async {
+            let status = fleet
+                .ask_master("status", &json!({}))
+                .await
+                .unwrap_or_default();
+            status["applied"]["commit"] == commit
+                && outcome(as_caller(Some("alice")), "counter.version").await == Ok(json!("1"))
+        },
+    )
+    .await
+    .expect("alice may call counter.version");
+
+    assert_eq!(
+        outcome(as_caller(Some("bob")), "sys.ping")
+            .await
+            .map(|r| r["pong"].clone()),
+        Ok(json!(true))
+    );
+    for (caller, function, needle) in [
+        (Some("alice"), "sys.ping", "policy does not let"),
+        (Some("bob"), "counter.version", "policy does not let"),
+        (Some("mallory"), "sys.ping", "does not trust"),
+        (None, "sys.ping", "not signed"),
+    ] {
+        let err = outcome(as_caller(caller), function)
+            .await
+            .expect_err("refused");
+        assert!(
+            err.starts_with("denied: ") && err.contains(needle),
+            "{function}: {err}"
+        );
+    }
+
+    // A policy written straight into the bucket, signed by mallory, is not taken up.
+    let forged = provis_core::call_auth::SignedPolicy::sign(
+        toml::from_str(&format!("[[operator]]\nname = \"m\"\nkey = \"{}\"\n[[operator.allow]]\nroles = [\"*\"]\nservices = [\"*\"]\nmethods = [\"*\"]\n", mallory.public_key())).expect("policy"),
+        &mallory,
+    );
+    let kv = async_nats::jetstream::new(nats.clone())
+        .get_key_value("provis_config")
+        .await
+        .expect("kv");
+    kv.put("policy", serde_json::to_vec(&forged).expect("json").into())
+        .await
+        .expect("put");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let err = outcome(as_caller(Some("mallory")), "sys.ping")
+        .await
+        .expect_err("still refused");
+    assert!(err.contains("does not trust"), "{err}");
+}

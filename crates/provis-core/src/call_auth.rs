@@ -47,14 +47,123 @@ pub enum CallAuthError {
     NoNonce,
     #[error("this call was seen before: a replay")]
     Replayed,
+    #[error("the policy does not let this caller call {0} here")]
+    NotAllowed(String),
 }
 
 /// Checks signed calls for one minion; remembers nonces long enough that a
 /// replay inside the time window is caught (a bounded TTL cache).
 #[derive(Debug, Clone)]
 pub struct CallGuard {
+    /// Keys pinned in the minion's own settings: they may call anything.
     trusted: Vec<String>,
+    /// The fleet's call policy from git, once the minion has a verified one.
+    policy: std::sync::Arc<std::sync::RwLock<Option<CallPolicy>>>,
     seen: moka::sync::Cache<(String, Vec<u8>), ()>,
+}
+
+/// Which operator may call what: `policy.toml` of the config repository.
+///
+/// ```toml
+/// [[operator]]
+/// name = "alice"
+/// key = "ed25519:…"
+/// [[operator.allow]]
+/// roles = ["web"]          # a role, its sub-roles included; "*": any minion
+/// services = ["site"]      # "*": any service
+/// methods = ["enable", "disable"]   # "*": any method
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallPolicy {
+    #[serde(default)]
+    pub operator: Vec<Operator>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Operator {
+    pub name: String,
+    /// Public key, `ed25519:<hex>`.
+    pub key: String,
+    #[serde(default)]
+    pub allow: Vec<Grant>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    pub roles: Vec<String>,
+    pub services: Vec<String>,
+    pub methods: Vec<String>,
+}
+
+/// The policy as it travels in `provis_config/policy`: signed by the
+/// master, so a minion takes it only from a key it pins.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SignedPolicy {
+    pub policy: CallPolicy,
+    pub signer: String,
+    pub signature: String,
+}
+
+impl SignedPolicy {
+    fn message(policy: &CallPolicy) -> Vec<u8> {
+        let mut message = b"provis-policy-v1:".to_vec();
+        message.extend(serde_json::to_vec(policy).unwrap_or_default());
+        message
+    }
+
+    pub fn sign(policy: CallPolicy, identity: &Identity) -> Self {
+        let signature = identity.sign(&Self::message(&policy));
+        Self {
+            policy,
+            signer: identity.public_key().to_owned(),
+            signature,
+        }
+    }
+
+    /// The policy, when one of `trusted` signed it.
+    pub fn verified(self, trusted: &[String]) -> Option<CallPolicy> {
+        (trusted.contains(&self.signer)
+            && verify(&self.signer, &Self::message(&self.policy), &self.signature))
+        .then_some(self.policy)
+    }
+}
+
+impl CallPolicy {
+    /// Checks every key parses; returns the problems.
+    pub fn problems(&self) -> Vec<String> {
+        self.operator
+            .iter()
+            .filter(|op| !crate::identity::is_public_key(&op.key))
+            .map(|op| {
+                format!(
+                    "operator {:?}: key {:?} is not ed25519:<64 hex digits>",
+                    op.name, op.key
+                )
+            })
+            .collect()
+    }
+
+    fn allows(&self, signer: &str, service: &str, method: &str, roles: &[crate::RoleName]) -> bool {
+        let any =
+            |list: &[String], value: &str| list.iter().any(|item| item == "*" || item == value);
+        self.operator
+            .iter()
+            .filter(|op| op.key == signer)
+            .flat_map(|op| &op.allow)
+            .any(|grant| {
+                any(&grant.services, service)
+                    && any(&grant.methods, method)
+                    && grant.roles.iter().any(|granted| {
+                        granted == "*"
+                            || granted.parse::<crate::RoleName>().is_ok_and(|granted| {
+                                roles.iter().any(|own| own.is_within(&granted))
+                            })
+                    })
+            })
+    }
 }
 
 impl CallGuard {
@@ -64,11 +173,49 @@ impl CallGuard {
             .max_capacity(1_000_000)
             .time_to_live(MAX_CLOCK_SKEW * 2 + MAX_CALL_LIFETIME)
             .build();
-        Self { trusted, seen }
+        Self {
+            trusted,
+            policy: Default::default(),
+            seen,
+        }
     }
 
     pub fn enforcing(&self) -> bool {
-        !self.trusted.is_empty()
+        !self.trusted.is_empty() || self.policy().is_some()
+    }
+
+    fn policy(&self) -> Option<CallPolicy> {
+        self.policy
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Takes up the fleet's (verified) call policy.
+    pub fn set_policy(&self, policy: Option<CallPolicy>) {
+        *self
+            .policy
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = policy;
+    }
+
+    /// Whether `signer` (admitted by [`Self::admit`]) may call `service.method`
+    /// on a minion with `roles`: keys pinned locally may call anything; the
+    /// others only what the policy grants.
+    pub fn authorize(
+        &self,
+        signer: &str,
+        service: &str,
+        method: &str,
+        roles: &[crate::RoleName],
+    ) -> Result<(), CallAuthError> {
+        if self.trusted.iter().any(|key| key == signer) {
+            return Ok(());
+        }
+        match self.policy() {
+            Some(policy) if policy.allows(signer, service, method, roles) => Ok(()),
+            _ => Err(CallAuthError::NotAllowed(format!("{service}.{method}"))),
+        }
     }
 
     /// Admits `envelope` or says why not; returns the signer when there is one.
@@ -80,7 +227,10 @@ impl CallGuard {
             return Err(CallAuthError::Unsigned);
         }
         let signer = String::from_utf8_lossy(&envelope.signer_public_key).into_owned();
-        if !self.trusted.contains(&signer) {
+        let in_policy = self
+            .policy()
+            .is_some_and(|p| p.operator.iter().any(|op| op.key == signer));
+        if !self.trusted.contains(&signer) && !in_policy {
             return Err(CallAuthError::UntrustedSigner(signer));
         }
         let mut unsigned = envelope.clone();

@@ -128,6 +128,13 @@ pub fn public_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// True when `text` is a public key in the form provis writes (`ed25519:<64 hex>`).
+pub fn is_public_key(text: &str) -> bool {
+    text.strip_prefix(PUBLIC_PREFIX)
+        .and_then(unhex)
+        .is_some_and(|key| key.len() == 32)
+}
+
 /// True when `signature` (hex) is `public_key`'s signature of `message`.
 pub fn verify(public_key: &str, message: &[u8], signature: &str) -> bool {
     let (Some(key), Some(signature)) = (

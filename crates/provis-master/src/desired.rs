@@ -279,6 +279,7 @@ impl DesiredState {
             let _ = self.config.put("applied", value.into()).await;
         }
         self.applied = Some(record);
+        self.publish_policy(&repo).await;
         self.loaded = Some((commit.clone(), repo));
         self.assign_minions(None).await;
         tracing::info!(%commit, %summary, "config applied");
@@ -288,6 +289,34 @@ impl DesiredState {
         )
         .await;
         json!({ "commit": commit, "outcome": "applied", "changes": changes })
+    }
+
+    /// Publishes the repository's call policy, signed by the master, in
+    /// `provis_config/policy` (or removes it when the repository has none).
+    async fn publish_policy(&self, repo: &ConfigRepository) {
+        let outcome = match &repo.policy {
+            None => self
+                .config
+                .delete("policy")
+                .await
+                .map_err(|e| e.to_string()),
+            Some(policy) => {
+                let signed =
+                    provis_core::call_auth::SignedPolicy::sign(policy.clone(), &self.identity);
+                match serde_json::to_vec(&signed) {
+                    Ok(value) => self
+                        .config
+                        .put("policy", value.into())
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string()),
+                    Err(err) => Err(err.to_string()),
+                }
+            }
+        };
+        if let Err(err) = outcome {
+            tracing::warn!(error = %err, "call policy not published");
+        }
     }
 
     async fn reject(&mut self, commit: String, summary: String, problems: Vec<Value>) -> Value {

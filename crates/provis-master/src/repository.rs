@@ -37,6 +37,8 @@ pub struct ConfigRepository {
     pub roles: BTreeMap<RoleName, RoleSpec>,
     pub assignments: Assignments,
     pub master: RepositoryMasterSettings,
+    /// `policy.toml`: which operator may call what (none: no policy).
+    pub policy: Option<provis_core::call_auth::CallPolicy>,
 }
 
 /// `master.toml`: the master's settings that are kept in git.
@@ -162,12 +164,34 @@ impl ConfigRepository {
                 RepositoryMasterSettings::default()
             }),
         };
+        let policy = match std::fs::read_to_string(root.join("policy.toml")) {
+            Err(_) => None,
+            Ok(text) => match toml::from_str::<provis_core::call_auth::CallPolicy>(&text) {
+                Ok(policy) => {
+                    problems.extend(policy.problems().into_iter().map(|reason| {
+                        RepositoryProblem {
+                            file: "policy.toml".to_owned(),
+                            reason,
+                        }
+                    }));
+                    Some(policy)
+                }
+                Err(err) => {
+                    problems.push(RepositoryProblem {
+                        file: "policy.toml".to_owned(),
+                        reason: err.to_string(),
+                    });
+                    None
+                }
+            },
+        };
         if problems.is_empty() {
             Ok(Self {
                 services,
                 roles,
                 assignments,
                 master,
+                policy,
             })
         } else {
             Err(InvalidRepository(problems))

@@ -92,7 +92,26 @@ impl Minion for MinionApi {
             )
         });
         let payload = envelope.encode_to_vec();
-        let reply = match admitted.and_then(|_| open_envelope(&payload)) {
+        let roles: Vec<provis_core::RoleName> = self
+            .roles
+            .read()
+            .map(|r| r.iter().filter_map(|r| r.parse().ok()).collect())
+            .unwrap_or_default();
+        let checked = admitted.and_then(|signer| {
+            let call = open_envelope(&payload)?;
+            if let Some(signer) = signer {
+                self.guard
+                    .authorize(&signer, &call.service, &call.method, &roles)
+                    .map_err(|err| {
+                        (
+                            call.call_id.clone(),
+                            provis_core::envelope::EnvelopeError::Denied(err.to_string()),
+                        )
+                    })?;
+            }
+            Ok(call)
+        });
+        let reply = match checked {
             Ok(call) => self.dispatcher.run(&call).await,
             Err((call_id, err)) => error_reply(
                 &call_id,

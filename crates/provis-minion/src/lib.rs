@@ -14,6 +14,7 @@ pub mod events;
 pub mod grpc;
 pub mod listener;
 pub mod machine;
+pub mod policy;
 pub mod services;
 pub mod sys;
 
@@ -161,6 +162,13 @@ async fn start_inner(
         config.id.to_string(),
         assignments_tx,
     )));
+    let guard = provis_core::call_auth::CallGuard::new(config.trusted_callers.clone());
+    background.push(tokio::spawn(policy::follow(
+        nats.clone(),
+        config.id.to_string(),
+        guard.clone(),
+        config.trusted_bundle_keys.clone(),
+    )));
     if config.inject_services {
         background.push(tokio::spawn(services::reconcile_forever(
             nats.clone(),
@@ -178,7 +186,6 @@ async fn start_inner(
             converged_tx,
         )));
     }
-    let guard = provis_core::call_auth::CallGuard::new(config.trusted_callers.clone());
     let grpc_tls = config.grpc_tls_cert.is_some();
     let grpc_addr = if config.grpc_listen == "off" {
         None
@@ -470,6 +477,7 @@ impl Runtime {
         let dispatcher = self.dispatcher.clone();
         let refusals = self.refusals.clone();
         let guard = self.guard.clone();
+        let roles = self.record.roles.clone();
         tokio::spawn(async move {
             let Ok(_permit) = limit.acquire_owned().await else {
                 return;
@@ -480,15 +488,20 @@ impl Runtime {
                     return Ok(None); // a subset that leaves this minion out
                 }
                 let call_id = envelope.call_id.clone();
-                guard.admit(&envelope).map_err(|err| {
+                let denied = |err: provis_core::call_auth::CallAuthError| {
                     (
                         call_id.clone(),
                         provis_core::envelope::EnvelopeError::Denied(err.to_string()),
                     )
-                })?;
-                check_envelope(envelope)
-                    .map(Some)
-                    .map_err(|err| (call_id, err))
+                };
+                let signer = guard.admit(&envelope).map_err(denied)?;
+                let call = check_envelope(envelope).map_err(|err| (call_id.clone(), err))?;
+                if let Some(signer) = signer {
+                    guard
+                        .authorize(&signer, &call.service, &call.method, &roles)
+                        .map_err(denied)?;
+                }
+                Ok(Some(call))
             });
             let reply = match checked {
                 Ok(None) => return,
