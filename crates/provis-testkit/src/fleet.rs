@@ -155,6 +155,19 @@ impl TestFleet {
         Ok(ids)
     }
 
+    /// Starts a minion with these settings on a shared connection (as the
+    /// simulated fleets do) without waiting for it.
+    pub async fn add_minion_on(
+        &mut self,
+        config: MinionConfig,
+        nats: async_nats::Client,
+    ) -> anyhow::Result<()> {
+        let id = config.id.to_string();
+        let minion = provis_minion::start_on(config, nats).await?;
+        self.minions.insert(id, minion);
+        Ok(())
+    }
+
     /// The settings a test minion gets.
     pub fn minion_config(&self, id: &str, roles: &[&str]) -> anyhow::Result<MinionConfig> {
         let roles = roles
