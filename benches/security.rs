@@ -42,7 +42,10 @@ async fn fleet(n: usize, callers: &[String]) -> anyhow::Result<TestFleet> {
     let client = fleet.client().await?;
     let all = CallTarget::Role("fleet".parse()?);
     provis_testkit::eventually("every minion live", Duration::from_secs(120), || async {
-        client.select(&all, None, Pick::All, None).await.is_ok_and(|s| s.chosen.len() == n)
+        client
+            .select(&all, None, Pick::All, None)
+            .await
+            .is_ok_and(|s| s.chosen.len() == n)
     })
     .await?;
     Ok(fleet)
