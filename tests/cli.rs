@@ -133,6 +133,25 @@ async fn up_runs_a_fleet_that_another_shell_can_call_and_stops_it_on_sigterm() {
     let report: serde_json::Value = serde_json::from_str(&stdout).expect("json");
     assert_eq!(report["summary"]["ok"], 3, "{report}");
 
+    // Secured by default: NATS speaks TLS only, and the context says which CA to trust.
+    let saved = provis_core::FleetContext::load(&context)
+        .expect("context")
+        .expect("written");
+    assert!(
+        saved.tls_ca.is_some(),
+        "provis up runs NATS with TLS by default"
+    );
+    let plain = provis_core::FleetContext {
+        tls_ca: None,
+        ..saved
+    };
+    assert!(
+        provis_core::client::connect_nats(&plain, "test")
+            .await
+            .is_err(),
+        "a plaintext client is refused"
+    );
+
     let (code, stdout, _) = run_to_end(
         std::process::Command::new(provis())
             .args([

@@ -15,6 +15,9 @@ pub struct FleetArgs {
     /// Subject prefix of the fleet [default: the context file's, else provis]
     #[arg(long, env = "PROVIS_PREFIX", global = true)]
     pub prefix: Option<Prefix>,
+    /// CA certificate (PEM) of the NATS server's TLS; set, connections use TLS only
+    #[arg(long, env = "PROVIS_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
     /// Context file [default: ~/.config/provis/context.toml]
     #[arg(long, env = "PROVIS_CONTEXT", global = true)]
     pub context: Option<PathBuf>,
@@ -50,12 +53,15 @@ impl FleetArgs {
         if let Some(prefix) = &self.prefix {
             fleet.prefix = prefix.clone();
         }
+        if let Some(ca) = &self.tls_ca {
+            fleet.tls_ca = Some(ca.clone());
+        }
     }
 
     /// A call client for the resolved fleet, as this operator.
     pub async fn client(&self) -> anyhow::Result<provis_core::Client> {
         let fleet = self.resolve()?;
-        let nats = provis_core::client::connect_nats(&fleet.nats_url, "provis-cli").await?;
+        let nats = provis_core::client::connect_nats(&fleet, "provis-cli").await?;
         Ok(provis_core::Client::new(
             nats,
             provis_core::Subjects::new(fleet.prefix),

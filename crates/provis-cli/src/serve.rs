@@ -264,9 +264,18 @@ fn layered_config<T: DeserializeOwned>(
             )
         })?;
     }
+    if let Some(ca) = table.get("tls_ca").and_then(toml::Value::as_str) {
+        context.tls_ca = Some(PathBuf::from(ca));
+    }
     fleet.apply(&mut context);
     table.insert("nats_url".into(), context.nats_url.into());
     table.insert("prefix".into(), context.prefix.to_string().into());
+    if let Some(ca) = &context.tls_ca {
+        table.insert(
+            "tls_ca".into(),
+            ca.to_str().context("tls_ca is not UTF-8")?.into(),
+        );
+    }
     table.extend(overrides);
     let what = file.map_or_else(|| "flags".to_owned(), |path| path.display().to_string());
     T::deserialize(toml::Value::Table(table)).with_context(|| format!("invalid settings ({what})"))

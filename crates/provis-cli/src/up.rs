@@ -34,6 +34,10 @@ pub struct UpArgs {
     /// Start the fleet, print what runs, then stop it (for scripts and tests)
     #[arg(long)]
     no_wait: bool,
+    /// Run nats-server without TLS (it says so at start); the default is TLS
+    /// with a certificate generated for this machine
+    #[arg(long)]
+    insecure: bool,
 }
 
 /// How long each part may take to come up before `up` gives in.
@@ -51,7 +55,7 @@ pub async fn run(fleet_args: &FleetArgs, args: UpArgs) -> anyhow::Result<ExitCod
         .map_err(|invalid| UsageError(format!("{}: {invalid}", repository.display())))?;
 
     let mut processes = Vec::new();
-    let outcome = bring_up(&fleet, &args, &data_dir, &desired, &mut processes).await;
+    let outcome = bring_up(&mut fleet, &args, &data_dir, &desired, &mut processes).await;
     if let Err(err) = outcome {
         stop_all(&mut processes).await;
         return Err(err);
@@ -106,28 +110,58 @@ pub async fn run(fleet_args: &FleetArgs, args: UpArgs) -> anyhow::Result<ExitCod
 }
 
 async fn bring_up(
-    fleet: &FleetContext,
+    fleet: &mut FleetContext,
     args: &UpArgs,
     data_dir: &Path,
     desired: &ConfigRepository,
     processes: &mut Vec<FleetProcess>,
 ) -> anyhow::Result<()> {
-    if provis_core::client::connect_nats(&fleet.nats_url, "provis-up")
+    let plain = FleetContext {
+        tls_ca: None,
+        ..fleet.clone()
+    };
+    if provis_core::client::connect_nats(fleet, "provis-up")
         .await
         .is_ok()
     {
         println!("using the nats-server already at {}", fleet.nats_url);
+    } else if fleet.tls_ca.is_none()
+        && provis_core::client::connect_nats(&plain, "provis-up")
+            .await
+            .is_ok()
+    {
+        println!(
+            "using the nats-server already at {} (it does not use TLS)",
+            fleet.nats_url
+        );
     } else {
-        processes.push(start_nats_server(&fleet.nats_url, data_dir)?);
+        let tls = if args.insecure {
+            eprintln!(
+                "INSECURE: nats-server runs without TLS (--insecure); anyone on this machine can read and write the fleet's traffic"
+            );
+            None
+        } else {
+            let tls = generate_tls(data_dir)?;
+            fleet.tls_ca = Some(tls.0.clone());
+            Some(tls)
+        };
+        processes.push(start_nats_server(&fleet.nats_url, data_dir, tls.as_ref())?);
+        let fleet = &*fleet;
         wait_for("nats-server", processes, || async {
-            provis_core::client::connect_nats(&fleet.nats_url, "provis-up")
+            provis_core::client::connect_nats(fleet, "provis-up")
                 .await
                 .is_ok()
         })
         .await?;
-        println!("started nats-server at {}", fleet.nats_url);
+        let how = if tls.is_some() {
+            "with TLS"
+        } else {
+            "WITHOUT TLS"
+        };
+        println!("started nats-server at {} {how}", fleet.nats_url);
     }
-    let nats = provis_core::client::connect_nats(&fleet.nats_url, "provis-up").await?;
+    let fleet = &*fleet;
+    let nats = provis_core::client::connect_nats(fleet, "provis-up").await?;
     let subjects = provis_core::Subjects::new(fleet.prefix.clone());
 
     let exe = std::env::current_exe().context("cannot find the provis executable")?;
@@ -309,6 +343,12 @@ impl FleetProcess {
             .args(args)
             .env("PROVIS_NATS_URL", &fleet.nats_url)
             .env("PROVIS_PREFIX", fleet.prefix.as_str())
+            .envs(
+                fleet
+                    .tls_ca
+                    .as_ref()
+                    .map(|ca| ("PROVIS_TLS_CA", ca.as_os_str())),
+            )
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
@@ -325,19 +365,54 @@ impl FleetProcess {
     }
 }
 
-fn start_nats_server(url: &str, data_dir: &Path) -> anyhow::Result<FleetProcess> {
+/// A certificate for this machine's nats-server (localhost, 127.0.0.1) and
+/// its key, written under the data dir; clients trust the certificate itself.
+fn generate_tls(data_dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = data_dir.join("tls");
+    std::fs::create_dir_all(&dir)?;
+    let issued =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .context("cannot generate a TLS certificate")?;
+    let (cert, key) = (dir.join("nats.pem"), dir.join("nats.key"));
+    std::fs::write(&cert, issued.cert.pem())?;
+    let _ = std::fs::remove_file(&key);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key)?;
+    std::io::Write::write_all(&mut file, issued.signing_key.serialize_pem().as_bytes())?;
+    Ok((cert, key))
+}
+
+fn start_nats_server(
+    url: &str,
+    data_dir: &Path,
+    tls: Option<&(PathBuf, PathBuf)>,
+) -> anyhow::Result<FleetProcess> {
     let (host, port) = loopback_host_port(url)?;
     let binary = locate_nats_server()?;
     let store = data_dir.join("jetstream");
-    let args = [
-        "-a",
-        host.as_str(),
-        "-p",
-        port.as_str(),
-        "-js",
-        "-sd",
-        store.to_str().context("data dir is not UTF-8")?,
+    let mut args = vec![
+        "-a".to_owned(),
+        host,
+        "-p".to_owned(),
+        port,
+        "-js".to_owned(),
+        "-sd".to_owned(),
+        store.to_str().context("data dir is not UTF-8")?.to_owned(),
     ];
+    if let Some((cert, key)) = tls {
+        args.extend([
+            "--tls".to_owned(),
+            "--tlscert".to_owned(),
+            cert.display().to_string(),
+            "--tlskey".to_owned(),
+            key.display().to_string(),
+        ]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     FleetProcess::spawn(
         &binary,
         Stage::NatsServer,

@@ -8,7 +8,7 @@
 //! use provis_core::client::{CallPlan, connect_nats};
 //! use provis_core::selection::{Filter, Pick};
 //!
-//! let nats = connect_nats("nats://127.0.0.1:4222", "my-tool").await?;
+//! let nats = connect_nats(&provis_core::FleetContext::default(), "my-tool").await?;
 //! let client = Client::new(nats, Subjects::default(), "operator:alice");
 //! let request = CallRequest::parse_function("site.enable", serde_json::json!({"by": "alice"}), Duration::from_secs(5))?;
 //!
@@ -77,14 +77,17 @@ pub enum ClientError {
 
 /// Connects to NATS with a bounded wait, so an unreachable server is a clear
 /// error rather than a hang.
-pub async fn connect_nats(url: &str, name: &str) -> Result<async_nats::Client, ClientError> {
-    async_nats::ConnectOptions::new()
-        .name(name)
+pub async fn connect_nats(
+    fleet: &crate::FleetContext,
+    name: &str,
+) -> Result<async_nats::Client, ClientError> {
+    fleet
+        .connect_options(name)
         .connection_timeout(Duration::from_secs(3))
-        .connect(url)
+        .connect(&fleet.nats_url)
         .await
         .map_err(|err| ClientError::Connect {
-            url: url.to_owned(),
+            url: fleet.nats_url.clone(),
             reason: err.to_string(),
         })
 }

@@ -24,6 +24,11 @@ pub struct FleetContext {
     pub nats_url: String,
     /// First token of every subject. Default: `provis`.
     pub prefix: Prefix,
+    /// PEM certificate of the authority that signed the NATS server's TLS
+    /// certificate; when set, connections use TLS and nothing else.
+    /// Default: none (plain connections).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Default for FleetContext {
@@ -31,6 +36,7 @@ impl Default for FleetContext {
         Self {
             nats_url: DEFAULT_NATS_URL.to_owned(),
             prefix: Prefix::default(),
+            tls_ca: None,
         }
     }
 }
@@ -55,6 +61,15 @@ pub enum ContextError {
 }
 
 impl FleetContext {
+    /// Connection options for this fleet: TLS, and only TLS, when `tls_ca` is set.
+    pub fn connect_options(&self, name: &str) -> async_nats::ConnectOptions {
+        let options = async_nats::ConnectOptions::new().name(name);
+        match &self.tls_ca {
+            Some(ca) => options.add_root_certificates(ca.clone()).require_tls(true),
+            None => options,
+        }
+    }
+
     /// The context file: `PROVIS_CONTEXT`, else `$XDG_CONFIG_HOME/provis/context.toml`,
     /// else `~/.config/provis/context.toml`.
     pub fn default_path() -> PathBuf {
@@ -114,6 +129,7 @@ mod tests {
         let context = FleetContext {
             nats_url: "nats://127.0.0.1:5000".into(),
             prefix: "fleet2".parse().unwrap(),
+            tls_ca: Some("/etc/provis/ca.pem".into()),
         };
         context.save(&path).unwrap();
         assert_eq!(FleetContext::load(&path).unwrap(), Some(context));

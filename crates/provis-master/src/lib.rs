@@ -171,8 +171,9 @@ impl MasterHandle {
 /// serves. Returns once the master answers requests.
 pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
     let url = config.fleet.nats_url.clone();
-    let nats = async_nats::ConnectOptions::new()
-        .name("provis-master")
+    let nats = config
+        .fleet
+        .connect_options("provis-master")
         .retry_on_initial_connect()
         .connect(&url)
         .await

@@ -91,8 +91,9 @@ impl MinionHandle {
 /// heartbeats start when it is up).
 pub async fn start(config: MinionConfig) -> Result<MinionHandle, MinionError> {
     let url = config.fleet.nats_url.clone();
-    let nats = async_nats::ConnectOptions::new()
-        .name(format!("provis-minion-{}", config.id))
+    let nats = config
+        .fleet
+        .connect_options(&format!("provis-minion-{}", config.id))
         .retry_on_initial_connect()
         .connect(&url)
         .await
