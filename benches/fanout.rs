@@ -27,12 +27,6 @@ fn env_list(name: &str, default: &str) -> Vec<usize> {
         .collect()
 }
 
-fn percentiles(mut samples: Vec<f64>) -> (f64, f64) {
-    samples.sort_by(f64::total_cmp);
-    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
-    (at(0.5), at(0.99))
-}
-
 /// One raw publish answered by `n` subscribers: ms from publish to the last reply.
 async fn raw_fanout(nats: &async_nats::Client, subject: &str, n: usize) -> f64 {
     let inbox = nats.new_inbox();
@@ -73,7 +67,7 @@ async fn main() -> anyhow::Result<()> {
         let connections = (n / 250).clamp(1, 16);
         let setup = Instant::now();
         let ids = fleet
-            .add_simulated_minions(n, &["web"], connections, Duration::from_secs(30), false)
+            .add_simulated_minions(n, &["web"], connections, Duration::from_secs(30), |_| {})
             .await?;
         let setup = setup.elapsed();
 
@@ -127,9 +121,9 @@ async fn main() -> anyhow::Result<()> {
 
             raw_ms.push(raw_fanout(&nats, "bench.raw.fanout", n).await);
         }
-        let (p50, p99) = percentiles(provis_ms);
-        let (r50, r99) = percentiles(with_registry_ms);
-        let (n50, n99) = percentiles(raw_ms);
+        let (p50, p99) = provis_testkit::p50_p99(provis_ms);
+        let (r50, r99) = provis_testkit::p50_p99(with_registry_ms);
+        let (n50, n99) = provis_testkit::p50_p99(raw_ms);
         println!(
             "{n:>6}  {:>28}  {:>28}  {:>28}  {:>7.2}x",
             format!("p50 {p50:.1} ms p99 {p99:.1} ms"),
@@ -168,8 +162,8 @@ async fn main() -> anyhow::Result<()> {
             nats.request("bench.raw.one", "ping".into()).await?;
             raw_single.push(started.elapsed().as_secs_f64() * 1e6);
         }
-        let (s50, s99) = percentiles(single);
-        let (q50, q99) = percentiles(raw_single);
+        let (s50, s99) = provis_testkit::p50_p99(single);
+        let (q50, q99) = provis_testkit::p50_p99(raw_single);
         println!(
             "        single call in a fleet of {n}: p50 {s50:.0} µs p99 {s99:.0} µs; raw request/reply p50 {q50:.0} µs p99 {q99:.0} µs ({:.2}x); fleet start {setup:.1?}",
             s50 / q50

@@ -60,7 +60,9 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?;
         fleet
-            .add_simulated_minions(n, &[], (n / 50).max(1), Duration::from_secs(5), true)
+            .add_simulated_minions(n, &[], (n / 50).max(1), Duration::from_secs(5), |config| {
+                config.inject_services = true;
+            })
             .await?;
         eventually("first convergence", Duration::from_secs(300), || {
             all_converged(&fleet, &first, n)

@@ -16,38 +16,20 @@ use provis_core::{CallRequest, CallTarget, Client};
 use provis_testkit::TestFleet;
 use serde_json::Value;
 
-fn percentiles(mut samples: Vec<f64>) -> (f64, f64) {
-    samples.sort_by(f64::total_cmp);
-    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
-    (at(0.5), at(0.99))
-}
-
 /// A fleet of `n` simulated minions in role `fleet`, pinning `callers`.
 async fn fleet(n: usize, callers: &[String]) -> anyhow::Result<TestFleet> {
     let mut fleet = TestFleet::start().await?;
-    let mut clients = Vec::new();
-    for _ in 0..(n / 250).clamp(1, 16) {
-        clients.push(fleet.nats().connect().await?);
-    }
-    for i in 0..n {
-        let mut config = fleet.minion_config(&format!("sim{i:04}"), &["fleet"])?;
-        config.grpc_listen = "off".into();
-        config.inject_services = false;
-        config.heartbeat_interval_ms = 30_000;
-        config.trusted_callers = callers.to_vec();
-        fleet
-            .add_minion_on(config, clients[i % clients.len()].clone())
-            .await?;
-    }
-    let client = fleet.client().await?;
-    let all = CallTarget::Role("fleet".parse()?);
-    provis_testkit::eventually("every minion live", Duration::from_secs(120), || async {
-        client
-            .select(&all, None, Pick::All, None)
-            .await
-            .is_ok_and(|s| s.chosen.len() == n)
-    })
-    .await?;
+    fleet
+        .add_simulated_minions(
+            n,
+            &["fleet"],
+            (n / 250).clamp(1, 16),
+            Duration::from_secs(30),
+            |config| {
+                config.trusted_callers = callers.to_vec();
+            },
+        )
+        .await?;
     Ok(fleet)
 }
 
@@ -106,7 +88,10 @@ async fn measure(
         fanout.push(started.elapsed().as_secs_f64() * 1e3);
     }
     let _ = fleet;
-    Ok((percentiles(single), percentiles(fanout)))
+    Ok((
+        provis_testkit::p50_p99(single),
+        provis_testkit::p50_p99(fanout),
+    ))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -27,12 +27,6 @@ fn env_number(name: &str, default: i64) -> i64 {
         .unwrap_or(default)
 }
 
-fn percentiles(mut samples: Vec<f64>) -> (f64, f64) {
-    samples.sort_by(f64::total_cmp);
-    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
-    (at(0.5), at(0.99))
-}
-
 fn rss_mb() -> f64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: f64 = statm
@@ -179,7 +173,7 @@ async fn main() -> anyhow::Result<()> {
             latencies.push(started.elapsed().as_secs_f64() * 1e3);
             matched = answer["matches"].as_array().map_or(0, Vec::len);
         }
-        let (p50, p99) = percentiles(latencies);
+        let (p50, p99) = provis_testkit::p50_p99(latencies);
         println!("{name:40} p50 {p50:7.1} ms  p99 {p99:7.1} ms  ({matched} of {minions} match)");
     }
     Ok(())

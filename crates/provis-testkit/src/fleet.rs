@@ -110,15 +110,16 @@ impl TestFleet {
     /// Starts `count` minions in this process, `sim0000`, `sim0001`, …, with
     /// `roles`, sharing `connections` NATS connections: the same minion code
     /// as a real fleet, many per process, for scale tests and benchmarks.
-    /// They heartbeat every `heartbeat_interval` and run injected services
-    /// only with `inject_services`. Returns once all are live in the registry.
+    /// They heartbeat every `heartbeat_interval`, serve no gRPC and run only
+    /// built-in services unless `adjust` says otherwise. Returns once all are
+    /// live in the registry.
     pub async fn add_simulated_minions(
         &mut self,
         count: usize,
         roles: &[&str],
         connections: usize,
         heartbeat_interval: Duration,
-        inject_services: bool,
+        adjust: impl Fn(&mut MinionConfig),
     ) -> anyhow::Result<Vec<String>> {
         let mut clients = Vec::new();
         for _ in 0..connections.max(1) {
@@ -129,8 +130,9 @@ impl TestFleet {
             let id = format!("sim{n:04}");
             let mut config = self.minion_config(&id, roles)?;
             config.grpc_listen = "off".to_owned();
-            config.inject_services = inject_services;
+            config.inject_services = false;
             config.heartbeat_interval_ms = u64::try_from(heartbeat_interval.as_millis())?;
+            adjust(&mut config);
             let minion =
                 provis_minion::start_on(config, clients[n % clients.len()].clone()).await?;
             self.minions.insert(id.clone(), minion);
@@ -153,19 +155,6 @@ impl TestFleet {
         )
         .await?;
         Ok(ids)
-    }
-
-    /// Starts a minion with these settings on a shared connection (as the
-    /// simulated fleets do) without waiting for it.
-    pub async fn add_minion_on(
-        &mut self,
-        config: MinionConfig,
-        nats: async_nats::Client,
-    ) -> anyhow::Result<()> {
-        let id = config.id.to_string();
-        let minion = provis_minion::start_on(config, nats).await?;
-        self.minions.insert(id, minion);
-        Ok(())
     }
 
     /// The settings a test minion gets.

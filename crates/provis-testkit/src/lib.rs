@@ -69,3 +69,13 @@ pub fn write_files(root: &std::path::Path, files: &[(&str, &str)]) -> anyhow::Re
     }
     Ok(())
 }
+
+/// The median and 99th percentile of `samples` (benchmarks' latency figures).
+pub fn p50_p99(mut samples: Vec<f64>) -> (f64, f64) {
+    if samples.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    (at(0.5), at(0.99))
+}
