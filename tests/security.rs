@@ -198,24 +198,7 @@ async fn a_minion_runs_only_bundles_signed_by_a_key_it_pins() {
 async fn the_master_signs_what_it_applies_from_git() {
     let repo = GitRepo::init().expect("repo");
     let commit = repo
-        .commit(
-            "counter",
-            &[
-                ("roles/web.toml", "services = [\"counter\"]\n"),
-                (
-                    "assignments.toml",
-                    "[[assign]]\nminions = \"*\"\nroles = [\"web\"]\n",
-                ),
-                (
-                    "services/counter/service.toml",
-                    "name = \"counter\"\nversion = \"1\"\n",
-                ),
-                (
-                    "services/counter/main.js",
-                    "export function version() { return '1' }\n",
-                ),
-            ],
-        )
+        .commit("counter", &counter_repository(&[]))
         .expect("commit");
     let source = repo.path_string();
     let mut fleet = TestFleet::start_with(|config| config.repository = Some(source))
@@ -355,25 +338,7 @@ async fn the_call_policy_from_git_says_which_operator_may_call_what() {
     );
     let repo = GitRepo::init().expect("repo");
     let commit = repo
-        .commit(
-            "policy",
-            &[
-                ("roles/web.toml", "services = [\"counter\"]\n"),
-                (
-                    "assignments.toml",
-                    "[[assign]]\nminions = \"*\"\nroles = [\"web\"]\n",
-                ),
-                (
-                    "services/counter/service.toml",
-                    "name = \"counter\"\nversion = \"1\"\n",
-                ),
-                (
-                    "services/counter/main.js",
-                    "export function version() { return '1' }\n",
-                ),
-                ("policy.toml", &policy),
-            ],
-        )
+        .commit("policy", &counter_repository(&[("policy.toml", &policy)]))
         .expect("commit");
     let source = repo.path_string();
     let mut fleet = TestFleet::start_with(|config| config.repository = Some(source))
@@ -468,4 +433,26 @@ async fn the_call_policy_from_git_says_which_operator_may_call_what() {
         .await
         .expect_err("still refused");
     assert!(err.contains("does not trust"), "{err}");
+}
+
+/// A config repository whose every minion holds `web`, which runs `counter`
+/// 1 (answering `version`), plus `extra` files.
+fn counter_repository<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut files = vec![
+        ("roles/web.toml", "services = [\"counter\"]\n"),
+        (
+            "assignments.toml",
+            "[[assign]]\nminions = \"*\"\nroles = [\"web\"]\n",
+        ),
+        (
+            "services/counter/service.toml",
+            "name = \"counter\"\nversion = \"1\"\n",
+        ),
+        (
+            "services/counter/main.js",
+            "export function version() { return '1' }\n",
+        ),
+    ];
+    files.extend_from_slice(extra);
+    files
 }

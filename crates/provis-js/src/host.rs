@@ -293,6 +293,26 @@ fn log_api<'js>(ctx: &Ctx<'js>, host: &HostContext) -> JsResult<Object<'js>> {
     Ok(api)
 }
 
+/// The path to use if the manifest grants `access` to it; a denial otherwise.
+fn granted_path(
+    ctx: &Ctx<'_>,
+    caps: &Capabilities,
+    path: &str,
+    access: Access,
+) -> JsResult<std::path::PathBuf> {
+    capability::check_path(caps, path, access).or_else(|err| deny(ctx, err))
+}
+
+/// A granted file operation that failed on the machine.
+fn io_failed<T>(
+    ctx: &Ctx<'_>,
+    verb: &str,
+    path: &std::path::Path,
+    err: std::io::Error,
+) -> JsResult<T> {
+    throw(ctx, format!("cannot {verb} {}: {err}", path.display()))
+}
+
 fn fs_api<'js>(ctx: &Ctx<'js>, host: &HostContext) -> JsResult<Object<'js>> {
     let api = Object::new(ctx.clone())?;
     let caps = host.capabilities.clone();
@@ -301,10 +321,8 @@ fn fs_api<'js>(ctx: &Ctx<'js>, host: &HostContext) -> JsResult<Object<'js>> {
         Function::new(
             ctx.clone(),
             move |ctx: Ctx<'js>, path: String| -> JsResult<String> {
-                let path = capability::check_path(&caps, &path, Access::Read)
-                    .or_else(|err| deny(&ctx, err))?;
-                std::fs::read_to_string(&path)
-                    .or_else(|err| throw(&ctx, format!("cannot read {}: {err}", path.display())))
+                let path = granted_path(&ctx, &caps, &path, Access::Read)?;
+                std::fs::read_to_string(&path).or_else(|err| io_failed(&ctx, "read", &path, err))
             },
         )?,
     )?;
@@ -314,8 +332,7 @@ fn fs_api<'js>(ctx: &Ctx<'js>, host: &HostContext) -> JsResult<Object<'js>> {
         Function::new(
             ctx.clone(),
             move |ctx: Ctx<'js>, path: String| -> JsResult<bool> {
-                let path = capability::check_path(&caps, &path, Access::Read)
-                    .or_else(|err| deny(&ctx, err))?;
+                let path = granted_path(&ctx, &caps, &path, Access::Read)?;
                 Ok(path.exists())
             },
         )?,
@@ -326,10 +343,9 @@ fn fs_api<'js>(ctx: &Ctx<'js>, host: &HostContext) -> JsResult<Object<'js>> {
         Function::new(
             ctx.clone(),
             move |ctx: Ctx<'js>, path: String| -> JsResult<Vec<String>> {
-                let path = capability::check_path(&caps, &path, Access::Read)
-                    .or_else(|err| deny(&ctx, err))?;
-                let entries = std::fs::read_dir(&path)
-                    .or_else(|err| throw(&ctx, format!("cannot list {}: {err}", path.display())))?;
+                let path = granted_path(&ctx, &caps, &path, Access::Read)?;
+                let entries =
+                    std::fs::read_dir(&path).or_else(|err| io_failed(&ctx, "list", &path, err))?;
                 let mut names: Vec<String> = entries
                     .flatten()
                     .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -345,10 +361,8 @@ fn fs_api<'js>(ctx: &Ctx<'js>, host: &HostContext) -> JsResult<Object<'js>> {
         Function::new(
             ctx.clone(),
             move |ctx: Ctx<'js>, path: String, text: Coerced<String>| -> JsResult<()> {
-                let path = capability::check_path(&caps, &path, Access::Write)
-                    .or_else(|err| deny(&ctx, err))?;
-                std::fs::write(&path, text.0)
-                    .or_else(|err| throw(&ctx, format!("cannot write {}: {err}", path.display())))
+                let path = granted_path(&ctx, &caps, &path, Access::Write)?;
+                std::fs::write(&path, text.0).or_else(|err| io_failed(&ctx, "write", &path, err))
             },
         )?,
     )?;
@@ -358,10 +372,8 @@ fn fs_api<'js>(ctx: &Ctx<'js>, host: &HostContext) -> JsResult<Object<'js>> {
         Function::new(
             ctx.clone(),
             move |ctx: Ctx<'js>, path: String| -> JsResult<()> {
-                let path = capability::check_path(&caps, &path, Access::Write)
-                    .or_else(|err| deny(&ctx, err))?;
-                std::fs::create_dir_all(&path)
-                    .or_else(|err| throw(&ctx, format!("cannot create {}: {err}", path.display())))
+                let path = granted_path(&ctx, &caps, &path, Access::Write)?;
+                std::fs::create_dir_all(&path).or_else(|err| io_failed(&ctx, "create", &path, err))
             },
         )?,
     )?;
@@ -371,8 +383,7 @@ fn fs_api<'js>(ctx: &Ctx<'js>, host: &HostContext) -> JsResult<Object<'js>> {
         Function::new(
             ctx.clone(),
             move |ctx: Ctx<'js>, path: String| -> JsResult<bool> {
-                let path = capability::check_path(&caps, &path, Access::Write)
-                    .or_else(|err| deny(&ctx, err))?;
+                let path = granted_path(&ctx, &caps, &path, Access::Write)?;
                 match std::fs::remove_file(&path) {
                     Ok(()) => Ok(true),
                     Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(false),
