@@ -456,3 +456,367 @@ fn counter_repository<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str
     files.extend_from_slice(extra);
     files
 }
+
+/// Waits for an event of `kind` from the master whose data satisfies `matches`.
+async fn master_event(
+    events: &mut async_nats::Subscriber,
+    kind: &str,
+    matches: impl Fn(&Value) -> bool,
+) -> Value {
+    let wanted = format!("provis.event.master.{kind}");
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(message) = events.next().await {
+            let event: Value = serde_json::from_slice(&message.payload).unwrap_or_default();
+            if message.subject.as_str() == wanted && matches(&event["data"]) {
+                return Some(event["data"].clone());
+            }
+        }
+        None
+    })
+    .await;
+    found
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("no {kind} event matched"))
+}
+
+fn run_provis(fleet: &TestFleet, args: &[&str]) -> (i32, String, String) {
+    run_to_end(fleet.provis_command(provis()).args(args)).expect("provis runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minions_join_only_when_accepted_or_holding_a_token() {
+    let mut fleet = TestFleet::start_secured().await.expect("fleet");
+    let operator = fleet.connect().await.expect("the operator connects");
+    let mut events = operator
+        .subscribe("provis.event.master.>")
+        .await
+        .expect("subscribe");
+    operator.flush().await.expect("flush");
+    let url = fleet.nats().url();
+
+    // CVE-2020-11651: a client without an identity reaches nothing, the
+    // master's functions included: the server refuses the connection.
+    let anonymous = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(&url)
+        .await;
+    assert!(anonymous.is_err(), "an anonymous client is refused");
+    let stranger = Identity::create(&fleet.workdir().join("stranger.key")).expect("key");
+    let refused = fleet
+        .context()
+        .connect_options_as("stranger", &stranger)
+        .connection_timeout(Duration::from_secs(2))
+        .connect(&url)
+        .await;
+    assert!(refused.is_err(), "an unknown key is refused");
+    master_event(&mut events, "auth.refused", |data| {
+        data["key"] == stranger.public_key()
+    })
+    .await;
+
+    // A new minion waits, pending, until an operator accepts it.
+    fleet
+        .spawn_minion_process(provis(), "web-1", &["web"], &[])
+        .expect("spawn");
+    let pending = master_event(&mut events, "minion.pending", |data| {
+        data["minion"] == "web-1"
+    })
+    .await;
+    assert!(
+        pending["key"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("ed25519:"))
+    );
+    let (code, listed, stderr) = run_provis(&fleet, &["keys", "pending"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        listed.contains("web-1") && listed.contains("pending"),
+        "{listed}"
+    );
+    let (code, _, stderr) = run_provis(&fleet, &["keys", "accept", "web-1"]);
+    assert_eq!(code, 0, "{stderr}");
+    master_event(&mut events, "minion.accepted", |data| {
+        data["minion"] == "web-1"
+    })
+    .await;
+    fleet.wait_live(&["web-1"]).await.expect("web-1 joins");
+    let (code, answered, stderr) = run_provis(&fleet, &["call", "--all", "sys.ping"]);
+    assert_eq!(code, 0, "{answered}{stderr}");
+    assert!(answered.contains("web-1"), "{answered}");
+
+    // A one-time token admits a new minion at once, and only once.
+    let token = fleet.enrollment_token().await.expect("token");
+    let with_token = [
+        std::ffi::OsStr::new("--enrollment-token"),
+        std::ffi::OsStr::new(&token),
+    ];
+    fleet
+        .spawn_minion_process(provis(), "web-2", &["web"], &with_token)
+        .expect("spawn");
+    fleet
+        .wait_live(&["web-2"])
+        .await
+        .expect("web-2 joins by token");
+    let accepted = master_event(&mut events, "minion.accepted", |data| {
+        data["minion"] == "web-2"
+    })
+    .await;
+    assert_eq!(accepted["by"], "token");
+    fleet
+        .spawn_minion_process(provis(), "web-3", &["web"], &with_token)
+        .expect("spawn");
+    master_event(&mut events, "minion.pending", |data| {
+        data["minion"] == "web-3"
+    })
+    .await;
+
+    // Rejected: each attempt after is refused, and an event.
+    let (code, _, stderr) = run_provis(&fleet, &["keys", "reject", "web-3"]);
+    assert_eq!(code, 0, "{stderr}");
+    let refused = master_event(&mut events, "auth.refused", |data| {
+        data["minion"] == "web-3"
+    })
+    .await;
+    assert!(
+        refused["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("rejected")),
+        "{refused}"
+    );
+    let (code, _, stderr) = run_provis(&fleet, &["keys", "accept", "web-3"]);
+    assert_ne!(code, 0, "a rejected key is not accepted later");
+    assert!(stderr.contains("Rejected"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_refuses_what_an_identity_has_no_right_to() {
+    let mut fleet = TestFleet::start_secured().await.expect("fleet");
+    fleet.add_minion("web-1", &["web"]).await.expect("web-1");
+    fleet.add_minion("web-2", &["web"]).await.expect("web-2");
+    let operator = fleet.connect().await.expect("the operator connects");
+    let mut watched = futures::stream::select(
+        operator
+            .subscribe("provis.state.>")
+            .await
+            .expect("subscribe"),
+        operator
+            .subscribe("provis.event.>")
+            .await
+            .expect("subscribe"),
+    );
+    let mut master_events = operator
+        .subscribe("provis.event.master.>")
+        .await
+        .expect("subscribe");
+    operator.flush().await.expect("flush");
+
+    // Someone holding web-1's key (web-1 compromised) connects as web-1.
+    let key = Identity::load(&fleet.minion_data_dir("web-1").join("minion.key")).expect("key");
+    let (violations_tx, mut violations) = tokio::sync::mpsc::unbounded_channel();
+    let rogue = fleet
+        .context()
+        .connect_options_as("rogue", &key)
+        .user_and_password("web-1".into(), String::new())
+        .event_callback(move |event| {
+            let violations_tx = violations_tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(err) = event {
+                    let _ = violations_tx.send(err.to_string());
+                }
+            }
+        })
+        .connect(fleet.nats().url())
+        .await
+        .expect("web-1's key is admitted as web-1");
+
+    // CVE-2024-38822 / CVE-2025-22236: state and events as another minion
+    // or as the master, a registry entry of another minion.
+    for subject in [
+        "provis.state.web-2",
+        "provis.event.master.minion.accepted",
+        "provis.event.web-2.service.failed",
+        "$KV.provis_minions.web-2",
+    ] {
+        rogue
+            .publish(subject, r#"{"forged":true}"#.into())
+            .await
+            .expect("publish is sent; the server drops it");
+    }
+    // Reading another minion's calls, or anyone's replies.
+    let _theirs = rogue
+        .subscribe("provis.minion.web-2.call")
+        .await
+        .expect("sub");
+    let _replies = rogue.subscribe("_INBOX.>").await.expect("sub");
+    // The master's functions (CVE-2020-11651) are not a minion's to call.
+    let asked = tokio::time::timeout(
+        Duration::from_secs(3),
+        rogue.request("provis.master.enroll.token", "{}".into()),
+    )
+    .await;
+    assert!(
+        !matches!(asked, Ok(Ok(_))),
+        "a minion cannot ask the master for a token"
+    );
+    // What web-1 may do goes through: its own state.
+    rogue
+        .publish("provis.state.web-1", r#"{"marker":true}"#.into())
+        .await
+        .expect("publish");
+    rogue.flush().await.expect("flush");
+
+    let mut refused = Vec::new();
+    while refused.len() < 6 {
+        match tokio::time::timeout(Duration::from_secs(5), violations.recv()).await {
+            Ok(Some(violation)) => refused.push(violation),
+            _ => break,
+        }
+    }
+    let all = refused.join("\n");
+    for subject in [
+        "provis.state.web-2",
+        "provis.event.master.minion.accepted",
+        "provis.event.web-2.service.failed",
+        "$KV.provis_minions.web-2",
+        "provis.minion.web-2.call",
+        "_INBOX.>",
+    ] {
+        assert!(
+            all.contains("Permissions Violation") && all.contains(subject),
+            "nats-server refuses {subject}: {all}"
+        );
+    }
+    // Nothing forged arrived: the marker (sent last) came, nothing before it from the rogue.
+    let seen = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut forged = Vec::new();
+        while let Some(message) = watched.next().await {
+            if message.payload.as_ref() == br#"{"marker":true}"# {
+                return forged;
+            }
+            if message.payload.as_ref() == br#"{"forged":true}"# {
+                forged.push(message.subject.to_string());
+            }
+        }
+        forged
+    })
+    .await
+    .expect("the allowed publish arrives");
+    assert!(seen.is_empty(), "forged messages got through: {seen:?}");
+
+    // Another key presenting web-1's id is refused, and web-1 keeps serving.
+    let impostor = Identity::create(&fleet.workdir().join("impostor.key")).expect("key");
+    let impostor_connects = fleet
+        .context()
+        .connect_options_as("impostor", &impostor)
+        .user_and_password("web-1".into(), String::new())
+        .connection_timeout(Duration::from_secs(2))
+        .connect(fleet.nats().url())
+        .await;
+    assert!(impostor_connects.is_err());
+    let refused = master_event(&mut master_events, "auth.refused", |data| {
+        data["key"] == impostor.public_key()
+    })
+    .await;
+    assert!(
+        refused["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("belongs to another key")),
+        "{refused}"
+    );
+    let client = fleet.client().await.expect("client");
+    let ping = CallRequest::parse_function("sys.ping", Value::Null, Duration::from_secs(3))
+        .expect("request");
+    let report = client
+        .call(&CallTarget::Minions(vec!["web-1".parse().unwrap()]), &ping)
+        .await
+        .expect("call");
+    assert!(
+        report.all_ok() && report.replies.len() == 1,
+        "web-1 still answers: {report:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_minion_is_cut_off_within_seconds() {
+    let mut fleet = TestFleet::start_secured().await.expect("fleet");
+    fleet
+        .add_minion_process(provis(), "web-1", &["web"])
+        .await
+        .expect("web-1");
+    let operator = fleet.connect().await.expect("the operator connects");
+    let mut events = operator
+        .subscribe("provis.event.master.>")
+        .await
+        .expect("subscribe");
+    operator.flush().await.expect("flush");
+
+    let revoked_at = std::time::Instant::now();
+    let (code, _, stderr) = run_provis(&fleet, &["keys", "revoke", "web-1"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("1 live connection(s) closed"), "{stderr}");
+    // Its reconnection is refused, and says so.
+    let refused = master_event(&mut events, "auth.refused", |data| {
+        data["minion"] == "web-1"
+    })
+    .await;
+    assert!(
+        refused["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("revoked")),
+        "{refused}"
+    );
+    let cut_off = revoked_at.elapsed();
+    assert!(
+        cut_off < Duration::from_secs(10),
+        "cut off after {cut_off:?}"
+    );
+    let client = fleet.client().await.expect("client");
+    let ping = CallRequest::parse_function("sys.ping", Value::Null, Duration::from_secs(1))
+        .expect("request");
+    let report = client
+        .call(&CallTarget::Minions(vec!["web-1".parse().unwrap()]), &ping)
+        .await
+        .expect("call");
+    assert!(
+        !report.all_ok() && report.replies.iter().all(|r| r.result.is_none()),
+        "a revoked minion answers nothing: {report:?}"
+    );
+    assert!(
+        fleet.process_mut("web-1").expect("process").is_running(),
+        "the process still runs, cut off"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secured_fleet_works_within_its_permissions() {
+    let mut fleet = TestFleet::start_secured().await.expect("fleet");
+    let repo = fleet.workdir().join("repo");
+    counter(&repo, "1");
+    fleet.apply(&repo).await.expect("the operator applies");
+    let v1 = PackedBundle::from_dir(&repo.join("services/counter")).expect("pack");
+    let mut config = fleet.minion_config("web-1", &["web"]).expect("config");
+    config.state_interval_ms = 200;
+    fleet.add_minion_with(config).await.expect("web-1");
+    fleet
+        .wait_service("web-1", "counter", &v1.digest)
+        .await
+        .expect("the minion fetches and runs the bundle");
+    assert_eq!(version(&fleet, "web-1").await, Some(json!("1")));
+    // Its state reaches the master's index; the operator queries it.
+    provis_testkit::eventually(
+        "web-1's state is indexed",
+        Duration::from_secs(10),
+        || async {
+            let (code, out, _) = run_provis(&fleet, &["query", "true"]);
+            code == 0 && out.contains("web-1")
+        },
+    )
+    .await
+    .expect("query");
+    let log = fleet.nats().log();
+    assert!(
+        !log.contains("Violation"),
+        "everything a minion, the master and an operator do is within their permissions:\n{log}"
+    );
+}

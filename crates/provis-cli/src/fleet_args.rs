@@ -18,6 +18,9 @@ pub struct FleetArgs {
     /// CA certificate (PEM) of the NATS server's TLS; set, connections use TLS only
     #[arg(long, env = "PROVIS_TLS_CA", global = true)]
     pub tls_ca: Option<PathBuf>,
+    /// Private key to connect to NATS as (see `provis keys`) [default: the context file's]
+    #[arg(long, env = "PROVIS_IDENTITY", global = true)]
+    pub identity: Option<PathBuf>,
     /// Context file [default: ~/.config/provis/context.toml]
     #[arg(long, env = "PROVIS_CONTEXT", global = true)]
     pub context: Option<PathBuf>,
@@ -55,6 +58,9 @@ impl FleetArgs {
         }
         if let Some(ca) = &self.tls_ca {
             fleet.tls_ca = Some(ca.clone());
+        }
+        if let Some(identity) = &self.identity {
+            fleet.identity = Some(identity.clone());
         }
     }
 

@@ -64,7 +64,8 @@ enum Command {
     /// Change a minion's roles on the fly, over what git assigns.
     #[command(subcommand)]
     Role(status::RoleCommand),
-    /// Create and list identities (ed25519 keys) on this machine.
+    /// Identities: create and list keys on this machine; enroll minions
+    /// (pending, accept, reject, revoke, one-time tokens).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
 }
@@ -110,7 +111,7 @@ pub fn main() -> ExitCode {
             Command::Events(args) => events::run(&cli.fleet, args).await,
             Command::Status(args) => status::run_status(&cli.fleet, args).await,
             Command::Role(command) => status::run_role(&cli.fleet, command).await,
-            Command::Keys(command) => keys::run(command),
+            Command::Keys(command) => keys::run(&cli.fleet, command).await,
         }
     });
     match outcome {

@@ -34,8 +34,17 @@ pub struct MasterArgs {
     #[arg(long, env = "PROVIS_POLL_INTERVAL_S")]
     poll_interval_s: Option<u64>,
     /// Where the master keeps its mirror of the repository
-    #[arg(long, env = "PROVIS_DATA_DIR")]
+    #[arg(long, env = "PROVIS_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
+    /// The master's private key (signs bundles; its NATS identity) [default: <data_dir>/master.key]
+    #[arg(long, env = "PROVIS_SIGNING_KEY", global = true)]
+    signing_key: Option<PathBuf>,
+    /// Public keys admitted as operators besides the call policy's, comma-separated
+    #[arg(long, env = "PROVIS_OPERATORS", value_delimiter = ',')]
+    operators: Option<Vec<String>>,
+    /// Serve nats-server's auth callout [default: true]
+    #[arg(long, env = "PROVIS_AUTH_CALLOUT")]
+    auth_callout: Option<bool>,
     #[command(subcommand)]
     action: Option<MasterAction>,
 }
@@ -44,6 +53,10 @@ pub struct MasterArgs {
 pub enum MasterAction {
     /// Ask the running master to fetch its repository now and apply what is new
     Sync,
+    /// Print the nats-server settings that send every connection to this
+    /// master's auth callout (accounts, callout user, issuer); add listen,
+    /// TLS and JetStream store to make a server config
+    NatsConfig,
 }
 
 impl MasterArgs {
@@ -58,11 +71,23 @@ impl MasterArgs {
         if let Some(seconds) = self.poll_interval_s {
             overrides.insert("poll_interval_s".into(), toml_int(seconds)?);
         }
-        if let Some(dir) = &self.data_dir {
-            overrides.insert(
-                "data_dir".into(),
-                dir.to_str().context("--data-dir is not UTF-8")?.into(),
-            );
+        for (setting, path) in [
+            ("data_dir", &self.data_dir),
+            ("signing_key", &self.signing_key),
+        ] {
+            if let Some(path) = path {
+                overrides.insert(
+                    setting.into(),
+                    path.to_str().context("path is not UTF-8")?.into(),
+                );
+            }
+        }
+        if let Some(keys) = &self.operators {
+            let keys: Vec<toml::Value> = keys.iter().map(|k| k.as_str().into()).collect();
+            overrides.insert("operators".into(), keys.into());
+        }
+        if let Some(on) = self.auth_callout {
+            overrides.insert("auth_callout".into(), on.into());
         }
         Ok(overrides)
     }
@@ -103,15 +128,30 @@ pub struct MinionArgs {
     /// Public keys of the callers whose signed calls run here, comma-separated
     #[arg(long, env = "PROVIS_TRUSTED_CALLERS", value_delimiter = ',')]
     trusted_callers: Option<Vec<String>>,
+    /// One-time enrollment token (`provis keys token`): accepted at once on first connect
+    #[arg(long, env = "PROVIS_ENROLLMENT_TOKEN")]
+    enrollment_token: Option<String>,
 }
 
 pub async fn run_master(fleet: &FleetArgs, args: MasterArgs) -> anyhow::Result<ExitCode> {
-    if let Some(MasterAction::Sync) = args.action {
-        return sync_now(fleet).await;
-    }
     let load = || -> anyhow::Result<MasterConfig> {
         layered_config(fleet, args.config.as_deref(), args.overrides()?)
     };
+    match args.action {
+        Some(MasterAction::Sync) => return sync_now(fleet).await,
+        Some(MasterAction::NatsConfig) => {
+            let config = load()?;
+            let path = config
+                .signing_key
+                .clone()
+                .unwrap_or_else(|| config.data_dir().join("master.key"));
+            let identity = provis_core::identity::Identity::load_or_create(&path)
+                .with_context(|| format!("the master's key {}", path.display()))?;
+            print!("{}", provis_core::bus_access::server_auth_config(&identity));
+            return Ok(ExitCode::SUCCESS);
+        }
+        None => {}
+    }
     let modified = |path: &Option<PathBuf>| {
         path.as_ref()
             .and_then(|p| std::fs::metadata(p).ok()?.modified().ok())
@@ -195,6 +235,9 @@ pub async fn run_minion(fleet: &FleetArgs, args: MinionArgs) -> anyhow::Result<E
     if let Some(listen) = &args.grpc_listen {
         overrides.insert("grpc_listen".into(), listen.as_str().into());
     }
+    if let Some(token) = &args.enrollment_token {
+        overrides.insert("enrollment_token".into(), token.as_str().into());
+    }
     for (setting, keys) in [
         ("trusted_bundle_keys", &args.trusted_bundle_keys),
         ("trusted_callers", &args.trusted_callers),
@@ -274,6 +317,14 @@ fn layered_config<T: DeserializeOwned>(
         table.insert(
             "tls_ca".into(),
             ca.to_str().context("tls_ca is not UTF-8")?.into(),
+        );
+    }
+    // A master or minion is never the context file's identity (an
+    // operator's key): only its settings file or an explicit flag name one.
+    if let Some(identity) = &fleet.identity {
+        table.insert(
+            "identity".into(),
+            identity.to_str().context("identity is not UTF-8")?.into(),
         );
     }
     table.extend(overrides);

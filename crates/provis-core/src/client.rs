@@ -82,7 +82,11 @@ pub async fn connect_nats(
     name: &str,
 ) -> Result<async_nats::Client, ClientError> {
     fleet
-        .connect_options(name)
+        .connect_options_as_configured(name)
+        .map_err(|err| ClientError::Connect {
+            url: fleet.nats_url.clone(),
+            reason: err.to_string(),
+        })?
         .connection_timeout(Duration::from_secs(3))
         .connect(&fleet.nats_url)
         .await

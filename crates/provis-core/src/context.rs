@@ -4,7 +4,8 @@
 //!
 //! Each setting has one name in the file, the CLI flag and the env var:
 //! `nats_url` / `--nats-url` / `PROVIS_NATS_URL`, `prefix` / `--prefix` /
-//! `PROVIS_PREFIX`. A flag or env var wins over the context file, which wins
+//! `PROVIS_PREFIX`, `tls_ca` / `--tls-ca` / `PROVIS_TLS_CA`, `identity` /
+//! `--identity` / `PROVIS_IDENTITY`. A flag or env var wins over the context file, which wins
 //! over the defaults below.
 
 use std::path::{Path, PathBuf};
@@ -29,6 +30,13 @@ pub struct FleetContext {
     /// Default: none (plain connections).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<PathBuf>,
+    /// The private key (see `provis keys`) this process connects to NATS as:
+    /// a fleet whose nats-server sends connections to the master's auth
+    /// callout admits only known identities. Default: none (an operator
+    /// without one can use only an open nats-server; the master and minions
+    /// use their own keys).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<PathBuf>,
 }
 
 impl Default for FleetContext {
@@ -37,6 +45,7 @@ impl Default for FleetContext {
             nats_url: DEFAULT_NATS_URL.to_owned(),
             prefix: Prefix::default(),
             tls_ca: None,
+            identity: None,
         }
     }
 }
@@ -53,6 +62,8 @@ pub enum ContextError {
         path: PathBuf,
         source: toml::de::Error,
     },
+    #[error("cannot use identity: {0}")]
+    Identity(#[from] crate::identity::IdentityError),
     #[error("cannot write context file {path}: {source}")]
     Write {
         path: PathBuf,
@@ -67,6 +78,38 @@ impl FleetContext {
         match &self.tls_ca {
             Some(ca) => options.add_root_certificates(ca.clone()).require_tls(true),
             None => options,
+        }
+    }
+
+    /// Connection options as `identity`: NATS sees its nkey (signing the
+    /// server's nonce), and replies come to its own inbox prefix, which only
+    /// it may read on a fleet with least privilege.
+    pub fn connect_options_as(
+        &self,
+        name: &str,
+        identity: &crate::identity::Identity,
+    ) -> async_nats::ConnectOptions {
+        let seed = identity
+            .nkey()
+            .seed()
+            .expect("a key pair built from a seed has one");
+        self.connect_options(name)
+            .nkey(seed)
+            .custom_inbox_prefix(crate::bus_access::inbox_prefix(&identity.nkey_public()))
+    }
+
+    /// Connection options as the `identity` setting says: that key, or no
+    /// identity at all.
+    pub fn connect_options_as_configured(
+        &self,
+        name: &str,
+    ) -> Result<async_nats::ConnectOptions, ContextError> {
+        match &self.identity {
+            Some(path) => {
+                let identity = crate::identity::Identity::load(path)?;
+                Ok(self.connect_options_as(name, &identity))
+            }
+            None => Ok(self.connect_options(name)),
         }
     }
 
@@ -130,6 +173,7 @@ mod tests {
             nats_url: "nats://127.0.0.1:5000".into(),
             prefix: "fleet2".parse().unwrap(),
             tls_ca: Some("/etc/provis/ca.pem".into()),
+            identity: Some("/etc/provis/alice.key".into()),
         };
         context.save(&path).unwrap();
         assert_eq!(FleetContext::load(&path).unwrap(), Some(context));

@@ -1,6 +1,11 @@
 //! Identities: an ed25519 key per master, minion and operator. A private key
 //! lives in one file, written with mode 0600 and never logged or sent; its
 //! public half is text (`ed25519:<hex>`) that others pin.
+//!
+//! The same key is the identity NATS sees: [`Identity::nkey`] is its nkey
+//! (NATS's encoding of an ed25519 key), so a process connects and signs with
+//! one key. Keys the NATS server config needs beside it (the auth callout's
+//! issuer and service user) are derived from it, never stored apart.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -34,6 +39,17 @@ pub enum IdentityError {
 pub struct Identity {
     pair: Ed25519KeyPair,
     public_key: String,
+    seed: [u8; 32],
+}
+
+/// What a key derived from an identity is for: each purpose gets its own
+/// key, so one cannot stand in for another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DerivedKey {
+    /// The account key that signs the users the master's auth callout admits.
+    CalloutIssuer,
+    /// The user the master's auth callout service connects as (it bypasses the callout).
+    CalloutService,
 }
 
 impl std::fmt::Debug for Identity {
@@ -104,10 +120,49 @@ impl Identity {
     }
 
     fn from_pkcs8(bytes: &[u8], path: &Path) -> Result<Self, IdentityError> {
-        let pair = Ed25519KeyPair::from_pkcs8(bytes)
-            .map_err(|_| IdentityError::NotAKey(path.to_owned()))?;
+        let not_a_key = || IdentityError::NotAKey(path.to_owned());
+        let pair = Ed25519KeyPair::from_pkcs8(bytes).map_err(|_| not_a_key())?;
+        let seed = pkcs8_seed(bytes).ok_or_else(not_a_key)?;
+        // The seed read from the document must be the key ring parsed.
+        let nkey = nkeys::KeyPair::new_from_raw(nkeys::KeyPairType::User, seed)
+            .map_err(|_| not_a_key())?;
+        if public_key_of_nkey(&nkey.public_key()).as_deref()
+            != Some(format!("{PUBLIC_PREFIX}{}", hex(pair.public_key().as_ref())).as_str())
+        {
+            return Err(not_a_key());
+        }
         let public_key = format!("{PUBLIC_PREFIX}{}", hex(pair.public_key().as_ref()));
-        Ok(Self { pair, public_key })
+        Ok(Self {
+            pair,
+            public_key,
+            seed,
+        })
+    }
+
+    /// This identity as a NATS user nkey (same key, NATS's encoding).
+    pub fn nkey(&self) -> nkeys::KeyPair {
+        nkeys::KeyPair::new_from_raw(nkeys::KeyPairType::User, self.seed)
+            .expect("a 32-byte seed is always a key")
+    }
+
+    /// The public nkey (`U…`) NATS sees this identity as.
+    pub fn nkey_public(&self) -> String {
+        self.nkey().public_key()
+    }
+
+    /// A key derived from this one for `purpose` (sha256 of a purpose label
+    /// and the seed, so it is reproducible and yet a different key).
+    pub fn derived(&self, purpose: DerivedKey) -> nkeys::KeyPair {
+        let (label, kind): (&[u8], _) = match purpose {
+            DerivedKey::CalloutIssuer => (b"provis callout issuer", nkeys::KeyPairType::Account),
+            DerivedKey::CalloutService => (b"provis callout service", nkeys::KeyPairType::User),
+        };
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        context.update(label);
+        context.update(&self.seed);
+        let mut seed = [0u8; 32];
+        seed.copy_from_slice(context.finish().as_ref());
+        nkeys::KeyPair::new_from_raw(kind, seed).expect("a 32-byte seed is always a key")
     }
 
     /// The public key, as others pin it: `ed25519:<hex>`.
@@ -126,6 +181,36 @@ pub fn public_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".pub");
     PathBuf::from(name)
+}
+
+/// `bytes` bytes from the system's random source, in hex: one-time tokens.
+pub fn random_hex(bytes: usize) -> Result<String, IdentityError> {
+    use ring::rand::SecureRandom as _;
+    let mut buffer = vec![0u8; bytes];
+    ring::rand::SystemRandom::new()
+        .fill(&mut buffer)
+        .map_err(|_| IdentityError::Random)?;
+    Ok(hex(&buffer))
+}
+
+/// sha256 of `text`, in hex: how one-time tokens are stored.
+pub fn sha256_hex(text: &str) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref())
+}
+
+/// The ed25519 seed inside a PKCS#8 document (v1 or v2, as ring writes them):
+/// the 32 bytes after the Ed25519 algorithm id and the OCTET STRING headers.
+fn pkcs8_seed(document: &[u8]) -> Option<[u8; 32]> {
+    const MARKER: [u8; 9] = [0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
+    let at = document.windows(MARKER.len()).position(|w| w == MARKER)? + MARKER.len();
+    document.get(at..at + 32)?.try_into().ok()
+}
+
+/// `ed25519:<hex>` of a public nkey of any kind (`U…`, `A…`, `N…`), or None
+/// when `nkey` is not one.
+pub fn public_key_of_nkey(nkey: &str) -> Option<String> {
+    let (_, raw) = nkeys::from_public_key(nkey).ok()?;
+    Some(format!("{PUBLIC_PREFIX}{}", hex(&raw)))
 }
 
 /// True when `text` is a public key in the form provis writes (`ed25519:<64 hex>`).
@@ -193,5 +278,33 @@ mod tests {
         assert!(!verify(mallory.public_key(), b"hello", &signature));
         assert!(!verify("ed25519:zz", b"hello", &signature));
         assert!(!format!("{alice:?}").contains("pair"));
+        assert!(!format!("{alice:?}").contains("seed"));
+    }
+
+    #[test]
+    fn the_nkey_is_the_same_key_and_derived_keys_differ() {
+        let dir = tempfile::tempdir().unwrap();
+        let alice = Identity::create(&dir.path().join("alice.key")).unwrap();
+        let nkey = alice.nkey();
+        assert!(nkey.public_key().starts_with('U'));
+        assert_eq!(
+            public_key_of_nkey(&nkey.public_key()).as_deref(),
+            Some(alice.public_key())
+        );
+        // A signature by the nkey verifies as the identity's.
+        let signature = nkey.sign(b"nonce").unwrap();
+        let hex_signature: String = signature.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(verify(alice.public_key(), b"nonce", &hex_signature));
+        let issuer = alice.derived(DerivedKey::CalloutIssuer);
+        let service = alice.derived(DerivedKey::CalloutService);
+        assert!(issuer.public_key().starts_with('A'));
+        assert!(service.public_key().starts_with('U'));
+        assert_ne!(service.public_key(), nkey.public_key());
+        let again = Identity::load(&dir.path().join("alice.key")).unwrap();
+        assert_eq!(
+            again.derived(DerivedKey::CalloutIssuer).public_key(),
+            issuer.public_key()
+        );
+        assert_eq!(public_key_of_nkey("not a key"), None);
     }
 }

@@ -2,6 +2,7 @@
 //! envelopes, the registry, events, connection settings, and the call client.
 
 pub mod assignment;
+pub mod bus_access;
 pub mod call_auth;
 pub mod client;
 pub mod context;
@@ -9,6 +10,7 @@ pub mod envelope;
 pub mod event;
 pub mod identity;
 pub mod kv_snapshot;
+pub mod nats_jwt;
 pub mod nats_server;
 pub mod registry;
 pub mod roles;

@@ -18,3 +18,7 @@ pub const BUCKET_MINIONS: &str = "provis_minions";
 /// The master's own desired-state records: the applied commit (`applied`),
 /// the last rejected one (`rejected`) and the role overlay (`overlay`).
 pub const BUCKET_CONFIG: &str = "provis_config";
+/// Enrollment: minion id → its key and status (pending, accepted, rejected,
+/// revoked); `token.<sha256>` → a one-time enrollment token. Only the master
+/// reads and writes it.
+pub const BUCKET_ENROLLMENT: &str = "provis_enrollment";

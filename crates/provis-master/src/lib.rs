@@ -6,11 +6,17 @@
 //! - `<prefix>.master.minions`: every registry entry, with a `live` flag;
 //! - `<prefix>.master.query`: a [`query::QueryRequest`] answered with a
 //!   [`query::QueryAnswer`] from the registry and the state index;
-//! - `<prefix>.master.stats`: the state index in numbers.
+//! - `<prefix>.master.stats`: the state index in numbers;
+//! - `<prefix>.master.enroll.list|decide|token`: enrollment (see [`enrollment`]).
+//!
+//! The master also answers nats-server's auth callout ([`admission`]) when
+//! the server is configured for it: every other connection is admitted by it.
 
+pub mod admission;
 pub mod apply;
 pub mod assignments;
 pub mod desired;
+pub mod enrollment;
 pub mod fleet_view;
 pub mod git_source;
 pub mod liveness;
@@ -62,6 +68,18 @@ pub struct MasterConfig {
     /// (created on first start). Default: `<data_dir>/master.key`.
     #[serde(default)]
     pub signing_key: Option<std::path::PathBuf>,
+    /// Public keys (`ed25519:<hex>`) admitted as operators on the bus besides
+    /// those of the call policy (`policy.toml`). Default: none.
+    #[serde(default)]
+    pub operators: Vec<String>,
+    /// Serve nats-server's auth callout (harmless when the server does not
+    /// use one). Default: true.
+    #[serde(default = "default_auth_callout")]
+    pub auth_callout: bool,
+}
+
+fn default_auth_callout() -> bool {
+    true
 }
 
 fn default_branch() -> String {
@@ -124,6 +142,8 @@ impl Default for MasterConfig {
             poll_interval_s: default_poll_interval_s(),
             data_dir: None,
             signing_key: None,
+            operators: Vec::new(),
+            auth_callout: true,
         }
     }
 }
@@ -136,6 +156,10 @@ pub enum MasterError {
     Storage(#[from] storage::StorageError),
     #[error("cannot serve {subject}: {reason}")]
     Subscribe { subject: String, reason: String },
+    #[error("the master's key: {0}")]
+    Identity(#[from] provis_core::identity::IdentityError),
+    #[error("{0}")]
+    Settings(String),
 }
 
 /// A running master.
@@ -171,19 +195,76 @@ impl MasterHandle {
 /// serves. Returns once the master answers requests.
 pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
     let url = config.fleet.nats_url.clone();
-    let nats = config
-        .fleet
-        .connect_options("provis-master")
-        .retry_on_initial_connect()
-        .connect(&url)
-        .await
-        .map_err(|err| MasterError::Connect {
-            url: url.clone(),
-            reason: err.to_string(),
-        })?;
     let subjects = Subjects::new(config.fleet.prefix.clone());
+    admission::check_operators(&config.operators).map_err(MasterError::Settings)?;
+    let key_path = config
+        .signing_key
+        .clone()
+        .unwrap_or_else(|| config.data_dir().join("master.key"));
+    let identity = std::sync::Arc::new(provis_core::identity::Identity::load_or_create(&key_path)?);
+    let connect = |name: &str, options: async_nats::ConnectOptions| {
+        let url = url.clone();
+        let name = name.to_owned();
+        async move {
+            options
+                .retry_on_initial_connect()
+                .connect(&url)
+                .await
+                .map_err(|err| MasterError::Connect {
+                    url,
+                    reason: format!("{name}: {err}"),
+                })
+        }
+    };
+    // The callout comes first: on a fleet that uses it, even the master's
+    // own fleet connection is admitted by it.
+    let gatekeeper = std::sync::Arc::new(admission::Gatekeeper::new(
+        &identity,
+        subjects.clone(),
+        config.operators.clone(),
+    ));
+    let mut background = Vec::new();
+    if config.auth_callout {
+        let service = identity.derived(provis_core::identity::DerivedKey::CalloutService);
+        let seed = service
+            .seed()
+            .map_err(|err| MasterError::Settings(err.to_string()))?;
+        let callout = connect(
+            "auth callout",
+            config
+                .fleet
+                .connect_options("provis-master-callout")
+                .nkey(seed),
+        )
+        .await?;
+        background.push(tokio::spawn(gatekeeper.clone().serve(callout)));
+    }
+    let nats = connect(
+        "fleet",
+        config.fleet.connect_options_as("provis-master", &identity),
+    )
+    .await?;
     let js = async_nats::jetstream::new(nats.clone());
     storage::ensure(&js, &subjects, &config.storage).await?;
+    let enrollment = enrollment::Enrollment::open(&js)
+        .await
+        .map_err(|err| MasterError::Settings(err.to_string()))?;
+    gatekeeper.ready(enrollment.clone(), nats.clone());
+    if config.auth_callout {
+        let system = connect(
+            "system account",
+            config
+                .fleet
+                .connect_options_as("provis-master-system", &identity)
+                .user_and_password(
+                    provis_core::bus_access::SYSTEM_USER.to_owned(),
+                    String::new(),
+                ),
+        )
+        .await?;
+        gatekeeper.set_system(system);
+        background.push(tokio::spawn(gatekeeper.clone().follow_policy(js.clone())));
+    }
 
     let subject = subjects.wildcard("master");
     let requests = nats
@@ -214,18 +295,6 @@ pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
     };
     let (desired_tx, desired_rx) = tokio::sync::mpsc::channel(1024);
     let (settings, settings_rx) = watch::channel(config.source());
-    let key_path = config
-        .signing_key
-        .clone()
-        .unwrap_or_else(|| config.data_dir().join("master.key"));
-    let identity = std::sync::Arc::new(
-        provis_core::identity::Identity::load_or_create(&key_path).map_err(|err| {
-            MasterError::Subscribe {
-                subject: "signing key".into(),
-                reason: err.to_string(),
-            }
-        })?,
-    );
     tracing::info!(public_key = %identity.public_key(), "bundles are signed with this key; pin it on minions (trusted_bundle_keys)");
     let public_key = identity.public_key().to_owned();
     let desired = desired::DesiredState::open(
@@ -278,6 +347,8 @@ pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
         subjects,
         view,
         desired: desired_tx,
+        enrollment,
+        gatekeeper,
     });
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let task = tokio::spawn(async move {
@@ -294,6 +365,9 @@ pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
         }
         liveness.abort();
         state_feed.abort();
+        for task in background {
+            task.abort();
+        }
         desired_loop.abort();
         let _ = tokio::time::timeout(Duration::from_secs(2), nats.drain()).await;
         tracing::info!("master stopped");
@@ -313,6 +387,8 @@ struct Served {
     subjects: Subjects,
     view: std::sync::Arc<fleet_view::FleetView>,
     desired: tokio::sync::mpsc::Sender<desired::DesiredRequest>,
+    enrollment: enrollment::Enrollment,
+    gatekeeper: std::sync::Arc<admission::Gatekeeper>,
 }
 
 async fn answer(served: std::sync::Arc<Served>, request: async_nats::Message) {
@@ -350,12 +426,79 @@ async fn answer(served: std::sync::Arc<Served>, request: async_nats::Message) {
             }
             Err(err) => json!({ "error": format!("not a role request: {err}"), "usage": true }),
         },
+        "enroll.list" => match served.enrollment.list().await {
+            Ok(records) => json!({ "minions": records }),
+            Err(err) => json!({ "error": err.to_string() }),
+        },
+        "enroll.decide" => decide_enrollment(&served, &request.payload).await,
+        "enroll.token" => {
+            let ttl_s = serde_json::from_slice::<Value>(&request.payload)
+                .ok()
+                .and_then(|body| body["ttl_s"].as_u64())
+                .unwrap_or(3_600);
+            match served
+                .enrollment
+                .issue_token(Duration::from_secs(ttl_s))
+                .await
+            {
+                Ok(token) => json!({ "token": token, "ttl_s": ttl_s }),
+                Err(err) => json!({ "error": err.to_string() }),
+            }
+        }
         other => json!({
-            "error": format!("the master serves no {other:?}; it serves ping, minions, query, stats, sync, status, role")
+            "error": format!("the master serves no {other:?}; it serves ping, minions, query, stats, sync, status, role, enroll.list, enroll.decide, enroll.token")
         }),
     };
     if let Err(err) = served.nats.publish(reply_to, body.to_string().into()).await {
         tracing::warn!(error = %err, "master reply not sent");
+    }
+}
+
+/// A request on `<prefix>.master.enroll.decide`.
+#[derive(Debug, Deserialize)]
+struct EnrollDecision {
+    minion: provis_core::MinionId,
+    decision: enrollment::Decision,
+    /// Who decides, as the operator's tool says (recorded, informational).
+    #[serde(default)]
+    by: Option<String>,
+}
+
+async fn decide_enrollment(served: &Served, payload: &[u8]) -> Value {
+    let request = match serde_json::from_slice::<EnrollDecision>(payload) {
+        Ok(request) => request,
+        Err(err) => {
+            return json!({ "error": format!("not an enrollment decision: {err}"), "usage": true });
+        }
+    };
+    let by = request.by.unwrap_or_else(|| "operator".to_owned());
+    match served
+        .enrollment
+        .decide(&request.minion, request.decision, &by)
+        .await
+    {
+        Ok(record) => {
+            let kicked = if request.decision == enrollment::Decision::Revoke {
+                served.gatekeeper.kick(&request.minion).await
+            } else {
+                0
+            };
+            let kind = match request.decision {
+                enrollment::Decision::Accept => "minion.accepted",
+                enrollment::Decision::Reject => "minion.rejected",
+                enrollment::Decision::Revoke => "minion.revoked",
+            };
+            event::emit(
+                &served.nats,
+                &served.subjects,
+                "master",
+                kind,
+                json!({ "minion": record.minion, "key": record.key, "by": by, "disconnected": kicked }),
+            )
+            .await;
+            json!({ "record": record, "disconnected": kicked })
+        }
+        Err(err) => json!({ "error": err.to_string() }),
     }
 }
 

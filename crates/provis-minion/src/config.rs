@@ -69,6 +69,11 @@ pub struct MinionConfig {
     /// fleets. Default: true.
     #[serde(default = "default_inject_services")]
     pub inject_services: bool,
+    /// A one-time enrollment token (`provis keys token`): a new minion
+    /// presenting it is accepted at once instead of waiting for
+    /// `provis keys accept`. Default: none.
+    #[serde(default)]
+    pub enrollment_token: Option<String>,
 }
 
 fn default_inject_services() -> bool {
@@ -109,6 +114,7 @@ impl MinionConfig {
             trusted_callers: Vec::new(),
             labels: BTreeMap::new(),
             inject_services: true,
+            enrollment_token: None,
         }
     }
 
@@ -124,6 +130,15 @@ impl MinionConfig {
             })
             .unwrap_or_else(|| PathBuf::from(".provis"));
         base.join("provis").join(self.id.as_str())
+    }
+
+    /// The minion's key: the `identity` setting, else `<data_dir>/minion.key`
+    /// (created on first start).
+    pub fn identity_path(&self) -> PathBuf {
+        self.fleet
+            .identity
+            .clone()
+            .unwrap_or_else(|| self.data_dir().join("minion.key"))
     }
 
     pub fn heartbeat_interval(&self) -> Duration {

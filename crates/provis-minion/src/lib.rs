@@ -91,9 +91,37 @@ impl MinionHandle {
 /// heartbeats start when it is up).
 pub async fn start(config: MinionConfig) -> Result<MinionHandle, MinionError> {
     let url = config.fleet.nats_url.clone();
-    let nats = config
+    let identity = provis_core::identity::Identity::load_or_create(&config.identity_path())
+        .map_err(|err| MinionError::Connect {
+            url: url.clone(),
+            reason: err.to_string(),
+        })?;
+    tracing::info!(minion = %config.id, key = %identity.public_key(), "connecting with this key");
+    let minion = config.id.clone();
+    // The user name is the id this minion claims; the master's auth
+    // callout admits it only for the key enrolled under that id.
+    let mut options = config
         .fleet
-        .connect_options(&format!("provis-minion-{}", config.id))
+        .connect_options_as(&format!("provis-minion-{}", config.id), &identity)
+        .user_and_password(config.id.to_string(), String::new());
+    if let Some(token) = &config.enrollment_token {
+        options = options.token(token.clone());
+    }
+    let nats = options
+        .event_callback(move |event| {
+            let minion = minion.clone();
+            async move {
+                match event {
+                    async_nats::Event::ClientError(err) => {
+                        tracing::warn!(%minion, error = %err, "cannot connect (a new minion waits for `provis keys accept {minion}`)");
+                    }
+                    async_nats::Event::ServerError(err) => {
+                        tracing::warn!(%minion, error = %err, "NATS refused an operation");
+                    }
+                    _ => {}
+                }
+            }
+        })
         .retry_on_initial_connect()
         .connect(&url)
         .await

@@ -27,6 +27,9 @@ pub struct TestFleet {
     master: Option<MasterHandle>,
     master_config: MasterConfig,
     context: FleetContext,
+    /// Minions need enrollment: the server admits connections through the
+    /// master's auth callout.
+    secured: bool,
     workdir: tempfile::TempDir,
     nats: NatsServer,
 }
@@ -40,13 +43,42 @@ impl TestFleet {
     /// A nats-server and a master whose settings `adjust` changes first.
     pub async fn start_with(adjust: impl FnOnce(&mut MasterConfig)) -> anyhow::Result<Self> {
         let nats = NatsServer::start()?;
-        let context = FleetContext {
+        let workdir = tempfile::Builder::new().prefix("provis-fleet-").tempdir()?;
+        Self::launch(nats, workdir, None, adjust).await
+    }
+
+    /// A fleet secured as in production: nats-server admits every
+    /// connection through the master's auth callout, with per-identity
+    /// permissions. This fleet's clients and `provis` commands act as an
+    /// operator (key `operator.key` in the workdir, known to the master);
+    /// minions added get a one-time enrollment token.
+    pub async fn start_secured() -> anyhow::Result<Self> {
+        let workdir = tempfile::Builder::new().prefix("provis-fleet-").tempdir()?;
+        let master_key = workdir.path().join("master").join("master.key");
+        let master = provis_core::identity::Identity::create(&master_key)?;
+        let operator_key = workdir.path().join("operator.key");
+        let operator = provis_core::identity::Identity::create(&operator_key)?;
+        let nats = NatsServer::start_secured(&master)?;
+        let operators = vec![operator.public_key().to_owned()];
+        Self::launch(nats, workdir, Some(operator_key), move |config| {
+            config.signing_key = Some(master_key);
+            config.operators = operators;
+        })
+        .await
+    }
+
+    async fn launch(
+        nats: NatsServer,
+        workdir: tempfile::TempDir,
+        operator_key: Option<std::path::PathBuf>,
+        adjust: impl FnOnce(&mut MasterConfig),
+    ) -> anyhow::Result<Self> {
+        let master_fleet = FleetContext {
             nats_url: nats.url(),
             ..FleetContext::default()
         };
-        let workdir = tempfile::Builder::new().prefix("provis-fleet-").tempdir()?;
         let mut config = MasterConfig {
-            fleet: context.clone(),
+            fleet: master_fleet.clone(),
             // The master's mirror and key stay inside the fleet's scratch space.
             data_dir: Some(workdir.path().join("master")),
             ..MasterConfig::default()
@@ -55,15 +87,39 @@ impl TestFleet {
         let master = provis_master::start(config.clone())
             .await
             .context("starting the master")?;
+        let secured = operator_key.is_some();
+        let context = FleetContext {
+            identity: operator_key,
+            ..master_fleet
+        };
+        // `provis` commands of this fleet read it (as the operator, when secured).
+        context.save(&workdir.path().join("context.toml"))?;
         Ok(Self {
             processes: BTreeMap::new(),
             minions: BTreeMap::new(),
             master: Some(master),
             master_config: config,
             context,
+            secured,
             workdir,
             nats,
         })
+    }
+
+    /// A NATS connection of this fleet's operator (anonymous when not secured).
+    pub async fn connect(&self) -> anyhow::Result<async_nats::Client> {
+        Ok(provis_core::client::connect_nats(&self.context, "provis-test").await?)
+    }
+
+    /// A one-time enrollment token from the master.
+    pub async fn enrollment_token(&self) -> anyhow::Result<String> {
+        let answer = self
+            .ask_master("enroll.token", &serde_json::json!({ "ttl_s": 600 }))
+            .await?;
+        answer["token"]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("no token from the master: {answer}"))
     }
 
     pub fn nats(&self) -> &NatsServer {
@@ -85,7 +141,7 @@ impl TestFleet {
     /// A call client of this fleet, as operator `operator:test`.
     pub async fn client(&self) -> anyhow::Result<Client> {
         Ok(Client::new(
-            self.nats.connect().await?,
+            self.connect().await?,
             self.subjects(),
             "operator:test",
         ))
@@ -102,6 +158,10 @@ impl TestFleet {
     pub async fn add_minion_with(&mut self, config: MinionConfig) -> anyhow::Result<()> {
         let id = config.id.to_string();
         let id = id.as_str();
+        let mut config = config;
+        if self.secured && config.enrollment_token.is_none() {
+            config.enrollment_token = Some(self.enrollment_token().await?);
+        }
         let minion = provis_minion::start(config).await?;
         self.minions.insert(id.to_owned(), minion);
         self.wait_live(&[id]).await
@@ -123,7 +183,7 @@ impl TestFleet {
     ) -> anyhow::Result<Vec<String>> {
         let mut clients = Vec::new();
         for _ in 0..connections.max(1) {
-            clients.push(self.nats.connect().await?);
+            clients.push(self.connect().await?);
         }
         let mut ids = Vec::with_capacity(count);
         for n in 0..count {
@@ -163,7 +223,12 @@ impl TestFleet {
             .iter()
             .map(|r| r.parse::<RoleName>())
             .collect::<Result<_, _>>()?;
-        let mut config = MinionConfig::new(id.parse::<MinionId>()?, roles, self.context.clone());
+        // A minion connects as its own key (in its data dir), never the operator's.
+        let fleet = FleetContext {
+            identity: None,
+            ..self.context.clone()
+        };
+        let mut config = MinionConfig::new(id.parse::<MinionId>()?, roles, fleet);
         config.heartbeat_interval_ms = TEST_HEARTBEAT_INTERVAL_MS;
         config.data_dir = Some(self.minion_data_dir(id));
         Ok(config)
@@ -200,7 +265,7 @@ impl TestFleet {
         minion: &str,
         samples: &[(i64, serde_json::Value)],
     ) -> anyhow::Result<()> {
-        let js = async_nats::jetstream::new(self.nats.connect().await?);
+        let js = async_nats::jetstream::new(self.connect().await?);
         let subject = format!("{}.state.{minion}", self.context.prefix);
         let mut acks = std::collections::VecDeque::new();
         for (at, state) in samples {
@@ -228,7 +293,7 @@ impl TestFleet {
         what: &str,
         body: &serde_json::Value,
     ) -> anyhow::Result<serde_json::Value> {
-        let nats = self.nats.connect().await?;
+        let nats = self.connect().await?;
         let reply = nats
             .request(
                 self.subjects().master(what),
@@ -276,6 +341,28 @@ impl TestFleet {
         roles: &[&str],
         extra: &[&std::ffi::OsStr],
     ) -> anyhow::Result<()> {
+        let mut extra = extra.to_vec();
+        let token = match self.secured {
+            true => Some(self.enrollment_token().await?),
+            false => None,
+        };
+        if let Some(token) = &token {
+            extra.push(std::ffi::OsStr::new("--enrollment-token"));
+            extra.push(std::ffi::OsStr::new(token.as_str()));
+        }
+        self.spawn_minion_process(provis_bin, id, roles, &extra)?;
+        self.wait_live(&[id]).await
+    }
+
+    /// Starts `provis minion` as a process and returns at once: on a secured
+    /// fleet without a token it waits for enrollment.
+    pub fn spawn_minion_process(
+        &mut self,
+        provis_bin: &Path,
+        id: &str,
+        roles: &[&str],
+        extra: &[&std::ffi::OsStr],
+    ) -> anyhow::Result<()> {
         let mut command = self.provis_command(provis_bin);
         command
             .args(["minion", "--id", id, "--heartbeat-interval-ms"])
@@ -289,7 +376,7 @@ impl TestFleet {
         let log = self.workdir.path().join(format!("{id}.log"));
         let process = ProvisProcess::spawn(id, command, &log)?;
         self.processes.insert(id.to_owned(), process);
-        self.wait_live(&[id]).await
+        Ok(())
     }
 
     /// The `provis` process started under this id.
@@ -312,14 +399,14 @@ impl TestFleet {
         signer: Option<&provis_core::identity::Identity>,
     ) -> anyhow::Result<provis_master::apply::ApplySummary> {
         let repository = provis_master::repository::ConfigRepository::load(repository)?;
-        let js = async_nats::jetstream::new(self.nats.connect().await?);
+        let js = async_nats::jetstream::new(self.connect().await?);
         Ok(provis_master::apply::apply(&js, &repository, signer).await?)
     }
 
     /// The fleet's bundle store, to publish services directly (also ones
     /// `provis service publish` would refuse, to test what minions do then).
     pub async fn bundle_store(&self) -> anyhow::Result<provis_bundle::BundleStore> {
-        let js = async_nats::jetstream::new(self.nats.connect().await?);
+        let js = async_nats::jetstream::new(self.connect().await?);
         Ok(provis_bundle::BundleStore::open(&js).await?)
     }
 

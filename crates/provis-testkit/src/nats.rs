@@ -1,6 +1,7 @@
 //! A throwaway nats-server: JetStream on, a random loopback port chosen by
 //! the server itself (`-p -1`, read back from its ports file, so two tests
-//! never race for a port), a temporary store, killed on drop.
+//! never race for a port), a temporary store, killed on drop. A secured
+//! server also sends every connection to a master's auth callout.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,6 +16,7 @@ pub struct NatsServer {
     port: u16,
     dir: tempfile::TempDir,
     binary: PathBuf,
+    config: Option<PathBuf>,
 }
 
 impl NatsServer {
@@ -22,12 +24,30 @@ impl NatsServer {
     pub fn start() -> anyhow::Result<Self> {
         let binary = locate_nats_server()?;
         let dir = tempfile::Builder::new().prefix("provis-nats-").tempdir()?;
-        let (child, port) = spawn(&binary, dir.path(), None)?;
+        let (child, port) = spawn(&binary, dir.path(), None, None)?;
         Ok(Self {
             child: Some(child),
             port,
             dir,
             binary,
+            config: None,
+        })
+    }
+
+    /// Starts a server that admits connections only through the auth callout
+    /// of the master holding `master` (see `provis master nats-config`).
+    pub fn start_secured(master: &provis_core::identity::Identity) -> anyhow::Result<Self> {
+        let binary = locate_nats_server()?;
+        let dir = tempfile::Builder::new().prefix("provis-nats-").tempdir()?;
+        let config = dir.path().join("nats-server.conf");
+        std::fs::write(&config, provis_core::bus_access::server_auth_config(master))?;
+        let (child, port) = spawn(&binary, dir.path(), None, Some(&config))?;
+        Ok(Self {
+            child: Some(child),
+            port,
+            dir,
+            binary,
+            config: Some(config),
         })
     }
 
@@ -54,7 +74,12 @@ impl NatsServer {
     /// port with the same store: JetStream data survives, connections drop.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
-        let (child, _) = spawn(&self.binary, self.dir.path(), Some(self.port))?;
+        let (child, _) = spawn(
+            &self.binary,
+            self.dir.path(),
+            Some(self.port),
+            self.config.as_deref(),
+        )?;
         self.child = Some(child);
         Ok(())
     }
@@ -68,9 +93,18 @@ impl NatsServer {
     }
 }
 
-fn spawn(binary: &Path, dir: &Path, port: Option<u16>) -> anyhow::Result<(Child, u16)> {
+fn spawn(
+    binary: &Path,
+    dir: &Path,
+    port: Option<u16>,
+    config: Option<&Path>,
+) -> anyhow::Result<(Child, u16)> {
     let port_arg = port.map_or_else(|| "-1".to_owned(), |port| port.to_string());
-    let mut child = Command::new(binary)
+    let mut command = Command::new(binary);
+    if let Some(config) = config {
+        command.arg("-c").arg(config);
+    }
+    let mut child = command
         .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd"])
         .arg(dir.join("jetstream"))
         .arg("--ports_file_dir")

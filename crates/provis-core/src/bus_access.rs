@@ -1,0 +1,211 @@
+//! Least privilege on the bus: what each identity may publish and subscribe,
+//! as the master's auth callout grants it and nats-server enforces it, and the
+//! nats-server configuration that sends every connection to that callout.
+//!
+//! | identity | publishes | subscribes |
+//! |---|---|---|
+//! | master | everything | everything |
+//! | operator | calls, `master.>`, JetStream API | its inbox, events, state |
+//! | minion `<id>` | `state.<id>`, `event.<id>.>`, `master.query`, its registry key, replies; reads its buckets | its own call subject, `all.call`, `role.>`, its inbox |
+//!
+//! Every identity's replies come to `_INBOX.<its nkey>.>`, which only it may
+//! subscribe to, so no identity reads another's replies.
+
+use serde_json::{Value, json};
+
+use crate::identity::{DerivedKey, Identity};
+use crate::storage::{
+    BUCKET_ASSIGNMENTS, BUCKET_BUNDLES, BUCKET_CONFIG, BUCKET_MINIONS, BUCKET_ROLES,
+    BUCKET_SERVICES,
+};
+use crate::subject::{MinionId, Subjects};
+
+/// The account fleet traffic lives in.
+pub const FLEET_ACCOUNT: &str = "PROVIS";
+/// The account the auth callout service connects in.
+pub const CALLOUT_ACCOUNT: &str = "AUTH";
+/// nats-server's system account (the master kicks revoked connections there).
+pub const SYSTEM_ACCOUNT: &str = "SYS";
+/// The user name the master's system-account connection gives.
+pub const SYSTEM_USER: &str = "system";
+/// Where nats-server sends each connection's credentials.
+pub const CALLOUT_SUBJECT: &str = "$SYS.REQ.USER.AUTH";
+
+/// The inbox prefix of the identity with this public nkey.
+pub fn inbox_prefix(nkey: &str) -> String {
+    format!("_INBOX.{nkey}")
+}
+
+/// Subjects an identity may publish and subscribe to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusPermissions {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+    /// May answer requests it received (one reply each), wherever they point.
+    pub responses: bool,
+}
+
+impl BusPermissions {
+    /// The master: everything.
+    pub fn everything() -> Self {
+        Self {
+            publish: vec![">".into()],
+            subscribe: vec![">".into()],
+            responses: false,
+        }
+    }
+
+    /// An operator: calls anywhere, the master's requests, JetStream (to
+    /// publish bundles and read the fleet's buckets), events and state.
+    pub fn operator(subjects: &Subjects, nkey: &str) -> Self {
+        let prefix = subjects.prefix();
+        Self {
+            publish: vec![
+                format!("{prefix}.minion.*.call"),
+                format!("{prefix}.all.call"),
+                format!("{prefix}.role.>"),
+                format!("{prefix}.master.>"),
+                "$JS.API.>".into(),
+                "$KV.>".into(),
+                "$O.>".into(),
+            ],
+            subscribe: vec![
+                format!("{}.>", inbox_prefix(nkey)),
+                format!("{prefix}.event.>"),
+                format!("{prefix}.state.>"),
+            ],
+            responses: true,
+        }
+    }
+
+    /// Minion `id`: its own state, events and registry entry; reads of the
+    /// buckets it follows; calls to it, to everyone and to roles.
+    pub fn minion(subjects: &Subjects, id: &MinionId, nkey: &str) -> Self {
+        let prefix = subjects.prefix();
+        let mut publish = vec![
+            format!("{prefix}.state.{id}"),
+            format!("{prefix}.event.{id}.>"),
+            subjects.master("query"),
+            format!("$KV.{BUCKET_MINIONS}.{id}"),
+            format!("$JS.API.STREAM.INFO.KV_{BUCKET_MINIONS}"),
+        ];
+        let read = [
+            format!("KV_{BUCKET_ROLES}"),
+            format!("KV_{BUCKET_SERVICES}"),
+            format!("KV_{BUCKET_ASSIGNMENTS}"),
+            format!("KV_{BUCKET_CONFIG}"),
+            format!("OBJ_{BUCKET_BUNDLES}"),
+        ];
+        for stream in read {
+            for api in [
+                "STREAM.INFO.{}",
+                "STREAM.MSG.GET.{}",
+                "DIRECT.GET.{}",
+                "DIRECT.GET.{}.>",
+                "CONSUMER.CREATE.{}",
+                "CONSUMER.CREATE.{}.>",
+                "CONSUMER.DELETE.{}.>",
+                "CONSUMER.INFO.{}.>",
+            ] {
+                publish.push(format!("$JS.API.{}", api.replace("{}", &stream)));
+            }
+        }
+        Self {
+            publish,
+            subscribe: vec![
+                subjects.minion_call(id),
+                subjects.all_call(),
+                format!("{prefix}.role.>"),
+                format!("{}.>", inbox_prefix(nkey)),
+            ],
+            responses: true,
+        }
+    }
+
+    /// The permission part of a NATS user JWT's `nats` claims.
+    pub fn user_claims(&self) -> Value {
+        let mut claims = json!({
+            "pub": { "allow": self.publish },
+            "sub": { "allow": self.subscribe },
+            "subs": -1,
+            "data": -1,
+            "payload": -1,
+            "type": "user",
+            "version": 2,
+        });
+        if self.responses {
+            claims["resp"] = json!({ "max": 1, "ttl": 0 });
+        }
+        claims
+    }
+}
+
+/// The part of a nats-server configuration that sends every connection to
+/// the auth callout of the master holding `master`: the accounts, the
+/// callout service's user and the key its answers must be signed with. The
+/// rest (listen, TLS, JetStream store) is the deployment's.
+pub fn server_auth_config(master: &Identity) -> String {
+    let issuer = master.derived(DerivedKey::CalloutIssuer).public_key();
+    let service = master.derived(DerivedKey::CalloutService).public_key();
+    format!(
+        "# Generated by provis for the master with key {master_key}.\n\
+         # Every connection is admitted (or not) by that master's auth callout.\n\
+         accounts {{\n  \
+           {FLEET_ACCOUNT} {{ jetstream: enabled }}\n  \
+           {CALLOUT_ACCOUNT} {{ users: [ {{ nkey: \"{service}\" }} ] }}\n  \
+           {SYSTEM_ACCOUNT} {{ }}\n\
+         }}\n\
+         system_account: {SYSTEM_ACCOUNT}\n\
+         authorization {{\n  \
+           auth_callout {{\n    \
+             issuer: \"{issuer}\"\n    \
+             account: {CALLOUT_ACCOUNT}\n    \
+             auth_users: [ \"{service}\" ]\n  \
+           }}\n\
+         }}\n",
+        master_key = master.public_key(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_minion_may_publish_only_as_itself() {
+        let subjects = Subjects::new("provis".parse().unwrap());
+        let id: MinionId = "web-1".parse().unwrap();
+        let granted = BusPermissions::minion(&subjects, &id, "UABC");
+        assert!(granted.publish.contains(&"provis.state.web-1".to_owned()));
+        assert!(granted.publish.contains(&"provis.event.web-1.>".to_owned()));
+        assert!(granted.subscribe.contains(&"_INBOX.UABC.>".to_owned()));
+        for theirs in [
+            "provis.state.*",
+            "provis.event.>",
+            "provis.master.>",
+            "$KV.provis_minions.*",
+            "$JS.API.>",
+        ] {
+            assert!(!granted.publish.contains(&theirs.to_owned()), "{theirs}");
+        }
+        assert!(
+            !granted
+                .subscribe
+                .iter()
+                .any(|s| s.starts_with("provis.minion.*"))
+        );
+        let claims = granted.user_claims();
+        assert_eq!(claims["resp"]["max"], 1);
+        assert_eq!(claims["pub"]["allow"][0], "provis.state.web-1");
+    }
+
+    #[test]
+    fn the_server_config_names_the_derived_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let master = Identity::create(&dir.path().join("master.key")).unwrap();
+        let config = server_auth_config(&master);
+        let issuer = master.derived(DerivedKey::CalloutIssuer).public_key();
+        assert!(config.contains(&format!("issuer: \"{issuer}\"")));
+        assert!(!config.contains(&master.nkey_public()));
+    }
+}

@@ -1,0 +1,417 @@
+//! The master's auth callout: nats-server (configured by
+//! [`provis_core::bus_access::server_auth_config`]) asks the master about
+//! every connection on `$SYS.REQ.USER.AUTH`, and the master answers with who
+//! the connection is and what it may do on the bus, or a refusal that
+//! nats-server turns into an authorization error.
+//!
+//! A connection proves its key by the nonce signature nats-server checks
+//! the shape of and the master verifies. The master's own key gets
+//! everything; operators' keys (settings `operators` and the call policy's)
+//! get [`BusPermissions::operator`]; anyone else is a minion claiming the id
+//! in its user name, admitted only as [`Enrollment`] says, with
+//! [`BusPermissions::minion`] for that id. Every refusal is an event.
+//! Revoking a minion kicks its live connections through the system account.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::kv::Operation;
+use futures::StreamExt as _;
+use provis_core::bus_access::{
+    BusPermissions, CALLOUT_SUBJECT, FLEET_ACCOUNT, SYSTEM_ACCOUNT, SYSTEM_USER,
+};
+use provis_core::call_auth::SignedPolicy;
+use provis_core::identity::{DerivedKey, Identity, public_key_of_nkey};
+use provis_core::storage::BUCKET_CONFIG;
+use provis_core::{MinionId, Subjects, event, nats_jwt};
+use serde_json::{Value, json};
+
+use crate::enrollment::{Admission, Enrollment};
+
+/// How long nats-server waits for the master is its own `auth_timeout`;
+/// the master answers well within it or not at all.
+const QUEUE_GROUP: &str = "provis-master";
+
+/// Who a connection turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Admitted {
+    Master { system: bool },
+    Operator(String),
+    Minion(MinionId),
+}
+
+/// One admitted minion connection, for kicking it on revocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Session {
+    server: String,
+    client: u64,
+}
+
+/// The callout's state: keys, the enrollment bucket once storage is up, the
+/// connections it admitted.
+#[derive(Debug)]
+pub struct Gatekeeper {
+    master_nkey: String,
+    master_key: String,
+    issuer: nkeys::KeyPair,
+    subjects: Subjects,
+    configured_operators: Vec<String>,
+    policy_operators: RwLock<HashMap<String, String>>,
+    enrollment: OnceLock<Enrollment>,
+    events: OnceLock<async_nats::Client>,
+    system: OnceLock<async_nats::Client>,
+    sessions: Mutex<HashMap<MinionId, Vec<Session>>>,
+}
+
+impl Gatekeeper {
+    pub fn new(master: &Identity, subjects: Subjects, operators: Vec<String>) -> Self {
+        Self {
+            master_nkey: master.nkey_public(),
+            master_key: master.public_key().to_owned(),
+            issuer: master.derived(DerivedKey::CalloutIssuer),
+            subjects,
+            configured_operators: operators,
+            policy_operators: RwLock::default(),
+            enrollment: OnceLock::new(),
+            events: OnceLock::new(),
+            system: OnceLock::new(),
+            sessions: Mutex::default(),
+        }
+    }
+
+    /// Once storage exists: minions can be admitted, refusals become events.
+    pub fn ready(&self, enrollment: Enrollment, fleet: async_nats::Client) {
+        let _ = self.enrollment.set(enrollment);
+        let _ = self.events.set(fleet);
+    }
+
+    /// The master's connection to the system account, for kicking revoked
+    /// minions (absent on a nats-server without the callout).
+    pub fn set_system(&self, system: async_nats::Client) {
+        let _ = self.system.set(system);
+    }
+
+    /// Answers nats-server's questions until the subscription ends.
+    pub async fn serve(self: Arc<Self>, callout: async_nats::Client) {
+        let mut requests = match callout
+            .queue_subscribe(CALLOUT_SUBJECT, QUEUE_GROUP.to_owned())
+            .await
+        {
+            Ok(requests) => requests,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot serve the auth callout");
+                return;
+            }
+        };
+        while let Some(request) = requests.next().await {
+            let (gatekeeper, callout) = (self.clone(), callout.clone());
+            tokio::spawn(async move {
+                let Some(reply) = request.reply.clone() else {
+                    return;
+                };
+                let answer = gatekeeper.answer(&request.payload).await;
+                if let Err(err) = callout.publish(reply, answer.into()).await {
+                    tracing::warn!(error = %err, "auth callout answer not sent");
+                }
+            });
+        }
+    }
+
+    /// The signed answer to one authorization request.
+    async fn answer(&self, payload: &[u8]) -> String {
+        let request = match self.read_request(payload) {
+            Ok(request) => request,
+            Err(reason) => {
+                // Not from a server: nothing to answer to.
+                tracing::warn!(%reason, "auth callout request ignored");
+                return String::new();
+            }
+        };
+        let nats = &request["nats"];
+        let user_nkey = nats["user_nkey"].as_str().unwrap_or_default();
+        let server = nats["server_id"]["id"].as_str().unwrap_or_default();
+        let mut response = json!({
+            "sub": user_nkey,
+            "aud": server,
+            "nats": { "type": "authorization_response", "version": 2 },
+        });
+        match self.decide(nats).await {
+            Ok(admitted) => {
+                let (account, name, permissions) = self.grant(&admitted, nats);
+                if let Admitted::Minion(minion) = &admitted {
+                    self.remember(minion, server, nats["client_info"]["id"].as_u64());
+                }
+                let user = nats_jwt::encode(
+                    json!({
+                        "sub": user_nkey,
+                        "aud": account,
+                        "name": name,
+                        "nats": permissions.user_claims(),
+                    }),
+                    &self.issuer,
+                );
+                response["nats"]["jwt"] = json!(user);
+            }
+            Err(reason) => response["nats"]["error"] = json!(reason),
+        }
+        nats_jwt::encode(response, &self.issuer)
+    }
+
+    /// The request's claims, when a NATS server signed them for the callout.
+    fn read_request(&self, payload: &[u8]) -> Result<Value, String> {
+        let token = std::str::from_utf8(payload).map_err(|err| err.to_string())?;
+        let claims = nats_jwt::decode(token).map_err(|err| err.to_string())?;
+        let issuer = claims["iss"].as_str().unwrap_or_default();
+        let from_server = nkeys::KeyPair::from_public_key(issuer)
+            .is_ok_and(|key| key.key_pair_type() == nkeys::KeyPairType::Server);
+        if !from_server || claims["aud"] != "nats-authorization-request" {
+            return Err(format!(
+                "not an authorization request from a server ({issuer})"
+            ));
+        }
+        Ok(claims)
+    }
+
+    /// Who the connection is, or why it is refused.
+    async fn decide(&self, request: &Value) -> Result<Admitted, String> {
+        let options = &request["connect_opts"];
+        let client = &request["client_info"];
+        let host = client["host"].as_str().unwrap_or_default();
+        let Some(nkey) = options["nkey"].as_str().filter(|k| !k.is_empty()) else {
+            let reason =
+                "no identity: connect with a provis key (identity / --identity / PROVIS_IDENTITY)";
+            self.refused(None, "", host, reason).await;
+            return Err(reason.into());
+        };
+        let key = public_key_of_nkey(nkey).unwrap_or_default();
+        if let Err(reason) = verify_nonce(nkey, client, options) {
+            self.refused(None, &key, host, &reason).await;
+            return Err(reason);
+        }
+        if nkey == self.master_nkey {
+            let system = options["user"] == SYSTEM_USER;
+            return Ok(Admitted::Master { system });
+        }
+        if let Some(name) = self.operator_name(&key) {
+            return Ok(Admitted::Operator(name));
+        }
+        let claimed = options["user"].as_str().unwrap_or_default();
+        let Ok(minion) = claimed.parse::<MinionId>() else {
+            let reason = format!(
+                "unknown key {key}, and its user name {claimed:?} is not a minion id: operators are listed in the master's `operators` or the call policy"
+            );
+            self.refused(None, &key, host, &reason).await;
+            return Err(reason);
+        };
+        let Some(enrollment) = self.enrollment.get() else {
+            return Err("the master is starting; try again".into());
+        };
+        let token = options["auth_token"].as_str();
+        match enrollment.admit(&minion, &key, token, host).await {
+            Ok(Admission::Admitted) => Ok(Admitted::Minion(minion)),
+            Ok(Admission::AdmittedByToken) => {
+                self.emit(
+                    "minion.accepted",
+                    json!({ "minion": minion, "key": key, "by": "token", "host": host }),
+                )
+                .await;
+                Ok(Admitted::Minion(minion))
+            }
+            Ok(Admission::Pending { new }) => {
+                if new {
+                    self.emit(
+                        "minion.pending",
+                        json!({ "minion": minion, "key": key, "host": host }),
+                    )
+                    .await;
+                }
+                Err(format!(
+                    "minion {minion} is pending: an operator accepts it with `provis keys accept {minion}`"
+                ))
+            }
+            Ok(Admission::Refused(reason)) => {
+                self.refused(Some(&minion), &key, host, &reason).await;
+                Err(reason)
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "enrollment not readable");
+                Err(err.to_string())
+            }
+        }
+    }
+
+    /// The account, display name and permissions of an admitted connection.
+    fn grant(
+        &self,
+        admitted: &Admitted,
+        request: &Value,
+    ) -> (&'static str, String, BusPermissions) {
+        let nkey = request["connect_opts"]["nkey"].as_str().unwrap_or_default();
+        match admitted {
+            Admitted::Master { system: true } => (
+                SYSTEM_ACCOUNT,
+                "master-system".into(),
+                BusPermissions::everything(),
+            ),
+            Admitted::Master { system: false } => {
+                (FLEET_ACCOUNT, "master".into(), BusPermissions::everything())
+            }
+            Admitted::Operator(name) => (
+                FLEET_ACCOUNT,
+                format!("operator:{name}"),
+                BusPermissions::operator(&self.subjects, nkey),
+            ),
+            Admitted::Minion(minion) => (
+                FLEET_ACCOUNT,
+                format!("minion:{minion}"),
+                BusPermissions::minion(&self.subjects, minion, nkey),
+            ),
+        }
+    }
+
+    fn operator_name(&self, key: &str) -> Option<String> {
+        if let Some(name) = self
+            .policy_operators
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+        {
+            return Some(name.clone());
+        }
+        self.configured_operators
+            .iter()
+            .any(|operator| operator == key)
+            .then(|| key.chars().skip(8).take(12).collect())
+    }
+
+    fn remember(&self, minion: &MinionId, server: &str, client: Option<u64>) {
+        let Some(client) = client else { return };
+        let mut sessions = self
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = sessions.entry(minion.clone()).or_default();
+        // Bounded: a minion reconnecting for days keeps only its latest few.
+        if list.len() >= 8 {
+            list.remove(0);
+        }
+        list.push(Session {
+            server: server.to_owned(),
+            client,
+        });
+    }
+
+    /// Disconnects every connection admitted as `minion`; they cannot come
+    /// back, as the enrollment record now refuses them.
+    pub async fn kick(&self, minion: &MinionId) -> usize {
+        let sessions = self
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(minion)
+            .unwrap_or_default();
+        let Some(system) = self.system.get() else {
+            return 0;
+        };
+        let mut kicked = 0;
+        for session in sessions {
+            let subject = format!("$SYS.REQ.SERVER.{}.KICK", session.server);
+            let body = json!({ "cid": session.client }).to_string();
+            match tokio::time::timeout(Duration::from_secs(2), system.request(subject, body.into()))
+                .await
+            {
+                Ok(Ok(reply)) => {
+                    let answer: Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
+                    if answer["error"].is_null() {
+                        kicked += 1;
+                    } else {
+                        tracing::debug!(%minion, error = %answer["error"], "connection not kicked (gone already?)");
+                    }
+                }
+                Ok(Err(err)) => tracing::warn!(%minion, error = %err, "kick not sent"),
+                Err(_) => tracing::warn!(%minion, "kick not answered"),
+            }
+        }
+        kicked
+    }
+
+    async fn refused(&self, minion: Option<&MinionId>, key: &str, host: &str, reason: &str) {
+        tracing::info!(minion = ?minion.map(MinionId::as_str), %key, %host, %reason, "connection refused");
+        self.emit(
+            "auth.refused",
+            json!({ "minion": minion, "key": key, "host": host, "reason": reason }),
+        )
+        .await;
+    }
+
+    async fn emit(&self, kind: &str, data: Value) {
+        if let Some(nats) = self.events.get() {
+            event::emit(nats, &self.subjects, "master", kind, data).await;
+        }
+    }
+
+    /// Keeps the operators of the applied call policy (signed by this
+    /// master) admitted as operators, for as long as the master runs.
+    pub async fn follow_policy(self: Arc<Self>, js: async_nats::jetstream::Context) {
+        let trusted = vec![self.master_key.clone()];
+        loop {
+            if let Ok(store) = js.get_key_value(BUCKET_CONFIG).await
+                && let Ok(mut entries) = store.watch_with_history("policy").await
+            {
+                while let Some(Ok(entry)) = entries.next().await {
+                    let operators: HashMap<String, String> = (entry.operation == Operation::Put)
+                        .then(|| serde_json::from_slice::<SignedPolicy>(&entry.value).ok())
+                        .flatten()
+                        .and_then(|signed| signed.verified(&trusted))
+                        .map(|policy| {
+                            policy
+                                .operator
+                                .into_iter()
+                                .map(|operator| (operator.key, operator.name))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    *self
+                        .policy_operators
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = operators;
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// Checks the connection signed the nonce nats-server gave it with `nkey`.
+fn verify_nonce(nkey: &str, client: &Value, options: &Value) -> Result<(), String> {
+    let nonce = client["nonce"].as_str().unwrap_or_default();
+    let signature = options["sig"].as_str().unwrap_or_default();
+    if nonce.is_empty() || signature.is_empty() {
+        return Err(
+            "no signed nonce: the server must issue nonces (an nkey user in its config does)"
+                .into(),
+        );
+    }
+    let signature = data_encoding::BASE64URL_NOPAD
+        .decode(signature.trim_end_matches('=').as_bytes())
+        .or_else(|_| data_encoding::BASE64.decode(signature.as_bytes()))
+        .map_err(|_| "the nonce signature is not base64".to_owned())?;
+    let key = nkeys::KeyPair::from_public_key(nkey)
+        .map_err(|_| format!("{nkey:?} is not a public nkey"))?;
+    key.verify(nonce.as_bytes(), &signature)
+        .map_err(|_| "the nonce signature does not match the key".to_owned())
+}
+
+/// Checks the settings' operator keys are keys.
+pub fn check_operators(keys: &[String]) -> Result<(), String> {
+    match keys
+        .iter()
+        .find(|key| !provis_core::identity::is_public_key(key))
+    {
+        Some(key) => Err(format!(
+            "operator key {key:?} is not a public key (ed25519:<64 hex>, as `provis keys create` prints)"
+        )),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,336 @@
+//! Enrollment: which minion keys the fleet admits, kept in the
+//! `provis_enrollment` bucket that only the master writes.
+//!
+//! A minion asks to join by connecting with its key and its id: an unknown
+//! id becomes `pending` until an operator accepts it (`provis keys accept`),
+//! or is accepted at once with a one-time token (`provis keys token`). An id
+//! is bound to the key that enrolled it: another key presenting it is refused
+//! while the id is pending or accepted. Rejected and revoked keys stay
+//! refused; a new key for such an id starts a new pending request.
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use provis_core::MinionId;
+use provis_core::envelope::now_unix_ms;
+use provis_core::storage::BUCKET_ENROLLMENT;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnrollmentStatus {
+    Pending,
+    Accepted,
+    Rejected,
+    Revoked,
+}
+
+/// What the fleet knows of one minion id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentRecord {
+    pub minion: MinionId,
+    /// The key bound to the id (`ed25519:<hex>`).
+    pub key: String,
+    pub status: EnrollmentStatus,
+    /// When the status last changed.
+    pub since_unix_ms: i64,
+    /// Who changed it: an operator, `token`, or `minion` for a request.
+    pub by: String,
+    /// Where the last connection attempt came from.
+    #[serde(default)]
+    pub host: String,
+}
+
+/// The answer to a minion's connection attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// Accepted now, by a one-time token.
+    AdmittedByToken,
+    /// Waiting for an operator; `new` on the first attempt.
+    Pending {
+        new: bool,
+    },
+    /// Refused, and why (an event says so).
+    Refused(String),
+}
+
+/// An operator's decision on an id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Accept,
+    Reject,
+    Revoke,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollmentError {
+    #[error("the enrollment bucket cannot be read or written: {0}")]
+    Store(String),
+    #[error("no minion {0} asked to join")]
+    Unknown(MinionId),
+    #[error("minion {minion} is {status:?}; {decision:?} does not apply")]
+    NotApplicable {
+        minion: MinionId,
+        status: EnrollmentStatus,
+        decision: Decision,
+    },
+    #[error("the enrollment record of {0} changed meanwhile; try again")]
+    Conflict(MinionId),
+}
+
+fn store_error(err: impl std::fmt::Display) -> EnrollmentError {
+    EnrollmentError::Store(err.to_string())
+}
+
+/// A one-time token as stored: only its digest is kept.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredToken {
+    expires_unix_ms: i64,
+}
+
+const TOKEN_KEY_PREFIX: &str = "token.";
+
+/// The enrollment bucket.
+#[derive(Debug, Clone)]
+pub struct Enrollment {
+    store: kv::Store,
+}
+
+impl Enrollment {
+    pub async fn open(js: &async_nats::jetstream::Context) -> Result<Self, EnrollmentError> {
+        let store = js
+            .get_key_value(BUCKET_ENROLLMENT)
+            .await
+            .map_err(store_error)?;
+        Ok(Self { store })
+    }
+
+    async fn read(
+        &self,
+        minion: &MinionId,
+    ) -> Result<Option<(EnrollmentRecord, u64)>, EnrollmentError> {
+        let Some(entry) = self
+            .store
+            .entry(minion.as_str())
+            .await
+            .map_err(store_error)?
+        else {
+            return Ok(None);
+        };
+        if entry.operation != kv::Operation::Put {
+            return Ok(None);
+        }
+        // A record the master cannot read is treated as none: only the
+        // master writes this bucket, so it is never expected.
+        Ok(serde_json::from_slice(&entry.value)
+            .ok()
+            .map(|record| (record, entry.revision)))
+    }
+
+    /// Writes `record` if the id's entry is still at `revision` (None: absent).
+    async fn write(
+        &self,
+        record: &EnrollmentRecord,
+        revision: Option<u64>,
+    ) -> Result<(), EnrollmentError> {
+        let value = serde_json::to_vec(record).map_err(store_error)?;
+        let written = match revision {
+            Some(revision) => self
+                .store
+                .update(record.minion.as_str(), value.into(), revision)
+                .await
+                .map(drop)
+                .map_err(|err| err.to_string()),
+            None => self
+                .store
+                .create(record.minion.as_str(), value.into())
+                .await
+                .map(drop)
+                .map_err(|err| err.to_string()),
+        };
+        written.map_err(|_| EnrollmentError::Conflict(record.minion.clone()))
+    }
+
+    /// Decides a connection attempt by `minion` with `key`, presenting
+    /// `token` if it has one, from `host`.
+    pub async fn admit(
+        &self,
+        minion: &MinionId,
+        key: &str,
+        token: Option<&str>,
+        host: &str,
+    ) -> Result<Admission, EnrollmentError> {
+        let existing = self.read(minion).await?;
+        let fresh = |status, by: &str| EnrollmentRecord {
+            minion: minion.clone(),
+            key: key.to_owned(),
+            status,
+            since_unix_ms: now_unix_ms(),
+            by: by.to_owned(),
+            host: host.to_owned(),
+        };
+        match existing {
+            Some((record, revision)) if record.key != key => match record.status {
+                EnrollmentStatus::Pending | EnrollmentStatus::Accepted => {
+                    Ok(Admission::Refused(format!(
+                        "minion id {minion} belongs to another key ({}); this key ({key}) may not use it",
+                        record.key
+                    )))
+                }
+                EnrollmentStatus::Rejected | EnrollmentStatus::Revoked => {
+                    self.request(
+                        fresh(EnrollmentStatus::Pending, "minion"),
+                        token,
+                        Some(revision),
+                    )
+                    .await
+                }
+            },
+            Some((record, revision)) => match record.status {
+                EnrollmentStatus::Accepted => Ok(Admission::Admitted),
+                EnrollmentStatus::Pending => match self.consume_token(token).await? {
+                    true => {
+                        self.write(&fresh(EnrollmentStatus::Accepted, "token"), Some(revision))
+                            .await?;
+                        Ok(Admission::AdmittedByToken)
+                    }
+                    false => Ok(Admission::Pending { new: false }),
+                },
+                EnrollmentStatus::Rejected => Ok(Admission::Refused(format!(
+                    "minion {minion} was rejected by {}",
+                    record.by
+                ))),
+                EnrollmentStatus::Revoked => Ok(Admission::Refused(format!(
+                    "minion {minion} was revoked by {}",
+                    record.by
+                ))),
+            },
+            None => {
+                self.request(fresh(EnrollmentStatus::Pending, "minion"), token, None)
+                    .await
+            }
+        }
+    }
+
+    /// A new request to join: accepted at once with a valid token, else pending.
+    async fn request(
+        &self,
+        mut record: EnrollmentRecord,
+        token: Option<&str>,
+        revision: Option<u64>,
+    ) -> Result<Admission, EnrollmentError> {
+        let by_token = self.consume_token(token).await?;
+        if by_token {
+            record.status = EnrollmentStatus::Accepted;
+            "token".clone_into(&mut record.by);
+        }
+        self.write(&record, revision).await?;
+        Ok(if by_token {
+            Admission::AdmittedByToken
+        } else {
+            Admission::Pending { new: true }
+        })
+    }
+
+    /// An operator's decision: accept a pending id, reject a pending one,
+    /// revoke an accepted (or pending) one.
+    pub async fn decide(
+        &self,
+        minion: &MinionId,
+        decision: Decision,
+        by: &str,
+    ) -> Result<EnrollmentRecord, EnrollmentError> {
+        let (mut record, revision) = self
+            .read(minion)
+            .await?
+            .ok_or_else(|| EnrollmentError::Unknown(minion.clone()))?;
+        let status = match (decision, record.status) {
+            (Decision::Accept, EnrollmentStatus::Pending) => EnrollmentStatus::Accepted,
+            (Decision::Reject, EnrollmentStatus::Pending) => EnrollmentStatus::Rejected,
+            (Decision::Revoke, EnrollmentStatus::Accepted | EnrollmentStatus::Pending) => {
+                EnrollmentStatus::Revoked
+            }
+            (decision, status) => {
+                return Err(EnrollmentError::NotApplicable {
+                    minion: minion.clone(),
+                    status,
+                    decision,
+                });
+            }
+        };
+        record.status = status;
+        record.since_unix_ms = now_unix_ms();
+        by.clone_into(&mut record.by);
+        self.write(&record, Some(revision)).await?;
+        Ok(record)
+    }
+
+    /// Every id the fleet knows, sorted.
+    pub async fn list(&self) -> Result<Vec<EnrollmentRecord>, EnrollmentError> {
+        use futures::TryStreamExt as _;
+        let keys: Vec<String> = match self.store.keys().await {
+            Ok(keys) => keys.try_collect().await.map_err(store_error)?,
+            Err(err) => return Err(store_error(err)),
+        };
+        let mut records = Vec::new();
+        for key in keys.iter().filter(|k| !k.starts_with(TOKEN_KEY_PREFIX)) {
+            if let Ok(minion) = key.parse::<MinionId>()
+                && let Some((record, _)) = self.read(&minion).await?
+            {
+                records.push(record);
+            }
+        }
+        records.sort_by(|a, b| a.minion.as_str().cmp(b.minion.as_str()));
+        Ok(records)
+    }
+
+    /// A new one-time token, valid for `ttl`. Only its digest is stored.
+    pub async fn issue_token(&self, ttl: Duration) -> Result<String, EnrollmentError> {
+        let token = provis_core::identity::random_hex(24).map_err(store_error)?;
+        let stored = StoredToken {
+            expires_unix_ms: now_unix_ms()
+                .saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)),
+        };
+        let key = format!(
+            "{TOKEN_KEY_PREFIX}{}",
+            provis_core::identity::sha256_hex(&token)
+        );
+        let value = serde_json::to_vec(&stored).map_err(store_error)?;
+        self.store
+            .create(&key, value.into())
+            .await
+            .map_err(store_error)?;
+        Ok(token)
+    }
+
+    /// Uses up `token`: true when it was valid (known, unexpired, unused).
+    async fn consume_token(&self, token: Option<&str>) -> Result<bool, EnrollmentError> {
+        let Some(token) = token.filter(|t| !t.is_empty()) else {
+            return Ok(false);
+        };
+        let key = format!(
+            "{TOKEN_KEY_PREFIX}{}",
+            provis_core::identity::sha256_hex(token)
+        );
+        let Some(entry) = self.store.entry(&key).await.map_err(store_error)? else {
+            return Ok(false);
+        };
+        if entry.operation != kv::Operation::Put {
+            return Ok(false);
+        }
+        // Deleting at the revision read makes the token single-use even when
+        // two connections present it at once.
+        if self
+            .store
+            .delete_expect_revision(&key, Some(entry.revision))
+            .await
+            .is_err()
+        {
+            return Ok(false);
+        }
+        let stored: Option<StoredToken> = serde_json::from_slice(&entry.value).ok();
+        Ok(stored.is_some_and(|stored| stored.expires_unix_ms > now_unix_ms()))
+    }
+}
