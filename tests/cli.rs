@@ -141,15 +141,29 @@ async fn up_runs_a_fleet_that_another_shell_can_call_and_stops_it_on_sigterm() {
         saved.tls_ca.is_some(),
         "provis up runs NATS with TLS by default"
     );
+    assert!(
+        saved.identity.is_some(),
+        "provis up gives this shell an operator identity"
+    );
     let plain = provis_core::FleetContext {
         tls_ca: None,
-        ..saved
+        ..saved.clone()
     };
     assert!(
         provis_core::client::connect_nats(&plain, "test")
             .await
             .is_err(),
         "a plaintext client is refused"
+    );
+    let anonymous = provis_core::FleetContext {
+        identity: None,
+        ..saved
+    };
+    assert!(
+        provis_core::client::connect_nats(&anonymous, "test")
+            .await
+            .is_err(),
+        "a TLS client without an identity is refused too"
     );
 
     let (code, stdout, _) = run_to_end(

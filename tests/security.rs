@@ -814,6 +814,28 @@ async fn a_secured_fleet_works_within_its_permissions() {
     )
     .await
     .expect("query");
+    // A restarted nats-server, then a restarted master: the minion is
+    // admitted again each time (the callout reconnects first) and serves.
+    fleet.nats_mut().restart().expect("nats-server restarts");
+    provis_testkit::eventually(
+        "web-1 serves after the server restart",
+        Duration::from_secs(20),
+        || async { version(&fleet, "web-1").await == Some(json!("1")) },
+    )
+    .await
+    .expect("web-1 is back");
+    fleet.restart_master().await.expect("the master restarts");
+    fleet
+        .nats_mut()
+        .restart()
+        .expect("nats-server restarts again");
+    provis_testkit::eventually(
+        "web-1 serves after both restarts",
+        Duration::from_secs(20),
+        || async { version(&fleet, "web-1").await == Some(json!("1")) },
+    )
+    .await
+    .expect("web-1 is back");
     let log = fleet.nats().log();
     assert!(
         !log.contains("Violation"),

@@ -84,7 +84,8 @@ pub struct CallArgs {
     /// The name the minions' gRPC certificates are issued to
     #[arg(long, env = "PROVIS_GRPC_DOMAIN", default_value = "localhost")]
     grpc_domain: String,
-    /// Sign the call with this private key (minions that pin callers require it)
+    /// Sign the call with this private key (minions that pin callers require
+    /// it) [default: the identity this shell connects as, if any]
     #[arg(long, env = "PROVIS_KEY")]
     key: Option<std::path::PathBuf>,
     /// SERVICE.METHOD, e.g. sys.ping
@@ -187,7 +188,7 @@ pub async fn run(fleet: &FleetArgs, args: CallArgs) -> anyhow::Result<ExitCode> 
             ca: args.grpc_ca.clone(),
             domain: args.grpc_domain.clone(),
         };
-        let signer = crate::keys::signer(args.key.as_deref())?;
+        let signer = call_signer(fleet, args.key.as_deref())?;
         call_via_grpc(
             fleet,
             &target,
@@ -199,7 +200,7 @@ pub async fn run(fleet: &FleetArgs, args: CallArgs) -> anyhow::Result<ExitCode> 
         .await?
     } else {
         let mut client = fleet.client().await?;
-        if let Some(signer) = crate::keys::signer(args.key.as_deref())? {
+        if let Some(signer) = call_signer(fleet, args.key.as_deref())? {
             client = client.with_signer(signer);
         }
         let selection = client
@@ -460,4 +461,14 @@ async fn call_via_grpc(
         }
     }
     Ok(gathered.finish())
+}
+
+/// The key a call is signed with: `--key`, else the identity this shell
+/// connects as (none: unsigned).
+fn call_signer(
+    fleet: &FleetArgs,
+    key: Option<&std::path::Path>,
+) -> anyhow::Result<Option<provis_core::identity::Identity>> {
+    let identity = fleet.resolve()?.identity;
+    crate::keys::signer(key.or(identity.as_deref()))
 }

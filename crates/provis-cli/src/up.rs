@@ -2,6 +2,14 @@
 //! already answers), a master and N minions as `provis` processes with roles
 //! from the config repository, writes the context file so `provis call` in
 //! another shell finds the fleet, and stops everything on Ctrl-C or SIGTERM.
+//!
+//! Secured by default: the nats-server it starts uses TLS (a certificate
+//! generated for this machine) and admits connections only through the
+//! master's auth callout. `up` creates the master's key and an operator key
+//! (the context file's identity, so `provis` commands act as that
+//! operator), enrolls its minions with one-time tokens, and the minions run
+//! only bundles the master's key signed. `--insecure` turns all of it off and
+//! says so.
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -34,8 +42,9 @@ pub struct UpArgs {
     /// Start the fleet, print what runs, then stop it (for scripts and tests)
     #[arg(long)]
     no_wait: bool,
-    /// Run nats-server without TLS (it says so at start); the default is TLS
-    /// with a certificate generated for this machine
+    /// Run nats-server without TLS and without per-identity admission (it
+    /// says so at start); the default is TLS with a certificate generated for
+    /// this machine, and every connection admitted by the master
     #[arg(long)]
     insecure: bool,
 }
@@ -120,6 +129,7 @@ async fn bring_up(
         tls_ca: None,
         ..fleet.clone()
     };
+    let mut secured = None;
     if provis_core::client::connect_nats(fleet, "provis-up")
         .await
         .is_ok()
@@ -137,18 +147,29 @@ async fn bring_up(
     } else {
         let tls = if args.insecure {
             eprintln!(
-                "INSECURE: nats-server runs without TLS (--insecure); anyone on this machine can read and write the fleet's traffic"
+                "INSECURE: nats-server runs without TLS and admits anyone (--insecure); anyone on this machine can read and write the fleet's traffic"
             );
             None
         } else {
             let tls = generate_tls(data_dir)?;
             fleet.tls_ca = Some(tls.0.clone());
+            let keys = FleetKeys::load_or_create(data_dir)?;
+            fleet.identity = Some(keys.operator_path.clone());
+            secured = Some(keys);
             Some(tls)
         };
-        processes.push(start_nats_server(&fleet.nats_url, data_dir, tls.as_ref())?);
-        let fleet = &*fleet;
+        let auth = secured.as_ref().map(|keys| &keys.master);
+        processes.push(start_nats_server(
+            &fleet.nats_url,
+            data_dir,
+            tls.as_ref(),
+            auth,
+        )?);
+        // Nothing is admitted before the master answers the callout: wait
+        // for the port, not for a connection.
+        let (host, port) = loopback_host_port(&fleet.nats_url)?;
         wait_for("nats-server", processes, || async {
-            provis_core::client::connect_nats(fleet, "provis-up")
+            tokio::net::TcpStream::connect((host.as_str(), port.parse().unwrap_or(4222)))
                 .await
                 .is_ok()
         })
@@ -161,21 +182,50 @@ async fn bring_up(
         println!("started nats-server at {} {how}", fleet.nats_url);
     }
     let fleet = &*fleet;
-    let nats = provis_core::client::connect_nats(fleet, "provis-up").await?;
     let subjects = provis_core::Subjects::new(fleet.prefix.clone());
 
     let exe = std::env::current_exe().context("cannot find the provis executable")?;
+    let master_dir = data_dir.join("master");
+    let master_dir = master_dir.to_str().context("data dir is not UTF-8")?;
+    let mut master_args = vec!["master", "--data-dir", master_dir];
+    let (master_key, operator_key) = match &secured {
+        Some(keys) => (
+            keys.master_path.display().to_string(),
+            keys.operator.public_key().to_owned(),
+        ),
+        None => Default::default(),
+    };
+    if secured.is_some() {
+        master_args.extend([
+            "--signing-key",
+            master_key.as_str(),
+            "--operators",
+            operator_key.as_str(),
+        ]);
+    }
     processes.push(FleetProcess::spawn(
         &exe,
         Stage::Master,
         "master",
-        &["master"],
+        &master_args,
         fleet,
         data_dir,
         "master".to_owned(),
     )?);
     let ping = subjects.master("ping");
+    // On a secured fleet even this connection waits for the master to admit it.
+    let connection = tokio::sync::Mutex::new(None);
     wait_for("the master", processes, || async {
+        let mut slot = connection.lock().await;
+        if slot.is_none() {
+            *slot = provis_core::client::connect_nats(fleet, "provis-up")
+                .await
+                .ok();
+        }
+        let Some(nats) = slot.clone() else {
+            return false;
+        };
+        drop(slot);
         tokio::time::timeout(
             Duration::from_secs(1),
             nats.request(ping.clone(), "".into()),
@@ -184,9 +234,11 @@ async fn bring_up(
         .is_ok_and(|reply| reply.is_ok())
     })
     .await?;
+    let nats = connection.into_inner().context("no connection to NATS")?;
     println!("started the master");
     let js = async_nats::jetstream::new(nats.clone());
-    let summary = provis_master::apply::apply(&js, desired, None)
+    let signer = secured.as_ref().map(|keys| &keys.master);
+    let summary = provis_master::apply::apply(&js, desired, signer)
         .await
         .context("applying the config repository")?;
     println!(
@@ -222,6 +274,24 @@ async fn bring_up(
         let mut minion_args = vec!["minion", "--id", id.as_str(), "--data-dir", minion_dir];
         if !roles.is_empty() {
             minion_args.extend(["--roles", roles.as_str()]);
+        }
+        // Secured: enrolled at once by a one-time token, running only
+        // bundles the master signed.
+        let token = match &secured {
+            Some(_) => enrollment_token(&nats, &subjects).await?,
+            None => String::new(),
+        };
+        let master_public = secured
+            .as_ref()
+            .map(|keys| keys.master.public_key().to_owned())
+            .unwrap_or_default();
+        if secured.is_some() {
+            minion_args.extend([
+                "--enrollment-token",
+                token.as_str(),
+                "--trusted-bundle-keys",
+                master_public.as_str(),
+            ]);
         }
         processes.push(FleetProcess::spawn(
             &exe,
@@ -293,6 +363,46 @@ async fn bring_up(
     Ok(())
 }
 
+/// The keys of a secured local fleet, kept in the data dir across runs.
+struct FleetKeys {
+    master: provis_core::identity::Identity,
+    master_path: PathBuf,
+    operator: provis_core::identity::Identity,
+    operator_path: PathBuf,
+}
+
+impl FleetKeys {
+    fn load_or_create(data_dir: &Path) -> anyhow::Result<Self> {
+        use provis_core::identity::Identity;
+        let master_path = data_dir.join("master").join("master.key");
+        let operator_path = data_dir.join("operator.key");
+        Ok(Self {
+            master: Identity::load_or_create(&master_path)?,
+            master_path,
+            operator: Identity::load_or_create(&operator_path)?,
+            operator_path,
+        })
+    }
+}
+
+/// A one-time enrollment token from the master, for a minion `up` starts.
+async fn enrollment_token(
+    nats: &async_nats::Client,
+    subjects: &provis_core::Subjects,
+) -> anyhow::Result<String> {
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        nats.request(subjects.master("enroll.token"), r#"{"ttl_s":600}"#.into()),
+    )
+    .await
+    .context("the master did not issue an enrollment token in time")??;
+    let answer: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+    answer["token"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("no enrollment token: {answer}"))
+}
+
 /// The config repository: the one given, else `examples/` here or next to
 /// the project the executable was built in.
 fn find_repository(given: Option<&Path>) -> anyhow::Result<PathBuf> {
@@ -341,6 +451,8 @@ impl FleetProcess {
             .with_context(|| format!("cannot create {}", log.display()))?;
         let child = tokio::process::Command::new(program)
             .args(args)
+            // Each part connects as its own key, never as this shell's.
+            .env_remove("PROVIS_IDENTITY")
             .env("PROVIS_NATS_URL", &fleet.nats_url)
             .env("PROVIS_PREFIX", fleet.prefix.as_str())
             .envs(
@@ -390,6 +502,7 @@ fn start_nats_server(
     url: &str,
     data_dir: &Path,
     tls: Option<&(PathBuf, PathBuf)>,
+    master: Option<&provis_core::identity::Identity>,
 ) -> anyhow::Result<FleetProcess> {
     let (host, port) = loopback_host_port(url)?;
     let binary = locate_nats_server()?;
@@ -403,6 +516,12 @@ fn start_nats_server(
         "-sd".to_owned(),
         store.to_str().context("data dir is not UTF-8")?.to_owned(),
     ];
+    if let Some(master) = master {
+        // Every connection is admitted by that master's auth callout.
+        let config = data_dir.join("nats-server.conf");
+        std::fs::write(&config, provis_core::bus_access::server_auth_config(master))?;
+        args.extend(["-c".to_owned(), config.display().to_string()]);
+    }
     if let Some((cert, key)) = tls {
         args.extend([
             "--tls".to_owned(),

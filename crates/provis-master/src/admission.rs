@@ -92,18 +92,23 @@ impl Gatekeeper {
         let _ = self.system.set(system);
     }
 
-    /// Answers nats-server's questions until the subscription ends.
-    pub async fn serve(self: Arc<Self>, callout: async_nats::Client) {
-        let mut requests = match callout
+    /// Subscribes to nats-server's questions; returns once the server has
+    /// the subscription, so connections after this are answered.
+    pub async fn listen(callout: &async_nats::Client) -> Result<async_nats::Subscriber, String> {
+        let requests = callout
             .queue_subscribe(CALLOUT_SUBJECT, QUEUE_GROUP.to_owned())
             .await
-        {
-            Ok(requests) => requests,
-            Err(err) => {
-                tracing::error!(error = %err, "cannot serve the auth callout");
-                return;
-            }
-        };
+            .map_err(|err| err.to_string())?;
+        callout.flush().await.map_err(|err| err.to_string())?;
+        Ok(requests)
+    }
+
+    /// Answers nats-server's questions until the subscription ends.
+    pub async fn serve(
+        self: Arc<Self>,
+        callout: async_nats::Client,
+        mut requests: async_nats::Subscriber,
+    ) {
         while let Some(request) = requests.next().await {
             let (gatekeeper, callout) = (self.clone(), callout.clone());
             tokio::spawn(async move {

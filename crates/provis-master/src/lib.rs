@@ -229,15 +229,21 @@ pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
         let seed = service
             .seed()
             .map_err(|err| MasterError::Settings(err.to_string()))?;
-        let callout = connect(
-            "auth callout",
+        let callout = connect_when_up(
+            &url,
             config
                 .fleet
                 .connect_options("provis-master-callout")
                 .nkey(seed),
         )
-        .await?;
-        background.push(tokio::spawn(gatekeeper.clone().serve(callout)));
+        .await;
+        let requests = admission::Gatekeeper::listen(&callout)
+            .await
+            .map_err(|reason| MasterError::Subscribe {
+                subject: provis_core::bus_access::CALLOUT_SUBJECT.to_owned(),
+                reason,
+            })?;
+        background.push(tokio::spawn(gatekeeper.clone().serve(callout, requests)));
     }
     let nats = connect(
         "fleet",
@@ -377,6 +383,22 @@ pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
         settings,
         task,
     })
+}
+
+/// Connects once the server is up, however long that takes: the first
+/// connection of a master that may start before its nats-server.
+async fn connect_when_up(url: &str, options: async_nats::ConnectOptions) -> async_nats::Client {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match options.clone().connect(url).await {
+            Ok(client) => return client,
+            Err(err) => {
+                tracing::warn!(%url, error = %err, "NATS not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
 }
 
 /// What requests on `<prefix>.master.>` are answered from.
