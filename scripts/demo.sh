@@ -30,6 +30,7 @@ cat "$log"
 
 run() { echo; echo "\$ $*"; "$@"; }
 run provis minions
+run provis keys pending --all
 run provis call --subject role.web sys.ping
 run provis call --all sys.facts
 run provis service list
