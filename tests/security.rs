@@ -534,7 +534,16 @@ async fn minions_join_only_when_accepted_or_holding_a_token() {
         listed.contains("web-1") && listed.contains("pending"),
         "{listed}"
     );
-    let (code, _, stderr) = run_provis(&fleet, &["keys", "accept", "web-1"]);
+    // An operator who checked the key accepts only that key.
+    let other_key = format!("ed25519:{}", "00".repeat(32));
+    let (code, _, stderr) = run_provis(&fleet, &["keys", "accept", "web-1", "--key", &other_key]);
+    assert_ne!(
+        code, 0,
+        "accepting a key other than the one asking is refused"
+    );
+    assert!(stderr.contains("not ed25519:00"), "{stderr}");
+    let pending_key = pending["key"].as_str().expect("key");
+    let (code, _, stderr) = run_provis(&fleet, &["keys", "accept", "web-1", "--key", pending_key]);
     assert_eq!(code, 0, "{stderr}");
     master_event(&mut events, "minion.accepted", |data| {
         data["minion"] == "web-1"
@@ -570,6 +579,33 @@ async fn minions_join_only_when_accepted_or_holding_a_token() {
         data["minion"] == "web-3"
     })
     .await;
+
+    // A token issued for one id enrolls no other.
+    let (code, bound, stderr) = run_provis(&fleet, &["keys", "token", "--minion", "web-9"]);
+    assert_eq!(code, 0, "{stderr}");
+    let bound = [
+        std::ffi::OsStr::new("--enrollment-token"),
+        std::ffi::OsStr::new(bound.trim()),
+    ];
+    fleet
+        .spawn_minion_process(provis(), "web-4", &["web"], &bound)
+        .expect("spawn");
+    master_event(&mut events, "minion.pending", |data| {
+        data["minion"] == "web-4"
+    })
+    .await;
+    // The master's own event source is no minion's id.
+    let squatter = Identity::create(&fleet.workdir().join("squatter.key")).expect("key");
+    let fresh = fleet.enrollment_token().await.expect("token");
+    let squats = fleet
+        .context()
+        .connect_options_as("squatter", &squatter)
+        .user_and_password("master".into(), String::new())
+        .token(fresh)
+        .connection_timeout(Duration::from_secs(2))
+        .connect(&url)
+        .await;
+    assert!(squats.is_err(), "no minion may enroll as `master`");
 
     // Rejected: each attempt after is refused, and an event.
     let (code, _, stderr) = run_provis(&fleet, &["keys", "reject", "web-3"]);
@@ -659,6 +695,14 @@ async fn the_server_refuses_what_an_identity_has_no_right_to() {
         !matches!(asked, Ok(Ok(_))),
         "a minion cannot ask the master for a token"
     );
+    // A rollup on its own registry key would wipe everyone's entries: the
+    // registry stream takes no rollups.
+    let mut rollup = async_nats::HeaderMap::new();
+    rollup.insert("Nats-Rollup", "all");
+    rogue
+        .publish_with_headers("$KV.provis_minions.web-1", rollup, "{}".into())
+        .await
+        .expect("publish");
     // What web-1 may do goes through: its own state.
     rogue
         .publish("provis.state.web-1", r#"{"marker":true}"#.into())
@@ -703,6 +747,21 @@ async fn the_server_refuses_what_an_identity_has_no_right_to() {
     .await
     .expect("the allowed publish arrives");
     assert!(seen.is_empty(), "forged messages got through: {seen:?}");
+
+    let registry = fleet
+        .client()
+        .await
+        .expect("client")
+        .registry()
+        .await
+        .expect("registry");
+    let records = provis_core::registry::read_all(&registry)
+        .await
+        .expect("registry");
+    assert!(
+        records.iter().any(|r| r.id.as_str() == "web-2"),
+        "web-2's registry entry survives a rollup attempt: {records:?}"
+    );
 
     // Another key presenting web-1's id is refused, and web-1 keeps serving.
     let impostor = Identity::create(&fleet.workdir().join("impostor.key")).expect("key");

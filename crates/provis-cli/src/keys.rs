@@ -37,7 +37,12 @@ pub enum KeysCommand {
         all: bool,
     },
     /// Admit a pending minion: it connects within seconds
-    Accept { minion: MinionId },
+    Accept {
+        minion: MinionId,
+        /// Only if it asked with this key (as `provis keys pending` shows it)
+        #[arg(long)]
+        key: Option<String>,
+    },
     /// Refuse a pending minion's key for good
     Reject { minion: MinionId },
     /// Cut a minion off: its connections close within seconds and every
@@ -49,6 +54,9 @@ pub enum KeysCommand {
         /// How long the token is valid, e.g. 1h, 30m
         #[arg(long, default_value = "1h")]
         ttl: humantime::Duration,
+        /// Valid for this minion id only [default: any new id]
+        #[arg(long)]
+        minion: Option<MinionId>,
     },
 }
 
@@ -94,8 +102,10 @@ pub async fn run(fleet: &FleetArgs, command: KeysCommand) -> anyhow::Result<Exit
                 );
             }
         }
-        KeysCommand::Accept { minion } => {
-            ask_master(fleet, "enroll.decide", &decide(minion.clone(), "accept")).await?;
+        KeysCommand::Accept { minion, key } => {
+            let mut body = decide(minion.clone(), "accept");
+            body["key"] = json!(key);
+            ask_master(fleet, "enroll.decide", &body).await?;
             eprintln!("{minion} accepted; it connects at its next attempt");
         }
         KeysCommand::Reject { minion } => {
@@ -110,9 +120,14 @@ pub async fn run(fleet: &FleetArgs, command: KeysCommand) -> anyhow::Result<Exit
                 answer["disconnected"].as_u64().unwrap_or(0)
             );
         }
-        KeysCommand::Token { ttl } => {
+        KeysCommand::Token { ttl, minion } => {
             let ttl_s = ttl.as_secs().max(1);
-            let answer = ask_master(fleet, "enroll.token", &json!({ "ttl_s": ttl_s })).await?;
+            let answer = ask_master(
+                fleet,
+                "enroll.token",
+                &json!({ "ttl_s": ttl_s, "minion": minion }),
+            )
+            .await?;
             println!("{}", answer["token"].as_str().unwrap_or_default());
             eprintln!(
                 "one-time enrollment token, valid for {ttl}: start a new minion with --enrollment-token"

@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 
 use crate::identity::{DerivedKey, Identity};
 use crate::storage::{
-    BUCKET_ASSIGNMENTS, BUCKET_BUNDLES, BUCKET_CONFIG, BUCKET_MINIONS, BUCKET_ROLES,
-    BUCKET_SERVICES,
+    BUCKET_ASSIGNMENTS, BUCKET_BUNDLES, BUCKET_CONFIG, BUCKET_ENROLLMENT, BUCKET_MINIONS,
+    BUCKET_ROLES, BUCKET_SERVICES,
 };
 use crate::subject::{MinionId, Subjects};
 
@@ -40,6 +40,8 @@ pub fn inbox_prefix(nkey: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BusPermissions {
     pub publish: Vec<String>,
+    /// Exceptions to `publish`.
+    pub publish_deny: Vec<String>,
     pub subscribe: Vec<String>,
     /// May answer requests it received (one reply each), wherever they point.
     pub responses: bool,
@@ -50,13 +52,16 @@ impl BusPermissions {
     pub fn everything() -> Self {
         Self {
             publish: vec![">".into()],
+            publish_deny: Vec::new(),
             subscribe: vec![">".into()],
             responses: false,
         }
     }
 
     /// An operator: calls anywhere, the master's requests, JetStream (to
-    /// publish bundles and read the fleet's buckets), events and state.
+    /// publish bundles and read the fleet's buckets), events and state; not
+    /// the enrollment bucket (only through the master) nor the streams'
+    /// existence and configuration (the master's).
     pub fn operator(subjects: &Subjects, nkey: &str) -> Self {
         let prefix = subjects.prefix();
         Self {
@@ -68,6 +73,16 @@ impl BusPermissions {
                 "$JS.API.>".into(),
                 "$KV.>".into(),
                 "$O.>".into(),
+            ],
+            publish_deny: vec![
+                format!("$KV.{BUCKET_ENROLLMENT}.>"),
+                format!("$JS.API.*.*.KV_{BUCKET_ENROLLMENT}"),
+                format!("$JS.API.*.*.KV_{BUCKET_ENROLLMENT}.>"),
+                format!("$JS.API.*.*.*.KV_{BUCKET_ENROLLMENT}"),
+                "$JS.API.STREAM.CREATE.>".into(),
+                "$JS.API.STREAM.UPDATE.>".into(),
+                "$JS.API.STREAM.DELETE.>".into(),
+                "$JS.API.STREAM.PURGE.>".into(),
             ],
             subscribe: vec![
                 format!("{}.>", inbox_prefix(nkey)),
@@ -102,16 +117,21 @@ impl BusPermissions {
                 "STREAM.MSG.GET.{}",
                 "DIRECT.GET.{}",
                 "DIRECT.GET.{}.>",
+                // Consumers on the streams it reads (ordered consumers are
+                // recreated by name after a reconnect); one is deleted by its
+                // random name, which only its creator knows (listing
+                // consumers is not granted).
                 "CONSUMER.CREATE.{}",
                 "CONSUMER.CREATE.{}.>",
-                "CONSUMER.DELETE.{}.>",
-                "CONSUMER.INFO.{}.>",
+                "CONSUMER.DELETE.{}.*",
+                "CONSUMER.INFO.{}.*",
             ] {
                 publish.push(format!("$JS.API.{}", api.replace("{}", &stream)));
             }
         }
         Self {
             publish,
+            publish_deny: Vec::new(),
             subscribe: vec![
                 subjects.minion_call(id),
                 subjects.all_call(),
@@ -125,7 +145,7 @@ impl BusPermissions {
     /// The permission part of a NATS user JWT's `nats` claims.
     pub fn user_claims(&self) -> Value {
         let mut claims = json!({
-            "pub": { "allow": self.publish },
+            "pub": { "allow": self.publish, "deny": self.publish_deny },
             "sub": { "allow": self.subscribe },
             "subs": -1,
             "data": -1,
@@ -134,7 +154,14 @@ impl BusPermissions {
             "version": 2,
         });
         if self.responses {
-            claims["resp"] = json!({ "max": 1, "ttl": 0 });
+            // A reply may come as late as a call may live.
+            let ttl_ns = u64::try_from(
+                crate::call_auth::MAX_CALL_LIFETIME
+                    .saturating_add(std::time::Duration::from_secs(60))
+                    .as_nanos(),
+            )
+            .unwrap_or(u64::MAX);
+            claims["resp"] = json!({ "max": 1, "ttl": ttl_ns });
         }
         claims
     }

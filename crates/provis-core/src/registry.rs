@@ -125,7 +125,13 @@ pub async fn read_all(store: &Store) -> Result<Vec<MinionRecord>, RegistryError>
         .into_iter()
         .filter_map(
             |(key, value)| match serde_json::from_slice::<MinionRecord>(&value) {
-                Ok(record) => Some(record),
+                // A minion may write only its own key: a record naming
+                // another id is someone speaking for that minion.
+                Ok(record) if record.id.as_str() == key => Some(record),
+                Ok(record) => {
+                    tracing::warn!(%key, claimed = %record.id, "registry entry under another minion's key skipped");
+                    None
+                }
                 Err(err) => {
                     tracing::warn!(%key, error = %err, "unreadable registry entry skipped");
                     None

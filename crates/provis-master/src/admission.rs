@@ -33,6 +33,17 @@ use crate::enrollment::{Admission, Enrollment};
 /// the master answers well within it or not at all.
 const QUEUE_GROUP: &str = "provis-master";
 
+/// The id events of the master are published under: no minion may take it.
+const RESERVED_ID: &str = "master";
+
+/// How long an admitted minion's connection lasts before nats-server sends
+/// it back through the callout: the backstop for revocations the running
+/// master could not kick (it restarted, or missed a connection).
+const MINION_SESSION: Duration = Duration::from_secs(24 * 3600);
+
+/// Connections remembered per minion for kicking on revocation.
+const SESSIONS_PER_MINION: usize = 64;
+
 /// Who a connection turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Admitted {
@@ -147,15 +158,18 @@ impl Gatekeeper {
                 if let Admitted::Minion(minion) = &admitted {
                     self.remember(minion, server, nats["client_info"]["id"].as_u64());
                 }
-                let user = nats_jwt::encode(
-                    json!({
-                        "sub": user_nkey,
-                        "aud": account,
-                        "name": name,
-                        "nats": permissions.user_claims(),
-                    }),
-                    &self.issuer,
-                );
+                let mut claims = json!({
+                    "sub": user_nkey,
+                    "aud": account,
+                    "name": name,
+                    "nats": permissions.user_claims(),
+                });
+                if matches!(admitted, Admitted::Minion(_)) {
+                    let expires = provis_core::envelope::now_unix_ms() / 1000
+                        + i64::try_from(MINION_SESSION.as_secs()).unwrap_or(i64::MAX);
+                    claims["exp"] = json!(expires);
+                }
+                let user = nats_jwt::encode(claims, &self.issuer);
                 response["nats"]["jwt"] = json!(user);
             }
             Err(reason) => response["nats"]["error"] = json!(reason),
@@ -202,9 +216,13 @@ impl Gatekeeper {
             return Ok(Admitted::Operator(name));
         }
         let claimed = options["user"].as_str().unwrap_or_default();
-        let Ok(minion) = claimed.parse::<MinionId>() else {
+        let Some(minion) = claimed
+            .parse::<MinionId>()
+            .ok()
+            .filter(|id| id.as_str() != RESERVED_ID)
+        else {
             let reason = format!(
-                "unknown key {key}, and its user name {claimed:?} is not a minion id: operators are listed in the master's `operators` or the call policy"
+                "unknown key {key}, and its user name {claimed:?} is not a minion id (or is reserved): operators are listed in the master's `operators` or the call policy"
             );
             self.refused(None, &key, host, &reason).await;
             return Err(reason);
@@ -297,8 +315,9 @@ impl Gatekeeper {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let list = sessions.entry(minion.clone()).or_default();
-        // Bounded: a minion reconnecting for days keeps only its latest few.
-        if list.len() >= 8 {
+        // Bounded: a minion reconnecting for days keeps only its latest
+        // ones; older ones still open end with their session (MINION_SESSION).
+        if list.len() >= SESSIONS_PER_MINION {
             list.remove(0);
         }
         list.push(Session {

@@ -78,6 +78,12 @@ pub enum EnrollmentError {
     },
     #[error("the enrollment record of {0} changed meanwhile; try again")]
     Conflict(MinionId),
+    #[error("minion {minion} asked with key {actual}, not {expected}; nothing changed")]
+    KeyMismatch {
+        minion: MinionId,
+        expected: String,
+        actual: String,
+    },
 }
 
 fn store_error(err: impl std::fmt::Display) -> EnrollmentError {
@@ -88,6 +94,9 @@ fn store_error(err: impl std::fmt::Display) -> EnrollmentError {
 #[derive(Debug, Serialize, Deserialize)]
 struct StoredToken {
     expires_unix_ms: i64,
+    /// The only id the token enrolls, when it was issued for one.
+    #[serde(default)]
+    minion: Option<MinionId>,
 }
 
 const TOKEN_KEY_PREFIX: &str = "token.";
@@ -111,6 +120,19 @@ impl Enrollment {
         &self,
         minion: &MinionId,
     ) -> Result<Option<(EnrollmentRecord, u64)>, EnrollmentError> {
+        Ok(self
+            .read_entry(minion)
+            .await?
+            .and_then(|(record, revision)| Some((record?, revision))))
+    }
+
+    /// The id's record and its revision; the record is None when the entry
+    /// cannot be read (something other than the master wrote it), so a new
+    /// request can replace it at that revision.
+    async fn read_entry(
+        &self,
+        minion: &MinionId,
+    ) -> Result<Option<(Option<EnrollmentRecord>, u64)>, EnrollmentError> {
         let Some(entry) = self
             .store
             .entry(minion.as_str())
@@ -122,11 +144,11 @@ impl Enrollment {
         if entry.operation != kv::Operation::Put {
             return Ok(None);
         }
-        // A record the master cannot read is treated as none: only the
-        // master writes this bucket, so it is never expected.
-        Ok(serde_json::from_slice(&entry.value)
-            .ok()
-            .map(|record| (record, entry.revision)))
+        let record = serde_json::from_slice(&entry.value).ok();
+        if record.is_none() {
+            tracing::warn!(%minion, "unreadable enrollment record; a new request replaces it");
+        }
+        Ok(Some((record, entry.revision)))
     }
 
     /// Writes `record` if the id's entry is still at `revision` (None: absent).
@@ -162,7 +184,6 @@ impl Enrollment {
         token: Option<&str>,
         host: &str,
     ) -> Result<Admission, EnrollmentError> {
-        let existing = self.read(minion).await?;
         let fresh = |status, by: &str| EnrollmentRecord {
             minion: minion.clone(),
             key: key.to_owned(),
@@ -170,6 +191,14 @@ impl Enrollment {
             since_unix_ms: now_unix_ms(),
             by: by.to_owned(),
             host: host.to_owned(),
+        };
+        let existing = match self.read_entry(minion).await? {
+            Some((Some(record), revision)) => Some((record, revision)),
+            Some((None, revision)) => {
+                let request = fresh(EnrollmentStatus::Pending, "minion");
+                return self.request(request, token, Some(revision)).await;
+            }
+            None => None,
         };
         match existing {
             Some((record, revision)) if record.key != key => match record.status {
@@ -190,7 +219,7 @@ impl Enrollment {
             },
             Some((record, revision)) => match record.status {
                 EnrollmentStatus::Accepted => Ok(Admission::Admitted),
-                EnrollmentStatus::Pending => match self.consume_token(token).await? {
+                EnrollmentStatus::Pending => match self.consume_token(token, minion).await? {
                     true => {
                         self.write(&fresh(EnrollmentStatus::Accepted, "token"), Some(revision))
                             .await?;
@@ -221,7 +250,7 @@ impl Enrollment {
         token: Option<&str>,
         revision: Option<u64>,
     ) -> Result<Admission, EnrollmentError> {
-        let by_token = self.consume_token(token).await?;
+        let by_token = self.consume_token(token, &record.minion).await?;
         if by_token {
             record.status = EnrollmentStatus::Accepted;
             "token".clone_into(&mut record.by);
@@ -235,17 +264,29 @@ impl Enrollment {
     }
 
     /// An operator's decision: accept a pending id, reject a pending one,
-    /// revoke an accepted (or pending) one.
+    /// revoke an accepted (or pending) one; only for `expected_key` when
+    /// given, so an operator accepts the key they checked, not whichever
+    /// asked first.
     pub async fn decide(
         &self,
         minion: &MinionId,
         decision: Decision,
         by: &str,
+        expected_key: Option<&str>,
     ) -> Result<EnrollmentRecord, EnrollmentError> {
         let (mut record, revision) = self
             .read(minion)
             .await?
             .ok_or_else(|| EnrollmentError::Unknown(minion.clone()))?;
+        if let Some(expected) = expected_key
+            && expected != record.key
+        {
+            return Err(EnrollmentError::KeyMismatch {
+                minion: minion.clone(),
+                expected: expected.to_owned(),
+                actual: record.key,
+            });
+        }
         let status = match (decision, record.status) {
             (Decision::Accept, EnrollmentStatus::Pending) => EnrollmentStatus::Accepted,
             (Decision::Reject, EnrollmentStatus::Pending) => EnrollmentStatus::Rejected,
@@ -286,12 +327,18 @@ impl Enrollment {
         Ok(records)
     }
 
-    /// A new one-time token, valid for `ttl`. Only its digest is stored.
-    pub async fn issue_token(&self, ttl: Duration) -> Result<String, EnrollmentError> {
+    /// A new one-time token, valid for `ttl`, for `minion` only when given.
+    /// Only its digest is stored.
+    pub async fn issue_token(
+        &self,
+        ttl: Duration,
+        minion: Option<MinionId>,
+    ) -> Result<String, EnrollmentError> {
         let token = provis_core::identity::random_hex(24).map_err(store_error)?;
         let stored = StoredToken {
             expires_unix_ms: now_unix_ms()
                 .saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)),
+            minion,
         };
         let key = format!(
             "{TOKEN_KEY_PREFIX}{}",
@@ -305,8 +352,13 @@ impl Enrollment {
         Ok(token)
     }
 
-    /// Uses up `token`: true when it was valid (known, unexpired, unused).
-    async fn consume_token(&self, token: Option<&str>) -> Result<bool, EnrollmentError> {
+    /// Uses up `token` for `minion`: true when it was valid (known,
+    /// unexpired, unused, and issued for any id or this one).
+    async fn consume_token(
+        &self,
+        token: Option<&str>,
+        minion: &MinionId,
+    ) -> Result<bool, EnrollmentError> {
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return Ok(false);
         };
@@ -320,6 +372,12 @@ impl Enrollment {
         if entry.operation != kv::Operation::Put {
             return Ok(false);
         }
+        let Some(stored) = serde_json::from_slice::<StoredToken>(&entry.value).ok() else {
+            return Ok(false);
+        };
+        if stored.minion.as_ref().is_some_and(|only| only != minion) {
+            return Ok(false);
+        }
         // Deleting at the revision read makes the token single-use even when
         // two connections present it at once.
         if self
@@ -330,7 +388,6 @@ impl Enrollment {
         {
             return Ok(false);
         }
-        let stored: Option<StoredToken> = serde_json::from_slice(&entry.value).ok();
-        Ok(stored.is_some_and(|stored| stored.expires_unix_ms > now_unix_ms()))
+        Ok(stored.expires_unix_ms > now_unix_ms())
     }
 }

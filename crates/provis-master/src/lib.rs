@@ -417,6 +417,12 @@ async fn answer(served: std::sync::Arc<Served>, request: async_nats::Message) {
     let Some(reply_to) = request.reply.clone() else {
         return;
     };
+    // The master may publish anywhere; a reply subject chosen by the asker
+    // must not make it write somewhere else (a bucket, another's subject).
+    if !reply_to.starts_with("_INBOX.") {
+        tracing::warn!(subject = %request.subject, reply = %reply_to, "request with a reply subject outside _INBOX ignored");
+        return;
+    }
     let what = request
         .subject
         .as_str()
@@ -454,13 +460,14 @@ async fn answer(served: std::sync::Arc<Served>, request: async_nats::Message) {
         },
         "enroll.decide" => decide_enrollment(&served, &request.payload).await,
         "enroll.token" => {
-            let ttl_s = serde_json::from_slice::<Value>(&request.payload)
-                .ok()
-                .and_then(|body| body["ttl_s"].as_u64())
-                .unwrap_or(3_600);
+            let body = serde_json::from_slice::<Value>(&request.payload).unwrap_or_default();
+            let ttl_s = body["ttl_s"].as_u64().unwrap_or(3_600);
+            let minion = body["minion"]
+                .as_str()
+                .and_then(|id| id.parse::<provis_core::MinionId>().ok());
             match served
                 .enrollment
-                .issue_token(Duration::from_secs(ttl_s))
+                .issue_token(Duration::from_secs(ttl_s), minion)
                 .await
             {
                 Ok(token) => json!({ "token": token, "ttl_s": ttl_s }),
@@ -484,6 +491,9 @@ struct EnrollDecision {
     /// Who decides, as the operator's tool says (recorded, informational).
     #[serde(default)]
     by: Option<String>,
+    /// The key the operator checked; the decision applies only to it.
+    #[serde(default)]
+    key: Option<String>,
 }
 
 async fn decide_enrollment(served: &Served, payload: &[u8]) -> Value {
@@ -496,7 +506,12 @@ async fn decide_enrollment(served: &Served, payload: &[u8]) -> Value {
     let by = request.by.unwrap_or_else(|| "operator".to_owned());
     match served
         .enrollment
-        .decide(&request.minion, request.decision, &by)
+        .decide(
+            &request.minion,
+            request.decision,
+            &by,
+            request.key.as_deref(),
+        )
         .await
     {
         Ok(record) => {

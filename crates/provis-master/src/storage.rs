@@ -121,6 +121,34 @@ pub async fn ensure(
             reason: err.to_string(),
         })?;
     }
+    // Minions write the registry: a rollup header on their own key would
+    // wipe everyone's entries, so the stream takes none (nothing purges it).
+    let registry_stream = format!("KV_{BUCKET_MINIONS}");
+    let mut registry =
+        js.get_stream(&registry_stream)
+            .await
+            .map_err(|err| StorageError::Bucket {
+                name: BUCKET_MINIONS,
+                reason: err.to_string(),
+            })?;
+    let mut config = registry
+        .info()
+        .await
+        .map_err(|err| StorageError::Bucket {
+            name: BUCKET_MINIONS,
+            reason: err.to_string(),
+        })?
+        .config
+        .clone();
+    if config.allow_rollup {
+        config.allow_rollup = false;
+        js.update_stream(config)
+            .await
+            .map_err(|err| StorageError::Bucket {
+                name: BUCKET_MINIONS,
+                reason: err.to_string(),
+            })?;
+    }
     if js.get_object_store(BUCKET_BUNDLES).await.is_err() {
         js.create_object_store(object_store::Config {
             bucket: BUCKET_BUNDLES.to_owned(),
