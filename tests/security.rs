@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
+use prost::Message as _;
 use provis_bundle::{PackedBundle, ServicePointer};
 use provis_core::identity::Identity;
 use provis_core::{CallRequest, CallTarget};
@@ -761,6 +762,70 @@ async fn the_server_refuses_what_an_identity_has_no_right_to() {
     assert!(
         records.iter().any(|r| r.id.as_str() == "web-2"),
         "web-2's registry entry survives a rollup attempt: {records:?}"
+    );
+
+    // Answering a call to everyone in web-2's name: the caller discards the
+    // reply, as web-2's registry key did not sign it.
+    let mut everyone = rogue.subscribe("provis.all.call").await.expect("sub");
+    let forger = rogue.clone();
+    tokio::spawn(async move {
+        while let Some(message) = everyone.next().await {
+            let envelope =
+                provis_proto::v1::CallEnvelope::decode(message.payload.as_ref()).expect("envelope");
+            let forged = provis_proto::v1::CallReply {
+                call_id: envelope.call_id,
+                minion: "web-2".into(),
+                outcome: Some(provis_proto::v1::call_reply::Outcome::ResultJson(
+                    r#"{"forged":true}"#.into(),
+                )),
+                duration_us: 1,
+                signature: String::new(),
+            };
+            if let Some(reply) = message.reply {
+                let _ = forger.publish(reply, forged.encode_to_vec().into()).await;
+            }
+        }
+    });
+    rogue.flush().await.expect("flush");
+    let client = fleet.client().await.expect("client");
+    let ping = CallRequest::parse_function("sys.ping", Value::Null, Duration::from_secs(1))
+        .expect("request");
+    // web-2 selected (its key read from the registry), then stopped: only
+    // the forged reply comes in its name, and it must not count.
+    let selection = client
+        .select(
+            &CallTarget::All,
+            None,
+            provis_core::selection::Pick::All,
+            None,
+        )
+        .await
+        .expect("select");
+    assert!(selection.keys.contains_key("web-2"), "{selection:?}");
+    fleet.stop_minion("web-2").await;
+    let report = client
+        .call_selected(
+            &CallTarget::All,
+            &selection,
+            &ping,
+            &provis_core::client::CallPlan::default(),
+            &mut |_| {},
+        )
+        .await
+        .expect("call");
+    let web2 = report
+        .replies
+        .iter()
+        .find(|r| r.minion == "web-2")
+        .expect("web-2's line");
+    assert_eq!(
+        web2.status,
+        provis_core::ReplyStatus::NoReply,
+        "a reply web-2's key did not sign is not web-2's: {report:?}"
+    );
+    assert!(
+        report.discarded >= 1,
+        "the forged reply is discarded: {report:?}"
     );
 
     // Another key presenting web-1's id is refused, and web-1 keeps serving.

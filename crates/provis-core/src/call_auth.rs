@@ -28,6 +28,24 @@ pub fn sign(envelope: &mut CallEnvelope, identity: &Identity) {
     envelope.signature = signature.into_bytes();
 }
 
+fn reply_message(reply: &provis_proto::v1::CallReply) -> Vec<u8> {
+    let mut unsigned = reply.clone();
+    unsigned.signature = String::new();
+    let mut message = b"provis-reply-v1:".to_vec();
+    message.extend(unsigned.encode_to_vec());
+    message
+}
+
+/// Signs `reply` as the minion holding `identity`.
+pub fn sign_reply(reply: &mut provis_proto::v1::CallReply, identity: &Identity) {
+    reply.signature = identity.sign(&reply_message(reply));
+}
+
+/// True when `public_key` signed `reply` as it is.
+pub fn reply_signed_by(reply: &provis_proto::v1::CallReply, public_key: &str) -> bool {
+    verify(public_key, &reply_message(reply), &reply.signature)
+}
+
 /// Why a signed call was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CallAuthError {
@@ -266,6 +284,26 @@ impl CallGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reply_verifies_only_as_its_minion_signed_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let minion = Identity::create(&dir.path().join("m.key")).unwrap();
+        let other = Identity::create(&dir.path().join("o.key")).unwrap();
+        let mut reply = crate::envelope::ok_reply(
+            "c1",
+            "m1",
+            &serde_json::json!({"ok": true}),
+            Duration::from_millis(1),
+        );
+        assert!(!reply_signed_by(&reply, minion.public_key()), "unsigned");
+        sign_reply(&mut reply, &minion);
+        assert!(reply_signed_by(&reply, minion.public_key()));
+        assert!(!reply_signed_by(&reply, other.public_key()));
+        let mut changed = reply.clone();
+        changed.minion = "m2".into();
+        assert!(!reply_signed_by(&changed, minion.public_key()));
+    }
     use crate::envelope::CallRequest;
     use crate::subject::CallTarget;
 

@@ -298,6 +298,9 @@ impl Client {
                 chosen,
                 missing_fields: Default::default(),
                 filtered: false,
+                // Only the named minion receives a named call: nobody else
+                // can answer it, signed or not.
+                keys: Default::default(),
             });
         }
         let records = registry::read_all(&self.registry().await?).await?;
@@ -368,7 +371,7 @@ impl Client {
             }
             let subset = !(whole_target && batch.len() == chosen.len());
             let (batch_lines, batch_discarded) = self
-                .call_once(target, batch, subset, request, on_reply)
+                .call_once(target, batch, subset, &selection.keys, request, on_reply)
                 .await?;
             batches += 1;
             discarded += batch_discarded;
@@ -395,6 +398,7 @@ impl Client {
         target: &CallTarget,
         batch: &[MinionId],
         subset: bool,
+        keys: &BTreeMap<String, String>,
         request: &CallRequest,
         on_reply: &mut (dyn FnMut(&MinionReply) + Send),
     ) -> Result<(Vec<MinionReply>, usize), ClientError> {
@@ -429,7 +433,8 @@ impl Client {
         }
         self.nats.flush().await.map_err(|e| publish_err(&e))?;
 
-        let mut gathered = ReplyGatherer::new(batch.to_vec(), envelope.call_id.clone());
+        let mut gathered =
+            ReplyGatherer::new(batch.to_vec(), envelope.call_id.clone()).with_keys(keys.clone());
         let deadline = tokio::time::Instant::from_std(started + request.timeout);
         while gathered.waiting() {
             let Ok(Some(message)) = tokio::time::timeout_at(deadline, replies.next()).await else {
@@ -465,6 +470,7 @@ pub struct ReplyGatherer {
     call_id: String,
     gathered: BTreeMap<String, MinionReply>,
     discarded: usize,
+    keys: BTreeMap<String, String>,
 }
 
 impl ReplyGatherer {
@@ -474,7 +480,16 @@ impl ReplyGatherer {
             call_id,
             gathered: BTreeMap::new(),
             discarded: 0,
+            keys: BTreeMap::new(),
         }
+    }
+
+    /// Requires replies in the name of these minions (id → key) to be signed
+    /// by their key; others are discarded, so a minion that answers first in
+    /// another's name does not hide the real answer.
+    pub fn with_keys(mut self, keys: BTreeMap<String, String>) -> Self {
+        self.keys = keys;
+        self
     }
 
     /// True while some selected minion has not answered.
@@ -489,6 +504,12 @@ impl ReplyGatherer {
     pub fn accept(&mut self, reply: CallReply, ms: f64) -> Option<&MinionReply> {
         if reply.call_id != self.call_id || !self.selected.contains(&reply.minion) {
             tracing::warn!(call_id = %reply.call_id, minion = %reply.minion, "reply not expected for this call discarded");
+            self.discarded += 1;
+            None
+        } else if let Some(key) = self.keys.get(&reply.minion)
+            && !crate::call_auth::reply_signed_by(&reply, key)
+        {
+            tracing::warn!(minion = %reply.minion, "reply not signed by that minion's key discarded");
             self.discarded += 1;
             None
         } else if self.gathered.contains_key(&reply.minion) {

@@ -59,6 +59,10 @@ pub struct MinionRecord {
     /// Whether that API speaks TLS.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub grpc_tls: bool,
+    /// The key the minion signs its replies with (`ed25519:<hex>`); callers
+    /// discard replies in its name that this key did not sign.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
 }
 
 impl MinionRecord {
@@ -175,6 +179,7 @@ mod tests {
             state: serde_json::Value::Null,
             grpc_addr: None,
             grpc_tls: false,
+            public_key: None,
             converged_commit: None,
             overlay_roles: Vec::new(),
         }

@@ -172,6 +172,9 @@ pub struct Selection {
     /// minions, since a minion the registry does not list was never checked.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub filtered: bool,
+    /// The reply-signing keys of the chosen minions that have one.
+    #[serde(skip)]
+    pub keys: BTreeMap<String, String>,
 }
 
 /// Selects from `records` (one registry snapshot taken at `now_unix_ms`).
@@ -233,6 +236,10 @@ pub fn select(
         matched.sort_by_cached_key(|record| rank(seed, record.id.as_str()));
         matched.truncate(take);
     }
+    let keys = matched
+        .iter()
+        .filter_map(|r| Some((r.id.to_string(), r.public_key.clone()?)))
+        .collect();
     let mut chosen: Vec<MinionId> = matched.iter().map(|r| r.id.clone()).collect();
     chosen.sort();
     let mut reason = format!("{} live in {}", live.len(), target.describe());
@@ -254,6 +261,7 @@ pub fn select(
         missing_fields,
         reason,
         filtered: filter.is_some(),
+        keys,
     })
 }
 
@@ -308,6 +316,7 @@ mod tests {
             state: json!({ "mem": { "free_pct": free_pct } }),
             grpc_addr: None,
             grpc_tls: false,
+            public_key: None,
             converged_commit: None,
             overlay_roles: Vec::new(),
         }

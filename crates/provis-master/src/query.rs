@@ -211,6 +211,7 @@ fn bare_record(id: &str) -> Option<MinionRecord> {
         state: Value::Null,
         grpc_addr: None,
         grpc_tls: false,
+        public_key: None,
         converged_commit: None,
         overlay_roles: Vec::new(),
     })

@@ -129,7 +129,7 @@ pub async fn start(config: MinionConfig) -> Result<MinionHandle, MinionError> {
             url: url.clone(),
             reason: err.to_string(),
         })?;
-    start_inner(config, nats, true).await
+    start_inner(config, nats, true, Some(Arc::new(identity))).await
 }
 
 /// Starts a minion on a NATS connection it shares with others, as the
@@ -139,13 +139,15 @@ pub async fn start_on(
     config: MinionConfig,
     nats: async_nats::Client,
 ) -> Result<MinionHandle, MinionError> {
-    start_inner(config, nats, false).await
+    start_inner(config, nats, false, None).await
 }
 
 async fn start_inner(
     config: MinionConfig,
     nats: async_nats::Client,
     owns_connection: bool,
+    // Signs every reply; minions sharing a connection (simulated ones) have none.
+    signer: Option<Arc<provis_core::identity::Identity>>,
 ) -> Result<MinionHandle, MinionError> {
     let subjects = Subjects::new(config.fleet.prefix.clone());
     let (mut listener, calls) =
@@ -274,6 +276,7 @@ async fn start_inner(
         grpc_tls,
         converged_commit: None,
         overlay_roles: Vec::new(),
+        public_key: signer.as_ref().map(|s| s.public_key().to_owned()),
     };
     let max_calls = u32::try_from(config.max_concurrent_calls.clamp(1, 65_536)).unwrap_or(1);
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -294,6 +297,7 @@ async fn start_inner(
         listener,
         refusals: events::RefusalReporter::new(runtime_events.clone()),
         guard: guard.clone(),
+        signer,
         labels: config.labels.clone(),
         shared_roles,
         shared_facts,
@@ -324,6 +328,8 @@ struct Runtime {
     refusals: events::RefusalReporter,
     /// Admits only signed, fresh calls from trusted callers (when any are pinned).
     guard: provis_core::call_auth::CallGuard,
+    /// Signs replies, so callers can tell them from replies in this minion's name.
+    signer: Option<Arc<provis_core::identity::Identity>>,
     /// Labels from the minion's own settings, under those the master assigns.
     labels: std::collections::BTreeMap<String, String>,
     shared_roles: Arc<std::sync::RwLock<Vec<String>>>,
@@ -506,6 +512,7 @@ impl Runtime {
         let dispatcher = self.dispatcher.clone();
         let refusals = self.refusals.clone();
         let guard = self.guard.clone();
+        let signer = self.signer.clone();
         let roles = self.record.roles.clone();
         tokio::spawn(async move {
             let Ok(_permit) = limit.acquire_owned().await else {
@@ -532,7 +539,7 @@ impl Runtime {
                 }
                 Ok(Some(call))
             });
-            let reply = match checked {
+            let mut reply = match checked {
                 Ok(None) => return,
                 Ok(Some(call)) => {
                     tracing::debug!(%minion, call_id = %call.call_id, caller = %call.caller,
@@ -553,6 +560,9 @@ impl Runtime {
                     )
                 }
             };
+            if let Some(signer) = &signer {
+                provis_core::call_auth::sign_reply(&mut reply, signer);
+            }
             if let Err(err) = nats.publish(reply_to, reply.encode_to_vec().into()).await {
                 tracing::warn!(%minion, error = %err, "reply not sent");
             }
