@@ -7,8 +7,9 @@
 //! generated for this machine) and admits connections only through the
 //! master's auth callout. `up` creates the master's key and an operator key
 //! (the context file's identity, so `provis` commands act as that
-//! operator), enrolls its minions with one-time tokens, and the minions run
-//! only bundles the master's key signed. `--insecure` turns all of it off and
+//! operator and sign their calls with it), enrolls its minions with
+//! one-time tokens, and the minions run only bundles the master's key signed
+//! and calls the operator's or the master's key signed. `--insecure` turns all of it off and
 //! says so.
 
 use std::path::{Path, PathBuf};
@@ -276,14 +277,18 @@ async fn bring_up(
             minion_args.extend(["--roles", roles.as_str()]);
         }
         // Secured: enrolled at once by a one-time token, running only
-        // bundles the master signed.
+        // bundles the master signed and calls the operator or master signed.
         let token = match &secured {
             Some(_) => enrollment_token(&nats, &subjects).await?,
             None => String::new(),
         };
-        let master_public = secured
+        let (master_public, callers) = secured
             .as_ref()
-            .map(|keys| keys.master.public_key().to_owned())
+            .map(|keys| {
+                let master = keys.master.public_key().to_owned();
+                let callers = format!("{},{master}", keys.operator.public_key());
+                (master, callers)
+            })
             .unwrap_or_default();
         if secured.is_some() {
             minion_args.extend([
@@ -291,6 +296,8 @@ async fn bring_up(
                 token.as_str(),
                 "--trusted-bundle-keys",
                 master_public.as_str(),
+                "--trusted-callers",
+                callers.as_str(),
             ]);
         }
         processes.push(FleetProcess::spawn(
@@ -334,7 +341,10 @@ async fn bring_up(
             )
         })
         .collect();
-    let client = provis_core::Client::new(nats.clone(), subjects.clone(), "provis-up");
+    let mut client = provis_core::Client::new(nats.clone(), subjects.clone(), "provis-up");
+    if let Some(keys) = &secured {
+        client = client.with_signer(provis_core::identity::Identity::load(&keys.operator_path)?);
+    }
     let ask = provis_core::CallRequest::parse_function(
         "sys.services",
         serde_json::Value::Null,
