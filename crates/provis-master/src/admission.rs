@@ -13,7 +13,7 @@
 //! Revoking a minion kicks its live connections through the system account.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::kv::Operation;
@@ -41,9 +41,6 @@ const RESERVED_ID: &str = "master";
 /// master could not kick (it restarted, or missed a connection).
 const MINION_SESSION: Duration = Duration::from_secs(24 * 3600);
 
-/// Connections remembered per minion for kicking on revocation.
-const SESSIONS_PER_MINION: usize = 64;
-
 /// Who a connection turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Admitted {
@@ -52,15 +49,8 @@ enum Admitted {
     Minion(MinionId),
 }
 
-/// One admitted minion connection, for kicking it on revocation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Session {
-    server: String,
-    client: u64,
-}
-
 /// The callout's state: keys, the enrollment bucket once storage is up, the
-/// connections it admitted.
+/// system-account connection that kicks revoked minions.
 #[derive(Debug)]
 pub struct Gatekeeper {
     master_nkey: String,
@@ -72,7 +62,6 @@ pub struct Gatekeeper {
     enrollment: OnceLock<Enrollment>,
     events: OnceLock<async_nats::Client>,
     system: OnceLock<async_nats::Client>,
-    sessions: Mutex<HashMap<MinionId, Vec<Session>>>,
 }
 
 impl Gatekeeper {
@@ -87,7 +76,6 @@ impl Gatekeeper {
             enrollment: OnceLock::new(),
             events: OnceLock::new(),
             system: OnceLock::new(),
-            sessions: Mutex::default(),
         }
     }
 
@@ -155,9 +143,6 @@ impl Gatekeeper {
         match self.decide(nats).await {
             Ok(admitted) => {
                 let (account, name, permissions) = self.grant(&admitted, nats);
-                if let Admitted::Minion(minion) = &admitted {
-                    self.remember(minion, server, nats["client_info"]["id"].as_u64());
-                }
                 let mut claims = json!({
                     "sub": user_nkey,
                     "aud": account,
@@ -287,7 +272,7 @@ impl Gatekeeper {
             ),
             Admitted::Minion(minion) => (
                 FLEET_ACCOUNT,
-                format!("minion:{minion}"),
+                minion_user(minion),
                 BusPermissions::minion(&self.subjects, minion, nkey),
             ),
         }
@@ -308,40 +293,19 @@ impl Gatekeeper {
             .then(|| key.chars().skip(8).take(12).collect())
     }
 
-    fn remember(&self, minion: &MinionId, server: &str, client: Option<u64>) {
-        let Some(client) = client else { return };
-        let mut sessions = self
-            .sessions
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let list = sessions.entry(minion.clone()).or_default();
-        // Bounded: a minion reconnecting for days keeps only its latest
-        // ones; older ones still open end with their session (MINION_SESSION).
-        if list.len() >= SESSIONS_PER_MINION {
-            list.remove(0);
-        }
-        list.push(Session {
-            server: server.to_owned(),
-            client,
-        });
-    }
-
-    /// Disconnects every connection admitted as `minion`; they cannot come
-    /// back, as the enrollment record now refuses them.
+    /// Disconnects every connection admitted as `minion`, on every server
+    /// (found by the user name the callout gave them); they cannot come
+    /// back, as the enrollment record now refuses them. Stateless, so it
+    /// works for connections admitted before a master restart too.
     pub async fn kick(&self, minion: &MinionId) -> usize {
-        let sessions = self
-            .sessions
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(minion)
-            .unwrap_or_default();
         let Some(system) = self.system.get() else {
             return 0;
         };
+        let user = minion_user(minion);
         let mut kicked = 0;
-        for session in sessions {
-            let subject = format!("$SYS.REQ.SERVER.{}.KICK", session.server);
-            let body = json!({ "cid": session.client }).to_string();
+        for (server, client) in connections_of(system, &user).await {
+            let subject = format!("$SYS.REQ.SERVER.{server}.KICK");
+            let body = json!({ "cid": client }).to_string();
             match tokio::time::timeout(Duration::from_secs(2), system.request(subject, body.into()))
                 .await
             {
@@ -405,6 +369,49 @@ impl Gatekeeper {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
+}
+
+/// The user name nats-server knows an admitted minion's connections by.
+fn minion_user(minion: &MinionId) -> String {
+    format!("minion:{minion}")
+}
+
+/// (server id, client id) of every open connection of `user` in the fleet's
+/// account, from every server that answers within a moment.
+async fn connections_of(system: &async_nats::Client, user: &str) -> Vec<(String, u64)> {
+    let inbox = system.new_inbox();
+    let Ok(mut answers) = system.subscribe(inbox.clone()).await else {
+        return Vec::new();
+    };
+    let request = json!({ "user": user, "acc": FLEET_ACCOUNT }).to_string();
+    if system
+        .publish_with_reply("$SYS.REQ.SERVER.PING.CONNZ", inbox, request.into())
+        .await
+        .is_err()
+    {
+        return Vec::new();
+    }
+    let mut found = Vec::new();
+    // Every server answers; a cluster's last answer comes within a moment.
+    let mut wait = Duration::from_secs(2);
+    while let Ok(Some(answer)) = tokio::time::timeout(wait, answers.next()).await {
+        wait = Duration::from_millis(250);
+        let answer: Value = serde_json::from_slice(&answer.payload).unwrap_or_default();
+        let server = answer["server"]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        for connection in answer["data"]["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            if let Some(client) = connection["cid"].as_u64() {
+                found.push((server.clone(), client));
+            }
+        }
+    }
+    found
 }
 
 /// Checks the connection signed the nonce nats-server gave it with `nkey`.
