@@ -969,3 +969,49 @@ async fn a_secured_fleet_works_within_its_permissions() {
         "everything a minion, the master and an operator do is within their permissions:\n{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_claiming_new_ids_cannot_fill_the_enrollment_bucket() {
+    let fleet = TestFleet::start_secured_with(|config| config.max_pending_minions = 1)
+        .await
+        .expect("fleet");
+    let operator = fleet.connect().await.expect("the operator connects");
+    let mut events = operator
+        .subscribe("provis.event.master.>")
+        .await
+        .expect("subscribe");
+    operator.flush().await.expect("flush");
+    let ask_to_join = |name: &'static str| {
+        let key = Identity::create(&fleet.workdir().join(format!("{name}.key"))).expect("key");
+        let options = fleet
+            .context()
+            .connect_options_as(name, &key)
+            .user_and_password(name.into(), String::new())
+            .connection_timeout(Duration::from_secs(2));
+        let url = fleet.nats().url();
+        async move { options.connect(url).await.is_ok() }
+    };
+    assert!(!ask_to_join("new-1").await, "pending, not connected");
+    master_event(&mut events, "minion.pending", |data| {
+        data["minion"] == "new-1"
+    })
+    .await;
+    assert!(!ask_to_join("new-2").await);
+    let refused = master_event(&mut events, "auth.refused", |data| {
+        data["minion"] == "new-2"
+    })
+    .await;
+    assert!(
+        refused["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("pending already")),
+        "{refused}"
+    );
+    let (code, _, stderr) = run_provis(&fleet, &["keys", "reject", "new-1"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!ask_to_join("new-3").await);
+    master_event(&mut events, "minion.pending", |data| {
+        data["minion"] == "new-3"
+    })
+    .await;
+}

@@ -45,6 +45,9 @@ pub struct MasterArgs {
     /// Serve nats-server's auth callout [default: true]
     #[arg(long, env = "PROVIS_AUTH_CALLOUT")]
     auth_callout: Option<bool>,
+    /// New minions that may wait for acceptance at once [default: 1000]
+    #[arg(long, env = "PROVIS_MAX_PENDING_MINIONS")]
+    max_pending_minions: Option<u64>,
     #[command(subcommand)]
     action: Option<MasterAction>,
 }
@@ -88,6 +91,9 @@ impl MasterArgs {
         }
         if let Some(on) = self.auth_callout {
             overrides.insert("auth_callout".into(), on.into());
+        }
+        if let Some(n) = self.max_pending_minions {
+            overrides.insert("max_pending_minions".into(), toml_int(n)?);
         }
         Ok(overrides)
     }

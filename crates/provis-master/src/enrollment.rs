@@ -105,15 +105,35 @@ const TOKEN_KEY_PREFIX: &str = "token.";
 #[derive(Debug, Clone)]
 pub struct Enrollment {
     store: kv::Store,
+    /// Requests waiting for an operator, counted so that clients claiming
+    /// ever new ids cannot fill the bucket.
+    pending: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    max_pending: usize,
 }
 
 impl Enrollment {
-    pub async fn open(js: &async_nats::jetstream::Context) -> Result<Self, EnrollmentError> {
+    /// Opens the bucket; at most `max_pending` requests wait at once.
+    pub async fn open(
+        js: &async_nats::jetstream::Context,
+        max_pending: usize,
+    ) -> Result<Self, EnrollmentError> {
         let store = js
             .get_key_value(BUCKET_ENROLLMENT)
             .await
             .map_err(store_error)?;
-        Ok(Self { store })
+        let mut enrollment = Self {
+            store,
+            pending: Default::default(),
+            max_pending,
+        };
+        let waiting = enrollment
+            .list()
+            .await?
+            .iter()
+            .filter(|r| r.status == EnrollmentStatus::Pending)
+            .count();
+        enrollment.pending = std::sync::Arc::new(waiting.into());
+        Ok(enrollment)
     }
 
     async fn read(
@@ -250,12 +270,21 @@ impl Enrollment {
         token: Option<&str>,
         revision: Option<u64>,
     ) -> Result<Admission, EnrollmentError> {
+        use std::sync::atomic::Ordering;
         let by_token = self.consume_token(token, &record.minion).await?;
         if by_token {
             record.status = EnrollmentStatus::Accepted;
             "token".clone_into(&mut record.by);
+        } else if self.pending.load(Ordering::Relaxed) >= self.max_pending {
+            return Ok(Admission::Refused(format!(
+                "{} minions are pending already (max_pending_minions): accept or reject some first",
+                self.max_pending
+            )));
         }
         self.write(&record, revision).await?;
+        if !by_token {
+            self.pending.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(if by_token {
             Admission::AdmittedByToken
         } else {
@@ -301,6 +330,13 @@ impl Enrollment {
                 });
             }
         };
+        if record.status == EnrollmentStatus::Pending {
+            let _ = self.pending.fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |n| n.checked_sub(1),
+            );
+        }
         record.status = status;
         record.since_unix_ms = now_unix_ms();
         by.clone_into(&mut record.by);

@@ -76,6 +76,14 @@ pub struct MasterConfig {
     /// use one). Default: true.
     #[serde(default = "default_auth_callout")]
     pub auth_callout: bool,
+    /// New minions that may wait for acceptance at once; more are refused
+    /// until some are accepted or rejected. Default: 1000.
+    #[serde(default = "default_max_pending_minions")]
+    pub max_pending_minions: usize,
+}
+
+fn default_max_pending_minions() -> usize {
+    1_000
 }
 
 fn default_auth_callout() -> bool {
@@ -144,6 +152,7 @@ impl Default for MasterConfig {
             signing_key: None,
             operators: Vec::new(),
             auth_callout: true,
+            max_pending_minions: default_max_pending_minions(),
         }
     }
 }
@@ -252,7 +261,7 @@ pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
     .await?;
     let js = async_nats::jetstream::new(nats.clone());
     storage::ensure(&js, &subjects, &config.storage).await?;
-    let enrollment = enrollment::Enrollment::open(&js)
+    let enrollment = enrollment::Enrollment::open(&js, config.max_pending_minions)
         .await
         .map_err(|err| MasterError::Settings(err.to_string()))?;
     gatekeeper.ready(enrollment.clone(), nats.clone());

@@ -53,6 +53,13 @@ impl TestFleet {
     /// operator (key `operator.key` in the workdir, known to the master);
     /// minions added get a one-time enrollment token.
     pub async fn start_secured() -> anyhow::Result<Self> {
+        Self::start_secured_with(|_| {}).await
+    }
+
+    /// A secured fleet whose master settings `adjust` changes first.
+    pub async fn start_secured_with(
+        adjust: impl FnOnce(&mut MasterConfig),
+    ) -> anyhow::Result<Self> {
         let workdir = tempfile::Builder::new().prefix("provis-fleet-").tempdir()?;
         let master_key = workdir.path().join("master").join("master.key");
         let master = provis_core::identity::Identity::create(&master_key)?;
@@ -63,6 +70,7 @@ impl TestFleet {
         Self::launch(nats, workdir, Some(operator_key), move |config| {
             config.signing_key = Some(master_key);
             config.operators = operators;
+            adjust(config);
         })
         .await
     }
