@@ -1015,3 +1015,110 @@ async fn clients_claiming_new_ids_cannot_fill_the_enrollment_bucket() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_known_only_from_the_policy_may_call_but_not_change_the_fleet() {
+    let keys = tempfile::tempdir().expect("keys");
+    let bob_key = keys.path().join("bob.key");
+    let bob = Identity::create(&bob_key).expect("bob");
+    let policy = format!(
+        "[[operator]]\nname = \"bob\"\nkey = \"{}\"\n[[operator.allow]]\nroles = [\"*\"]\nservices = [\"sys\"]\nmethods = [\"ping\"]\n",
+        bob.public_key()
+    );
+    let repo = GitRepo::init().expect("repo");
+    repo.commit("policy", &counter_repository(&[("policy.toml", &policy)]))
+        .expect("commit");
+    let source = repo.path_string();
+    let mut fleet = TestFleet::start_secured_with(|config| config.repository = Some(source))
+        .await
+        .expect("fleet");
+    let master_key = fleet.ask_master("ping", &json!({})).await.expect("ping")["public_key"]
+        .as_str()
+        .expect("key")
+        .to_owned();
+    let mut config = fleet.minion_config("m1", &[]).expect("config");
+    config.trusted_bundle_keys = vec![master_key];
+    fleet.add_minion_with(config).await.expect("m1");
+
+    let as_bob = provis_core::FleetContext {
+        identity: Some(bob_key.clone()),
+        ..fleet.context().clone()
+    };
+    let (violations_tx, mut violations) = tokio::sync::mpsc::unbounded_channel();
+    let connect_bob = || {
+        let violations_tx = violations_tx.clone();
+        as_bob
+            .connect_options_as("bob", &Identity::load(&bob_key).expect("key"))
+            .connection_timeout(Duration::from_secs(2))
+            .event_callback(move |event| {
+                let violations_tx = violations_tx.clone();
+                async move {
+                    if let async_nats::Event::ServerError(err) = event {
+                        let _ = violations_tx.send(err.to_string());
+                    }
+                }
+            })
+            .connect(fleet.nats().url())
+    };
+    // Admitted once the master has taken up the policy from git.
+    let mut admitted = None;
+    for _ in 0..100 {
+        if let Ok(connection) = connect_bob().await {
+            admitted = Some(connection);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let nats = admitted.expect("bob is admitted once the policy is taken up");
+    let client = provis_core::Client::new(nats.clone(), fleet.subjects(), "operator:bob")
+        .with_signer(Identity::load(&bob_key).expect("key"));
+    let ping = CallRequest::parse_function("sys.ping", Value::Null, Duration::from_secs(2))
+        .expect("request");
+    provis_testkit::eventually(
+        "bob's ping is answered",
+        Duration::from_secs(20),
+        || async {
+            client
+                .call(&CallTarget::All, &ping)
+                .await
+                .is_ok_and(|report| report.all_ok())
+        },
+    )
+    .await
+    .expect("bob calls what the policy allows");
+    let status = nats
+        .request("provis.master.status", "{}".into())
+        .await
+        .expect("bob reads the status");
+    assert!(!status.payload.is_empty());
+
+    // Changing the fleet is an admin's: refused by nats-server.
+    nats.publish("$KV.provis_assignments.m1", "{}".into())
+        .await
+        .expect("sent");
+    nats.publish("$O.provis_bundles.C.x", "{}".into())
+        .await
+        .expect("sent");
+    let token = tokio::time::timeout(
+        Duration::from_secs(3),
+        nats.request("provis.master.enroll.token", "{}".into()),
+    )
+    .await;
+    assert!(!matches!(token, Ok(Ok(_))), "bob cannot issue tokens");
+    nats.flush().await.expect("flush");
+    let mut refused = Vec::new();
+    while refused.len() < 3 {
+        match tokio::time::timeout(Duration::from_secs(5), violations.recv()).await {
+            Ok(Some(violation)) => refused.push(violation),
+            _ => break,
+        }
+    }
+    let all = refused.join("\n");
+    for subject in [
+        "$KV.provis_assignments.m1",
+        "$O.provis_bundles.C.x",
+        "provis.master.enroll.token",
+    ] {
+        assert!(all.contains(subject), "refused {subject}: {all}");
+    }
+}

@@ -5,7 +5,8 @@
 //! | identity | publishes | subscribes |
 //! |---|---|---|
 //! | master | everything | everything |
-//! | operator | calls, `master.>`, JetStream API | its inbox, events, state |
+//! | admin operator (the master's `operators`) | calls, `master.>`, JetStream API | its inbox, events, state |
+//! | calling operator (the call policy's) | calls, the master's read-only requests, reads of the registry, services and events | its inbox, events, state |
 //! | minion `<id>` | `state.<id>`, `event.<id>.>`, `master.query`, its registry key, replies; reads its buckets | its own call subject, `all.call`, `role.>`, its inbox |
 //!
 //! Every identity's replies come to `_INBOX.<its nkey>.>`, which only it may
@@ -58,11 +59,11 @@ impl BusPermissions {
         }
     }
 
-    /// An operator: calls anywhere, the master's requests, JetStream (to
-    /// publish bundles and read the fleet's buckets), events and state; not
-    /// the enrollment bucket (only through the master) nor the streams'
+    /// An admin operator: calls anywhere, the master's requests, JetStream
+    /// (to publish bundles and read the fleet's buckets), events and state;
+    /// not the enrollment bucket (only through the master) nor the streams'
     /// existence and configuration (the master's).
-    pub fn operator(subjects: &Subjects, nkey: &str) -> Self {
+    pub fn admin(subjects: &Subjects, nkey: &str) -> Self {
         let prefix = subjects.prefix();
         Self {
             publish: vec![
@@ -93,6 +94,39 @@ impl BusPermissions {
         }
     }
 
+    /// A calling operator (known only from the call policy): calls (which
+    /// minions check against the policy), the master's read-only requests,
+    /// and reads of the registry (to select), the services and the events;
+    /// no desired state, no enrollment.
+    pub fn caller(subjects: &Subjects, nkey: &str) -> Self {
+        let prefix = subjects.prefix();
+        let mut publish = vec![
+            format!("{prefix}.minion.*.call"),
+            format!("{prefix}.all.call"),
+            format!("{prefix}.role.>"),
+        ];
+        for request in ["ping", "minions", "query", "stats", "status"] {
+            publish.push(subjects.master(request));
+        }
+        for stream in [
+            format!("KV_{BUCKET_MINIONS}"),
+            format!("KV_{BUCKET_SERVICES}"),
+            crate::storage::STREAM_EVENTS.to_owned(),
+        ] {
+            publish.extend(stream_reads(&stream));
+        }
+        Self {
+            publish,
+            publish_deny: Vec::new(),
+            subscribe: vec![
+                format!("{}.>", inbox_prefix(nkey)),
+                format!("{prefix}.event.>"),
+                format!("{prefix}.state.>"),
+            ],
+            responses: true,
+        }
+    }
+
     /// Minion `id`: its own state, events and registry entry; reads of the
     /// buckets it follows; calls to it, to everyone and to roles.
     pub fn minion(subjects: &Subjects, id: &MinionId, nkey: &str) -> Self {
@@ -112,22 +146,7 @@ impl BusPermissions {
             format!("OBJ_{BUCKET_BUNDLES}"),
         ];
         for stream in read {
-            for api in [
-                "STREAM.INFO.{}",
-                "STREAM.MSG.GET.{}",
-                "DIRECT.GET.{}",
-                "DIRECT.GET.{}.>",
-                // Consumers on the streams it reads (ordered consumers are
-                // recreated by name after a reconnect); one is deleted by its
-                // random name, which only its creator knows (listing
-                // consumers is not granted).
-                "CONSUMER.CREATE.{}",
-                "CONSUMER.CREATE.{}.>",
-                "CONSUMER.DELETE.{}.*",
-                "CONSUMER.INFO.{}.*",
-            ] {
-                publish.push(format!("$JS.API.{}", api.replace("{}", &stream)));
-            }
+            publish.extend(stream_reads(&stream));
         }
         Self {
             publish,
@@ -165,6 +184,26 @@ impl BusPermissions {
         }
         claims
     }
+}
+
+/// The JetStream API requests that read `stream`: its info, single
+/// messages, and consumers on it (ordered consumers are recreated by name
+/// after a reconnect); a consumer is deleted by its random name, which only
+/// its creator knows (listing consumers is not granted).
+fn stream_reads(stream: &str) -> Vec<String> {
+    [
+        "STREAM.INFO.{}",
+        "STREAM.MSG.GET.{}",
+        "DIRECT.GET.{}",
+        "DIRECT.GET.{}.>",
+        "CONSUMER.CREATE.{}",
+        "CONSUMER.CREATE.{}.>",
+        "CONSUMER.DELETE.{}.*",
+        "CONSUMER.INFO.{}.*",
+    ]
+    .iter()
+    .map(|api| format!("$JS.API.{}", api.replace("{}", stream)))
+    .collect()
 }
 
 /// The part of a nats-server configuration that sends every connection to

@@ -6,8 +6,9 @@
 //!
 //! A connection proves its key by the nonce signature nats-server checks
 //! the shape of and the master verifies. The master's own key gets
-//! everything; operators' keys (settings `operators` and the call policy's)
-//! get [`BusPermissions::operator`]; anyone else is a minion claiming the id
+//! everything; the keys of the settings' `operators` get
+//! [`BusPermissions::admin`], those only in the call policy
+//! [`BusPermissions::caller`]; anyone else is a minion claiming the id
 //! in its user name, admitted only as [`Enrollment`] says, with
 //! [`BusPermissions::minion`] for that id. Every refusal is an event.
 //! Revoking a minion kicks its live connections through the system account.
@@ -44,8 +45,13 @@ const MINION_SESSION: Duration = Duration::from_secs(24 * 3600);
 /// Who a connection turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Admitted {
-    Master { system: bool },
-    Operator(String),
+    Master {
+        system: bool,
+    },
+    /// In the master's `operators`: may change the fleet.
+    Admin(String),
+    /// Only in the call policy: may call (as the policy says) and read.
+    Caller(String),
     Minion(MinionId),
 }
 
@@ -197,8 +203,11 @@ impl Gatekeeper {
             let system = options["user"] == SYSTEM_USER;
             return Ok(Admitted::Master { system });
         }
-        if let Some(name) = self.operator_name(&key) {
-            return Ok(Admitted::Operator(name));
+        if self.configured_operators.contains(&key) {
+            return Ok(Admitted::Admin(short_key(&key)));
+        }
+        if let Some(name) = self.policy_operator(&key) {
+            return Ok(Admitted::Caller(name));
         }
         let claimed = options["user"].as_str().unwrap_or_default();
         let Some(minion) = claimed
@@ -265,10 +274,15 @@ impl Gatekeeper {
             Admitted::Master { system: false } => {
                 (FLEET_ACCOUNT, "master".into(), BusPermissions::everything())
             }
-            Admitted::Operator(name) => (
+            Admitted::Admin(name) => (
                 FLEET_ACCOUNT,
                 format!("operator:{name}"),
-                BusPermissions::operator(&self.subjects, nkey),
+                BusPermissions::admin(&self.subjects, nkey),
+            ),
+            Admitted::Caller(name) => (
+                FLEET_ACCOUNT,
+                format!("operator:{name}"),
+                BusPermissions::caller(&self.subjects, nkey),
             ),
             Admitted::Minion(minion) => (
                 FLEET_ACCOUNT,
@@ -278,19 +292,13 @@ impl Gatekeeper {
         }
     }
 
-    fn operator_name(&self, key: &str) -> Option<String> {
-        if let Some(name) = self
-            .policy_operators
+    /// The name the call policy gives `key`, if it lists it.
+    fn policy_operator(&self, key: &str) -> Option<String> {
+        self.policy_operators
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(key)
-        {
-            return Some(name.clone());
-        }
-        self.configured_operators
-            .iter()
-            .any(|operator| operator == key)
-            .then(|| key.chars().skip(8).take(12).collect())
+            .cloned()
     }
 
     /// Disconnects every connection admitted as `minion`, on every server
@@ -369,6 +377,11 @@ impl Gatekeeper {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
+}
+
+/// A short, recognisable form of a public key for names in server logs.
+fn short_key(key: &str) -> String {
+    key.chars().skip(8).take(12).collect()
 }
 
 /// The user name nats-server knows an admitted minion's connections by.
