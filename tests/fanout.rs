@@ -323,7 +323,6 @@ async fn a_minion_that_replies_twice_or_too_late_counts_once() {
                 minion: "rogue".into(),
                 outcome: Some(call_reply::Outcome::ResultJson("1".into())),
                 duration_us: 1,
-                signature: String::new(),
             };
             if envelope.method == "late" {
                 tokio::time::sleep(Duration::from_millis(800)).await;

@@ -766,7 +766,14 @@ async fn the_server_refuses_what_an_identity_has_no_right_to() {
 
     // Answering a call to everyone in web-2's name: the caller discards the
     // reply, as web-2's registry key did not sign it.
-    let mut everyone = rogue.subscribe("provis.all.call").await.expect("sub");
+    // It receives calls to everyone, and calls naming it (beside others).
+    let mut everyone = futures::stream::select(
+        rogue.subscribe("provis.all.call").await.expect("sub"),
+        rogue
+            .subscribe("provis.minion.web-1.call")
+            .await
+            .expect("sub"),
+    );
     let forger = rogue.clone();
     tokio::spawn(async move {
         while let Some(message) = everyone.next().await {
@@ -779,7 +786,6 @@ async fn the_server_refuses_what_an_identity_has_no_right_to() {
                     r#"{"forged":true}"#.into(),
                 )),
                 duration_us: 1,
-                signature: String::new(),
             };
             if let Some(reply) = message.reply {
                 let _ = forger.publish(reply, forged.encode_to_vec().into()).await;
@@ -826,6 +832,25 @@ async fn the_server_refuses_what_an_identity_has_no_right_to() {
     assert!(
         report.discarded >= 1,
         "the forged reply is discarded: {report:?}"
+    );
+    // A call naming web-1 and web-2 reaches web-1's subject, where the
+    // rogue listens too: its answer in web-2's name is checked as well.
+    let named = client
+        .call(
+            &CallTarget::Minions(vec!["web-1".parse().unwrap(), "web-2".parse().unwrap()]),
+            &ping,
+        )
+        .await
+        .expect("call");
+    let web2 = named
+        .replies
+        .iter()
+        .find(|r| r.minion == "web-2")
+        .expect("web-2's line");
+    assert_eq!(
+        web2.status,
+        provis_core::ReplyStatus::NoReply,
+        "a named call takes no reply web-2's key did not sign: {named:?}"
     );
 
     // Another key presenting web-1's id is refused, and web-1 keeps serving.
@@ -1091,6 +1116,24 @@ async fn an_operator_known_only_from_the_policy_may_call_but_not_change_the_flee
         .await
         .expect("bob reads the status");
     assert!(!status.payload.is_empty());
+
+    // Reading the fleet with the CLI works as bob.
+    let bob_path = bob_key.to_str().expect("utf-8");
+    for args in [
+        &["minions"][..],
+        &["events", "--since", "1h"][..],
+        &["query", "true"][..],
+        &["status"][..],
+    ] {
+        let (code, out, err) = run_to_end(
+            fleet
+                .provis_command(provis())
+                .args(args)
+                .args(["--identity", bob_path]),
+        )
+        .expect("provis runs");
+        assert_eq!(code, 0, "provis {args:?} as bob: {out}{err}");
+    }
 
     // Changing the fleet is an admin's: refused by nats-server.
     nats.publish("$KV.provis_assignments.m1", "{}".into())

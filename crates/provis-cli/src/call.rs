@@ -449,10 +449,16 @@ async fn call_via_grpc(
         .await;
         match attempt {
             Ok(Ok(reply)) => {
-                gathered.accept(
-                    reply.into_inner(),
-                    started.elapsed().as_secs_f64() * 1_000.0,
-                );
+                let reply = reply.into_inner();
+                if reply.minion == id.as_str() {
+                    gathered.accept(reply, started.elapsed().as_secs_f64() * 1_000.0);
+                } else {
+                    // Whoever listens at the address is not who the registry says.
+                    gathered.unreachable(
+                        id.as_str(),
+                        format!("gRPC API at {addr} answered as {:?}", reply.minion),
+                    );
+                }
             }
             Ok(Err(reason)) => {
                 gathered.unreachable(id.as_str(), format!("gRPC API at {addr}: {reason}"))

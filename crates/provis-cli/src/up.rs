@@ -205,10 +205,9 @@ async fn bring_up(
         ]);
     }
     processes.push(FleetProcess::spawn(
-        &exe,
+        Launch::new(&exe, &master_args),
         Stage::Master,
         "master",
-        &master_args,
         fleet,
         data_dir,
         "master".to_owned(),
@@ -279,7 +278,7 @@ async fn bring_up(
         // Secured: enrolled at once by a one-time token, running only
         // bundles the master signed and calls the operator or master signed.
         let token = match &secured {
-            Some(_) => enrollment_token(&nats, &subjects).await?,
+            Some(_) => enrollment_token(&nats, &subjects, &id).await?,
             None => String::new(),
         };
         let (master_public, callers) = secured
@@ -292,19 +291,23 @@ async fn bring_up(
             .unwrap_or_default();
         if secured.is_some() {
             minion_args.extend([
-                "--enrollment-token",
-                token.as_str(),
                 "--trusted-bundle-keys",
                 master_public.as_str(),
                 "--trusted-callers",
                 callers.as_str(),
             ]);
         }
+        let secrets: &[(&str, &str)] = match &secured {
+            Some(_) => &[("PROVIS_ENROLLMENT_TOKEN", token.as_str())],
+            None => &[],
+        };
         processes.push(FleetProcess::spawn(
-            &exe,
+            Launch {
+                secrets,
+                ..Launch::new(&exe, &minion_args)
+            },
             Stage::Minion,
             id.as_str(),
-            &minion_args,
             fleet,
             data_dir,
             detail,
@@ -399,10 +402,12 @@ impl FleetKeys {
 async fn enrollment_token(
     nats: &async_nats::Client,
     subjects: &provis_core::Subjects,
+    minion: &MinionId,
 ) -> anyhow::Result<String> {
+    let request = serde_json::json!({ "ttl_s": 600, "minion": minion }).to_string();
     let reply = tokio::time::timeout(
         Duration::from_secs(5),
-        nats.request(subjects.master("enroll.token"), r#"{"ttl_s":600}"#.into()),
+        nats.request(subjects.master("enroll.token"), request.into()),
     )
     .await
     .context("the master did not issue an enrollment token in time")??;
@@ -446,16 +451,38 @@ struct FleetProcess {
     child: tokio::process::Child,
 }
 
+/// What to run: a program, its arguments and its secrets (which go in the
+/// environment, not the arguments others can list).
+struct Launch<'a> {
+    program: &'a Path,
+    args: &'a [&'a str],
+    secrets: &'a [(&'a str, &'a str)],
+}
+
+impl<'a> Launch<'a> {
+    fn new(program: &'a Path, args: &'a [&'a str]) -> Self {
+        Self {
+            program,
+            args,
+            secrets: &[],
+        }
+    }
+}
+
 impl FleetProcess {
     fn spawn(
-        program: &Path,
+        launch: Launch<'_>,
         stage: Stage,
         name: &str,
-        args: &[&str],
         fleet: &FleetContext,
         data_dir: &Path,
         detail: String,
     ) -> anyhow::Result<Self> {
+        let Launch {
+            program,
+            args,
+            secrets,
+        } = launch;
         let log = data_dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;
@@ -463,6 +490,8 @@ impl FleetProcess {
             .args(args)
             // Each part connects as its own key, never as this shell's.
             .env_remove("PROVIS_IDENTITY")
+            .env_remove("PROVIS_ENROLLMENT_TOKEN")
+            .envs(secrets.iter().copied())
             .env("PROVIS_NATS_URL", &fleet.nats_url)
             .env("PROVIS_PREFIX", fleet.prefix.as_str())
             .envs(
@@ -543,10 +572,9 @@ fn start_nats_server(
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     FleetProcess::spawn(
-        &binary,
+        Launch::new(&binary, &args),
         Stage::NatsServer,
         "nats-server",
-        &args,
         &FleetContext::default(),
         data_dir,
         url.to_owned(),

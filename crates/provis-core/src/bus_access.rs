@@ -200,6 +200,7 @@ fn stream_reads(stream: &str) -> Vec<String> {
         "CONSUMER.CREATE.{}.>",
         "CONSUMER.DELETE.{}.*",
         "CONSUMER.INFO.{}.*",
+        "CONSUMER.MSG.NEXT.{}.*",
     ]
     .iter()
     .map(|api| format!("$JS.API.{}", api.replace("{}", stream)))
@@ -218,7 +219,7 @@ pub fn server_auth_config(master: &Identity) -> String {
          # Every connection is admitted (or not) by that master's auth callout.\n\
          accounts {{\n  \
            {FLEET_ACCOUNT} {{ jetstream: enabled }}\n  \
-           {CALLOUT_ACCOUNT} {{ users: [ {{ nkey: \"{service}\" }} ] }}\n  \
+           {CALLOUT_ACCOUNT} {{ jetstream: enabled, users: [ {{ nkey: \"{service}\" }} ] }}\n  \
            {SYSTEM_ACCOUNT} {{ }}\n\
          }}\n\
          system_account: {SYSTEM_ACCOUNT}\n\

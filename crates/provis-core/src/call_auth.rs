@@ -28,22 +28,23 @@ pub fn sign(envelope: &mut CallEnvelope, identity: &Identity) {
     envelope.signature = signature.into_bytes();
 }
 
-fn reply_message(reply: &provis_proto::v1::CallReply) -> Vec<u8> {
-    let mut unsigned = reply.clone();
-    unsigned.signature = String::new();
+/// The header a minion's reply signature travels in.
+pub const REPLY_SIGNATURE_HEADER: &str = "Provis-Signature";
+
+fn reply_message(payload: &[u8]) -> Vec<u8> {
     let mut message = b"provis-reply-v1:".to_vec();
-    message.extend(unsigned.encode_to_vec());
+    message.extend_from_slice(payload);
     message
 }
 
-/// Signs `reply` as the minion holding `identity`.
-pub fn sign_reply(reply: &mut provis_proto::v1::CallReply, identity: &Identity) {
-    reply.signature = identity.sign(&reply_message(reply));
+/// The signature of an encoded reply by the minion holding `identity`.
+pub fn sign_reply(payload: &[u8], identity: &Identity) -> String {
+    identity.sign(&reply_message(payload))
 }
 
-/// True when `public_key` signed `reply` as it is.
-pub fn reply_signed_by(reply: &provis_proto::v1::CallReply, public_key: &str) -> bool {
-    verify(public_key, &reply_message(reply), &reply.signature)
+/// True when `signature` is `public_key`'s signature of the encoded reply.
+pub fn reply_signed_by(payload: &[u8], signature: &str, public_key: &str) -> bool {
+    verify(public_key, &reply_message(payload), signature)
 }
 
 /// Why a signed call was refused.
@@ -290,19 +291,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let minion = Identity::create(&dir.path().join("m.key")).unwrap();
         let other = Identity::create(&dir.path().join("o.key")).unwrap();
-        let mut reply = crate::envelope::ok_reply(
+        let reply = crate::envelope::ok_reply(
             "c1",
             "m1",
             &serde_json::json!({"ok": true}),
             Duration::from_millis(1),
         );
-        assert!(!reply_signed_by(&reply, minion.public_key()), "unsigned");
-        sign_reply(&mut reply, &minion);
-        assert!(reply_signed_by(&reply, minion.public_key()));
-        assert!(!reply_signed_by(&reply, other.public_key()));
+        let payload = reply.encode_to_vec();
+        assert!(
+            !reply_signed_by(&payload, "", minion.public_key()),
+            "unsigned"
+        );
+        let signature = sign_reply(&payload, &minion);
+        assert!(reply_signed_by(&payload, &signature, minion.public_key()));
+        assert!(!reply_signed_by(&payload, &signature, other.public_key()));
         let mut changed = reply.clone();
         changed.minion = "m2".into();
-        assert!(!reply_signed_by(&changed, minion.public_key()));
+        assert!(!reply_signed_by(
+            &changed.encode_to_vec(),
+            &signature,
+            minion.public_key()
+        ));
     }
     use crate::envelope::CallRequest;
     use crate::subject::CallTarget;

@@ -291,6 +291,19 @@ impl Client {
             let mut chosen = ids.clone();
             chosen.sort();
             chosen.dedup();
+            // One named minion is the only one to receive the call; with
+            // several, each could answer in another's name, so their keys
+            // are read to check the replies.
+            let keys = if chosen.len() > 1 {
+                registry::read_all(&self.registry().await?)
+                    .await?
+                    .into_iter()
+                    .filter(|r| chosen.contains(&r.id))
+                    .filter_map(|r| Some((r.id.to_string(), r.public_key?)))
+                    .collect()
+            } else {
+                Default::default()
+            };
             return Ok(Selection {
                 live: chosen.len(),
                 matched: chosen.len(),
@@ -298,9 +311,7 @@ impl Client {
                 chosen,
                 missing_fields: Default::default(),
                 filtered: false,
-                // Only the named minion receives a named call: nobody else
-                // can answer it, signed or not.
-                keys: Default::default(),
+                keys,
             });
         }
         let records = registry::read_all(&self.registry().await?).await?;
@@ -443,7 +454,14 @@ impl Client {
             let ms = started.elapsed().as_secs_f64() * 1_000.0;
             match CallReply::decode(message.payload.as_ref()) {
                 Ok(reply) => {
-                    if let Some(line) = gathered.accept(reply, ms) {
+                    let signature = message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(crate::call_auth::REPLY_SIGNATURE_HEADER))
+                        .map(|v| v.as_str().to_owned());
+                    if let Some(line) =
+                        gathered.accept_signed(reply, ms, &message.payload, signature.as_deref())
+                    {
                         on_reply(line);
                     }
                 }
@@ -502,12 +520,36 @@ impl ReplyGatherer {
     /// line. A reply to another call, from a minion not selected, or a second
     /// reply from one minion is discarded.
     pub fn accept(&mut self, reply: CallReply, ms: f64) -> Option<&MinionReply> {
+        self.accept_with(reply, ms, None)
+    }
+
+    /// Like [`Self::accept`], for a reply that came as `payload` with
+    /// `signature` (its header): checked against the minion's key when
+    /// [`Self::with_keys`] names one.
+    pub fn accept_signed(
+        &mut self,
+        reply: CallReply,
+        ms: f64,
+        payload: &[u8],
+        signature: Option<&str>,
+    ) -> Option<&MinionReply> {
+        self.accept_with(reply, ms, Some((payload, signature.unwrap_or_default())))
+    }
+
+    fn accept_with(
+        &mut self,
+        reply: CallReply,
+        ms: f64,
+        signed: Option<(&[u8], &str)>,
+    ) -> Option<&MinionReply> {
         if reply.call_id != self.call_id || !self.selected.contains(&reply.minion) {
             tracing::warn!(call_id = %reply.call_id, minion = %reply.minion, "reply not expected for this call discarded");
             self.discarded += 1;
             None
         } else if let Some(key) = self.keys.get(&reply.minion)
-            && !crate::call_auth::reply_signed_by(&reply, key)
+            && !signed.is_some_and(|(payload, signature)| {
+                crate::call_auth::reply_signed_by(payload, signature, key)
+            })
         {
             tracing::warn!(minion = %reply.minion, "reply not signed by that minion's key discarded");
             self.discarded += 1;

@@ -228,7 +228,6 @@ pub fn ok_reply(call_id: &str, minion: &str, result: &Value, took: Duration) -> 
         minion: minion.to_owned(),
         outcome: Some(call_reply::Outcome::ResultJson(result.to_string())),
         duration_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
-        signature: String::new(),
     }
 }
 
@@ -249,7 +248,6 @@ pub fn error_reply(
             stack: String::new(),
         })),
         duration_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
-        signature: String::new(),
     }
 }
 

@@ -20,5 +20,6 @@ pub const BUCKET_MINIONS: &str = "provis_minions";
 pub const BUCKET_CONFIG: &str = "provis_config";
 /// Enrollment: minion id → its key and status (pending, accepted, rejected,
 /// revoked); `token.<sha256>` → a one-time enrollment token. Only the master
-/// reads and writes it.
+/// reads and writes it, in the auth callout's account when the fleet has one
+/// (the master's enrollment module creates it there).
 pub const BUCKET_ENROLLMENT: &str = "provis_enrollment";

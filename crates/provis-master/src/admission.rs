@@ -37,10 +37,11 @@ const QUEUE_GROUP: &str = "provis-master";
 /// The id events of the master are published under: no minion may take it.
 const RESERVED_ID: &str = "master";
 
-/// How long an admitted minion's connection lasts before nats-server sends
-/// it back through the callout: the backstop for revocations the running
-/// master could not kick (it restarted, or missed a connection).
-const MINION_SESSION: Duration = Duration::from_secs(24 * 3600);
+/// How long an admitted minion's or operator's connection lasts before
+/// nats-server sends it back through the callout: the backstop for a
+/// revocation whose kick failed, and how soon an operator removed from the
+/// policy or settings loses a connection it holds.
+const SESSION_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// Who a connection turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,9 +156,9 @@ impl Gatekeeper {
                     "name": name,
                     "nats": permissions.user_claims(),
                 });
-                if matches!(admitted, Admitted::Minion(_)) {
+                if !matches!(admitted, Admitted::Master { .. }) {
                     let expires = provis_core::envelope::now_unix_ms() / 1000
-                        + i64::try_from(MINION_SESSION.as_secs()).unwrap_or(i64::MAX);
+                        + i64::try_from(SESSION_LIFETIME.as_secs()).unwrap_or(i64::MAX);
                     claims["exp"] = json!(expires);
                 }
                 let user = nats_jwt::encode(claims, &self.issuer);
@@ -309,6 +310,16 @@ impl Gatekeeper {
         let Some(system) = self.system.get() else {
             return 0;
         };
+        let mut kicked = self.kick_round(system, minion).await;
+        // A connection admitted just before the revocation was written may
+        // register after the first look: look again once admissions in
+        // flight are over.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        kicked += self.kick_round(system, minion).await;
+        kicked
+    }
+
+    async fn kick_round(&self, system: &async_nats::Client, minion: &MinionId) -> usize {
         let user = minion_user(minion);
         let mut kicked = 0;
         for (server, client) in connections_of(system, &user).await {
@@ -396,7 +407,8 @@ async fn connections_of(system: &async_nats::Client, user: &str) -> Vec<(String,
     let Ok(mut answers) = system.subscribe(inbox.clone()).await else {
         return Vec::new();
     };
-    let request = json!({ "user": user, "acc": FLEET_ACCOUNT }).to_string();
+    // One page holds every connection a server could have for one user.
+    let request = json!({ "user": user, "acc": FLEET_ACCOUNT, "limit": 1_000_000 }).to_string();
     if system
         .publish_with_reply("$SYS.REQ.SERVER.PING.CONNZ", inbox, request.into())
         .await

@@ -112,13 +112,20 @@ pub struct Enrollment {
 }
 
 impl Enrollment {
-    /// Opens the bucket; at most `max_pending` requests wait at once.
+    /// Opens (creating or updating) the bucket; at most `max_pending`
+    /// requests wait at once.
     pub async fn open(
         js: &async_nats::jetstream::Context,
         max_pending: usize,
     ) -> Result<Self, EnrollmentError> {
         let store = js
-            .get_key_value(BUCKET_ENROLLMENT)
+            .create_or_update_key_value(kv::Config {
+                bucket: BUCKET_ENROLLMENT.to_owned(),
+                description: "minion id → key and enrollment status; one-time tokens".to_owned(),
+                history: 5,
+                storage: async_nats::jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
             .await
             .map_err(store_error)?;
         let mut enrollment = Self {
@@ -243,6 +250,7 @@ impl Enrollment {
                     true => {
                         self.write(&fresh(EnrollmentStatus::Accepted, "token"), Some(revision))
                             .await?;
+                        self.release_pending();
                         Ok(Admission::AdmittedByToken)
                     }
                     false => Ok(Admission::Pending { new: false }),
@@ -275,15 +283,25 @@ impl Enrollment {
         if by_token {
             record.status = EnrollmentStatus::Accepted;
             "token".clone_into(&mut record.by);
-        } else if self.pending.load(Ordering::Relaxed) >= self.max_pending {
+        } else if self
+            .pending
+            // A slot is taken before writing, so parallel requests cannot
+            // all pass the check; it is given back if the write fails.
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_pending).then_some(n + 1)
+            })
+            .is_err()
+        {
             return Ok(Admission::Refused(format!(
                 "{} minions are pending already (max_pending_minions): accept or reject some first",
                 self.max_pending
             )));
         }
-        self.write(&record, revision).await?;
-        if !by_token {
-            self.pending.fetch_add(1, Ordering::Relaxed);
+        if let Err(err) = self.write(&record, revision).await {
+            if !by_token {
+                self.release_pending();
+            }
+            return Err(err);
         }
         Ok(if by_token {
             Admission::AdmittedByToken
@@ -330,18 +348,24 @@ impl Enrollment {
                 });
             }
         };
-        if record.status == EnrollmentStatus::Pending {
-            let _ = self.pending.fetch_update(
-                std::sync::atomic::Ordering::Relaxed,
-                std::sync::atomic::Ordering::Relaxed,
-                |n| n.checked_sub(1),
-            );
-        }
+        let was_pending = record.status == EnrollmentStatus::Pending;
         record.status = status;
         record.since_unix_ms = now_unix_ms();
         by.clone_into(&mut record.by);
         self.write(&record, Some(revision)).await?;
+        if was_pending {
+            self.release_pending();
+        }
         Ok(record)
+    }
+
+    /// One request fewer waits.
+    fn release_pending(&self) {
+        let _ = self.pending.fetch_update(
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+            |n| n.checked_sub(1),
+        );
     }
 
     /// Every id the fleet knows, sorted.

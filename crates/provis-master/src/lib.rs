@@ -233,6 +233,10 @@ pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
         config.operators.clone(),
     ));
     let mut background = Vec::new();
+    // Where enrollment is kept: in the callout's own account when there is
+    // one, which no fleet identity can reach, not even through the server
+    // copying a stream's messages onto a subject they choose.
+    let mut enrollment_js = None;
     if config.auth_callout {
         let service = identity.derived(provis_core::identity::DerivedKey::CalloutService);
         let seed = service
@@ -252,6 +256,7 @@ pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
                 subject: provis_core::bus_access::CALLOUT_SUBJECT.to_owned(),
                 reason,
             })?;
+        enrollment_js = Some(async_nats::jetstream::new(callout.clone()));
         background.push(tokio::spawn(gatekeeper.clone().serve(callout, requests)));
     }
     let nats = connect(
@@ -261,7 +266,8 @@ pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
     .await?;
     let js = async_nats::jetstream::new(nats.clone());
     storage::ensure(&js, &subjects, &config.storage).await?;
-    let enrollment = enrollment::Enrollment::open(&js, config.max_pending_minions)
+    let enrollment_js = enrollment_js.unwrap_or_else(|| js.clone());
+    let enrollment = enrollment::Enrollment::open(&enrollment_js, config.max_pending_minions)
         .await
         .map_err(|err| MasterError::Settings(err.to_string()))?;
     gatekeeper.ready(enrollment.clone(), nats.clone());

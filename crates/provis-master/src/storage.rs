@@ -101,11 +101,6 @@ pub async fn ensure(
             "applied and rejected commits, role overlay",
             10,
         ),
-        (
-            BUCKET_ENROLLMENT,
-            "minion id → key and enrollment status; one-time tokens",
-            5,
-        ),
     ];
     for (name, description, history) in buckets {
         js.create_or_update_key_value(kv::Config {

@@ -539,7 +539,7 @@ impl Runtime {
                 }
                 Ok(Some(call))
             });
-            let mut reply = match checked {
+            let reply = match checked {
                 Ok(None) => return,
                 Ok(Some(call)) => {
                     tracing::debug!(%minion, call_id = %call.call_id, caller = %call.caller,
@@ -560,10 +560,18 @@ impl Runtime {
                     )
                 }
             };
+            let payload = reply.encode_to_vec();
+            let mut headers = async_nats::HeaderMap::new();
             if let Some(signer) = &signer {
-                provis_core::call_auth::sign_reply(&mut reply, signer);
+                headers.insert(
+                    provis_core::call_auth::REPLY_SIGNATURE_HEADER,
+                    provis_core::call_auth::sign_reply(&payload, signer).as_str(),
+                );
             }
-            if let Err(err) = nats.publish(reply_to, reply.encode_to_vec().into()).await {
+            if let Err(err) = nats
+                .publish_with_headers(reply_to, headers, payload.into())
+                .await
+            {
                 tracing::warn!(%minion, error = %err, "reply not sent");
             }
         });
