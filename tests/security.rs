@@ -94,8 +94,10 @@ async fn a_minion_runs_only_bundles_signed_by_a_key_it_pins() {
     let v1 = PackedBundle::from_dir(&repo.join("services/counter")).expect("pack");
 
     let nats = fleet.nats().connect().await.expect("nats");
+    // m2 pins another key: it takes not even the role entries that key did
+    // not sign, so the service never reaches it.
     let mut failed_m2 = nats
-        .subscribe("provis.event.m2.service.failed")
+        .subscribe("provis.event.m2.desired.refused")
         .await
         .expect("subscribe");
     let mut failed = nats
@@ -123,7 +125,7 @@ async fn a_minion_runs_only_bundles_signed_by_a_key_it_pins() {
         event["data"]["reason"]
             .as_str()
             .expect("reason")
-            .contains("does not trust"),
+            .contains("does not pin"),
         "{event}"
     );
     assert_eq!(version(&fleet, "m2").await, None, "m2 never ran it");
@@ -1164,4 +1166,72 @@ async fn an_operator_known_only_from_the_policy_may_call_but_not_change_the_flee
     ] {
         assert!(all.contains(subject), "refused {subject}: {all}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_desired_state_entry_copied_under_another_key_is_refused() {
+    let repo = GitRepo::init().expect("repo");
+    let mut files = counter_repository(&[("roles/db.toml", "services = []\n")]);
+    files.retain(|(path, _)| *path != "assignments.toml");
+    files.push((
+        "assignments.toml",
+        "[[assign]]\nminions = \"web-*\"\nroles = [\"web\"]\n\n[[assign]]\nminions = \"db-*\"\nroles = [\"db\"]\n",
+    ));
+    repo.commit("two roles", &files).expect("commit");
+    let source = repo.path_string();
+    let mut fleet = TestFleet::start_secured_with(|config| config.repository = Some(source))
+        .await
+        .expect("fleet");
+    let master_key = fleet.ask_master("ping", &json!({})).await.expect("ping")["public_key"]
+        .as_str()
+        .expect("key")
+        .to_owned();
+    for id in ["web-1", "web-3", "db-1"] {
+        let mut config = fleet.minion_config(id, &[]).expect("config");
+        config.trusted_bundle_keys = vec![master_key.clone()];
+        fleet.add_minion_with(config).await.expect("minion");
+    }
+    provis_testkit::eventually("web-3 runs counter", Duration::from_secs(20), || async {
+        version(&fleet, "web-3").await == Some(json!("1"))
+    })
+    .await
+    .expect("web-3 converges");
+    let operator = fleet.connect().await.expect("operator");
+    let mut refused = operator
+        .subscribe("provis.event.web-3.desired.refused")
+        .await
+        .expect("subscribe");
+    operator.flush().await.expect("flush");
+
+    // web-1, compromised, has the server copy db-1's assignment (signed by
+    // the master, for db-1) under web-3's key: a read it may make, with a
+    // reply subject nats-server does not check.
+    let key = Identity::load(&fleet.minion_data_dir("web-1").join("minion.key")).expect("key");
+    let rogue = fleet
+        .context()
+        .connect_options_as("rogue", &key)
+        .user_and_password("web-1".into(), String::new())
+        .connect(fleet.nats().url())
+        .await
+        .expect("web-1's key is admitted");
+    rogue
+        .publish_with_reply(
+            "$JS.API.DIRECT.GET.KV_provis_assignments",
+            "$KV.provis_assignments.web-3",
+            json!({ "last_by_subj": "$KV.provis_assignments.db-1" })
+                .to_string()
+                .into(),
+        )
+        .await
+        .expect("sent");
+    rogue.flush().await.expect("flush");
+    let event = tokio::time::timeout(Duration::from_secs(10), refused.next())
+        .await
+        .expect("web-3 says it refused an entry")
+        .expect("message");
+    let event: Value = serde_json::from_slice(&event.payload).expect("json");
+    assert_eq!(event["data"]["bucket"], "provis_assignments", "{event}");
+    // web-3 keeps its own assignment and its service.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(version(&fleet, "web-3").await, Some(json!("1")));
 }

@@ -15,6 +15,7 @@ pub mod nats_server;
 pub mod registry;
 pub mod roles;
 pub mod selection;
+pub mod signed_entry;
 pub mod state;
 pub mod storage;
 pub mod subject;

@@ -75,9 +75,18 @@ pub async fn apply(
             reason: err.to_string(),
         })?;
     for (role, spec) in &repository.roles {
-        let value = serde_json::to_vec(spec).map_err(|err| ApplyError::Role {
+        // Signed for this key when there is a signer: minions that pin it
+        // take no role entry copied from elsewhere.
+        let value = match signer {
+            Some(signer) => {
+                provis_core::signed_entry::sign(BUCKET_ROLES, role.as_str(), spec, signer)
+                    .map_err(|err| err.to_string())
+            }
+            None => serde_json::to_vec(spec).map_err(|err| err.to_string()),
+        }
+        .map_err(|reason| ApplyError::Role {
             role: role.to_string(),
-            reason: err.to_string(),
+            reason,
         })?;
         if current_roles.get(role.as_str()).map(|v| v.as_ref()) != Some(value.as_slice()) {
             roles_kv

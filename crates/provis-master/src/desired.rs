@@ -431,7 +431,12 @@ impl DesiredState {
                         .map(|bundle| (name, bundle.digest.clone()))
                 })
                 .collect();
-            let Ok(value) = serde_json::to_vec(&assignment) else {
+            let Ok(value) = provis_core::signed_entry::sign(
+                BUCKET_ASSIGNMENTS,
+                record.id.as_str(),
+                &assignment,
+                &self.identity,
+            ) else {
                 continue;
             };
             if current.get(record.id.as_str()).map(|v| v.as_ref()) != Some(value.as_slice())

@@ -10,8 +10,16 @@ use provis_core::assignment::Assignment;
 use provis_core::storage::BUCKET_ASSIGNMENTS;
 use tokio::sync::mpsc;
 
-/// Sends every new assignment of `minion` to `updates` for as long as the minion runs.
-pub async fn follow(nats: async_nats::Client, minion: String, updates: mpsc::Sender<Assignment>) {
+/// Sends every new assignment of `minion` to `updates` for as long as the
+/// minion runs; with `trusted` keys, only assignments one of them signed for
+/// this minion (others are refused with an event, the current one stays).
+pub async fn follow(
+    nats: async_nats::Client,
+    minion: String,
+    updates: mpsc::Sender<Assignment>,
+    trusted: Vec<String>,
+    events: crate::events::EventBus,
+) {
     let js = async_nats::jetstream::new(nats);
     loop {
         match js.get_key_value(BUCKET_ASSIGNMENTS).await {
@@ -22,14 +30,25 @@ pub async fn follow(nats: async_nats::Client, minion: String, updates: mpsc::Sen
                         if entry.operation != Operation::Put {
                             continue;
                         }
-                        match serde_json::from_slice::<Assignment>(&entry.value) {
+                        match provis_core::signed_entry::open::<Assignment>(
+                            BUCKET_ASSIGNMENTS,
+                            &minion,
+                            &entry.value,
+                            &trusted,
+                        ) {
                             Ok(assignment) => {
                                 if updates.send(assignment).await.is_err() {
                                     return;
                                 }
                             }
                             Err(err) => {
-                                tracing::warn!(%minion, error = %err, "unreadable assignment ignored")
+                                tracing::warn!(%minion, error = %err, "assignment refused");
+                                events
+                                    .emit(
+                                        "desired.refused",
+                                        serde_json::json!({ "bucket": BUCKET_ASSIGNMENTS, "key": minion, "reason": err.to_string() }),
+                                    )
+                                    .await;
                             }
                         }
                     }

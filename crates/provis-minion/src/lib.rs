@@ -192,6 +192,8 @@ async fn start_inner(
         nats.clone(),
         config.id.to_string(),
         assignments_tx,
+        config.trusted_bundle_keys.clone(),
+        events.clone(),
     )));
     let guard = provis_core::call_auth::CallGuard::new(config.trusted_callers.clone());
     background.push(tokio::spawn(policy::follow(

@@ -171,14 +171,14 @@ impl Reconciler {
         loop {
             tokio::select! {
                 changed = desired.changed() => changed.map_err(|_| "the minion stopped".to_owned())?,
-                entry = roles.next() => self.apply_role(entry.ok_or("roles watch closed")?.map_err(|e| e.to_string())?),
+                entry = roles.next() => self.apply_role(entry.ok_or("roles watch closed")?.map_err(|e| e.to_string())?).await,
                 entry = pointers.next() => self.apply_pointer(entry.ok_or("services watch closed")?.map_err(|e| e.to_string())?),
             }
             // Take in whatever else has already arrived (a whole commit's worth
             // of changes) before acting, so a service loads once, not per key.
             loop {
                 if let Some(Some(entry)) = roles.next().now_or_never() {
-                    self.apply_role(entry.map_err(|e| e.to_string())?);
+                    self.apply_role(entry.map_err(|e| e.to_string())?).await;
                 } else if let Some(Some(entry)) = pointers.next().now_or_never() {
                     self.apply_pointer(entry.map_err(|e| e.to_string())?);
                 } else {
@@ -189,17 +189,29 @@ impl Reconciler {
         }
     }
 
-    fn apply_role(&mut self, entry: kv::Entry) {
+    async fn apply_role(&mut self, entry: kv::Entry) {
         if entry.operation != kv::Operation::Put {
             self.specs.remove(&entry.key);
             return;
         }
-        match serde_json::from_slice::<RoleSpec>(&entry.value) {
+        match provis_core::signed_entry::open::<RoleSpec>(
+            BUCKET_ROLES,
+            &entry.key,
+            &entry.value,
+            &self.host.trusted_bundle_keys,
+        ) {
             Ok(spec) => {
                 self.specs.insert(entry.key, spec);
             }
             Err(err) => {
-                tracing::warn!(role = %entry.key, error = %err, "unreadable role spec ignored")
+                // The role keeps what it had: a copied or forged entry changes nothing.
+                tracing::warn!(role = %entry.key, error = %err, "role entry refused");
+                self.events
+                    .emit(
+                        "desired.refused",
+                        json!({ "bucket": BUCKET_ROLES, "key": entry.key, "reason": err.to_string() }),
+                    )
+                    .await;
             }
         }
     }
