@@ -1197,6 +1197,17 @@ async fn a_desired_state_entry_copied_under_another_key_is_refused() {
     .await
     .expect("web-3 converges");
     let operator = fleet.connect().await.expect("operator");
+    // The assignment the master signed for web-3, as it is now.
+    let assignments = async_nats::jetstream::new(operator.clone())
+        .get_key_value("provis_assignments")
+        .await
+        .expect("bucket");
+    let first = assignments
+        .entry("web-3")
+        .await
+        .expect("read")
+        .expect("web-3's assignment")
+        .revision;
     let mut refused = operator
         .subscribe("provis.event.web-3.desired.refused")
         .await
@@ -1234,4 +1245,46 @@ async fn a_desired_state_entry_copied_under_another_key_is_refused() {
     // web-3 keeps its own assignment and its service.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(version(&fleet, "web-3").await, Some(json!("1")));
+
+    // Rolled back: web-3 gets a newer assignment (role db added), then the
+    // rogue has the older one, signed for web-3 itself, put back.
+    let answer = fleet
+        .ask_master(
+            "role",
+            &json!({ "op": "assign", "minion": "web-3", "role": "db" }),
+        )
+        .await
+        .expect("role assign");
+    assert!(answer.get("error").is_none(), "{answer}");
+    provis_testkit::eventually("web-3 holds db too", Duration::from_secs(20), || async {
+        assignments
+            .entry("web-3")
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|entry| entry.revision > first)
+    })
+    .await
+    .expect("newer assignment");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    rogue
+        .publish_with_reply(
+            "$JS.API.DIRECT.GET.KV_provis_assignments",
+            "$KV.provis_assignments.web-3",
+            json!({ "seq": first }).to_string().into(),
+        )
+        .await
+        .expect("sent");
+    rogue.flush().await.expect("flush");
+    let event = tokio::time::timeout(Duration::from_secs(10), refused.next())
+        .await
+        .expect("web-3 refuses the older assignment")
+        .expect("message");
+    let event: Value = serde_json::from_slice(&event.payload).expect("json");
+    assert!(
+        event["data"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("older value put back")),
+        "{event}"
+    );
 }

@@ -75,20 +75,33 @@ pub async fn apply(
             reason: err.to_string(),
         })?;
     for (role, spec) in &repository.roles {
+        let current = current_roles.get(role.as_str()).map(|v| v.as_ref());
+        let signer_key = signer.map(provis_core::identity::Identity::public_key);
+        if provis_core::signed_entry::holds(BUCKET_ROLES, role.as_str(), current, spec, signer_key)
+        {
+            continue;
+        }
         // Signed for this key when there is a signer: minions that pin it
-        // take no role entry copied from elsewhere.
+        // take no role entry copied from elsewhere or put back from before.
         let value = match signer {
-            Some(signer) => {
-                provis_core::signed_entry::sign(BUCKET_ROLES, role.as_str(), spec, signer)
-                    .map_err(|err| err.to_string())
-            }
+            Some(signer) => provis_core::signed_entry::sign(
+                BUCKET_ROLES,
+                role.as_str(),
+                spec,
+                signer,
+                provis_core::signed_entry::next_written_at(
+                    current,
+                    provis_core::envelope::now_unix_ms(),
+                ),
+            )
+            .map_err(|err| err.to_string()),
             None => serde_json::to_vec(spec).map_err(|err| err.to_string()),
         }
         .map_err(|reason| ApplyError::Role {
             role: role.to_string(),
             reason,
         })?;
-        if current_roles.get(role.as_str()).map(|v| v.as_ref()) != Some(value.as_slice()) {
+        {
             roles_kv
                 .put(role.as_str(), value.into())
                 .await

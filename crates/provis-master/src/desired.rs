@@ -431,17 +431,26 @@ impl DesiredState {
                         .map(|bundle| (name, bundle.digest.clone()))
                 })
                 .collect();
+            let stored = current.get(record.id.as_str()).map(|v| v.as_ref());
+            if provis_core::signed_entry::holds(
+                BUCKET_ASSIGNMENTS,
+                record.id.as_str(),
+                stored,
+                &assignment,
+                Some(self.identity.public_key()),
+            ) {
+                continue;
+            }
             let Ok(value) = provis_core::signed_entry::sign(
                 BUCKET_ASSIGNMENTS,
                 record.id.as_str(),
                 &assignment,
                 &self.identity,
+                provis_core::signed_entry::next_written_at(stored, now_unix_ms()),
             ) else {
                 continue;
             };
-            if current.get(record.id.as_str()).map(|v| v.as_ref()) != Some(value.as_slice())
-                && let Err(err) = self.assignments.put(record.id.as_str(), value.into()).await
-            {
+            if let Err(err) = self.assignments.put(record.id.as_str(), value.into()).await {
                 tracing::warn!(minion = %record.id, error = %err, "assignment not written");
             }
         }

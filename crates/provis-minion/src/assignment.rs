@@ -12,7 +12,8 @@ use tokio::sync::mpsc;
 
 /// Sends every new assignment of `minion` to `updates` for as long as the
 /// minion runs; with `trusted` keys, only assignments one of them signed for
-/// this minion (others are refused with an event, the current one stays).
+/// this minion, none older than the one taken (others are refused with an
+/// event, the current one stays).
 pub async fn follow(
     nats: async_nats::Client,
     minion: String,
@@ -21,6 +22,8 @@ pub async fn follow(
     events: crate::events::EventBus,
 ) {
     let js = async_nats::jetstream::new(nats);
+    // When the assignment taken was written: an older one is put back, not new.
+    let mut held: Option<i64> = None;
     loop {
         match js.get_key_value(BUCKET_ASSIGNMENTS).await {
             Ok(store) => match store.watch_with_history(&minion).await {
@@ -35,9 +38,12 @@ pub async fn follow(
                             &minion,
                             &entry.value,
                             &trusted,
-                        ) {
-                            Ok(assignment) => {
-                                if updates.send(assignment).await.is_err() {
+                        )
+                        .and_then(|opened| opened.not_older_than(held))
+                        {
+                            Ok(opened) => {
+                                held = opened.written_at_ms.or(held);
+                                if updates.send(opened.value).await.is_err() {
                                     return;
                                 }
                             }

@@ -127,6 +127,7 @@ pub async fn reconcile_forever(
         host,
         events,
         specs: BTreeMap::new(),
+        role_written_at: BTreeMap::new(),
         pointers: BTreeMap::new(),
         failed: BTreeMap::new(),
         desired,
@@ -146,6 +147,8 @@ struct Reconciler {
     host: HostTemplate,
     events: EventBus,
     specs: BTreeMap<String, RoleSpec>,
+    /// When each role entry taken was written: older ones are refused.
+    role_written_at: BTreeMap<String, i64>,
     pointers: BTreeMap<String, ServicePointer>,
     /// Service → (digest, config) that failed to load, so it is not retried in a loop.
     failed: BTreeMap<String, (String, Value)>,
@@ -194,14 +197,20 @@ impl Reconciler {
             self.specs.remove(&entry.key);
             return;
         }
+        let held = self.role_written_at.get(&entry.key).copied();
         match provis_core::signed_entry::open::<RoleSpec>(
             BUCKET_ROLES,
             &entry.key,
             &entry.value,
             &self.host.trusted_bundle_keys,
-        ) {
-            Ok(spec) => {
-                self.specs.insert(entry.key, spec);
+        )
+        .and_then(|opened| opened.not_older_than(held))
+        {
+            Ok(opened) => {
+                if let Some(at) = opened.written_at_ms {
+                    self.role_written_at.insert(entry.key.clone(), at);
+                }
+                self.specs.insert(entry.key, opened.value);
             }
             Err(err) => {
                 // The role keeps what it had: a copied or forged entry changes nothing.
