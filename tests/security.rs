@@ -1287,4 +1287,49 @@ async fn a_desired_state_entry_copied_under_another_key_is_refused() {
             .is_some_and(|r| r.contains("older value put back")),
         "{event}"
     );
+
+    // The same for a service: version 2 published, version 1's pointer (as
+    // signed by the master) put back under its name.
+    let services = async_nats::jetstream::new(operator.clone())
+        .get_key_value("provis_services")
+        .await
+        .expect("bucket");
+    let v1 = services
+        .entry("counter")
+        .await
+        .expect("read")
+        .expect("counter's pointer")
+        .revision;
+    let mut v2_files = files.clone();
+    for (path, text) in v2_files.iter_mut() {
+        match *path {
+            "services/counter/service.toml" => *text = "name = \"counter\"\nversion = \"2\"\n",
+            "services/counter/main.js" => *text = "export function version() { return '2' }\n",
+            _ => {}
+        }
+    }
+    repo.commit("counter 2", &v2_files).expect("commit");
+    fleet.ask_master("sync", &json!({})).await.expect("sync");
+    provis_testkit::eventually("web-3 runs counter 2", Duration::from_secs(20), || async {
+        version(&fleet, "web-3").await == Some(json!("2"))
+    })
+    .await
+    .expect("web-3 takes version 2");
+    rogue
+        .publish_with_reply(
+            "$JS.API.DIRECT.GET.KV_provis_services",
+            "$KV.provis_services.counter",
+            json!({ "seq": v1 }).to_string().into(),
+        )
+        .await
+        .expect("sent");
+    rogue.flush().await.expect("flush");
+    let event = tokio::time::timeout(Duration::from_secs(10), refused.next())
+        .await
+        .expect("web-3 refuses the older pointer")
+        .expect("message");
+    let event: Value = serde_json::from_slice(&event.payload).expect("json");
+    assert_eq!(event["data"]["bucket"], "provis_services", "{event}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(version(&fleet, "web-3").await, Some(json!("2")));
 }

@@ -42,6 +42,12 @@ fn signed_message(name: &str, digest: &str) -> Vec<u8> {
     format!("provis-bundle-v1:{name}:{digest}").into_bytes()
 }
 
+/// Version 2 also covers when the pointer was published, so an older
+/// pointer put back (as any reader can have JetStream do) is told apart.
+fn signed_message_at(name: &str, digest: &str, published_unix_ms: i64) -> Vec<u8> {
+    format!("provis-bundle-v2:{name}:{digest}:{published_unix_ms}").into_bytes()
+}
+
 impl ServicePointer {
     /// Checks the pointer is signed by one of `trusted`; with no trusted key
     /// at all, anything goes (an unsecured fleet).
@@ -61,17 +67,31 @@ impl ServicePointer {
                 self.digest, self.name, signed.signer
             ));
         }
-        if !provis_core::identity::verify(
-            &signed.signer,
-            &signed_message(&self.name, &self.digest),
-            &signed.signature,
-        ) {
+        if self.signed_at().is_none()
+            && !provis_core::identity::verify(
+                &signed.signer,
+                &signed_message(&self.name, &self.digest),
+                &signed.signature,
+            )
+        {
             return Err(format!(
                 "the signature of bundle {} of {} does not verify: refused",
                 self.digest, self.name
             ));
         }
         Ok(())
+    }
+
+    /// When the pointer was published, if its signature covers that time
+    /// (pointers signed before version 2 do not: they count as oldest).
+    pub fn signed_at(&self) -> Option<i64> {
+        let signed = self.signature.as_ref()?;
+        provis_core::identity::verify(
+            &signed.signer,
+            &signed_message_at(&self.name, &self.digest, self.published_unix_ms),
+            &signed.signature,
+        )
+        .then_some(self.published_unix_ms)
     }
 }
 
@@ -141,9 +161,19 @@ impl BundleStore {
     ) -> Result<ServicePointer, StoreError> {
         self.put_bundle(bundle).await?;
         let name = bundle.manifest.name.clone();
+        // Never earlier than the pointer it replaces, whatever the clock does.
+        let previous = match self.pointers.get(name.as_str()).await {
+            Ok(Some(bytes)) => serde_json::from_slice::<ServicePointer>(&bytes)
+                .map(|pointer| pointer.published_unix_ms)
+                .ok(),
+            _ => None,
+        };
+        let published_unix_ms = previous.map_or(now_unix_ms(), |previous| {
+            now_unix_ms().max(previous.saturating_add(1))
+        });
         let signature = signer.map(|key| BundleSignature {
             signer: key.public_key().to_owned(),
-            signature: key.sign(&signed_message(&name, &bundle.digest)),
+            signature: key.sign(&signed_message_at(&name, &bundle.digest, published_unix_ms)),
         });
         let pointer = ServicePointer {
             name,
@@ -151,7 +181,7 @@ impl BundleStore {
             digest: bundle.digest.clone(),
             manifest: bundle.manifest.clone(),
             size: bundle.bytes.len(),
-            published_unix_ms: now_unix_ms(),
+            published_unix_ms,
             signature,
         };
         self.put_pointer(&pointer).await?;

@@ -175,7 +175,7 @@ impl Reconciler {
             tokio::select! {
                 changed = desired.changed() => changed.map_err(|_| "the minion stopped".to_owned())?,
                 entry = roles.next() => self.apply_role(entry.ok_or("roles watch closed")?.map_err(|e| e.to_string())?).await,
-                entry = pointers.next() => self.apply_pointer(entry.ok_or("services watch closed")?.map_err(|e| e.to_string())?),
+                entry = pointers.next() => self.apply_pointer(entry.ok_or("services watch closed")?.map_err(|e| e.to_string())?).await,
             }
             // Take in whatever else has already arrived (a whole commit's worth
             // of changes) before acting, so a service loads once, not per key.
@@ -183,7 +183,7 @@ impl Reconciler {
                 if let Some(Some(entry)) = roles.next().now_or_never() {
                     self.apply_role(entry.map_err(|e| e.to_string())?).await;
                 } else if let Some(Some(entry)) = pointers.next().now_or_never() {
-                    self.apply_pointer(entry.map_err(|e| e.to_string())?);
+                    self.apply_pointer(entry.map_err(|e| e.to_string())?).await;
                 } else {
                     break;
                 }
@@ -225,13 +225,39 @@ impl Reconciler {
         }
     }
 
-    fn apply_pointer(&mut self, entry: kv::Entry) {
+    async fn apply_pointer(&mut self, entry: kv::Entry) {
         if entry.operation != kv::Operation::Put {
             self.pointers.remove(&entry.key);
             return;
         }
         match serde_json::from_slice::<ServicePointer>(&entry.value) {
             Ok(pointer) => {
+                // Signed pointers carry when they were published: an older
+                // one put back under the name is refused (the signature
+                // itself is checked when the bundle loads).
+                let trusted = &self.host.trusted_bundle_keys;
+                let held_at = self
+                    .pointers
+                    .get(&entry.key)
+                    .and_then(ServicePointer::signed_at);
+                let older = match (pointer.signed_at(), held_at) {
+                    (Some(at), Some(held)) => at < held,
+                    // Validly signed without a time (before version 2),
+                    // after one signed with it: put back from before.
+                    (None, Some(_)) => pointer.check_signature(trusted).is_ok(),
+                    // Unsigned or forged: the load refuses it, saying why.
+                    _ => false,
+                };
+                if !trusted.is_empty() && older {
+                    tracing::warn!(service = %entry.key, "an older service pointer put back refused");
+                    self.events
+                        .emit(
+                            "desired.refused",
+                            json!({ "bucket": provis_core::storage::BUCKET_SERVICES, "key": entry.key, "reason": "an older value put back" }),
+                        )
+                        .await;
+                    return;
+                }
                 self.pointers.insert(entry.key, pointer);
             }
             Err(err) => {
