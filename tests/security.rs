@@ -420,22 +420,69 @@ async fn the_call_policy_from_git_says_which_operator_may_call_what() {
     }
 
     // A policy written straight into the bucket, signed by mallory, is not taken up.
-    let forged = provis_core::call_auth::SignedPolicy::sign(
-        toml::from_str(&format!("[[operator]]\nname = \"m\"\nkey = \"{}\"\n[[operator.allow]]\nroles = [\"*\"]\nservices = [\"*\"]\nmethods = [\"*\"]\n", mallory.public_key())).expect("policy"),
+    let forged_policy: provis_core::call_auth::CallPolicy = toml::from_str(&format!("[[operator]]\nname = \"m\"\nkey = \"{}\"\n[[operator.allow]]\nroles = [\"*\"]\nservices = [\"*\"]\nmethods = [\"*\"]\n", mallory.public_key())).expect("policy");
+    let forged = provis_core::signed_entry::sign(
+        "provis_config",
+        "policy",
+        &forged_policy,
         &mallory,
-    );
+        i64::MAX / 2,
+    )
+    .expect("signed");
     let kv = async_nats::jetstream::new(nats.clone())
         .get_key_value("provis_config")
         .await
         .expect("kv");
-    kv.put("policy", serde_json::to_vec(&forged).expect("json").into())
-        .await
-        .expect("put");
+    kv.put("policy", forged.into()).await.expect("put");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let err = outcome(as_caller(Some("mallory")), "sys.ping")
         .await
         .expect_err("still refused");
     assert!(err.contains("does not trust"), "{err}");
+
+    // A newer policy drops bob; the older one, put back by having JetStream
+    // copy it (as any reader can), is not taken up again.
+    let genuine = kv.history("policy").await.expect("history");
+    let genuine: Vec<_> = futures::TryStreamExt::try_collect(genuine)
+        .await
+        .expect("history");
+    // The oldest revision is the master's first policy (mallory's came after).
+    let first = genuine.first().expect("the master's first policy").revision;
+    let alice_only = policy
+        .split("\n\n")
+        .next()
+        .expect("alice's part")
+        .to_owned();
+    let newer = repo
+        .commit(
+            "bob leaves",
+            &counter_repository(&[("policy.toml", &alice_only)]),
+        )
+        .expect("commit");
+    fleet.ask_master("sync", &json!({})).await.expect("sync");
+    provis_testkit::eventually("bob is refused", Duration::from_secs(20), || async {
+        let status = fleet
+            .ask_master("status", &json!({}))
+            .await
+            .unwrap_or_default();
+        status["applied"]["commit"] == newer
+            && outcome(as_caller(Some("bob")), "sys.ping").await.is_err()
+    })
+    .await
+    .expect("the newer policy is taken up");
+    nats.publish_with_reply(
+        "$JS.API.DIRECT.GET.KV_provis_config",
+        "$KV.provis_config.policy",
+        json!({ "seq": first }).to_string().into(),
+    )
+    .await
+    .expect("sent");
+    nats.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let err = outcome(as_caller(Some("bob")), "sys.ping")
+        .await
+        .expect_err("the older policy is not taken up again");
+    assert!(err.contains("does not trust"), "bob is no longer known: {err}");
 }
 
 /// A config repository whose every minion holds `web`, which runs `counter`

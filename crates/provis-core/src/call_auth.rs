@@ -117,39 +117,6 @@ pub struct Grant {
     pub methods: Vec<String>,
 }
 
-/// The policy as it travels in `provis_config/policy`: signed by the
-/// master, so a minion takes it only from a key it pins.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SignedPolicy {
-    pub policy: CallPolicy,
-    pub signer: String,
-    pub signature: String,
-}
-
-impl SignedPolicy {
-    fn message(policy: &CallPolicy) -> Vec<u8> {
-        let mut message = b"provis-policy-v1:".to_vec();
-        message.extend(serde_json::to_vec(policy).unwrap_or_default());
-        message
-    }
-
-    pub fn sign(policy: CallPolicy, identity: &Identity) -> Self {
-        let signature = identity.sign(&Self::message(&policy));
-        Self {
-            policy,
-            signer: identity.public_key().to_owned(),
-            signature,
-        }
-    }
-
-    /// The policy, when one of `trusted` signed it.
-    pub fn verified(self, trusted: &[String]) -> Option<CallPolicy> {
-        (trusted.contains(&self.signer)
-            && verify(&self.signer, &Self::message(&self.policy), &self.signature))
-        .then_some(self.policy)
-    }
-}
-
 impl CallPolicy {
     /// Checks every key parses; returns the problems.
     pub fn problems(&self) -> Vec<String> {

@@ -22,7 +22,7 @@ use futures::StreamExt as _;
 use provis_core::bus_access::{
     BusPermissions, CALLOUT_SUBJECT, FLEET_ACCOUNT, SYSTEM_ACCOUNT, SYSTEM_USER,
 };
-use provis_core::call_auth::SignedPolicy;
+use provis_core::call_auth::CallPolicy;
 use provis_core::identity::{DerivedKey, Identity, public_key_of_nkey};
 use provis_core::storage::BUCKET_CONFIG;
 use provis_core::{MinionId, Subjects, event, nats_jwt};
@@ -362,23 +362,39 @@ impl Gatekeeper {
     /// master) admitted as operators, for as long as the master runs.
     pub async fn follow_policy(self: Arc<Self>, js: async_nats::jetstream::Context) {
         let trusted = vec![self.master_key.clone()];
+        let mut held: Option<i64> = None;
         loop {
             if let Ok(store) = js.get_key_value(BUCKET_CONFIG).await
                 && let Ok(mut entries) = store.watch_with_history("policy").await
             {
                 while let Some(Ok(entry)) = entries.next().await {
-                    let operators: HashMap<String, String> = (entry.operation == Operation::Put)
-                        .then(|| serde_json::from_slice::<SignedPolicy>(&entry.value).ok())
-                        .flatten()
-                        .and_then(|signed| signed.verified(&trusted))
-                        .map(|policy| {
-                            policy
-                                .operator
-                                .into_iter()
-                                .map(|operator| (operator.key, operator.name))
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    let policy = if entry.operation == Operation::Put {
+                        match provis_core::signed_entry::open::<CallPolicy>(
+                            BUCKET_CONFIG,
+                            "policy",
+                            &entry.value,
+                            &trusted,
+                        )
+                        .and_then(|opened| opened.not_older_than(held))
+                        {
+                            Ok(opened) => {
+                                held = opened.written_at_ms.or(held);
+                                opened.value
+                            }
+                            Err(err) => {
+                                // Copied, forged or put back: the operators stay.
+                                tracing::warn!(error = %err, "call policy entry refused");
+                                continue;
+                            }
+                        }
+                    } else {
+                        CallPolicy::default()
+                    };
+                    let operators: HashMap<String, String> = policy
+                        .operator
+                        .into_iter()
+                        .map(|operator| (operator.key, operator.name))
+                        .collect();
                     *self
                         .policy_operators
                         .write()

@@ -301,9 +301,24 @@ impl DesiredState {
                 .await
                 .map_err(|e| e.to_string()),
             Some(policy) => {
-                let signed =
-                    provis_core::call_auth::SignedPolicy::sign(policy.clone(), &self.identity);
-                match serde_json::to_vec(&signed) {
+                let current = self.config.get("policy").await.ok().flatten();
+                let current = current.as_deref();
+                if provis_core::signed_entry::holds(
+                    BUCKET_CONFIG,
+                    "policy",
+                    current,
+                    policy,
+                    Some(self.identity.public_key()),
+                ) {
+                    return;
+                }
+                match provis_core::signed_entry::sign(
+                    BUCKET_CONFIG,
+                    "policy",
+                    policy,
+                    &self.identity,
+                    provis_core::signed_entry::next_written_at(current, now_unix_ms()),
+                ) {
                     Ok(value) => self
                         .config
                         .put("policy", value.into())
