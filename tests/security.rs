@@ -482,7 +482,10 @@ async fn the_call_policy_from_git_says_which_operator_may_call_what() {
     let err = outcome(as_caller(Some("bob")), "sys.ping")
         .await
         .expect_err("the older policy is not taken up again");
-    assert!(err.contains("does not trust"), "bob is no longer known: {err}");
+    assert!(
+        err.contains("does not trust"),
+        "bob is no longer known: {err}"
+    );
 }
 
 /// A config repository whose every minion holds `web`, which runs `counter`
