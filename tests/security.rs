@@ -10,7 +10,7 @@ use prost::Message as _;
 use provis_bundle::{PackedBundle, ServicePointer};
 use provis_core::identity::Identity;
 use provis_core::{CallRequest, CallTarget};
-use provis_testkit::{GitRepo, TestFleet, run_to_end, write_files};
+use provis_testkit::{GitRepo, ServerRefusals, TestFleet, run_to_end, write_files};
 use serde_json::{Value, json};
 
 fn provis() -> &'static Path {
@@ -701,20 +701,9 @@ async fn the_server_refuses_what_an_identity_has_no_right_to() {
     operator.flush().await.expect("flush");
 
     // Someone holding web-1's key (web-1 compromised) connects as web-1.
-    let key = Identity::load(&fleet.minion_data_dir("web-1").join("minion.key")).expect("key");
-    let (violations_tx, mut violations) = tokio::sync::mpsc::unbounded_channel();
-    let rogue = fleet
-        .context()
-        .connect_options_as("rogue", &key)
-        .user_and_password("web-1".into(), String::new())
-        .event_callback(move |event| {
-            let violations_tx = violations_tx.clone();
-            async move {
-                if let async_nats::Event::ServerError(err) = event {
-                    let _ = violations_tx.send(err.to_string());
-                }
-            }
-        })
+    let (options, mut refusals) =
+        ServerRefusals::watch(fleet.minion_options("web-1").expect("web-1's key"));
+    let rogue = options
         .connect(fleet.nats().url())
         .await
         .expect("web-1's key is admitted as web-1");
@@ -763,27 +752,17 @@ async fn the_server_refuses_what_an_identity_has_no_right_to() {
         .expect("publish");
     rogue.flush().await.expect("flush");
 
-    let mut refused = Vec::new();
-    while refused.len() < 6 {
-        match tokio::time::timeout(Duration::from_secs(5), violations.recv()).await {
-            Ok(Some(violation)) => refused.push(violation),
-            _ => break,
-        }
-    }
-    let all = refused.join("\n");
-    for subject in [
-        "provis.state.web-2",
-        "provis.event.master.minion.accepted",
-        "provis.event.web-2.service.failed",
-        "$KV.provis_minions.web-2",
-        "provis.minion.web-2.call",
-        "_INBOX.>",
-    ] {
-        assert!(
-            all.contains("Permissions Violation") && all.contains(subject),
-            "nats-server refuses {subject}: {all}"
-        );
-    }
+    refusals
+        .expect(&[
+            "provis.state.web-2",
+            "provis.event.master.minion.accepted",
+            "provis.event.web-2.service.failed",
+            "$KV.provis_minions.web-2",
+            "provis.minion.web-2.call",
+            "_INBOX.>",
+        ])
+        .await
+        .expect("nats-server itself refuses each");
     // Nothing forged arrived: the marker (sent last) came, nothing before it from the rogue.
     let seen = tokio::time::timeout(Duration::from_secs(5), async {
         let mut forged = Vec::new();
@@ -1121,32 +1100,21 @@ async fn an_operator_known_only_from_the_policy_may_call_but_not_change_the_flee
         identity: Some(bob_key.clone()),
         ..fleet.context().clone()
     };
-    let (violations_tx, mut violations) = tokio::sync::mpsc::unbounded_channel();
-    let connect_bob = || {
-        let violations_tx = violations_tx.clone();
-        as_bob
-            .connect_options_as("bob", &Identity::load(&bob_key).expect("key"))
-            .connection_timeout(Duration::from_secs(2))
-            .event_callback(move |event| {
-                let violations_tx = violations_tx.clone();
-                async move {
-                    if let async_nats::Event::ServerError(err) = event {
-                        let _ = violations_tx.send(err.to_string());
-                    }
-                }
-            })
-            .connect(fleet.nats().url())
-    };
     // Admitted once the master has taken up the policy from git.
     let mut admitted = None;
     for _ in 0..100 {
-        if let Ok(connection) = connect_bob().await {
-            admitted = Some(connection);
+        let (options, refusals) = ServerRefusals::watch(
+            as_bob
+                .connect_options_as("bob", &Identity::load(&bob_key).expect("key"))
+                .connection_timeout(Duration::from_secs(2)),
+        );
+        if let Ok(connection) = options.connect(fleet.nats().url()).await {
+            admitted = Some((connection, refusals));
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let nats = admitted.expect("bob is admitted once the policy is taken up");
+    let (nats, mut refusals) = admitted.expect("bob is admitted once the policy is taken up");
     let client = provis_core::Client::new(nats.clone(), fleet.subjects(), "operator:bob")
         .with_signer(Identity::load(&bob_key).expect("key"));
     let ping = CallRequest::parse_function("sys.ping", Value::Null, Duration::from_secs(2))
@@ -1201,21 +1169,14 @@ async fn an_operator_known_only_from_the_policy_may_call_but_not_change_the_flee
     .await;
     assert!(!matches!(token, Ok(Ok(_))), "bob cannot issue tokens");
     nats.flush().await.expect("flush");
-    let mut refused = Vec::new();
-    while refused.len() < 3 {
-        match tokio::time::timeout(Duration::from_secs(5), violations.recv()).await {
-            Ok(Some(violation)) => refused.push(violation),
-            _ => break,
-        }
-    }
-    let all = refused.join("\n");
-    for subject in [
-        "$KV.provis_assignments.m1",
-        "$O.provis_bundles.C.x",
-        "provis.master.enroll.token",
-    ] {
-        assert!(all.contains(subject), "refused {subject}: {all}");
-    }
+    refusals
+        .expect(&[
+            "$KV.provis_assignments.m1",
+            "$O.provis_bundles.C.x",
+            "provis.master.enroll.token",
+        ])
+        .await
+        .expect("nats-server itself refuses each");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1267,31 +1228,21 @@ async fn a_desired_state_entry_copied_under_another_key_is_refused() {
     // web-1, compromised, has the server copy db-1's assignment (signed by
     // the master, for db-1) under web-3's key: a read it may make, with a
     // reply subject nats-server does not check.
-    let key = Identity::load(&fleet.minion_data_dir("web-1").join("minion.key")).expect("key");
     let rogue = fleet
-        .context()
-        .connect_options_as("rogue", &key)
-        .user_and_password("web-1".into(), String::new())
+        .minion_options("web-1")
+        .expect("web-1's key")
         .connect(fleet.nats().url())
         .await
         .expect("web-1's key is admitted");
-    rogue
-        .publish_with_reply(
-            "$JS.API.DIRECT.GET.KV_provis_assignments",
-            "$KV.provis_assignments.web-3",
-            json!({ "last_by_subj": "$KV.provis_assignments.db-1" })
-                .to_string()
-                .into(),
-        )
-        .await
-        .expect("sent");
-    rogue.flush().await.expect("flush");
-    let event = tokio::time::timeout(Duration::from_secs(10), refused.next())
-        .await
-        .expect("web-3 says it refused an entry")
-        .expect("message");
-    let event: Value = serde_json::from_slice(&event.payload).expect("json");
-    assert_eq!(event["data"]["bucket"], "provis_assignments", "{event}");
+    let refusal = copy_and_expect_refusal(
+        &rogue,
+        "KV_provis_assignments",
+        json!({ "last_by_subj": "$KV.provis_assignments.db-1" }),
+        "$KV.provis_assignments.web-3",
+        &mut refused,
+    )
+    .await;
+    assert_eq!(refusal["bucket"], "provis_assignments", "{refusal}");
     // web-3 keeps its own assignment and its service.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(version(&fleet, "web-3").await, Some(json!("1")));
@@ -1317,25 +1268,19 @@ async fn a_desired_state_entry_copied_under_another_key_is_refused() {
     .await
     .expect("newer assignment");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    rogue
-        .publish_with_reply(
-            "$JS.API.DIRECT.GET.KV_provis_assignments",
-            "$KV.provis_assignments.web-3",
-            json!({ "seq": first }).to_string().into(),
-        )
-        .await
-        .expect("sent");
-    rogue.flush().await.expect("flush");
-    let event = tokio::time::timeout(Duration::from_secs(10), refused.next())
-        .await
-        .expect("web-3 refuses the older assignment")
-        .expect("message");
-    let event: Value = serde_json::from_slice(&event.payload).expect("json");
+    let refusal = copy_and_expect_refusal(
+        &rogue,
+        "KV_provis_assignments",
+        json!({ "seq": first }),
+        "$KV.provis_assignments.web-3",
+        &mut refused,
+    )
+    .await;
     assert!(
-        event["data"]["reason"]
+        refusal["reason"]
             .as_str()
             .is_some_and(|r| r.contains("older value put back")),
-        "{event}"
+        "{refusal}"
     );
 
     // The same for a service: version 2 published, version 1's pointer (as
@@ -1365,21 +1310,43 @@ async fn a_desired_state_entry_copied_under_another_key_is_refused() {
     })
     .await
     .expect("web-3 takes version 2");
+    let refusal = copy_and_expect_refusal(
+        &rogue,
+        "KV_provis_services",
+        json!({ "seq": v1 }),
+        "$KV.provis_services.counter",
+        &mut refused,
+    )
+    .await;
+    assert_eq!(refusal["bucket"], "provis_services", "{refusal}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(version(&fleet, "web-3").await, Some(json!("2")));
+}
+
+/// Has JetStream copy the message `which` picks from `stream` onto the
+/// subject `onto` — a read `rogue` may make, with a reply subject nats-server
+/// does not check — and returns the data of the `desired.refused` event that
+/// follows on `refused`.
+async fn copy_and_expect_refusal(
+    rogue: &async_nats::Client,
+    stream: &str,
+    which: Value,
+    onto: &str,
+    refused: &mut async_nats::Subscriber,
+) -> Value {
     rogue
         .publish_with_reply(
-            "$JS.API.DIRECT.GET.KV_provis_services",
-            "$KV.provis_services.counter",
-            json!({ "seq": v1 }).to_string().into(),
+            format!("$JS.API.DIRECT.GET.{stream}"),
+            onto.to_owned(),
+            which.to_string().into(),
         )
         .await
         .expect("sent");
     rogue.flush().await.expect("flush");
     let event = tokio::time::timeout(Duration::from_secs(10), refused.next())
         .await
-        .expect("web-3 refuses the older pointer")
+        .unwrap_or_else(|_| panic!("no desired.refused after a copy onto {onto}"))
         .expect("message");
     let event: Value = serde_json::from_slice(&event.payload).expect("json");
-    assert_eq!(event["data"]["bucket"], "provis_services", "{event}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(version(&fleet, "web-3").await, Some(json!("2")));
+    event["data"].clone()
 }

@@ -119,6 +119,17 @@ impl TestFleet {
         Ok(provis_core::client::connect_nats(&self.context, "provis-test").await?)
     }
 
+    /// Connection options as minion `id`, with its own key from its data
+    /// dir: what someone who took over that minion's machine can do.
+    pub fn minion_options(&self, id: &str) -> anyhow::Result<async_nats::ConnectOptions> {
+        let key =
+            provis_core::identity::Identity::load(&self.minion_data_dir(id).join("minion.key"))?;
+        Ok(self
+            .context
+            .connect_options_as(&format!("as-{id}"), &key)
+            .user_and_password(id.to_owned(), String::new()))
+    }
+
     /// A one-time enrollment token from the master.
     pub async fn enrollment_token(&self) -> anyhow::Result<String> {
         let answer = self

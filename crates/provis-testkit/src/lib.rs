@@ -11,11 +11,13 @@ mod fleet;
 mod git;
 mod nats;
 mod process;
+mod refusals;
 
 pub use fleet::TestFleet;
 pub use git::GitRepo;
 pub use nats::NatsServer;
 pub use process::ProvisProcess;
+pub use refusals::ServerRefusals;
 
 /// Waits until `ready` holds, polling every 25 ms, or fails after `timeout`.
 pub async fn eventually<F, Fut>(
