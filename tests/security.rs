@@ -347,13 +347,10 @@ async fn the_call_policy_from_git_says_which_operator_may_call_what() {
     let mut fleet = TestFleet::start_with(|config| config.repository = Some(source))
         .await
         .expect("fleet");
-    let master_key = fleet.ask_master("ping", &json!({})).await.expect("ping")["public_key"]
-        .as_str()
-        .expect("key")
-        .to_owned();
-    let mut config = fleet.minion_config("m1", &[]).expect("config");
-    config.trusted_bundle_keys = vec![master_key];
-    fleet.add_minion_with(config).await.expect("m1");
+    fleet
+        .add_minion_pinning_master("m1", &[])
+        .await
+        .expect("m1");
 
     let nats = fleet.nats().connect().await.expect("nats");
     // Callers by the name of their key file (none: an unsigned caller).
@@ -1088,13 +1085,10 @@ async fn an_operator_known_only_from_the_policy_may_call_but_not_change_the_flee
     let mut fleet = TestFleet::start_secured_with(|config| config.repository = Some(source))
         .await
         .expect("fleet");
-    let master_key = fleet.ask_master("ping", &json!({})).await.expect("ping")["public_key"]
-        .as_str()
-        .expect("key")
-        .to_owned();
-    let mut config = fleet.minion_config("m1", &[]).expect("config");
-    config.trusted_bundle_keys = vec![master_key];
-    fleet.add_minion_with(config).await.expect("m1");
+    fleet
+        .add_minion_pinning_master("m1", &[])
+        .await
+        .expect("m1");
 
     let as_bob = provis_core::FleetContext {
         identity: Some(bob_key.clone()),
@@ -1193,14 +1187,11 @@ async fn a_desired_state_entry_copied_under_another_key_is_refused() {
     let mut fleet = TestFleet::start_secured_with(|config| config.repository = Some(source))
         .await
         .expect("fleet");
-    let master_key = fleet.ask_master("ping", &json!({})).await.expect("ping")["public_key"]
-        .as_str()
-        .expect("key")
-        .to_owned();
     for id in ["web-1", "web-3", "db-1"] {
-        let mut config = fleet.minion_config(id, &[]).expect("config");
-        config.trusted_bundle_keys = vec![master_key.clone()];
-        fleet.add_minion_with(config).await.expect("minion");
+        fleet
+            .add_minion_pinning_master(id, &[])
+            .await
+            .expect("minion");
     }
     provis_testkit::eventually("web-3 runs counter", Duration::from_secs(20), || async {
         version(&fleet, "web-3").await == Some(json!("1"))

@@ -186,6 +186,22 @@ impl TestFleet {
         self.wait_live(&[id]).await
     }
 
+    /// Starts a minion that runs only what the master signed (it pins the
+    /// master's key, as read from `master.ping`) and waits until it is live.
+    pub async fn add_minion_pinning_master(
+        &mut self,
+        id: &str,
+        roles: &[&str],
+    ) -> anyhow::Result<()> {
+        let ping = self.ask_master("ping", &serde_json::json!({})).await?;
+        let master_key = ping["public_key"]
+            .as_str()
+            .with_context(|| format!("no public key in the master's ping: {ping}"))?;
+        let mut config = self.minion_config(id, roles)?;
+        config.trusted_bundle_keys = vec![master_key.to_owned()];
+        self.add_minion_with(config).await
+    }
+
     /// Starts `count` minions in this process, `sim0000`, `sim0001`, …, with
     /// `roles`, sharing `connections` NATS connections: the same minion code
     /// as a real fleet, many per process, for scale tests and benchmarks.
