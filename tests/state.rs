@@ -363,7 +363,9 @@ async fn provis_events_lists_and_follows_the_fleet_s_events() {
     fleet.stop_minion("m1").await;
     let stdout = follower.stdout.take().expect("stdout");
     let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
-    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+    // Generous: a follower whose first pull got lost recovers only after its
+    // consumer misses heartbeats (seconds); a healthy run takes well under one.
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
         .await
         .expect("an event in time")
         .expect("read")
