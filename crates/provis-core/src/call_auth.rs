@@ -117,6 +117,54 @@ pub struct Grant {
     pub methods: Vec<String>,
 }
 
+/// Follows the fleet's call policy (`provis_config/policy`) for as long as
+/// it runs, handing `take` each policy one of `trusted` signed for that key,
+/// none older than the one taken (`None` when the policy is removed). A
+/// refused entry (forged, copied, put back) is logged and changes nothing;
+/// with no trusted key at all no policy can be told genuine, so only
+/// removals are passed on.
+pub async fn follow_policy(
+    js: async_nats::jetstream::Context,
+    trusted: Vec<String>,
+    mut take: impl FnMut(Option<CallPolicy>) + Send,
+) {
+    use futures::StreamExt as _;
+    let bucket = crate::storage::BUCKET_CONFIG;
+    let mut held: Option<i64> = None;
+    loop {
+        if let Ok(store) = js.get_key_value(bucket).await
+            && let Ok(mut entries) = store.watch_with_history("policy").await
+        {
+            while let Some(Ok(entry)) = entries.next().await {
+                if entry.operation != async_nats::jetstream::kv::Operation::Put {
+                    take(None);
+                    continue;
+                }
+                if trusted.is_empty() {
+                    continue;
+                }
+                match crate::signed_entry::open::<CallPolicy>(
+                    bucket,
+                    "policy",
+                    &entry.value,
+                    &trusted,
+                )
+                .and_then(|opened| opened.not_older_than(held))
+                {
+                    Ok(opened) => {
+                        held = opened.written_at_ms.or(held);
+                        take(Some(opened.value));
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "call policy refused; keeping the previous one");
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 impl CallPolicy {
     /// Checks every key parses; returns the problems.
     pub fn problems(&self) -> Vec<String> {

@@ -17,14 +17,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-use async_nats::jetstream::kv::Operation;
 use futures::StreamExt as _;
 use provis_core::bus_access::{
     BusPermissions, CALLOUT_SUBJECT, FLEET_ACCOUNT, SYSTEM_ACCOUNT, SYSTEM_USER,
 };
-use provis_core::call_auth::CallPolicy;
 use provis_core::identity::{DerivedKey, Identity, public_key_of_nkey};
-use provis_core::storage::BUCKET_CONFIG;
 use provis_core::{MinionId, Subjects, event, nats_jwt};
 use serde_json::{Value, json};
 
@@ -362,47 +359,20 @@ impl Gatekeeper {
     /// master) admitted as operators, for as long as the master runs.
     pub async fn follow_policy(self: Arc<Self>, js: async_nats::jetstream::Context) {
         let trusted = vec![self.master_key.clone()];
-        let mut held: Option<i64> = None;
-        loop {
-            if let Ok(store) = js.get_key_value(BUCKET_CONFIG).await
-                && let Ok(mut entries) = store.watch_with_history("policy").await
-            {
-                while let Some(Ok(entry)) = entries.next().await {
-                    let policy = if entry.operation == Operation::Put {
-                        match provis_core::signed_entry::open::<CallPolicy>(
-                            BUCKET_CONFIG,
-                            "policy",
-                            &entry.value,
-                            &trusted,
-                        )
-                        .and_then(|opened| opened.not_older_than(held))
-                        {
-                            Ok(opened) => {
-                                held = opened.written_at_ms.or(held);
-                                opened.value
-                            }
-                            Err(err) => {
-                                // Copied, forged or put back: the operators stay.
-                                tracing::warn!(error = %err, "call policy entry refused");
-                                continue;
-                            }
-                        }
-                    } else {
-                        CallPolicy::default()
-                    };
-                    let operators: HashMap<String, String> = policy
-                        .operator
-                        .into_iter()
-                        .map(|operator| (operator.key, operator.name))
-                        .collect();
-                    *self
-                        .policy_operators
-                        .write()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = operators;
-                }
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+        let gatekeeper = self.clone();
+        provis_core::call_auth::follow_policy(js, trusted, move |policy| {
+            let operators: HashMap<String, String> = policy
+                .unwrap_or_default()
+                .operator
+                .into_iter()
+                .map(|operator| (operator.key, operator.name))
+                .collect();
+            *gatekeeper
+                .policy_operators
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = operators;
+        })
+        .await;
     }
 }
 
