@@ -80,8 +80,10 @@ async fn main() -> anyhow::Result<()> {
             );
             // async-nats holds at most 5,000 unacknowledged publishes.
             if acks.len() >= 4_000 {
-                while acks.len() > 2_000 {
-                    acks.pop_front().expect("ack").await?;
+                while acks.len() > 2_000
+                    && let Some(ack) = acks.pop_front()
+                {
+                    ack.await?;
                 }
             }
         }
@@ -123,7 +125,10 @@ async fn main() -> anyhow::Result<()> {
     let mut messages = raw.messages().await?;
     let mut read = 0;
     while read < total {
-        messages.next().await.expect("a message")?;
+        messages
+            .next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("the stream ended after {read} messages"))??;
         read += 1;
     }
     let raw_read = started.elapsed().as_secs_f64();

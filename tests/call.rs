@@ -1,5 +1,6 @@
 //! End-to-end: `provis call` and the minion's call path through a real
 //! nats-server, with minions as real `provis` processes.
+#![cfg(test)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -1,4 +1,5 @@
 //! End-to-end: the `provis` command line itself — its errors, and `provis up`.
+#![cfg(test)]
 
 use std::path::Path;
 use std::process::Stdio;

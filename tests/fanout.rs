@@ -1,5 +1,6 @@
 //! End-to-end: selecting minions and fanning calls out at fleet scale —
 //! percent, count, where, batches, and minions that misbehave.
+#![cfg(test)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};

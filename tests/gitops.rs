@@ -1,6 +1,7 @@
 //! End-to-end: desired state from git. The master follows a real git
 //! repository; commits apply, broken commits are rejected, reverts roll back,
 //! roles and settings change on the fly.
+#![cfg(test)]
 
 use std::path::Path;
 use std::time::Duration;

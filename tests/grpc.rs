@@ -1,5 +1,6 @@
 //! End-to-end: the minion's local gRPC API, every call of it, against a real
 //! minion process.
+#![cfg(test)]
 
 use std::path::Path;
 use std::time::Duration;

@@ -1,6 +1,7 @@
 //! End-to-end: identities and signed bundles. A minion that pins keys runs
 //! only bundles one of them signed; anything else is refused, an event says
 //! why, and the version it had keeps serving.
+#![cfg(test)]
 
 use std::path::Path;
 use std::time::Duration;

@@ -1,5 +1,6 @@
 //! End-to-end: injected services through a real nats-server — publish, load,
 //! call over NATS and gRPC, hot reload under load, refusals, persistence.
+#![cfg(test)]
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,5 +1,6 @@
 //! End-to-end: state samples, the master's index, `provis query` and
 //! `provis events`, through a real nats-server and JetStream.
+#![cfg(test)]
 
 use std::path::Path;
 use std::time::Duration;

@@ -89,12 +89,8 @@ impl FleetContext {
         name: &str,
         identity: &crate::identity::Identity,
     ) -> async_nats::ConnectOptions {
-        let seed = identity
-            .nkey()
-            .seed()
-            .expect("a key pair built from a seed has one");
         self.connect_options(name)
-            .nkey(seed)
+            .nkey(identity.nkey_seed().to_owned())
             .custom_inbox_prefix(crate::bus_access::inbox_prefix(&identity.nkey_public()))
     }
 

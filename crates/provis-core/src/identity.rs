@@ -39,7 +39,12 @@ pub enum IdentityError {
 pub struct Identity {
     pair: Ed25519KeyPair,
     public_key: String,
-    seed: [u8; 32],
+    /// The same key as a NATS user nkey, and its seed in NATS's encoding.
+    nkey: nkeys::KeyPair,
+    nkey_seed: String,
+    /// Keys derived from this one, made once when the key is read.
+    callout_issuer: nkeys::KeyPair,
+    callout_service: nkeys::KeyPair,
 }
 
 /// What a key derived from an identity is for: each purpose gets its own
@@ -132,37 +137,39 @@ impl Identity {
             return Err(not_a_key());
         }
         let public_key = format!("{PUBLIC_PREFIX}{}", hex(pair.public_key().as_ref()));
+        let nkey_seed = nkey.seed().map_err(|_| not_a_key())?;
+        let derive = |purpose| derive_key(&seed, purpose).map_err(|_| not_a_key());
         Ok(Self {
             pair,
             public_key,
-            seed,
+            callout_issuer: derive(DerivedKey::CalloutIssuer)?,
+            callout_service: derive(DerivedKey::CalloutService)?,
+            nkey,
+            nkey_seed,
         })
     }
 
     /// This identity as a NATS user nkey (same key, NATS's encoding).
-    pub fn nkey(&self) -> nkeys::KeyPair {
-        nkeys::KeyPair::new_from_raw(nkeys::KeyPairType::User, self.seed)
-            .expect("a 32-byte seed is always a key")
+    pub fn nkey(&self) -> &nkeys::KeyPair {
+        &self.nkey
+    }
+
+    /// The nkey seed (`SU…`) NATS clients connect with: as secret as the key.
+    pub fn nkey_seed(&self) -> &str {
+        &self.nkey_seed
     }
 
     /// The public nkey (`U…`) NATS sees this identity as.
     pub fn nkey_public(&self) -> String {
-        self.nkey().public_key()
+        self.nkey.public_key()
     }
 
-    /// A key derived from this one for `purpose` (sha256 of a purpose label
-    /// and the seed, so it is reproducible and yet a different key).
-    pub fn derived(&self, purpose: DerivedKey) -> nkeys::KeyPair {
-        let (label, kind): (&[u8], _) = match purpose {
-            DerivedKey::CalloutIssuer => (b"provis callout issuer", nkeys::KeyPairType::Account),
-            DerivedKey::CalloutService => (b"provis callout service", nkeys::KeyPairType::User),
-        };
-        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-        context.update(label);
-        context.update(&self.seed);
-        let mut seed = [0u8; 32];
-        seed.copy_from_slice(context.finish().as_ref());
-        nkeys::KeyPair::new_from_raw(kind, seed).expect("a 32-byte seed is always a key")
+    /// The key derived from this one for `purpose`.
+    pub fn derived(&self, purpose: DerivedKey) -> &nkeys::KeyPair {
+        match purpose {
+            DerivedKey::CalloutIssuer => &self.callout_issuer,
+            DerivedKey::CalloutService => &self.callout_service,
+        }
     }
 
     /// The public key, as others pin it: `ed25519:<hex>`.
@@ -174,6 +181,21 @@ impl Identity {
     pub fn sign(&self, message: &[u8]) -> String {
         hex(self.pair.sign(message).as_ref())
     }
+}
+
+/// The key for `purpose` derived from `seed`: sha256 of a purpose label and
+/// the seed, so it is reproducible and yet a different key.
+fn derive_key(seed: &[u8; 32], purpose: DerivedKey) -> Result<nkeys::KeyPair, nkeys::error::Error> {
+    let (label, kind): (&[u8], _) = match purpose {
+        DerivedKey::CalloutIssuer => (b"provis callout issuer", nkeys::KeyPairType::Account),
+        DerivedKey::CalloutService => (b"provis callout service", nkeys::KeyPairType::User),
+    };
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    context.update(label);
+    context.update(seed);
+    let mut derived = [0u8; 32];
+    derived.copy_from_slice(context.finish().as_ref());
+    nkeys::KeyPair::new_from_raw(kind, derived)
 }
 
 /// Where the public half of the key at `path` is written.

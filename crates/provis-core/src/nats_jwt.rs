@@ -25,10 +25,12 @@ pub enum JwtError {
     Signature,
     #[error("the JWT expired")]
     Expired,
+    #[error("the issuer key cannot sign (it holds no seed)")]
+    CannotSign,
 }
 
 /// Signs `claims` (an object; `iss`, `iat` and `jti` are filled in) with `issuer`.
-pub fn encode(mut claims: Value, issuer: &nkeys::KeyPair) -> String {
+pub fn encode(mut claims: Value, issuer: &nkeys::KeyPair) -> Result<String, JwtError> {
     let now = crate::envelope::now_unix_ms() / 1000;
     claims["iss"] = json!(issuer.public_key());
     claims["iat"] = json!(now);
@@ -44,8 +46,8 @@ pub fn encode(mut claims: Value, issuer: &nkeys::KeyPair) -> String {
     );
     let signature = issuer
         .sign(signed.as_bytes())
-        .expect("a key pair built from a seed can sign");
-    format!("{signed}.{}", BASE64URL_NOPAD.encode(&signature))
+        .map_err(|_| JwtError::CannotSign)?;
+    Ok(format!("{signed}.{}", BASE64URL_NOPAD.encode(&signature)))
 }
 
 /// The claims of `token`, once its header, signature (by its own `iss`) and

@@ -1,4 +1,5 @@
 //! The sandbox against real QuickJS: methods, failures, limits and the host API.
+#![cfg(test)]
 
 use std::path::Path;
 use std::sync::Arc;

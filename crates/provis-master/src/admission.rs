@@ -73,7 +73,7 @@ impl Gatekeeper {
         Self {
             master_nkey: master.nkey_public(),
             master_key: master.public_key().to_owned(),
-            issuer: master.derived(DerivedKey::CalloutIssuer),
+            issuer: master.derived(DerivedKey::CalloutIssuer).clone(),
             subjects,
             configured_operators: operators,
             policy_operators: RwLock::default(),
@@ -158,12 +158,17 @@ impl Gatekeeper {
                         + i64::try_from(SESSION_LIFETIME.as_secs()).unwrap_or(i64::MAX);
                     claims["exp"] = json!(expires);
                 }
-                let user = nats_jwt::encode(claims, &self.issuer);
-                response["nats"]["jwt"] = json!(user);
+                match nats_jwt::encode(claims, &self.issuer) {
+                    Ok(user) => response["nats"]["jwt"] = json!(user),
+                    Err(err) => response["nats"]["error"] = json!(err.to_string()),
+                }
             }
             Err(reason) => response["nats"]["error"] = json!(reason),
         }
-        nats_jwt::encode(response, &self.issuer)
+        nats_jwt::encode(response, &self.issuer).unwrap_or_else(|err| {
+            tracing::error!(error = %err, "auth callout answer cannot be signed");
+            String::new()
+        })
     }
 
     /// The request's claims, when a NATS server signed them for the callout.
