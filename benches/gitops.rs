@@ -10,7 +10,6 @@
 use std::time::{Duration, Instant};
 
 use provis_testkit::{GitRepo, TestFleet, eventually};
-use serde_json::json;
 
 fn commit(repo: &GitRepo, version: usize) -> anyhow::Result<String> {
     repo.commit(
@@ -34,13 +33,17 @@ fn commit(repo: &GitRepo, version: usize) -> anyhow::Result<String> {
 }
 
 async fn all_converged(fleet: &TestFleet, commit: &str, count: usize) -> bool {
-    let Ok(status) = fleet.ask_master("status", &json!({})).await else {
+    let Ok(master) = fleet.master().await else {
         return false;
     };
-    status["applied"]["commit"] == commit
-        && status["minions"]
-            .as_array()
-            .is_some_and(|m| m.len() >= count && m.iter().all(|m| m["converged"] == true))
+    let Ok(status) = master.status().await else {
+        return false;
+    };
+    status
+        .applied
+        .is_some_and(|applied| applied.commit == commit)
+        && status.minions.len() >= count
+        && status.minions.iter().all(|m| m.converged)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -74,8 +77,11 @@ async fn main() -> anyhow::Result<()> {
         for version in 2..7 {
             let head = commit(&repo, version)?;
             let started = Instant::now();
-            let answer = fleet.ask_master("sync", &json!({})).await?;
-            assert_eq!(answer["outcome"], "applied", "{answer}");
+            let answer = fleet.master().await?.sync().await?;
+            anyhow::ensure!(
+                answer.outcome == provis_core::master_api::SyncOutcome::Applied,
+                "{answer:?}"
+            );
             let applied = started.elapsed();
             eventually("convergence", Duration::from_secs(300), || {
                 all_converged(&fleet, &head, n)

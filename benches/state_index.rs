@@ -100,10 +100,13 @@ async fn main() -> anyhow::Result<()> {
         "the live index took every sample",
         Duration::from_secs(600),
         || async {
-            fleet
-                .ask_master("stats", &json!({}))
-                .await
-                .is_ok_and(|s| s["counters"]["accepted"].as_i64() >= Some(total))
+            match fleet.master().await {
+                Ok(master) => master
+                    .stats(false)
+                    .await
+                    .is_ok_and(|s| i64::try_from(s.counters.accepted).unwrap_or(0) >= total),
+                Err(_) => false,
+            }
         },
     )
     .await?;
@@ -137,46 +140,55 @@ async fn main() -> anyhow::Result<()> {
     let rss_before = rss_mb();
     fleet.restart_master().await?;
     eventually("the index is rebuilt", Duration::from_secs(600), || async {
-        fleet
-            .ask_master("stats", &json!({}))
-            .await
-            .is_ok_and(|s| s["rebuild"].is_object())
+        match fleet.master().await {
+            Ok(master) => master.stats(false).await.is_ok_and(|s| s.rebuild.is_some()),
+            Err(_) => false,
+        }
     })
     .await?;
-    let stats = fleet.ask_master("stats", &json!({})).await?;
-    let rebuild = stats["rebuild"]["seconds"].as_f64().unwrap_or(f64::NAN);
+    let stats = fleet.master().await?.stats(false).await?;
+    let rebuild = stats.rebuild.map_or(f64::NAN, |r| r.seconds);
     println!(
         "rebuild from the stream: {rebuild:.1} s for {} samples; bare read of the same stream {raw_read:.1} s ({:.2}x)",
-        stats["rebuild"]["samples"],
+        stats.rebuild.map_or(0, |r| r.samples),
         rebuild / raw_read
     );
     println!(
         "index memory: ~{:.0} MB of history (estimate); process RSS {rss_before:.0} MB before the restart, {:.0} MB after",
-        stats["approximate_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        stats.approximate_bytes as f64 / 1e6,
         rss_mb()
     );
 
+    use provis_core::master_api::{QueryMode, QueryRequest};
+    let master = fleet.master().await?;
+    let question = |expression: &str, mode, window_ms| QueryRequest {
+        expression: expression.to_owned(),
+        mode,
+        window_ms,
+        page: Default::default(),
+    };
+    let week = days * 86_400_000;
     for (name, request) in [
         (
             "latest: state.disk.free_pct < 10.0",
-            json!({ "expression": "state.disk.free_pct < 10.0", "mode": "latest" }),
+            question("state.disk.free_pct < 10.0", QueryMode::Latest, 0),
         ),
         (
             "--for 7d: state.disk.free_pct < 10.0",
-            json!({ "expression": "state.disk.free_pct < 10.0", "mode": "for", "window_ms": days * 86_400_000 }),
+            question("state.disk.free_pct < 10.0", QueryMode::For, week),
         ),
         (
             "--any 7d: state.mem.free_pct < 12.0",
-            json!({ "expression": "state.mem.free_pct < 12.0", "mode": "any", "window_ms": days * 86_400_000 }),
+            question("state.mem.free_pct < 12.0", QueryMode::Any, week),
         ),
     ] {
         let mut latencies = Vec::new();
         let mut matched = 0;
         for _ in 0..30 {
             let started = Instant::now();
-            let answer = fleet.ask_master("query", &request).await?;
+            let answer = master.query(request.clone()).await?;
             latencies.push(started.elapsed().as_secs_f64() * 1e3);
-            matched = answer["matches"].as_array().map_or(0, Vec::len);
+            matched = answer.matches.len();
         }
         let (p50, p99) = provis_testkit::p50_p99(latencies);
         println!("{name:40} p50 {p50:7.1} ms  p99 {p99:7.1} ms  ({matched} of {minions} match)");

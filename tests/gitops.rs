@@ -67,14 +67,17 @@ async fn converged_on(fleet: &TestFleet, commit: &str) {
         &format!("every minion converged on {commit}"),
         Duration::from_secs(20),
         || async {
-            let status = fleet
-                .ask_master("status", &json!({}))
-                .await
-                .unwrap_or_default();
-            status["applied"]["commit"] == commit
-                && status["minions"]
-                    .as_array()
-                    .is_some_and(|m| !m.is_empty() && m.iter().all(|m| m["converged"] == true))
+            let Ok(master) = fleet.master().await else {
+                return false;
+            };
+            let Ok(status) = master.status().await else {
+                return false;
+            };
+            status
+                .applied
+                .is_some_and(|applied| applied.commit == commit)
+                && !status.minions.is_empty()
+                && status.minions.iter().all(|m| m.converged)
         },
     )
     .await

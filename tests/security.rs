@@ -208,11 +208,8 @@ async fn the_master_signs_what_it_applies_from_git() {
     let mut fleet = TestFleet::start_with(|config| config.repository = Some(source))
         .await
         .expect("fleet");
-    let ping = fleet.ask_master("ping", &json!({})).await.expect("ping");
-    let master_key = ping["public_key"]
-        .as_str()
-        .expect("the master's public key")
-        .to_owned();
+    let master = fleet.master().await.expect("master client");
+    let master_key = master.ping().await.expect("ping").public_key;
     let mut config = fleet.minion_config("m1", &[]).expect("config");
     config.trusted_bundle_keys = vec![master_key];
     fleet.add_minion_with(config).await.expect("m1");
@@ -220,11 +217,9 @@ async fn the_master_signs_what_it_applies_from_git() {
         "m1 runs the signed bundle",
         Duration::from_secs(20),
         || async {
-            let status = fleet
-                .ask_master("status", &json!({}))
-                .await
-                .unwrap_or_default();
-            status["applied"]["commit"] == commit && version(&fleet, "m1").await == Some(json!("1"))
+            let applied = applied_commit(&fleet).await;
+            applied.as_deref() == Some(commit.as_str())
+                && version(&fleet, "m1").await == Some(json!("1"))
         },
     )
     .await
@@ -385,11 +380,7 @@ async fn the_call_policy_from_git_says_which_operator_may_call_what() {
         "m1 converged and follows the policy",
         Duration::from_secs(20),
         || async {
-            let status = fleet
-                .ask_master("status", &json!({}))
-                .await
-                .unwrap_or_default();
-            status["applied"]["commit"] == commit
+            applied_commit(&fleet).await.as_deref() == Some(commit.as_str())
                 && outcome(as_caller(Some("alice")), "counter.version").await == Ok(json!("1"))
         },
     )
@@ -457,13 +448,9 @@ async fn the_call_policy_from_git_says_which_operator_may_call_what() {
             &counter_repository(&[("policy.toml", &alice_only)]),
         )
         .expect("commit");
-    fleet.ask_master("sync", &json!({})).await.expect("sync");
+    sync(&fleet).await;
     provis_testkit::eventually("bob is refused", Duration::from_secs(20), || async {
-        let status = fleet
-            .ask_master("status", &json!({}))
-            .await
-            .unwrap_or_default();
-        status["applied"]["commit"] == newer
+        applied_commit(&fleet).await.as_deref() == Some(newer.as_str())
             && outcome(as_caller(Some("bob")), "sys.ping").await.is_err()
     })
     .await
@@ -1241,14 +1228,17 @@ async fn a_desired_state_entry_copied_under_another_key_is_refused() {
 
     // Rolled back: web-3 gets a newer assignment (role db added), then the
     // rogue has the older one, signed for web-3 itself, put back.
-    let answer = fleet
-        .ask_master(
-            "role",
-            &json!({ "op": "assign", "minion": "web-3", "role": "db" }),
-        )
+    fleet
+        .master()
+        .await
+        .expect("master client")
+        .change_role(&provis_core::master_api::RoleRequest {
+            op: provis_core::master_api::RoleOp::Assign,
+            minion: "web-3".parse().expect("id"),
+            role: Some("db".parse().expect("role")),
+        })
         .await
         .expect("role assign");
-    assert!(answer.get("error").is_none(), "{answer}");
     provis_testkit::eventually("web-3 holds db too", Duration::from_secs(20), || async {
         assignments
             .entry("web-3")
@@ -1296,7 +1286,7 @@ async fn a_desired_state_entry_copied_under_another_key_is_refused() {
         }
     }
     repo.commit("counter 2", &v2_files).expect("commit");
-    fleet.ask_master("sync", &json!({})).await.expect("sync");
+    sync(&fleet).await;
     provis_testkit::eventually("web-3 runs counter 2", Duration::from_secs(20), || async {
         version(&fleet, "web-3").await == Some(json!("2"))
     })
@@ -1341,4 +1331,21 @@ async fn copy_and_expect_refusal(
         .expect("message");
     let event: Value = serde_json::from_slice(&event.payload).expect("json");
     event["data"].clone()
+}
+
+/// The commit the master applied, if any.
+async fn applied_commit(fleet: &TestFleet) -> Option<String> {
+    let master = fleet.master().await.ok()?;
+    master
+        .status()
+        .await
+        .ok()?
+        .applied
+        .map(|applied| applied.commit)
+}
+
+/// Asks the master to fetch its repository and apply what is new.
+async fn sync(fleet: &TestFleet) {
+    let master = fleet.master().await.expect("master client");
+    master.sync().await.expect("sync");
 }

@@ -62,10 +62,9 @@ async fn wait_indexed(fleet: &TestFleet, accepted: u64) {
         &format!("{accepted} samples indexed"),
         Duration::from_secs(15),
         || async {
-            fleet
-                .ask_master("stats", &json!({}))
+            stats(fleet, false)
                 .await
-                .is_ok_and(|s| s["counters"]["accepted"].as_u64() >= Some(accepted))
+                .is_some_and(|s| s.counters.accepted >= accepted)
         },
     )
     .await
@@ -181,11 +180,16 @@ async fn bad_samples_are_kept_out_counted_and_harm_nothing() {
         .await
         .expect("publish");
     wait_indexed(&fleet, 2).await;
-    let stats = fleet.ask_master("stats", &json!({})).await.expect("stats");
+    let stats = stats(&fleet, false).await.expect("stats");
     assert_eq!(
-        stats["counters"],
-        json!({ "accepted": 2, "malformed": 2, "out_of_window": 2, "rate_limited": 49 }),
-        "{stats}"
+        stats.counters,
+        provis_core::master_api::IndexCounters {
+            accepted: 2,
+            malformed: 2,
+            out_of_window: 2,
+            rate_limited: 49
+        },
+        "{stats:?}"
     );
 
     // The far-future sample is kept out of windows: "clock" never had low memory.
@@ -222,27 +226,20 @@ async fn a_master_restart_rebuilds_the_same_index() {
             .expect("publish");
     }
     wait_indexed(&fleet, 90).await;
-    let before = fleet
-        .ask_master("stats", &json!({"fingerprint": true}))
-        .await
-        .expect("stats");
+    let before = stats(&fleet, true).await.expect("stats");
     let (_, answer_before, _) = query(&fleet, &["state.mem.free_pct < 10.0", "--any", "40s"]);
     fleet.restart_master().await.expect("restart");
     eventually("the index is rebuilt", Duration::from_secs(15), || async {
-        fleet
-            .ask_master("stats", &json!({}))
+        stats(&fleet, false)
             .await
-            .is_ok_and(|s| s["rebuild"].is_object())
+            .is_some_and(|s| s.rebuild.is_some())
     })
     .await
     .expect("rebuilt");
-    let after = fleet
-        .ask_master("stats", &json!({"fingerprint": true}))
-        .await
-        .expect("stats");
-    assert!(before["fingerprint"].is_string());
-    assert_eq!(before["fingerprint"], after["fingerprint"]);
-    assert_eq!(before["counters"], after["counters"]);
+    let after = stats(&fleet, true).await.expect("stats");
+    assert!(before.fingerprint.is_some());
+    assert_eq!(before.fingerprint, after.fingerprint);
+    assert_eq!(before.counters, after.counters);
     let (_, answer_after, _) = query(&fleet, &["state.mem.free_pct < 10.0", "--any", "40s"]);
     assert_eq!(
         ids(&answer_before["matches"]),
@@ -375,4 +372,12 @@ async fn provis_events_lists_and_follows_the_fleet_s_events() {
         line.contains("m1") && line.contains("minion.offline"),
         "{line}"
     );
+}
+
+/// The master's state index in numbers, if it answers.
+async fn stats(
+    fleet: &TestFleet,
+    fingerprint: bool,
+) -> Option<provis_core::master_api::IndexStats> {
+    fleet.master().await.ok()?.stats(fingerprint).await.ok()
 }

@@ -12,6 +12,8 @@ use crate::fleet_args::FleetArgs;
 
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
+    #[command(flatten)]
+    pub fleet: FleetArgs,
     /// The config repository (roles/, services/, assignments.toml)
     dir: PathBuf,
     /// Sign the bundles with this private key (see `provis keys create`)
@@ -30,6 +32,6 @@ pub async fn run(fleet: &FleetArgs, args: ApplyArgs) -> anyhow::Result<ExitCode>
         signer.as_ref(),
     )
     .await?;
-    println!("{}", serde_json::to_string_pretty(&summary)?);
+    outln!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(ExitCode::SUCCESS)
 }

@@ -24,6 +24,8 @@ pub struct BundleArgs {
 pub enum ServiceCommand {
     /// Check, pack and publish service folders; minions whose roles name them load the new version
     Publish {
+        #[command(flatten)]
+        fleet: FleetArgs,
         /// Service folders
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
@@ -32,7 +34,10 @@ pub enum ServiceCommand {
         signing_key: Option<PathBuf>,
     },
     /// List the published services
-    List,
+    List {
+        #[command(flatten)]
+        fleet: FleetArgs,
+    },
 }
 
 /// Packs and checks a folder: the manifest, every module compiles, every import resolves.
@@ -47,7 +52,7 @@ pub fn pack_checked(dir: &std::path::Path) -> anyhow::Result<(PackedBundle, Vec<
 pub async fn run_bundle(args: BundleArgs) -> anyhow::Result<ExitCode> {
     let (bundle, methods) = pack_checked(&args.dir)?;
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "name": bundle.manifest.name,
@@ -59,11 +64,13 @@ pub async fn run_bundle(args: BundleArgs) -> anyhow::Result<ExitCode> {
             }))?
         );
     } else {
-        println!(
+        outln!(
             "{} {} {}",
-            bundle.manifest.name, bundle.manifest.version, bundle.digest
+            bundle.manifest.name,
+            bundle.manifest.version,
+            bundle.digest
         );
-        println!(
+        outln!(
             "  {} files, {} bytes; methods: {}",
             bundle.files.len(),
             bundle.bytes.len(),
@@ -73,11 +80,16 @@ pub async fn run_bundle(args: BundleArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn run_service(fleet: &FleetArgs, command: ServiceCommand) -> anyhow::Result<ExitCode> {
+pub async fn run_service(command: ServiceCommand) -> anyhow::Result<ExitCode> {
+    let fleet = match &command {
+        ServiceCommand::Publish { fleet, .. } | ServiceCommand::List { fleet } => fleet,
+    };
     let client = fleet.client().await?;
     let store = BundleStore::open(&async_nats::jetstream::new(client.nats().clone())).await?;
     match command {
-        ServiceCommand::Publish { dirs, signing_key } => {
+        ServiceCommand::Publish {
+            dirs, signing_key, ..
+        } => {
             let signer = crate::keys::signer(signing_key.as_deref())?;
             // Check every folder before publishing any.
             let bundles = dirs
@@ -86,20 +98,25 @@ pub async fn run_service(fleet: &FleetArgs, command: ServiceCommand) -> anyhow::
                 .collect::<anyhow::Result<Vec<_>>>()?;
             for (bundle, _) in bundles {
                 let pointer = store.publish(&bundle, signer.as_ref()).await?;
-                println!(
+                outln!(
                     "published {} {} {}",
-                    pointer.name, pointer.version, pointer.digest
+                    pointer.name,
+                    pointer.version,
+                    pointer.digest
                 );
             }
         }
-        ServiceCommand::List => {
+        ServiceCommand::List { .. } => {
             let pointers = provis_core::kv_snapshot::read_all(store.pointers()).await?;
-            println!("{:16}  {:10}  {:73}  SIZE", "SERVICE", "VERSION", "DIGEST");
+            outln!("{:16}  {:10}  {:73}  SIZE", "SERVICE", "VERSION", "DIGEST");
             for value in pointers.values() {
                 match serde_json::from_slice::<ServicePointer>(value) {
-                    Ok(p) => println!(
+                    Ok(p) => outln!(
                         "{:16}  {:10}  {:73}  {}",
-                        p.name, p.version, p.digest, p.size
+                        p.name,
+                        p.version,
+                        p.digest,
+                        p.size
                     ),
                     Err(err) => eprintln!("provis: unreadable service pointer: {err}"),
                 }

@@ -32,6 +32,8 @@ const PROGRESS_THRESHOLD: usize = 20;
   provis call --subject role.web site.enable --batch 25% --batch-wait 10s --stop-on-failure 10
   provis call --minion m1 --minion m2 sys.ping '{\"hello\": 1}'")]
 pub struct CallArgs {
+    #[command(flatten)]
+    pub fleet: FleetArgs,
     /// Target as a subject: `role.<role>[.<sub-role>…]`, `minion.<id>` or `all`
     #[arg(long)]
     subject: Option<String>,
@@ -208,7 +210,7 @@ pub async fn run(fleet: &FleetArgs, args: CallArgs) -> anyhow::Result<ExitCode> 
             .await?;
         let mut printer = LivePrinter::new(args.output, selection.chosen.len());
         if args.output == Output::Table {
-            println!(
+            outln!(
                 "# selected {}: {}",
                 selection.chosen.len(),
                 selection.reason
@@ -220,16 +222,16 @@ pub async fn run(fleet: &FleetArgs, args: CallArgs) -> anyhow::Result<ExitCode> 
             })
             .await
             .with_context(|| format!("calling {} on {}", args.function, target.describe()))?;
-        printer.finish();
+        printer.finish()?;
         report
     };
     match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Ndjson => println!(
+        Output::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Ndjson => outln!(
             "{}",
             json!({ "summary": report.summary, "selection": report.selection })
         ),
-        Output::Table => print_table(&report, &target, args.timeout),
+        Output::Table => print_table(&report, &target, args.timeout)?,
     }
     Ok(if report.all_ok() {
         ExitCode::SUCCESS
@@ -243,6 +245,9 @@ pub async fn run(fleet: &FleetArgs, args: CallArgs) -> anyhow::Result<ExitCode> 
 struct LivePrinter {
     output: Output,
     bar: Option<indicatif::ProgressBar>,
+    /// Why a line could not be written (stdout closed): the call goes on,
+    /// the printing does not.
+    failed: Option<std::io::Error>,
 }
 
 impl LivePrinter {
@@ -260,12 +265,19 @@ impl LivePrinter {
             );
             bar
         });
-        Self { output, bar }
+        Self {
+            output,
+            bar,
+            failed: None,
+        }
     }
 
     fn reply(&mut self, reply: &MinionReply) {
-        if self.output == Output::Ndjson {
-            println!("{}", serde_json::to_string(reply).unwrap_or_default());
+        if self.output == Output::Ndjson && self.failed.is_none() {
+            let line = serde_json::to_string(reply).unwrap_or_default();
+            if let Err(err) = crate::output::write_line(format_args!("{line}")) {
+                self.failed = Some(err);
+            }
         }
         if let Some(bar) = &self.bar {
             bar.inc(1);
@@ -275,14 +287,15 @@ impl LivePrinter {
         }
     }
 
-    fn finish(&mut self) {
+    fn finish(&mut self) -> std::io::Result<()> {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
+        self.failed.take().map_or(Ok(()), Err)
     }
 }
 
-fn print_table(report: &CallReport, target: &CallTarget, timeout: Duration) {
+fn print_table(report: &CallReport, target: &CallTarget, timeout: Duration) -> std::io::Result<()> {
     let width = report
         .replies
         .iter()
@@ -290,7 +303,7 @@ fn print_table(report: &CallReport, target: &CallTarget, timeout: Duration) {
         .max()
         .unwrap_or(0)
         .max("MINION".len());
-    println!("{:width$}  {:8}  {:>9}  RESULT", "MINION", "STATUS", "TIME");
+    outln!("{:width$}  {:8}  {:>9}  RESULT", "MINION", "STATUS", "TIME");
     for reply in &report.replies {
         let status = match reply.status {
             ReplyStatus::Ok => "ok",
@@ -309,7 +322,7 @@ fn print_table(report: &CallReport, target: &CallTarget, timeout: Duration) {
             }
             (None, None, _) => format!("no reply within {}", humantime::format_duration(timeout)),
         };
-        println!("{:width$}  {status:8}  {time:>9}  {detail}", reply.minion);
+        outln!("{:width$}  {status:8}  {time:>9}  {detail}", reply.minion);
     }
     let s = report.summary;
     let skipped = if s.skipped > 0 {
@@ -322,7 +335,7 @@ fn print_table(report: &CallReport, target: &CallTarget, timeout: Duration) {
     } else {
         String::new()
     };
-    println!(
+    outln!(
         "{} selected ({}){batches}: {} ok, {} error, {} no reply{skipped}",
         s.selected,
         target.describe(),
@@ -330,6 +343,7 @@ fn print_table(report: &CallReport, target: &CallTarget, timeout: Duration) {
         s.error,
         s.no_reply
     );
+    Ok(())
 }
 
 /// Calls each named minion through its local gRPC API, found in the registry

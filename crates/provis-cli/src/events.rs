@@ -22,6 +22,8 @@ use crate::output::Output;
   provis events --follow --type 'service.*'
   provis events --minion m1 --type minion.offline --output json")]
 pub struct EventsArgs {
+    #[command(flatten)]
+    pub fleet: FleetArgs,
     /// Keep printing events as they happen
     #[arg(long)]
     follow: bool,
@@ -84,8 +86,8 @@ pub async fn run(fleet: &FleetArgs, args: EventsArgs) -> anyhow::Result<ExitCode
             continue;
         }
         match args.output {
-            Output::Json => println!("{}", serde_json::to_string(&event)?),
-            Output::Table => println!(
+            Output::Json => outln!("{}", serde_json::to_string(&event)?),
+            Output::Table => outln!(
                 "{}  {:10}  {:24}  {}",
                 event.time,
                 event.subject,

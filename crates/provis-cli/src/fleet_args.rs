@@ -1,10 +1,13 @@
-//! The options every subcommand shares: where the fleet is. A flag or env var
-//! wins over the context file that `provis up` writes, which wins over defaults.
+//! The options of every subcommand that talks to a fleet: where the fleet
+//! is. A flag or env var wins over the context file that `provis up`
+//! writes, which wins over defaults. Commands that do not talk to a fleet
+//! (`provis bundle`, `provis keys create`) do not take them.
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Args;
+use provis_core::master_api::MasterClient;
 use provis_core::{FleetContext, Prefix};
 
 #[derive(Debug, Clone, Args)]
@@ -72,6 +75,15 @@ impl FleetArgs {
             nats,
             provis_core::Subjects::new(fleet.prefix),
             operator_identity(),
+        ))
+    }
+
+    /// A client of the fleet's master, as this operator.
+    pub async fn master(&self) -> anyhow::Result<MasterClient> {
+        let client = self.client().await?;
+        Ok(MasterClient::new(
+            client.nats().clone(),
+            client.subjects().clone(),
         ))
     }
 }

@@ -10,10 +10,9 @@ use anyhow::Context as _;
 use clap::Subcommand;
 use provis_core::MinionId;
 use provis_core::identity::{Identity, public_path};
-use serde_json::json;
+use provis_core::master_api::{Decision, EnrollDecision, EnrollmentStatus};
 
 use crate::fleet_args::{FleetArgs, operator_identity};
-use crate::status::ask_master;
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
@@ -32,25 +31,39 @@ pub enum KeysCommand {
     },
     /// The fleet's minions by enrollment status (pending ones wait for `accept`)
     Pending {
+        #[command(flatten)]
+        fleet: FleetArgs,
         /// Every known minion, not only pending ones
         #[arg(long)]
         all: bool,
     },
     /// Admit a pending minion: it connects within seconds
     Accept {
+        #[command(flatten)]
+        fleet: FleetArgs,
         minion: MinionId,
         /// Only if it asked with this key (as `provis keys pending` shows it)
         #[arg(long)]
         key: Option<String>,
     },
     /// Refuse a pending minion's key for good
-    Reject { minion: MinionId },
+    Reject {
+        #[command(flatten)]
+        fleet: FleetArgs,
+        minion: MinionId,
+    },
     /// Cut a minion off: its connections close within seconds and every
     /// attempt after is refused (and an event)
-    Revoke { minion: MinionId },
+    Revoke {
+        #[command(flatten)]
+        fleet: FleetArgs,
+        minion: MinionId,
+    },
     /// Issue a one-time enrollment token: a new minion started with it
     /// (--enrollment-token) is accepted at once
     Token {
+        #[command(flatten)]
+        fleet: FleetArgs,
         /// How long the token is valid, e.g. 1h, 30m
         #[arg(long, default_value = "1h")]
         ttl: humantime::Duration,
@@ -79,56 +92,66 @@ pub fn signer(path: Option<&Path>) -> anyhow::Result<Option<Identity>> {
     .transpose()
 }
 
-pub async fn run(fleet: &FleetArgs, command: KeysCommand) -> anyhow::Result<ExitCode> {
-    let decide = |minion: MinionId, decision: &str| json!({ "minion": minion, "decision": decision, "by": operator_identity() });
+/// An operator's decision on `minion`, recorded as made by this operator.
+fn decision(minion: MinionId, decision: Decision, key: Option<String>) -> EnrollDecision {
+    EnrollDecision {
+        minion,
+        decision,
+        by: Some(operator_identity()),
+        key,
+    }
+}
+
+pub async fn run(command: KeysCommand) -> anyhow::Result<ExitCode> {
     match command {
-        KeysCommand::Pending { all } => {
-            let answer = ask_master(fleet, "enroll.list", &json!({})).await?;
-            let minions = answer["minions"].as_array().cloned().unwrap_or_default();
-            let shown: Vec<_> = minions
-                .iter()
-                .filter(|m| all || m["status"] == "pending")
-                .collect();
-            if shown.is_empty() {
+        KeysCommand::Pending { fleet, all } => {
+            let status = (!all).then_some(EnrollmentStatus::Pending);
+            let records = fleet.master().await?.enrollments(status).await?;
+            if records.is_empty() {
                 eprintln!("no {}minions", if all { "" } else { "pending " });
             }
-            for minion in shown {
-                println!(
+            for record in records {
+                let status = serde_json::to_value(record.status)?;
+                outln!(
                     "{:20}  {:8}  {}  {}",
-                    minion["minion"].as_str().unwrap_or_default(),
-                    minion["status"].as_str().unwrap_or_default(),
-                    minion["key"].as_str().unwrap_or_default(),
-                    minion["host"].as_str().unwrap_or_default(),
+                    record.minion,
+                    status.as_str().unwrap_or_default(),
+                    record.key,
+                    record.host,
                 );
             }
         }
-        KeysCommand::Accept { minion, key } => {
-            let mut body = decide(minion.clone(), "accept");
-            body["key"] = json!(key);
-            ask_master(fleet, "enroll.decide", &body).await?;
+        KeysCommand::Accept { fleet, minion, key } => {
+            let master = fleet.master().await?;
+            master
+                .decide_enrollment(&decision(minion.clone(), Decision::Accept, key))
+                .await?;
             eprintln!("{minion} accepted; it connects at its next attempt");
         }
-        KeysCommand::Reject { minion } => {
-            ask_master(fleet, "enroll.decide", &decide(minion.clone(), "reject")).await?;
+        KeysCommand::Reject { fleet, minion } => {
+            let master = fleet.master().await?;
+            master
+                .decide_enrollment(&decision(minion.clone(), Decision::Reject, None))
+                .await?;
             eprintln!("{minion} rejected");
         }
-        KeysCommand::Revoke { minion } => {
-            let answer =
-                ask_master(fleet, "enroll.decide", &decide(minion.clone(), "revoke")).await?;
+        KeysCommand::Revoke { fleet, minion } => {
+            let master = fleet.master().await?;
+            let decided = master
+                .decide_enrollment(&decision(minion.clone(), Decision::Revoke, None))
+                .await?;
             eprintln!(
                 "{minion} revoked; {} live connection(s) closed",
-                answer["disconnected"].as_u64().unwrap_or(0)
+                decided.disconnected
             );
         }
-        KeysCommand::Token { ttl, minion } => {
-            let ttl_s = ttl.as_secs().max(1);
-            let answer = ask_master(
-                fleet,
-                "enroll.token",
-                &json!({ "ttl_s": ttl_s, "minion": minion }),
-            )
-            .await?;
-            println!("{}", answer["token"].as_str().unwrap_or_default());
+        KeysCommand::Token { fleet, ttl, minion } => {
+            let answer = fleet
+                .master()
+                .await?
+                .enrollment_token(ttl.into(), minion)
+                .await?;
+            outln!("{}", answer.token);
             eprintln!(
                 "one-time enrollment token, valid for {ttl}: start a new minion with --enrollment-token"
             );
@@ -136,7 +159,7 @@ pub async fn run(fleet: &FleetArgs, command: KeysCommand) -> anyhow::Result<Exit
         KeysCommand::Create { name, dir } => {
             let path = keys_dir(dir).join(format!("{name}.key"));
             let identity = Identity::create(&path)?;
-            println!("{}", identity.public_key());
+            outln!("{}", identity.public_key());
             eprintln!(
                 "private key written to {} (mode 0600); public key in {}",
                 path.display(),
@@ -158,8 +181,8 @@ pub async fn run(fleet: &FleetArgs, command: KeysCommand) -> anyhow::Result<Exit
                     .map(|s| s.to_string_lossy().into_owned())
                     .unwrap_or_default();
                 match Identity::load(&path) {
-                    Ok(identity) => println!("{name:16}  {}", identity.public_key()),
-                    Err(err) => println!("{name:16}  unreadable: {err}"),
+                    Ok(identity) => outln!("{name:16}  {}", identity.public_key()),
+                    Err(err) => outln!("{name:16}  unreadable: {err}"),
                 }
             }
         }

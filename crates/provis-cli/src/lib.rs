@@ -3,6 +3,9 @@
 //! 0 success, 1 a call where some minion failed or never replied, 2 bad usage
 //! or nothing to do (clap's own usage errors exit 2 as well).
 
+#[macro_use]
+mod output;
+
 mod apply;
 mod bundle;
 mod call;
@@ -10,7 +13,6 @@ mod events;
 mod fleet_args;
 mod keys;
 mod minions;
-mod output;
 mod query;
 mod serve;
 mod status;
@@ -20,14 +22,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use fleet_args::FleetArgs;
-
 /// Provision and operate fleets of machines over NATS.
 #[derive(Debug, Parser)]
 #[command(name = "provis", version, propagate_version = true)]
 struct Cli {
-    #[command(flatten)]
-    fleet: FleetArgs,
     /// Log filter, e.g. `debug` or `provis_minion=debug` [default: info for
     /// up, master and minion; warn for commands that print results]
     #[arg(long, env = "PROVIS_LOG", global = true)]
@@ -99,23 +97,27 @@ pub fn main() -> ExitCode {
     };
     let outcome = runtime.block_on(async move {
         match cli.command {
-            Command::Up(args) => up::run(&cli.fleet, args).await,
-            Command::Master(args) => serve::run_master(&cli.fleet, args).await,
-            Command::Minion(args) => serve::run_minion(&cli.fleet, args).await,
-            Command::Call(args) => call::run(&cli.fleet, args).await,
-            Command::Minions(args) => minions::run(&cli.fleet, args).await,
+            Command::Up(args) => up::run(&args.fleet.clone(), args).await,
+            Command::Master(args) => serve::run_master(&args.fleet.clone(), args).await,
+            Command::Minion(args) => serve::run_minion(&args.fleet.clone(), args).await,
+            Command::Call(args) => call::run(&args.fleet.clone(), args).await,
+            Command::Minions(args) => minions::run(&args.fleet.clone(), args).await,
             Command::Bundle(args) => bundle::run_bundle(args).await,
-            Command::Service(command) => bundle::run_service(&cli.fleet, command).await,
-            Command::Apply(args) => apply::run(&cli.fleet, args).await,
-            Command::Query(args) => query::run(&cli.fleet, args).await,
-            Command::Events(args) => events::run(&cli.fleet, args).await,
-            Command::Status(args) => status::run_status(&cli.fleet, args).await,
-            Command::Role(command) => status::run_role(&cli.fleet, command).await,
-            Command::Keys(command) => keys::run(&cli.fleet, command).await,
+            Command::Service(command) => bundle::run_service(command).await,
+            Command::Apply(args) => apply::run(&args.fleet.clone(), args).await,
+            Command::Query(args) => query::run(&args.fleet.clone(), args).await,
+            Command::Events(args) => events::run(&args.fleet.clone(), args).await,
+            Command::Status(args) => status::run_status(&args.fleet.clone(), args).await,
+            Command::Role(command) => status::run_role(command).await,
+            Command::Keys(command) => keys::run(command).await,
         }
     });
+    // Let the runtime's tasks end before the process does.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match outcome {
         Ok(code) => code,
+        // The reader of our output went away (`provis … | head -1`): done.
+        Err(err) if output::is_closed_stdout(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("provis: {err:#}");
             ExitCode::from(usage_or_failure(&err))
@@ -145,6 +147,12 @@ fn usage_or_failure(err: &anyhow::Error) -> u8 {
                 cause.downcast_ref::<provis_core::ClientError>(),
                 Some(provis_core::ClientError::Select(_))
             )
+            || cause
+                .downcast_ref::<provis_core::master_api::MasterApiError>()
+                .is_some_and(provis_core::master_api::MasterApiError::is_usage)
+            || cause
+                .downcast_ref::<provis_core::master_api::ApiError>()
+                .is_some_and(|err| err.kind == provis_core::master_api::ApiErrorKind::Usage)
     });
     if usage { 2 } else { 1 }
 }
@@ -162,6 +170,7 @@ impl std::fmt::Display for UsageError {
 impl std::error::Error for UsageError {}
 
 fn init_logging(filter: &str) {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -171,6 +180,8 @@ fn init_logging(filter: &str) {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                // Colour only for a person at a terminal, never into a file or pipe.
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_target(false),
         )
         .init();

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 use provis_core::envelope::now_unix_ms;
-use provis_core::registry::{self, MinionRecord, MinionStatus};
+use provis_core::registry::{MinionRecord, MinionStatus};
 use provis_core::selection::{Filter, Verdict};
 
 use crate::fleet_args::FleetArgs;
@@ -18,6 +18,8 @@ use crate::output::Output;
     after_help = "Examples:\n  provis minions\n  provis minions --where 'state.mem.free_pct < 10.0'\n  provis minions --where '\"web\" in roles' --output json"
 )]
 pub struct MinionsArgs {
+    #[command(flatten)]
+    pub fleet: FleetArgs,
     /// Only minions for which this CEL expression holds (see `provis call --help`)
     #[arg(long = "where", value_name = "EXPRESSION")]
     filter: Option<String>,
@@ -28,11 +30,15 @@ pub struct MinionsArgs {
 
 pub async fn run(fleet: &FleetArgs, args: MinionsArgs) -> anyhow::Result<ExitCode> {
     let filter = args.filter.as_deref().map(Filter::parse).transpose()?;
-    let client = fleet.client().await?;
-    let store = client.registry().await?;
-    let mut records = registry::read_all(&store)
+    let mut records: Vec<MinionRecord> = fleet
+        .master()
+        .await?
+        .minions()
         .await
-        .context("reading the registry")?;
+        .context("reading the registry")?
+        .into_iter()
+        .map(|entry| entry.record)
+        .collect();
     records.sort_by(|a, b| a.id.cmp(&b.id));
     if let Some(filter) = &filter {
         let mut kept = Vec::new();
@@ -44,17 +50,23 @@ pub async fn run(fleet: &FleetArgs, args: MinionsArgs) -> anyhow::Result<ExitCod
         records = kept;
     }
     match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&records)?),
-        Output::Table => print_table(&records),
+        Output::Json => outln!("{}", serde_json::to_string_pretty(&records)?),
+        Output::Table => print_table(&records)?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_table(records: &[MinionRecord]) {
+fn print_table(records: &[MinionRecord]) -> std::io::Result<()> {
     let now = now_unix_ms();
-    println!(
+    outln!(
         "{:12}  {:8}  {:16}  {:26}  {:>5}  {:>5}  {:>5}  LAST SEEN",
-        "MINION", "STATE", "ROLES", "SERVICES", "MEM%", "DISK%", "LOAD"
+        "MINION",
+        "STATE",
+        "ROLES",
+        "SERVICES",
+        "MEM%",
+        "DISK%",
+        "LOAD"
     );
     for record in records {
         let state = match record.status {
@@ -93,7 +105,7 @@ fn print_table(records: &[MinionRecord]) {
         let ago = Duration::from_secs(
             u64::try_from((now - record.heartbeat_unix_ms) / 1000).unwrap_or(0),
         );
-        println!(
+        outln!(
             "{:12}  {state:8}  {:16}  {:26}  {mem_free:>5}  {disk_free:>5}  {load:>5}  {} ago",
             record.id,
             roles.join(","),
@@ -105,5 +117,6 @@ fn print_table(records: &[MinionRecord]) {
             humantime::format_duration(ago)
         );
     }
-    println!("{} minions (MEM% and DISK% are free space)", records.len());
+    outln!("{} minions (MEM% and DISK% are free space)", records.len());
+    Ok(())
 }

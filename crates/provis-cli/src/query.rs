@@ -5,10 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgGroup, Args};
-use provis_master::query::{QueryAnswer, QueryMatch, QueryMode, QueryRequest};
+use provis_core::master_api::{QueryAnswer, QueryMatch, QueryMode, QueryRequest};
 use serde_json::Value;
 
-use crate::UsageError;
 use crate::fleet_args::FleetArgs;
 use crate::output::Output;
 
@@ -23,6 +22,8 @@ Examples:
   provis query 'state.load.one > 4.0 && \"db\" in roles' --any 24h --output json"
 )]
 pub struct QueryArgs {
+    #[command(flatten)]
+    pub fleet: FleetArgs,
     /// A CEL expression over id, roles, facts, state, labels and services
     expression: String,
     /// The expression held at every point of this window (e.g. 7d)
@@ -47,29 +48,12 @@ pub async fn run(fleet: &FleetArgs, args: QueryArgs) -> anyhow::Result<ExitCode>
         expression: args.expression.clone(),
         mode,
         window_ms: i64::try_from(window.as_millis()).unwrap_or(i64::MAX),
+        page: Default::default(),
     };
-    let client = fleet.client().await?;
-    let subject = client.subjects().master("query");
-    let reply = tokio::time::timeout(
-        Duration::from_secs(30),
-        client
-            .nats()
-            .request(subject, serde_json::to_vec(&request)?.into()),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("the master did not answer the query within 30 s"))?
-    .map_err(|err| anyhow::anyhow!("cannot ask the master ({err}); is a provis master running?"))?;
-    let body: Value = serde_json::from_slice(&reply.payload)?;
-    if let Some(error) = body["error"].as_str() {
-        if body["usage"] == true {
-            return Err(UsageError(error.to_owned()).into());
-        }
-        anyhow::bail!("{error}");
-    }
-    let answer: QueryAnswer = serde_json::from_value(body)?;
+    let answer = fleet.master().await?.query(request).await?;
     match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
-        Output::Table => print_table(&answer, mode, window),
+        Output::Json => outln!("{}", serde_json::to_string_pretty(&answer)?),
+        Output::Table => print_table(&answer, mode, window)?,
     }
     Ok(if answer.matches.is_empty() {
         ExitCode::from(1)
@@ -78,17 +62,22 @@ pub async fn run(fleet: &FleetArgs, args: QueryArgs) -> anyhow::Result<ExitCode>
     })
 }
 
-fn print_table(answer: &QueryAnswer, mode: QueryMode, window: Duration) {
-    println!(
+fn print_table(answer: &QueryAnswer, mode: QueryMode, window: Duration) -> std::io::Result<()> {
+    outln!(
         "{:12}  {:5}  {:>5}  {:>5}  {:>5}  {:>8}  NOTE",
-        "MINION", "LIVE", "MEM%", "DISK%", "LOAD", "COVERAGE"
+        "MINION",
+        "LIVE",
+        "MEM%",
+        "DISK%",
+        "LOAD",
+        "COVERAGE"
     );
-    let line = |m: &QueryMatch| {
+    let line = |m: &QueryMatch| -> std::io::Result<()> {
         let number = |v: &Value| {
             v.as_f64()
                 .map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"))
         };
-        println!(
+        outln!(
             "{:12}  {:5}  {:>5}  {:>5}  {:>5}  {:>8}  {}",
             m.minion,
             if m.live { "yes" } else { "no" },
@@ -101,9 +90,11 @@ fn print_table(answer: &QueryAnswer, mode: QueryMode, window: Duration) {
                 .map_or_else(|| "-".to_owned(), |c| format!("{c:.0}%")),
             m.note.as_deref().unwrap_or("")
         );
+        Ok(())
     };
-    answer.matches.iter().for_each(line);
-    answer.short_history.iter().for_each(line);
+    for m in answer.matches.iter().chain(&answer.short_history) {
+        line(m)?;
+    }
     let how = match mode {
         QueryMode::Latest => "now".to_owned(),
         QueryMode::For => format!("for all of the past {}", humantime::format_duration(window)),
@@ -120,16 +111,19 @@ fn print_table(answer: &QueryAnswer, mode: QueryMode, window: Duration) {
             answer.short_history.len()
         )
     };
-    println!(
+    outln!(
         "{} of {} minions match {how}{short}",
         answer.matches.len(),
         answer.considered
     );
     let c = answer.counters;
     if c.malformed + c.out_of_window + c.rate_limited > 0 {
-        println!(
+        outln!(
             "samples kept out of the index: {} malformed, {} out of window, {} too fast",
-            c.malformed, c.out_of_window, c.rate_limited
+            c.malformed,
+            c.out_of_window,
+            c.rate_limited
         );
     }
+    Ok(())
 }

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Args;
+use provis_core::master_api::SyncOutcome;
 use provis_core::{MinionId, RoleName};
 use provis_master::MasterConfig;
 use provis_minion::MinionConfig;
@@ -21,6 +22,8 @@ use crate::fleet_args::FleetArgs;
 
 #[derive(Debug, Args)]
 pub struct MasterArgs {
+    #[command(flatten)]
+    pub fleet: FleetArgs,
     /// Master settings file (TOML; see MasterConfig); reloaded on change or SIGHUP
     #[arg(long, env = "PROVIS_CONFIG", global = true)]
     config: Option<PathBuf>,
@@ -48,6 +51,9 @@ pub struct MasterArgs {
     /// New minions that may wait for acceptance at once [default: 1000]
     #[arg(long, env = "PROVIS_MAX_PENDING_MINIONS")]
     max_pending_minions: Option<u64>,
+    /// On stop, seconds that requests and an apply in flight may take to finish [default: 30]
+    #[arg(long, env = "PROVIS_DRAIN_TIMEOUT_S")]
+    drain_timeout_s: Option<u64>,
     #[command(subcommand)]
     action: Option<MasterAction>,
 }
@@ -95,12 +101,17 @@ impl MasterArgs {
         if let Some(n) = self.max_pending_minions {
             overrides.insert("max_pending_minions".into(), toml_int(n)?);
         }
+        if let Some(seconds) = self.drain_timeout_s {
+            overrides.insert("drain_timeout_s".into(), toml_int(seconds)?);
+        }
         Ok(overrides)
     }
 }
 
 #[derive(Debug, Args)]
 pub struct MinionArgs {
+    #[command(flatten)]
+    pub fleet: FleetArgs,
     /// Minion settings file (TOML; see MinionConfig)
     #[arg(long, env = "PROVIS_CONFIG")]
     config: Option<PathBuf>,
@@ -137,6 +148,9 @@ pub struct MinionArgs {
     /// One-time enrollment token (`provis keys token`): accepted at once on first connect
     #[arg(long, env = "PROVIS_ENROLLMENT_TOKEN")]
     enrollment_token: Option<String>,
+    /// On stop, seconds that calls in flight may take to finish and reply [default: 30]
+    #[arg(long, env = "PROVIS_DRAIN_TIMEOUT_S")]
+    drain_timeout_s: Option<u64>,
 }
 
 pub async fn run_master(fleet: &FleetArgs, args: MasterArgs) -> anyhow::Result<ExitCode> {
@@ -153,7 +167,7 @@ pub async fn run_master(fleet: &FleetArgs, args: MasterArgs) -> anyhow::Result<E
                 .unwrap_or_else(|| config.data_dir().join("master.key"));
             let identity = provis_core::identity::Identity::load_or_create(&path)
                 .with_context(|| format!("the master's key {}", path.display()))?;
-            print!("{}", provis_core::bus_access::server_auth_config(&identity));
+            out!("{}", provis_core::bus_access::server_auth_config(&identity));
             return Ok(ExitCode::SUCCESS);
         }
         None => {}
@@ -194,7 +208,7 @@ pub async fn run_master(fleet: &FleetArgs, args: MasterArgs) -> anyhow::Result<E
                         "nats_url, prefix, storage and state_bucket_s take effect at the next start"
                     );
                 }
-                master.reload(&new);
+                master.control().reload(&new);
                 tracing::info!(repository = ?new.repository, branch = %new.branch, poll_interval_s = new.poll_interval_s, "settings reloaded");
                 config = new;
             }
@@ -208,15 +222,14 @@ pub async fn run_master(fleet: &FleetArgs, args: MasterArgs) -> anyhow::Result<E
 }
 
 async fn sync_now(fleet: &FleetArgs) -> anyhow::Result<ExitCode> {
-    let answer = crate::status::ask_master(fleet, "sync", &serde_json::json!({})).await?;
-    println!("{}", serde_json::to_string_pretty(&answer)?);
-    Ok(
-        if answer.get("error").is_some() || answer["outcome"] == "rejected" {
-            ExitCode::from(1)
-        } else {
+    let answer = fleet.master().await?.sync().await?;
+    outln!("{}", serde_json::to_string_pretty(&answer)?);
+    Ok(match answer.outcome {
+        SyncOutcome::Rejected | SyncOutcome::RejectedBefore => ExitCode::from(1),
+        SyncOutcome::Applied | SyncOutcome::AlreadyApplied | SyncOutcome::Unchanged => {
             ExitCode::SUCCESS
-        },
-    )
+        }
+    })
 }
 
 pub async fn run_minion(fleet: &FleetArgs, args: MinionArgs) -> anyhow::Result<ExitCode> {
@@ -233,6 +246,9 @@ pub async fn run_minion(fleet: &FleetArgs, args: MinionArgs) -> anyhow::Result<E
     }
     if let Some(n) = args.max_concurrent_calls {
         overrides.insert("max_concurrent_calls".into(), toml_int(n as u64)?);
+    }
+    if let Some(seconds) = args.drain_timeout_s {
+        overrides.insert("drain_timeout_s".into(), toml_int(seconds)?);
     }
     if let Some(dir) = &args.data_dir {
         let dir = dir.to_str().context("--data-dir is not UTF-8")?;

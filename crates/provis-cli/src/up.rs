@@ -18,9 +18,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Args;
+use std::collections::BTreeMap;
+
+use provis_core::master_api::MasterClient;
 use provis_core::nats_server::locate_nats_server;
-use provis_core::registry;
-use provis_core::{FleetContext, MinionId};
+use provis_core::{FleetContext, MinionId, readiness, registry};
 
 use provis_master::repository::ConfigRepository;
 
@@ -31,6 +33,8 @@ use crate::serve::shutdown_signal;
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
+    #[command(flatten)]
+    pub fleet: FleetArgs,
     /// Number of minions to start (ids m1, m2, …)
     #[arg(long, env = "PROVIS_MINIONS", default_value_t = 3)]
     minions: u16,
@@ -64,51 +68,32 @@ pub async fn run(fleet_args: &FleetArgs, args: UpArgs) -> anyhow::Result<ExitCod
     let desired = ConfigRepository::load(&repository)
         .map_err(|invalid| UsageError(format!("{}: {invalid}", repository.display())))?;
 
-    let mut processes = Vec::new();
-    let outcome = bring_up(&mut fleet, &args, &data_dir, &desired, &mut processes).await;
-    if let Err(err) = outcome {
-        stop_all(&mut processes).await;
+    let mut up = LocalFleet {
+        fleet,
+        args: &args,
+        data_dir,
+        desired: &desired,
+        processes: Vec::new(),
+        secured: None,
+        master: None,
+        minions: Vec::new(),
+    };
+    if let Err(err) = up.bring_up().await {
+        stop_all(&mut up.processes).await;
         return Err(err);
     }
-
+    let LocalFleet {
+        fleet,
+        mut processes,
+        ..
+    } = up;
     let context_path = fleet_args.context_path();
     fleet.save(&context_path)?;
-    println!();
-    println!(
-        "{:12}  {:6}  {:34}  LOG",
-        "PROCESS", "PID", "ROLE / ADDRESS"
-    );
-    for process in &processes {
-        println!(
-            "{:12}  {:6}  {:34}  {}",
-            process.name,
-            process
-                .child
-                .id()
-                .map_or_else(|| "-".to_owned(), |pid| pid.to_string()),
-            process.detail,
-            process.log.display()
-        );
-    }
-    println!();
-    println!(
-        "fleet is up: NATS {} (prefix {}), roles from {}",
-        fleet.nats_url,
-        fleet.prefix,
-        repository.display()
-    );
-    println!(
-        "context written to {}; from another shell try:",
-        context_path.display()
-    );
-    println!("  provis call --subject role.web sys.ping");
-    println!("  provis call --all sys.facts");
-    if args.no_wait {
-        println!("stopping (--no-wait)");
-    } else {
-        println!("press Ctrl-C to stop the fleet");
+    // A closed stdout ends the printing, not the fleet's orderly stop.
+    let printed = print_fleet(&processes, &fleet, &repository, &context_path, args.no_wait);
+    if printed.is_ok() && !args.no_wait {
         tokio::select! {
-            () = shutdown_signal() => println!("stopping the fleet"),
+            () = shutdown_signal() => eprintln!("stopping the fleet"),
             name = first_exit(&mut processes) => eprintln!("provis: {name} exited on its own; stopping the fleet"),
         }
     }
@@ -119,57 +104,127 @@ pub async fn run(fleet_args: &FleetArgs, args: UpArgs) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-async fn bring_up(
-    fleet: &mut FleetContext,
-    args: &UpArgs,
-    data_dir: &Path,
-    desired: &ConfigRepository,
-    processes: &mut Vec<FleetProcess>,
-) -> anyhow::Result<()> {
-    let plain = FleetContext {
-        tls_ca: None,
-        ..fleet.clone()
-    };
-    let mut secured = None;
-    if provis_core::client::connect_nats(fleet, "provis-up")
-        .await
-        .is_ok()
-    {
-        println!("using the nats-server already at {}", fleet.nats_url);
-    } else if fleet.tls_ca.is_none()
-        && provis_core::client::connect_nats(&plain, "provis-up")
+fn print_fleet(
+    processes: &[FleetProcess],
+    fleet: &FleetContext,
+    repository: &Path,
+    context_path: &Path,
+    no_wait: bool,
+) -> std::io::Result<()> {
+    outln!();
+    outln!(
+        "{:12}  {:6}  {:34}  LOG",
+        "PROCESS",
+        "PID",
+        "ROLE / ADDRESS"
+    );
+    for process in processes {
+        outln!(
+            "{:12}  {:6}  {:34}  {}",
+            process.name,
+            process
+                .child
+                .id()
+                .map_or_else(|| "-".to_owned(), |pid| pid.to_string()),
+            process.detail,
+            process.log.display()
+        );
+    }
+    outln!();
+    outln!(
+        "fleet is up: NATS {} (prefix {}), roles from {}",
+        fleet.nats_url,
+        fleet.prefix,
+        repository.display()
+    );
+    outln!(
+        "context written to {}; from another shell try:",
+        context_path.display()
+    );
+    outln!("  provis call --subject role.web sys.ping");
+    outln!("  provis call --all sys.facts");
+    if no_wait {
+        outln!("stopping (--no-wait)");
+    } else {
+        outln!("press Ctrl-C to stop the fleet");
+    }
+    Ok(())
+}
+
+/// A fleet on this machine as `up` brings it up, phase by phase.
+struct LocalFleet<'a> {
+    fleet: FleetContext,
+    args: &'a UpArgs,
+    data_dir: PathBuf,
+    desired: &'a ConfigRepository,
+    processes: Vec<FleetProcess>,
+    /// The keys, when the fleet is secured (the default).
+    secured: Option<FleetKeys>,
+    /// A connection as the operator, and the master it talks to.
+    master: Option<(async_nats::Client, MasterClient)>,
+    minions: Vec<MinionId>,
+}
+
+impl LocalFleet<'_> {
+    async fn bring_up(&mut self) -> anyhow::Result<()> {
+        self.start_bus().await?;
+        self.start_master().await?;
+        self.apply().await?;
+        self.start_minions().await?;
+        self.wait_until_live().await?;
+        self.wait_until_services_run().await
+    }
+
+    /// nats-server: the one already answering, or one started here (TLS and
+    /// the master's admission unless --insecure).
+    async fn start_bus(&mut self) -> anyhow::Result<()> {
+        let fleet = &mut self.fleet;
+        let plain = FleetContext {
+            tls_ca: None,
+            ..fleet.clone()
+        };
+        if provis_core::client::connect_nats(fleet, "provis-up")
             .await
             .is_ok()
-    {
-        println!(
-            "using the nats-server already at {} (it does not use TLS)",
-            fleet.nats_url
-        );
-    } else {
-        let tls = if args.insecure {
+        {
+            outln!("using the nats-server already at {}", fleet.nats_url);
+            return Ok(());
+        }
+        if fleet.tls_ca.is_none()
+            && provis_core::client::connect_nats(&plain, "provis-up")
+                .await
+                .is_ok()
+        {
+            outln!(
+                "using the nats-server already at {} (it does not use TLS)",
+                fleet.nats_url
+            );
+            return Ok(());
+        }
+        let tls = if self.args.insecure {
             eprintln!(
                 "INSECURE: nats-server runs without TLS and admits anyone (--insecure); anyone on this machine can read and write the fleet's traffic"
             );
             None
         } else {
-            let tls = generate_tls(data_dir)?;
+            let tls = generate_tls(&self.data_dir)?;
             fleet.tls_ca = Some(tls.0.clone());
-            let keys = FleetKeys::load_or_create(data_dir)?;
+            let keys = FleetKeys::load_or_create(&self.data_dir)?;
             fleet.identity = Some(keys.operator_path.clone());
-            secured = Some(keys);
+            self.secured = Some(keys);
             Some(tls)
         };
-        let auth = secured.as_ref().map(|keys| &keys.master);
-        processes.push(start_nats_server(
+        let auth = self.secured.as_ref().map(|keys| &keys.master);
+        self.processes.push(start_nats_server(
             &fleet.nats_url,
-            data_dir,
+            &self.data_dir,
             tls.as_ref(),
             auth,
         )?);
         // Nothing is admitted before the master answers the callout: wait
         // for the port, not for a connection.
         let (host, port) = loopback_host_port(&fleet.nats_url)?;
-        wait_for("nats-server", processes, || async {
+        wait_for("nats-server", &mut self.processes, || async {
             tokio::net::TcpStream::connect((host.as_str(), port.parse().unwrap_or(4222)))
                 .await
                 .is_ok()
@@ -180,200 +235,216 @@ async fn bring_up(
         } else {
             "WITHOUT TLS"
         };
-        println!("started nats-server at {} {how}", fleet.nats_url);
+        outln!("started nats-server at {} {how}", fleet.nats_url);
+        Ok(())
     }
-    let fleet = &*fleet;
-    let subjects = provis_core::Subjects::new(fleet.prefix.clone());
 
-    let exe = std::env::current_exe().context("cannot find the provis executable")?;
-    let master_dir = data_dir.join("master");
-    let master_dir = master_dir.to_str().context("data dir is not UTF-8")?;
-    let mut master_args = vec!["master", "--data-dir", master_dir];
-    let (master_key, operator_key) = match &secured {
-        Some(keys) => (
-            keys.master_path.display().to_string(),
-            keys.operator.public_key().to_owned(),
-        ),
-        None => Default::default(),
-    };
-    if secured.is_some() {
-        master_args.extend([
-            "--signing-key",
-            master_key.as_str(),
-            "--operators",
-            operator_key.as_str(),
-        ]);
-    }
-    processes.push(FleetProcess::spawn(
-        Launch::new(&exe, &master_args),
-        Stage::Master,
-        "master",
-        fleet,
-        data_dir,
-        "master".to_owned(),
-    )?);
-    let ping = subjects.master("ping");
-    // On a secured fleet even this connection waits for the master to admit it.
-    let connection = tokio::sync::Mutex::new(None);
-    wait_for("the master", processes, || async {
-        let mut slot = connection.lock().await;
-        if slot.is_none() {
-            *slot = provis_core::client::connect_nats(fleet, "provis-up")
-                .await
-                .ok();
-        }
-        let Some(nats) = slot.clone() else {
-            return false;
+    /// `provis master`, and a connection as the operator once it answers.
+    async fn start_master(&mut self) -> anyhow::Result<()> {
+        let exe = std::env::current_exe().context("cannot find the provis executable")?;
+        let master_dir = self.data_dir.join("master");
+        let master_dir = master_dir.to_str().context("data dir is not UTF-8")?;
+        let mut master_args = vec!["master", "--data-dir", master_dir];
+        let (master_key, operator_key) = match &self.secured {
+            Some(keys) => (
+                keys.master_path.display().to_string(),
+                keys.operator.public_key().to_owned(),
+            ),
+            None => Default::default(),
         };
-        drop(slot);
-        tokio::time::timeout(
-            Duration::from_secs(1),
-            nats.request(ping.clone(), "".into()),
-        )
-        .await
-        .is_ok_and(|reply| reply.is_ok())
-    })
-    .await?;
-    let nats = connection.into_inner().context("no connection to NATS")?;
-    println!("started the master");
-    let js = async_nats::jetstream::new(nats.clone());
-    let signer = secured.as_ref().map(|keys| &keys.master);
-    let summary = provis_master::apply::apply(&js, desired, signer)
-        .await
-        .context("applying the config repository")?;
-    println!(
-        "applied {} services ({}) and {} roles",
-        desired.services.len(),
-        desired
-            .services
-            .keys()
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(", "),
-        desired.roles.len()
-    );
-    tracing::debug!(?summary, "applied");
-
-    let mut ids = Vec::new();
-    for n in 1..=args.minions {
-        let id: MinionId = format!("m{n}").parse()?;
-        let roles: Vec<String> = desired
-            .assignments
-            .glob_roles(id.as_str())
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        let roles = roles.join(",");
-        let detail = if roles.is_empty() {
-            "(no role)".to_owned()
-        } else {
-            roles.clone()
-        };
-        let minion_dir = data_dir.join(id.as_str());
-        let minion_dir = minion_dir.to_str().context("data dir is not UTF-8")?;
-        let mut minion_args = vec!["minion", "--id", id.as_str(), "--data-dir", minion_dir];
-        if !roles.is_empty() {
-            minion_args.extend(["--roles", roles.as_str()]);
-        }
-        // Secured: enrolled at once by a one-time token, running only
-        // bundles the master signed and calls the operator or master signed.
-        let token = match &secured {
-            Some(_) => enrollment_token(&nats, &subjects, &id).await?,
-            None => String::new(),
-        };
-        let (master_public, callers) = secured
-            .as_ref()
-            .map(|keys| {
-                let master = keys.master.public_key().to_owned();
-                let callers = format!("{},{master}", keys.operator.public_key());
-                (master, callers)
-            })
-            .unwrap_or_default();
-        if secured.is_some() {
-            minion_args.extend([
-                "--trusted-bundle-keys",
-                master_public.as_str(),
-                "--trusted-callers",
-                callers.as_str(),
+        if self.secured.is_some() {
+            master_args.extend([
+                "--signing-key",
+                master_key.as_str(),
+                "--operators",
+                operator_key.as_str(),
             ]);
         }
-        let secrets: &[(&str, &str)] = match &secured {
-            Some(_) => &[("PROVIS_ENROLLMENT_TOKEN", token.as_str())],
-            None => &[],
-        };
-        processes.push(FleetProcess::spawn(
-            Launch {
-                secrets,
-                ..Launch::new(&exe, &minion_args)
-            },
-            Stage::Minion,
-            id.as_str(),
-            fleet,
-            data_dir,
-            detail,
+        self.processes.push(FleetProcess::spawn(
+            Launch::new(&exe, &master_args),
+            Stage::Master,
+            "master",
+            &self.fleet,
+            &self.data_dir,
+            "master".to_owned(),
         )?);
-        ids.push(id);
-    }
-    let store = registry::open_registry(&js).await?;
-    wait_for("the minions", processes, || async {
-        let now = provis_core::envelope::now_unix_ms();
-        let live = registry::read_all(&store).await.unwrap_or_default();
-        ids.iter().all(|id| {
-            live.iter()
-                .any(|record| &record.id == id && record.is_live_at(now))
+        let subjects = provis_core::Subjects::new(self.fleet.prefix.clone());
+        // On a secured fleet even this connection waits for the master to admit it.
+        let connection = tokio::sync::Mutex::new(None);
+        let fleet = &self.fleet;
+        wait_for("the master", &mut self.processes, || async {
+            let mut slot = connection.lock().await;
+            if slot.is_none() {
+                *slot = provis_core::client::connect_nats(fleet, "provis-up")
+                    .await
+                    .ok();
+            }
+            let Some(nats) = slot.clone() else {
+                return false;
+            };
+            drop(slot);
+            let master = MasterClient::new(nats, subjects.clone());
+            master
+                .request_within::<provis_core::master_api::Ping>(
+                    &Default::default(),
+                    Duration::from_secs(1),
+                )
+                .await
+                .is_ok()
         })
-    })
-    .await?;
-    println!("started {} minions", ids.len());
+        .await?;
+        let nats = connection.into_inner().context("no connection to NATS")?;
+        outln!("started the master");
+        self.master = Some((nats.clone(), MasterClient::new(nats, subjects)));
+        Ok(())
+    }
 
-    // Converged means every minion runs every service its roles name.
-    let specs = desired
-        .roles
-        .iter()
-        .map(|(role, spec)| (role.to_string(), spec.clone()))
-        .collect();
-    let expected: Vec<(MinionId, Vec<String>)> = ids
-        .iter()
-        .map(|id| {
-            let roles = desired.assignments.glob_roles(id.as_str());
-            (
-                id.clone(),
-                provis_core::roles::services_for(&roles, &specs)
-                    .into_keys()
-                    .collect(),
-            )
-        })
-        .collect();
-    let mut client = provis_core::Client::new(nats.clone(), subjects.clone(), "provis-up");
-    if let Some(keys) = &secured {
-        client = client.with_signer(provis_core::identity::Identity::load(&keys.operator_path)?);
+    /// Writes the config repository into the fleet's desired state.
+    async fn apply(&mut self) -> anyhow::Result<()> {
+        let (nats, _) = self.master.as_ref().context("no master")?;
+        let js = async_nats::jetstream::new(nats.clone());
+        let signer = self.secured.as_ref().map(|keys| &keys.master);
+        let desired = self.desired;
+        let summary = provis_master::apply::apply(&js, desired, signer)
+            .await
+            .context("applying the config repository")?;
+        outln!(
+            "applied {} services ({}) and {} roles",
+            desired.services.len(),
+            desired
+                .services
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+            desired.roles.len()
+        );
+        tracing::debug!(?summary, "applied");
+        Ok(())
     }
-    let ask = provis_core::CallRequest::parse_function(
-        "sys.services",
-        serde_json::Value::Null,
-        Duration::from_secs(2),
-    )?;
-    let target = provis_core::CallTarget::Minions(ids.clone());
-    wait_for("the minions to load their services", processes, || async {
-        let Ok(report) = client.call(&target, &ask).await else {
-            return false;
-        };
-        expected.iter().all(|(id, services)| {
-            report.replies.iter().any(|reply| {
-                let running: Vec<&str> = reply
-                    .result
-                    .as_ref()
-                    .and_then(|r| r.as_array())
-                    .map(|all| all.iter().filter_map(|s| s["name"].as_str()).collect())
-                    .unwrap_or_default();
-                reply.minion == id.as_str()
-                    && services.iter().all(|s| running.contains(&s.as_str()))
-            })
+
+    /// `provis minion` m1…mN with the roles the repository assigns them;
+    /// secured, each enrolled at once by a one-time token, running only
+    /// bundles the master signed and calls the operator or master signed.
+    async fn start_minions(&mut self) -> anyhow::Result<()> {
+        let exe = std::env::current_exe().context("cannot find the provis executable")?;
+        let (_, master) = self.master.clone().context("no master")?;
+        for n in 1..=self.args.minions {
+            let id: MinionId = format!("m{n}").parse()?;
+            let roles: Vec<String> = self
+                .desired
+                .assignments
+                .glob_roles(id.as_str())
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            let roles = roles.join(",");
+            let detail = if roles.is_empty() {
+                "(no role)".to_owned()
+            } else {
+                roles.clone()
+            };
+            let minion_dir = self.data_dir.join(id.as_str());
+            let minion_dir = minion_dir.to_str().context("data dir is not UTF-8")?;
+            let mut minion_args = vec!["minion", "--id", id.as_str(), "--data-dir", minion_dir];
+            if !roles.is_empty() {
+                minion_args.extend(["--roles", roles.as_str()]);
+            }
+            let token = match &self.secured {
+                Some(_) => {
+                    master
+                        .enrollment_token(Duration::from_secs(600), Some(id.clone()))
+                        .await
+                        .context("the master did not issue an enrollment token")?
+                        .token
+                }
+                None => String::new(),
+            };
+            let (master_public, callers) = self
+                .secured
+                .as_ref()
+                .map(|keys| {
+                    let master = keys.master.public_key().to_owned();
+                    let callers = format!("{},{master}", keys.operator.public_key());
+                    (master, callers)
+                })
+                .unwrap_or_default();
+            if self.secured.is_some() {
+                minion_args.extend([
+                    "--trusted-bundle-keys",
+                    master_public.as_str(),
+                    "--trusted-callers",
+                    callers.as_str(),
+                ]);
+            }
+            let secrets: &[(&str, &str)] = match &self.secured {
+                Some(_) => &[("PROVIS_ENROLLMENT_TOKEN", token.as_str())],
+                None => &[],
+            };
+            self.processes.push(FleetProcess::spawn(
+                Launch {
+                    secrets,
+                    ..Launch::new(&exe, &minion_args)
+                },
+                Stage::Minion,
+                id.as_str(),
+                &self.fleet,
+                &self.data_dir,
+                detail,
+            )?);
+            self.minions.push(id);
+        }
+        Ok(())
+    }
+
+    /// Until every minion is live in the registry.
+    async fn wait_until_live(&mut self) -> anyhow::Result<()> {
+        let (nats, _) = self.master.as_ref().context("no master")?;
+        let store = registry::open_registry(&async_nats::jetstream::new(nats.clone())).await?;
+        let ids = &self.minions;
+        wait_for("the minions", &mut self.processes, || async {
+            readiness::minions_live(&store, ids).await.unwrap_or(false)
         })
-    })
-    .await?;
-    println!("every minion runs the services of its roles");
-    Ok(())
+        .await?;
+        outln!("started {} minions", ids.len());
+        Ok(())
+    }
+
+    /// Until every minion runs every service its roles name.
+    async fn wait_until_services_run(&mut self) -> anyhow::Result<()> {
+        let (nats, master) = self.master.clone().context("no master")?;
+        let specs = self
+            .desired
+            .roles
+            .iter()
+            .map(|(role, spec)| (role.to_string(), spec.clone()))
+            .collect();
+        let expected: BTreeMap<MinionId, readiness::ExpectedServices> = self
+            .minions
+            .iter()
+            .map(|id| {
+                let roles = self.desired.assignments.glob_roles(id.as_str());
+                let services = provis_core::roles::services_for(&roles, &specs)
+                    .into_keys()
+                    .map(|name| (name, None))
+                    .collect();
+                (id.clone(), services)
+            })
+            .collect();
+        let mut client = provis_core::Client::new(nats, master.subjects().clone(), "provis-up");
+        if let Some(keys) = &self.secured {
+            client =
+                client.with_signer(provis_core::identity::Identity::load(&keys.operator_path)?);
+        }
+        wait_for(
+            "the minions to load their services",
+            &mut self.processes,
+            || readiness::services_run(&client, &expected),
+        )
+        .await?;
+        outln!("every minion runs the services of its roles");
+        Ok(())
+    }
 }
 
 /// The keys of a secured local fleet, kept in the data dir across runs.
@@ -396,26 +467,6 @@ impl FleetKeys {
             operator_path,
         })
     }
-}
-
-/// A one-time enrollment token from the master, for a minion `up` starts.
-async fn enrollment_token(
-    nats: &async_nats::Client,
-    subjects: &provis_core::Subjects,
-    minion: &MinionId,
-) -> anyhow::Result<String> {
-    let request = serde_json::json!({ "ttl_s": 600, "minion": minion }).to_string();
-    let reply = tokio::time::timeout(
-        Duration::from_secs(5),
-        nats.request(subjects.master("enroll.token"), request.into()),
-    )
-    .await
-    .context("the master did not issue an enrollment token in time")??;
-    let answer: serde_json::Value = serde_json::from_slice(&reply.payload)?;
-    answer["token"]
-        .as_str()
-        .map(str::to_owned)
-        .with_context(|| format!("no enrollment token: {answer}"))
 }
 
 /// The config repository: the one given, else `examples/` here or next to

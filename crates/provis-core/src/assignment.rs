@@ -3,7 +3,7 @@
 //! they come from. The master computes them (from git and the operator's
 //! overlay); the minion follows its own entry.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -52,4 +52,13 @@ pub struct Assignment {
     /// (or tried and failed), not merely once it heard of its roles.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub services: BTreeMap<String, String>,
+}
+
+/// What `provis role assign|unassign` changed for one minion, over git.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverlayEntry {
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub add: BTreeSet<RoleName>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub remove: BTreeSet<RoleName>,
 }

@@ -5,8 +5,8 @@
 //! | identity | publishes | subscribes |
 //! |---|---|---|
 //! | master | everything | everything |
-//! | admin operator (the master's `operators`) | calls, `master.>`, JetStream API | its inbox, events, state |
-//! | calling operator (the call policy's) | calls, the master's read-only requests, reads of the registry, services and events | its inbox, events, state |
+//! | admin operator (the master's `operators`) | calls, `master.>`, `$SRV.>`, JetStream API | its inbox, events, state |
+//! | calling operator (the call policy's) | calls, the master's read-only requests and `$SRV.>`, reads of the registry, services and events | its inbox, events, state |
 //! | minion `<id>` | `state.<id>`, `event.<id>.>`, `master.query`, its registry key, replies; reads its buckets | its own call subject, `all.call`, `role.>`, its inbox |
 //!
 //! Every identity's replies come to `_INBOX.<its nkey>.>`, which only it may
@@ -71,6 +71,8 @@ impl BusPermissions {
                 format!("{prefix}.all.call"),
                 format!("{prefix}.role.>"),
                 format!("{prefix}.master.>"),
+                // Discovery of the master's endpoints (`nats micro ls|info|stats`).
+                "$SRV.>".into(),
                 "$JS.API.>".into(),
                 "$KV.>".into(),
                 "$O.>".into(),
@@ -105,9 +107,10 @@ impl BusPermissions {
             format!("{prefix}.all.call"),
             format!("{prefix}.role.>"),
         ];
-        for request in ["ping", "minions", "query", "stats", "status"] {
-            publish.push(subjects.master(request));
+        for endpoint in crate::master_api::READ_ONLY_ENDPOINTS {
+            publish.push(subjects.master(endpoint));
         }
+        publish.push("$SRV.>".into());
         for stream in [
             format!("KV_{BUCKET_MINIONS}"),
             format!("KV_{BUCKET_SERVICES}"),
@@ -134,7 +137,7 @@ impl BusPermissions {
         let mut publish = vec![
             format!("{prefix}.state.{id}"),
             format!("{prefix}.event.{id}.>"),
-            subjects.master("query"),
+            subjects.master(<crate::master_api::Query as crate::master_api::Endpoint>::SUBJECT),
             format!("$KV.{BUCKET_MINIONS}.{id}"),
             format!("$JS.API.STREAM.INFO.KV_{BUCKET_MINIONS}"),
         ];

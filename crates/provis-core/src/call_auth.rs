@@ -117,51 +117,44 @@ pub struct Grant {
     pub methods: Vec<String>,
 }
 
-/// Follows the fleet's call policy (`provis_config/policy`) for as long as
-/// it runs, handing `take` each policy one of `trusted` signed for that key,
-/// none older than the one taken (`None` when the policy is removed). A
-/// refused entry (forged, copied, put back) is logged and changes nothing;
-/// with no trusted key at all no policy can be told genuine, so only
-/// removals are passed on.
+/// Where the call policy lives in `provis_config`.
+pub const POLICY_KEY: &str = "policy";
+
+/// Follows the fleet's call policy (`provis_config/policy`) until
+/// `stopping` resolves, handing `take` each policy one of `trusted` signed
+/// for that key, none older than the one taken (`None` when the policy is
+/// removed). A refused entry (forged, copied, put back) is logged and
+/// changes nothing; with no trusted key at all no policy can be told
+/// genuine, so only removals are passed on.
 pub async fn follow_policy(
     js: async_nats::jetstream::Context,
     trusted: Vec<String>,
+    stopping: impl std::future::Future<Output = ()>,
     mut take: impl FnMut(Option<CallPolicy>) + Send,
 ) {
+    use crate::signed_entry::{EntryError, Followed, follow, signed_by_pinned};
     use futures::StreamExt as _;
     let bucket = crate::storage::BUCKET_CONFIG;
-    let mut held: Option<i64> = None;
+    let mut policies = follow(
+        js,
+        bucket,
+        POLICY_KEY,
+        signed_by_pinned::<CallPolicy>(bucket, trusted),
+    );
+    tokio::pin!(stopping);
     loop {
-        if let Ok(store) = js.get_key_value(bucket).await
-            && let Ok(mut entries) = store.watch_with_history("policy").await
-        {
-            while let Some(Ok(entry)) = entries.next().await {
-                if entry.operation != async_nats::jetstream::kv::Operation::Put {
-                    take(None);
-                    continue;
+        tokio::select! {
+            () = &mut stopping => return,
+            followed = policies.next() => match followed {
+                Some(Followed::Taken { value, .. }) => take(Some(value)),
+                Some(Followed::Removed { .. }) => take(None),
+                Some(Followed::Refused { error: EntryError::NothingPinned, .. } | Followed::Current) => {}
+                Some(Followed::Refused { error, .. }) => {
+                    tracing::warn!(%error, "call policy refused; keeping the previous one");
                 }
-                if trusted.is_empty() {
-                    continue;
-                }
-                match crate::signed_entry::open::<CallPolicy>(
-                    bucket,
-                    "policy",
-                    &entry.value,
-                    &trusted,
-                )
-                .and_then(|opened| opened.not_older_than(held))
-                {
-                    Ok(opened) => {
-                        held = opened.written_at_ms.or(held);
-                        take(Some(opened.value));
-                    }
-                    Err(err) => {
-                        tracing::warn!(error = %err, "call policy refused; keeping the previous one");
-                    }
-                }
-            }
+                None => return,
+            },
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -111,7 +111,7 @@ pub enum EnvelopeError {
     #[error("deadline passed {0} ms before the call could start")]
     Expired(i64),
     #[error("refused: {0}")]
-    Denied(String),
+    Denied(#[from] crate::call_auth::CallAuthError),
 }
 
 impl EnvelopeError {

@@ -99,7 +99,8 @@ mod tests {
         let token = encode(
             json!({ "sub": "U123", "nats": { "type": "user" } }),
             &account,
-        );
+        )
+        .unwrap();
         let claims = decode(&token).unwrap();
         assert_eq!(claims["iss"], account.public_key());
         assert_eq!(claims["sub"], "U123");
@@ -118,7 +119,7 @@ mod tests {
         let other = nkeys::KeyPair::new_account();
         let mut claims = json!({ "sub": "U1" });
         claims["iss"] = json!(account.public_key());
-        let impostor = encode(claims, &other);
+        let impostor = encode(claims, &other).unwrap();
         assert!(
             decode(&impostor).is_ok(),
             "iss is rewritten to the real signer"
@@ -126,7 +127,7 @@ mod tests {
         assert_eq!(decode(&impostor).unwrap()["iss"], other.public_key());
 
         assert_eq!(decode("a.b"), Err(JwtError::Shape));
-        let expired = encode(json!({ "exp": 1 }), &account);
+        let expired = encode(json!({ "exp": 1 }), &account).unwrap();
         assert_eq!(decode(&expired), Err(JwtError::Expired));
     }
 }

@@ -17,7 +17,17 @@
 //! (`_signer`, `_signature`, `_at`) over the canonical JSON of the rest and
 //! `_at`, so readers that do not check see the value they always did once
 //! those are removed.
+//!
+//! [`follow`] is the one loop that follows keys of a bucket for as long as
+//! its reader runs: it watches, opens each entry (verifying it with
+//! [`signed_by`], or as the caller says), refuses one older than the entry
+//! held under its key, backs off while the bucket is unreachable and
+//! starts again after a reconnect.
 
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -28,7 +38,7 @@ const SIGNER: &str = "_signer";
 const SIGNATURE: &str = "_signature";
 const WRITTEN_AT: &str = "_at";
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EntryError {
     #[error("not a JSON object: {0}")]
     NotJson(String),
@@ -42,6 +52,25 @@ pub enum EntryError {
     Value(String),
     #[error("written at {at} ms, before the entry held ({held} ms): an older value put back")]
     Older { at: i64, held: i64 },
+    #[error("no key is pinned, so no entry can be told genuine")]
+    NothingPinned,
+    #[error("stored under {key} but names {named}")]
+    WrongKey { key: String, named: String },
+}
+
+impl EntryError {
+    /// True when the entry was refused because it is not genuine or not
+    /// current (as opposed to not readable): worth an event.
+    pub fn is_denial(&self) -> bool {
+        matches!(
+            self,
+            Self::Unsigned
+                | Self::Untrusted(_)
+                | Self::BadSignature { .. }
+                | Self::Older { .. }
+                | Self::WrongKey { .. }
+        )
+    }
 }
 
 /// An entry's value and when it was written (None: unsigned).
@@ -151,6 +180,236 @@ pub fn holds(
     };
     let trusted: Vec<String> = signer.map(str::to_owned).into_iter().collect();
     open::<Value>(bucket, key, current, &trusted).is_ok_and(|opened| opened.value == wanted)
+}
+
+/// What following a bucket yields, key by key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Followed<T> {
+    /// A value taken: genuine and not older than the one held.
+    Taken {
+        key: String,
+        value: T,
+        written_at_ms: Option<i64>,
+    },
+    /// The key was deleted or purged.
+    Removed { key: String },
+    /// An entry refused, and why; the value held under the key stays.
+    Refused { key: String, error: EntryError },
+    /// Every entry the bucket held when the watch (re)started was
+    /// delivered. Reliable for a whole-bucket follow (`>`); a follow of one
+    /// key that has no entry never sees it.
+    Current,
+}
+
+/// How [`follow`] opens an entry: (key, stored bytes, when the entry held
+/// under that key was written) → the value, or why it is refused.
+pub trait EntryOpener<T>: Fn(&str, &[u8], Option<i64>) -> Result<Opened<T>, EntryError> {}
+
+impl<T, F> EntryOpener<T> for F where
+    F: Fn(&str, &[u8], Option<i64>) -> Result<Opened<T>, EntryError>
+{
+}
+
+/// Opens entries of `bucket` that one of `trusted` signed for their key,
+/// none older than the one held (any entry as it is when `trusted` is empty:
+/// an unsecured fleet).
+pub fn signed_by<T: DeserializeOwned>(
+    bucket: &'static str,
+    trusted: Vec<String>,
+) -> impl EntryOpener<T> + Send + 'static {
+    move |key: &str, bytes: &[u8], held: Option<i64>| {
+        open::<T>(bucket, key, bytes, &trusted).and_then(|opened| opened.not_older_than(held))
+    }
+}
+
+/// Like [`signed_by`], but with no pinned key nothing is taken: for entries
+/// that grant rights (the call policy), which an unsigned value must never do.
+pub fn signed_by_pinned<T: DeserializeOwned>(
+    bucket: &'static str,
+    trusted: Vec<String>,
+) -> impl EntryOpener<T> + Send + 'static {
+    move |key: &str, bytes: &[u8], held: Option<i64>| {
+        if trusted.is_empty() {
+            return Err(EntryError::NothingPinned);
+        }
+        open::<T>(bucket, key, bytes, &trusted).and_then(|opened| opened.not_older_than(held))
+    }
+}
+
+/// Opens plain JSON entries, unsigned and untimed.
+pub fn plain<T: DeserializeOwned>() -> impl EntryOpener<T> + Send + 'static {
+    |_key: &str, bytes: &[u8], _held: Option<i64>| {
+        serde_json::from_slice(bytes)
+            .map(|value| Opened {
+                value,
+                written_at_ms: None,
+            })
+            .map_err(|err| EntryError::Value(err.to_string()))
+    }
+}
+
+/// The longest wait between two attempts to reach a bucket.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Follows `keys` (a key, or a wildcard such as `>`) of `bucket` for as long
+/// as the stream is polled: the current entry of each key first, then every
+/// change, each opened by `open`. Unreachable buckets, failed watches and
+/// reconnects are waited out with backoff and jitter; after a new watch the
+/// current entries come again, and one older than what was taken under its
+/// key is refused. The stream never ends; drop it to stop following.
+pub fn follow<T, O>(
+    js: async_nats::jetstream::Context,
+    bucket: &'static str,
+    keys: impl Into<String>,
+    open: O,
+) -> impl Stream<Item = Followed<T>> + Send + Unpin + 'static
+where
+    T: Send + 'static,
+    O: EntryOpener<T> + Send + 'static,
+{
+    let follower = Follower {
+        js,
+        bucket,
+        keys: keys.into(),
+        open,
+        held: HashMap::new(),
+        watch: None,
+        current_due: false,
+        failures: 0,
+    };
+    Box::pin(futures::stream::unfold(
+        follower,
+        |mut follower| async move {
+            let item = follower.next_item().await;
+            Some((item, follower))
+        },
+    ))
+}
+
+struct Follower<O> {
+    js: async_nats::jetstream::Context,
+    bucket: &'static str,
+    keys: String,
+    open: O,
+    /// When the entry taken under each key was written.
+    held: HashMap<String, i64>,
+    watch: Option<async_nats::jetstream::kv::Watch>,
+    /// [`Followed::Current`] is to be said before the next entry.
+    current_due: bool,
+    /// Attempts failed in a row, for the backoff.
+    failures: u32,
+}
+
+impl<O> Follower<O> {
+    async fn next_item<T>(&mut self) -> Followed<T>
+    where
+        O: EntryOpener<T>,
+    {
+        loop {
+            if std::mem::take(&mut self.current_due) {
+                return Followed::Current;
+            }
+            let Some(watch) = self.watch.as_mut() else {
+                match start_watch(&self.js, self.bucket, &self.keys).await {
+                    Ok((watch, empty)) => {
+                        self.watch = Some(watch);
+                        self.current_due = empty;
+                    }
+                    Err(reason) => self.back_off(&reason).await,
+                }
+                continue;
+            };
+            match watch.next().await {
+                Some(Ok(entry)) => {
+                    self.failures = 0;
+                    self.current_due = entry.delta == 0;
+                    return self.take(entry);
+                }
+                Some(Err(err)) => {
+                    self.watch = None;
+                    self.back_off(&err.to_string()).await;
+                }
+                None => {
+                    self.watch = None;
+                    self.back_off("the watch ended").await;
+                }
+            }
+        }
+    }
+
+    fn take<T>(&mut self, entry: async_nats::jetstream::kv::Entry) -> Followed<T>
+    where
+        O: EntryOpener<T>,
+    {
+        let key = entry.key;
+        if entry.operation != async_nats::jetstream::kv::Operation::Put {
+            // What was held stays remembered: a value put back after a
+            // removal is still refused if it is older.
+            return Followed::Removed { key };
+        }
+        let held = self.held.get(&key).copied();
+        match (self.open)(&key, &entry.value, held) {
+            Ok(opened) => {
+                if let Some(at) = opened.written_at_ms {
+                    self.held.insert(key.clone(), at);
+                }
+                Followed::Taken {
+                    key,
+                    value: opened.value,
+                    written_at_ms: opened.written_at_ms,
+                }
+            }
+            Err(error) => Followed::Refused { key, error },
+        }
+    }
+
+    async fn back_off(&mut self, reason: &str) {
+        self.failures = self.failures.saturating_add(1);
+        if self.failures <= 3 {
+            tracing::debug!(bucket = self.bucket, keys = %self.keys, %reason, "bucket not followed yet; retrying");
+        } else {
+            tracing::warn!(bucket = self.bucket, keys = %self.keys, %reason, attempts = self.failures, "bucket still not followed; retrying");
+        }
+        let exponent = self.failures.min(16);
+        let base = Duration::from_millis(100)
+            .saturating_mul(1u32 << exponent.min(10))
+            .min(MAX_BACKOFF);
+        tokio::time::sleep(base + jitter(base / 4)).await;
+    }
+}
+
+/// A watch of `keys`, and whether the bucket was empty when it started
+/// (so no entry will say the current ones were all delivered).
+async fn start_watch(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    keys: &str,
+) -> Result<(async_nats::jetstream::kv::Watch, bool), String> {
+    let store = js
+        .get_key_value(bucket)
+        .await
+        .map_err(|err| err.to_string())?;
+    let watch = store
+        .watch_with_history(keys)
+        .await
+        .map_err(|err| err.to_string())?;
+    // `Store::status` answers from a cache taken when the store was opened.
+    let empty = store
+        .stream
+        .get_info()
+        .await
+        .is_ok_and(|info| info.state.messages == 0);
+    Ok((watch, empty))
+}
+
+/// A random wait up to `most`, so followers that lost the same server do
+/// not come back at the same instant.
+fn jitter(most: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(crate::envelope::now_unix_ms().unsigned_abs());
+    let fraction = (hasher.finish() % 1_000) as u32;
+    most.saturating_mul(fraction) / 1_000
 }
 
 #[cfg(test)]

@@ -61,9 +61,13 @@ pub struct HostContext {
 #[derive(Clone)]
 pub struct FleetQuery(pub Arc<FleetQueryFn>);
 
-/// (expression, mode: `latest`|`for`|`any`, window in ms, how long to wait) → the master's answer.
-pub type FleetQueryFn =
-    dyn Fn(&str, &str, i64, Duration) -> Result<serde_json::Value, String> + Send + Sync;
+/// (the question, how long to wait) → the master's answer, or why there is none.
+pub type FleetQueryFn = dyn Fn(
+        provis_core::master_api::QueryRequest,
+        Duration,
+    ) -> Result<provis_core::master_api::QueryAnswer, String>
+    + Send
+    + Sync;
 
 impl std::fmt::Debug for FleetQuery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -523,17 +527,20 @@ fn fleet_api<'js>(
             let Some(fleet) = &fleet else {
                 return throw(&ctx, "this minion cannot reach the fleet's state database");
             };
-            let (mode, window) = match options.0 {
+            use provis_core::master_api::{QueryMode, QueryRequest};
+            let (mode, window_ms) = match options.0 {
                 Some(o) => match (o.get::<_, Option<f64>>("for_ms")?, o.get::<_, Option<f64>>("any_ms")?) {
-                    (Some(ms), _) => ("for", ms as i64),
-                    (None, Some(ms)) => ("any", ms as i64),
-                    (None, None) => ("latest", 0),
+                    (Some(ms), _) => (QueryMode::For, ms as i64),
+                    (None, Some(ms)) => (QueryMode::Any, ms as i64),
+                    (None, None) => (QueryMode::Latest, 0),
                 },
-                None => ("latest", 0),
+                None => (QueryMode::Latest, 0),
             };
+            let question = QueryRequest { expression, mode, window_ms, page: Default::default() };
             // Never past the call's own deadline, and never more than 5 s.
             let left = deadline.get().map_or(Duration::from_secs(5), |at| at.saturating_duration_since(Instant::now()));
-            let answer = (fleet.0)(&expression, mode, window, left.min(Duration::from_secs(5))).or_else(|err| throw(&ctx, err))?;
+            let answer = (fleet.0)(question, left.min(Duration::from_secs(5))).or_else(|err| throw(&ctx, err))?;
+            let answer = serde_json::to_value(answer).or_else(|err| throw(&ctx, err))?;
             to_js(&ctx, &answer)
         })?,
     )?;

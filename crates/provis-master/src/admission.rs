@@ -97,24 +97,34 @@ impl Gatekeeper {
 
     /// Subscribes to nats-server's questions; returns once the server has
     /// the subscription, so connections after this are answered.
-    pub async fn listen(callout: &async_nats::Client) -> Result<async_nats::Subscriber, String> {
+    pub async fn listen(
+        callout: &async_nats::Client,
+    ) -> Result<async_nats::Subscriber, async_nats::Error> {
         let requests = callout
             .queue_subscribe(CALLOUT_SUBJECT, QUEUE_GROUP.to_owned())
-            .await
-            .map_err(|err| err.to_string())?;
-        callout.flush().await.map_err(|err| err.to_string())?;
+            .await?;
+        callout.flush().await?;
         Ok(requests)
     }
 
-    /// Answers nats-server's questions until the subscription ends.
+    /// Answers nats-server's questions until the master stops (then it
+    /// unsubscribes: another master of the queue group answers).
     pub async fn serve(
         self: Arc<Self>,
         callout: async_nats::Client,
         mut requests: async_nats::Subscriber,
+        lifecycle: provis_core::lifecycle::Lifecycle,
     ) {
-        while let Some(request) = requests.next().await {
+        loop {
+            let request = tokio::select! {
+                () = lifecycle.stopping() => break,
+                request = requests.next() => match request {
+                    Some(request) => request,
+                    None => break,
+                },
+            };
             let (gatekeeper, callout) = (self.clone(), callout.clone());
-            tokio::spawn(async move {
+            lifecycle.spawn_work(async move {
                 let Some(reply) = request.reply.clone() else {
                     return;
                 };
@@ -123,6 +133,9 @@ impl Gatekeeper {
                     tracing::warn!(error = %err, "auth callout answer not sent");
                 }
             });
+        }
+        if let Err(err) = requests.unsubscribe().await {
+            tracing::debug!(error = %err, "auth callout not unsubscribed");
         }
     }
 
@@ -362,10 +375,14 @@ impl Gatekeeper {
 
     /// Keeps the operators of the applied call policy (signed by this
     /// master) admitted as operators, for as long as the master runs.
-    pub async fn follow_policy(self: Arc<Self>, js: async_nats::jetstream::Context) {
+    pub async fn follow_policy(
+        self: Arc<Self>,
+        js: async_nats::jetstream::Context,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
         let trusted = vec![self.master_key.clone()];
         let gatekeeper = self.clone();
-        provis_core::call_auth::follow_policy(js, trusted, move |policy| {
+        provis_core::call_auth::follow_policy(js, trusted, stop.cancelled_owned(), move |policy| {
             let operators: HashMap<String, String> = policy
                 .unwrap_or_default()
                 .operator

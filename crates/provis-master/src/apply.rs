@@ -4,29 +4,52 @@
 
 use std::collections::BTreeSet;
 
+use crate::repository::ConfigRepository;
 use async_nats::jetstream;
 use provis_bundle::BundleStore;
 use provis_core::storage::BUCKET_ROLES;
-use serde::Serialize;
 
-use crate::repository::ConfigRepository;
-
-/// What an apply changed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct ApplySummary {
-    /// Services whose pointer now names a new digest.
-    pub services_changed: Vec<String>,
-    pub services_removed: Vec<String>,
-    pub roles_changed: Vec<String>,
-    pub roles_removed: Vec<String>,
-}
+pub use provis_core::master_api::ApplySummary;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error(transparent)]
     Store(#[from] provis_bundle::store::StoreError),
-    #[error("cannot write role {role}: {reason}")]
-    Role { role: String, reason: String },
+    #[error("cannot read the current {what}")]
+    Read {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot write role {role}")]
+    Role {
+        role: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// A failure to write `role`, with its cause.
+fn role_error<E>(role: &str) -> impl FnOnce(E) -> ApplyError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let role = role.to_owned();
+    move |source| ApplyError::Role {
+        role,
+        source: Box::new(source),
+    }
+}
+
+/// A failure to read `what`, with its cause.
+fn read_error<E>(what: &'static str) -> impl FnOnce(E) -> ApplyError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    move |source| ApplyError::Read {
+        what,
+        source: Box::new(source),
+    }
 }
 
 /// Applies `repository`; writes only what differs from the current state.
@@ -39,18 +62,12 @@ pub async fn apply(
     let roles_kv = js
         .get_key_value(BUCKET_ROLES)
         .await
-        .map_err(|err| ApplyError::Role {
-            role: "*".into(),
-            reason: err.to_string(),
-        })?;
+        .map_err(read_error("roles"))?;
     let mut summary = ApplySummary::default();
 
     let current_pointers = provis_core::kv_snapshot::read_all(store.pointers())
         .await
-        .map_err(|err| ApplyError::Role {
-            role: "*".into(),
-            reason: err.to_string(),
-        })?;
+        .map_err(read_error("service pointers"))?;
     for (name, bundle) in &repository.services {
         let unchanged = current_pointers
             .get(name)
@@ -70,10 +87,7 @@ pub async fn apply(
 
     let current_roles = provis_core::kv_snapshot::read_all(&roles_kv)
         .await
-        .map_err(|err| ApplyError::Role {
-            role: "*".into(),
-            reason: err.to_string(),
-        })?;
+        .map_err(read_error("roles"))?;
     for (role, spec) in &repository.roles {
         let current = current_roles.get(role.as_str()).map(|v| v.as_ref());
         let signer_key = signer.map(provis_core::identity::Identity::public_key);
@@ -94,34 +108,19 @@ pub async fn apply(
                     provis_core::envelope::now_unix_ms(),
                 ),
             )
-            .map_err(|err| err.to_string()),
-            None => serde_json::to_vec(spec).map_err(|err| err.to_string()),
-        }
-        .map_err(|reason| ApplyError::Role {
-            role: role.to_string(),
-            reason,
-        })?;
-        {
-            roles_kv
-                .put(role.as_str(), value.into())
-                .await
-                .map_err(|err| ApplyError::Role {
-                    role: role.to_string(),
-                    reason: err.to_string(),
-                })?;
-            summary.roles_changed.push(role.to_string());
-        }
+            .map_err(role_error(role.as_str()))?,
+            None => serde_json::to_vec(spec).map_err(role_error(role.as_str()))?,
+        };
+        roles_kv
+            .put(role.as_str(), value.into())
+            .await
+            .map_err(role_error(role.as_str()))?;
+        summary.roles_changed.push(role.to_string());
     }
     let wanted: BTreeSet<&str> = repository.roles.keys().map(|r| r.as_str()).collect();
     for role in current_roles.keys() {
         if !wanted.contains(role.as_str()) {
-            roles_kv
-                .delete(role)
-                .await
-                .map_err(|err| ApplyError::Role {
-                    role: role.clone(),
-                    reason: err.to_string(),
-                })?;
+            roles_kv.delete(role).await.map_err(role_error(role))?;
             summary.roles_removed.push(role.clone());
         }
     }

@@ -34,7 +34,7 @@ use provis_core::RoleName;
 pub use provis_core::assignment::{Assignment, MinionSettings};
 use provis_core::registry::MinionRecord;
 use provis_core::selection::{Filter, Verdict};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use wildmatch::WildMatch;
 
 pub const ASSIGNMENTS_FILE: &str = "assignments.toml";
@@ -82,14 +82,7 @@ struct MinionEntry {
     settings: MinionSettings,
 }
 
-/// What `provis role assign|unassign` changed for one minion, over git.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OverlayEntry {
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
-    pub add: BTreeSet<RoleName>,
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
-    pub remove: BTreeSet<RoleName>,
-}
+pub use provis_core::assignment::OverlayEntry;
 
 /// The overlay of every minion, as `provis_config/overlay` holds it.
 pub type Overlay = BTreeMap<String, OverlayEntry>;

@@ -17,25 +17,29 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use provis_core::envelope::now_unix_ms;
+use provis_core::master_api::{
+    ApiError, Problem, RoleAnswer, RoleOp, RoleRequest, SyncAnswer, SyncOutcome,
+};
 use provis_core::storage::{BUCKET_ASSIGNMENTS, BUCKET_CONFIG};
-use provis_core::{MinionId, RoleName, Subjects, event};
-use serde::{Deserialize, Serialize};
+use provis_core::{Subjects, event};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::apply::{ApplySummary, apply};
+use crate::apply::apply;
 use crate::assignments::{Overlay, OverlayEntry};
 use crate::fleet_view::FleetView;
 use crate::git_source::GitSource;
 use crate::repository::ConfigRepository;
 
-/// `provis_config/applied`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AppliedRecord {
-    pub commit: String,
-    pub summary: String,
-    pub applied_unix_ms: i64,
-    pub changes: ApplySummary,
+pub use provis_core::master_api::AppliedRecord;
+
+/// What the desired-state loop has applied and rejected, as requests read
+/// it without waiting for the loop.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishedConfig {
+    pub applied: Option<AppliedRecord>,
+    /// The last rejected commit.
+    pub rejected: Option<String>,
 }
 
 /// Where desired state comes from: the part of the master's settings
@@ -51,26 +55,14 @@ pub struct SourceSettings {
 #[derive(Debug)]
 pub enum DesiredRequest {
     /// Fetch now and apply what is new.
-    Sync(oneshot::Sender<Value>),
+    Sync(oneshot::Sender<Result<SyncAnswer, ApiError>>),
     /// Change the role overlay of one minion.
     Role {
-        op: RoleOp,
-        minion: MinionId,
-        role: Option<RoleName>,
-        reply: oneshot::Sender<Value>,
+        request: RoleRequest,
+        reply: oneshot::Sender<Result<RoleAnswer, ApiError>>,
     },
     /// Recompute one minion's assignment (it appeared or its facts changed).
     Minion(String),
-    /// The applied commit and who converged on it.
-    Status(oneshot::Sender<Value>),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RoleOp {
-    Assign,
-    Unassign,
-    Reset,
 }
 
 pub struct DesiredState {
@@ -87,6 +79,7 @@ pub struct DesiredState {
     applied: Option<AppliedRecord>,
     rejected: Option<String>,
     last_source_error: Option<String>,
+    published: watch::Sender<PublishedConfig>,
 }
 
 impl std::fmt::Debug for DesiredState {
@@ -105,15 +98,9 @@ impl DesiredState {
         view: Arc<FleetView>,
         work_dir: PathBuf,
         identity: Arc<provis_core::identity::Identity>,
-    ) -> Result<Self, String> {
-        let config = js
-            .get_key_value(BUCKET_CONFIG)
-            .await
-            .map_err(|e| e.to_string())?;
-        let assignments = js
-            .get_key_value(BUCKET_ASSIGNMENTS)
-            .await
-            .map_err(|e| e.to_string())?;
+    ) -> Result<Self, jetstream::context::KeyValueError> {
+        let config = js.get_key_value(BUCKET_CONFIG).await?;
+        let assignments = js.get_key_value(BUCKET_ASSIGNMENTS).await?;
         let applied = match config.get("applied").await {
             Ok(Some(value)) => serde_json::from_slice(&value).ok(),
             _ => None,
@@ -124,6 +111,10 @@ impl DesiredState {
                 .and_then(|v| v["commit"].as_str().map(str::to_owned)),
             _ => None,
         };
+        let published = watch::Sender::new(PublishedConfig {
+            applied: applied.clone(),
+            rejected: rejected.clone(),
+        });
         Ok(Self {
             js,
             nats,
@@ -137,15 +128,31 @@ impl DesiredState {
             applied,
             rejected,
             last_source_error: None,
+            published,
         })
     }
 
-    /// Serves until the master stops: polls the branch, answers requests,
-    /// follows settings changes.
+    /// What this loop has applied and rejected, kept current.
+    pub fn published(&self) -> watch::Receiver<PublishedConfig> {
+        self.published.subscribe()
+    }
+
+    fn publish(&self) {
+        self.published.send_replace(PublishedConfig {
+            applied: self.applied.clone(),
+            rejected: self.rejected.clone(),
+        });
+    }
+
+    /// Serves until `stop` fires: polls the branch, answers requests,
+    /// follows settings changes. Whatever it is doing when `stop` fires (an
+    /// apply) it finishes first; requests still queued then are dropped,
+    /// which their askers hear as "stopping".
     pub async fn run(
         mut self,
         mut settings: watch::Receiver<SourceSettings>,
         mut requests: mpsc::Receiver<DesiredRequest>,
+        stop: tokio_util::sync::CancellationToken,
     ) {
         // The next poll is fixed when the last one ran, so a stream of other
         // requests never pushes it back.
@@ -159,10 +166,12 @@ impl DesiredState {
                 .unwrap_or(current.poll_interval_s)
                 .max(1);
             tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
                 _ = tokio::time::sleep_until(last_poll + Duration::from_secs(poll)) => {
                     last_poll = tokio::time::Instant::now();
                     if current.repository.is_some() {
-                        self.sync(&current).await;
+                        let _ = self.sync(&current).await;
                     }
                 }
                 changed = settings.changed() => {
@@ -172,7 +181,7 @@ impl DesiredState {
                     tracing::info!(settings = ?*settings.borrow(), "desired-state settings reloaded");
                     let current = settings.borrow().clone();
                     if current.repository.is_some() {
-                        self.sync(&current).await;
+                        let _ = self.sync(&current).await;
                     }
                 }
                 request = requests.recv() => match request {
@@ -181,14 +190,11 @@ impl DesiredState {
                         let outcome = self.sync(&current).await;
                         let _ = reply.send(outcome);
                     }
-                    Some(DesiredRequest::Role { op, minion, role, reply }) => {
-                        let outcome = self.change_overlay(op, &minion, role).await;
+                    Some(DesiredRequest::Role { request, reply }) => {
+                        let outcome = self.change_overlay(request).await;
                         let _ = reply.send(outcome);
                     }
                     Some(DesiredRequest::Minion(id)) => self.assign_minions(Some(&id)).await,
-                    Some(DesiredRequest::Status(reply)) => {
-                        let _ = reply.send(self.status());
-                    }
                 },
             }
         }
@@ -199,9 +205,11 @@ impl DesiredState {
     }
 
     /// Fetches the branch and applies what is new; returns what happened.
-    pub async fn sync(&mut self, settings: &SourceSettings) -> Value {
+    pub async fn sync(&mut self, settings: &SourceSettings) -> Result<SyncAnswer, ApiError> {
         let Some(repository) = settings.repository.clone() else {
-            return json!({ "error": "the master follows no repository (set repository in its settings)" });
+            return Err(ApiError::conflict(
+                "the master follows no repository (set repository in its settings)",
+            ));
         };
         let source = GitSource::new(&repository, &settings.branch, &self.work_dir.join("git"));
         let fetch = {
@@ -221,10 +229,10 @@ impl DesiredState {
             .as_ref()
             .is_some_and(|(commit, _)| *commit == head)
         {
-            return json!({ "commit": head, "outcome": "unchanged" });
+            return Ok(answer(head, SyncOutcome::Unchanged));
         }
         if self.rejected.as_deref() == Some(head.as_str()) {
-            return json!({ "commit": head, "outcome": "rejected before" });
+            return Ok(answer(head, SyncOutcome::RejectedBefore));
         }
         let loaded = tokio::task::spawn_blocking(move || {
             // A failed export (disk full, permissions) says nothing about the
@@ -236,7 +244,10 @@ impl DesiredState {
                     let problems = invalid
                         .0
                         .iter()
-                        .map(|p| json!({ "file": p.file, "reason": p.reason }))
+                        .map(|p| Problem {
+                            file: p.file.clone(),
+                            reason: p.reason.clone(),
+                        })
                         .collect();
                     (fetched.commit, fetched.summary, problems)
                 }))
@@ -260,13 +271,15 @@ impl DesiredState {
             tracing::info!(%commit, "config already applied; nothing to write");
             self.loaded = Some((commit.clone(), repo));
             self.assign_minions(None).await;
-            return json!({ "commit": commit, "outcome": "already applied" });
+            return Ok(answer(commit, SyncOutcome::AlreadyApplied));
         }
         let changes = match apply(&self.js, &repo, Some(&self.identity)).await {
             Ok(changes) => changes,
             Err(err) => {
                 tracing::warn!(%commit, error = %err, "config could not be written; will try again");
-                return json!({ "commit": commit, "error": err.to_string() });
+                return Err(ApiError::failed(format!(
+                    "commit {commit} could not be written (tried again at the next poll): {err}"
+                )));
             }
         };
         let record = AppliedRecord {
@@ -275,10 +288,13 @@ impl DesiredState {
             applied_unix_ms: now_unix_ms(),
             changes: changes.clone(),
         };
-        if let Ok(value) = serde_json::to_vec(&record) {
-            let _ = self.config.put("applied", value.into()).await;
+        if let Ok(value) = serde_json::to_vec(&record)
+            && let Err(err) = self.config.put("applied", value.into()).await
+        {
+            tracing::warn!(%commit, error = %err, "the applied commit is not recorded; a restart applies it again");
         }
         self.applied = Some(record);
+        self.publish();
         self.publish_policy(&repo).await;
         self.loaded = Some((commit.clone(), repo));
         self.assign_minions(None).await;
@@ -288,7 +304,10 @@ impl DesiredState {
             json!({ "commit": commit, "summary": summary, "changes": changes }),
         )
         .await;
-        json!({ "commit": commit, "outcome": "applied", "changes": changes })
+        Ok(SyncAnswer {
+            changes: Some(changes),
+            ..answer(commit, SyncOutcome::Applied)
+        })
     }
 
     /// Publishes the repository's call policy, signed by the master, in
@@ -334,24 +353,37 @@ impl DesiredState {
         }
     }
 
-    async fn reject(&mut self, commit: String, summary: String, problems: Vec<Value>) -> Value {
+    async fn reject(
+        &mut self,
+        commit: String,
+        summary: String,
+        problems: Vec<Problem>,
+    ) -> Result<SyncAnswer, ApiError> {
         tracing::warn!(%commit, problems = problems.len(), "config rejected");
         let data = json!({ "commit": commit, "summary": summary, "problems": problems, "keeping": self.applied.as_ref().map(|a| a.commit.clone()) });
-        if let Ok(value) = serde_json::to_vec(&data) {
-            let _ = self.config.put("rejected", value.into()).await;
+        if let Ok(value) = serde_json::to_vec(&data)
+            && let Err(err) = self.config.put("rejected", value.into()).await
+        {
+            tracing::warn!(%commit, error = %err, "the rejected commit is not recorded");
         }
         self.rejected = Some(commit.clone());
-        self.emit("config.rejected", data.clone()).await;
-        json!({ "commit": commit, "outcome": "rejected", "problems": problems })
+        self.publish();
+        self.emit("config.rejected", data).await;
+        Ok(SyncAnswer {
+            problems,
+            ..answer(commit, SyncOutcome::Rejected)
+        })
     }
 
-    async fn source_failed(&mut self, reason: String) -> Value {
+    async fn source_failed(&mut self, reason: String) -> Result<SyncAnswer, ApiError> {
         if self.last_source_error.as_deref() != Some(reason.as_str()) {
             tracing::warn!(%reason, "config repository unreachable; the fleet keeps its state");
             self.emit("config.source_failed", json!({ "reason": reason, "keeping": self.applied.as_ref().map(|a| a.commit.clone()) })).await;
             self.last_source_error = Some(reason.clone());
         }
-        json!({ "error": reason })
+        Err(ApiError::failed(format!(
+            "the config repository cannot be read: {reason}"
+        )))
     }
 
     async fn overlay(&self) -> Overlay {
@@ -361,14 +393,12 @@ impl DesiredState {
         }
     }
 
-    async fn change_overlay(
-        &mut self,
-        op: RoleOp,
-        minion: &MinionId,
-        role: Option<RoleName>,
-    ) -> Value {
+    async fn change_overlay(&mut self, request: RoleRequest) -> Result<RoleAnswer, ApiError> {
+        let RoleRequest { op, minion, role } = request;
         if self.loaded.is_none() {
-            return json!({ "error": "the master has applied no config repository; roles come from the minions' own settings" });
+            return Err(ApiError::conflict(
+                "the master has applied no config repository; roles come from the minions' own settings",
+            ));
         }
         let mut overlay = self.overlay().await;
         let entry = overlay.entry(minion.to_string()).or_default();
@@ -382,19 +412,17 @@ impl DesiredState {
                 entry.remove.insert(role);
             }
             (RoleOp::Reset, _) => *entry = OverlayEntry::default(),
-            (_, None) => return json!({ "error": "assign and unassign need a role" }),
+            (_, None) => return Err(ApiError::usage("assign and unassign need a role")),
         }
         if *entry == OverlayEntry::default() {
             overlay.remove(minion.as_str());
         }
-        match serde_json::to_vec(&overlay) {
-            Ok(value) => {
-                if let Err(err) = self.config.put("overlay", value.into()).await {
-                    return json!({ "error": err.to_string() });
-                }
-            }
-            Err(err) => return json!({ "error": err.to_string() }),
-        }
+        let value = serde_json::to_vec(&overlay)
+            .map_err(|err| ApiError::failed(format!("cannot encode the overlay: {err}")))?;
+        self.config
+            .put("overlay", value.into())
+            .await
+            .map_err(|err| ApiError::failed(format!("cannot record the overlay: {err}")))?;
         let kind = match op {
             RoleOp::Assign => "role.assigned",
             RoleOp::Unassign => "role.unassigned",
@@ -403,7 +431,10 @@ impl DesiredState {
         self.emit(kind, json!({ "minion": minion, "role": role }))
             .await;
         self.assign_minions(Some(minion.as_str())).await;
-        json!({ "minion": minion, "overlay": overlay.get(minion.as_str()) })
+        Ok(RoleAnswer {
+            overlay: overlay.get(minion.as_str()).cloned(),
+            minion,
+        })
     }
 
     /// Writes the assignment of `only` (or of every registered minion) where it changed.
@@ -470,23 +501,13 @@ impl DesiredState {
             }
         }
     }
+}
 
-    /// The applied commit and each registered minion's convergence on it.
-    pub fn status(&self) -> Value {
-        let now = now_unix_ms();
-        let registry = self.view.registry();
-        let applied = self.applied.as_ref().map(|a| a.commit.as_str());
-        let minions: Vec<Value> = registry
-            .values()
-            .map(|r| {
-                json!({
-                    "minion": r.id,
-                    "live": r.is_live_at(now),
-                    "converged": applied.is_some() && r.converged_commit.as_deref() == applied,
-                    "commit": r.converged_commit,
-                })
-            })
-            .collect();
-        json!({ "applied": self.applied, "rejected": self.rejected, "minions": minions })
+fn answer(commit: String, outcome: SyncOutcome) -> SyncAnswer {
+    SyncAnswer {
+        commit,
+        outcome,
+        changes: None,
+        problems: Vec::new(),
     }
 }

@@ -16,30 +16,7 @@ use provis_core::envelope::now_unix_ms;
 use provis_core::storage::BUCKET_ENROLLMENT;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EnrollmentStatus {
-    Pending,
-    Accepted,
-    Rejected,
-    Revoked,
-}
-
-/// What the fleet knows of one minion id.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EnrollmentRecord {
-    pub minion: MinionId,
-    /// The key bound to the id (`ed25519:<hex>`).
-    pub key: String,
-    pub status: EnrollmentStatus,
-    /// When the status last changed.
-    pub since_unix_ms: i64,
-    /// Who changed it: an operator, `token`, or `minion` for a request.
-    pub by: String,
-    /// Where the last connection attempt came from.
-    #[serde(default)]
-    pub host: String,
-}
+pub use provis_core::master_api::{Decision, EnrollmentRecord, EnrollmentStatus};
 
 /// The answer to a minion's connection attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,19 +32,16 @@ pub enum Admission {
     Refused(String),
 }
 
-/// An operator's decision on an id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Decision {
-    Accept,
-    Reject,
-    Revoke,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollmentError {
-    #[error("the enrollment bucket cannot be read or written: {0}")]
-    Store(String),
+    #[error("the enrollment bucket cannot be {what}")]
+    Store {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot make a token")]
+    Token(#[source] provis_core::identity::IdentityError),
     #[error("no minion {0} asked to join")]
     Unknown(MinionId),
     #[error("minion {minion} is {status:?}; {decision:?} does not apply")]
@@ -86,8 +60,15 @@ pub enum EnrollmentError {
     },
 }
 
-fn store_error(err: impl std::fmt::Display) -> EnrollmentError {
-    EnrollmentError::Store(err.to_string())
+/// A failure to `what` (`read`, `written`, …) the bucket, with its cause.
+fn store_error<E>(what: &'static str) -> impl FnOnce(E) -> EnrollmentError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    move |source| EnrollmentError::Store {
+        what,
+        source: Box::new(source),
+    }
 }
 
 /// A one-time token as stored: only its digest is kept.
@@ -127,7 +108,7 @@ impl Enrollment {
                 ..Default::default()
             })
             .await
-            .map_err(store_error)?;
+            .map_err(store_error("created"))?;
         let mut enrollment = Self {
             store,
             pending: Default::default(),
@@ -164,7 +145,7 @@ impl Enrollment {
             .store
             .entry(minion.as_str())
             .await
-            .map_err(store_error)?
+            .map_err(store_error("read"))?
         else {
             return Ok(None);
         };
@@ -184,7 +165,7 @@ impl Enrollment {
         record: &EnrollmentRecord,
         revision: Option<u64>,
     ) -> Result<(), EnrollmentError> {
-        let value = serde_json::to_vec(record).map_err(store_error)?;
+        let value = serde_json::to_vec(record).map_err(store_error("written"))?;
         let written = match revision {
             Some(revision) => self
                 .store
@@ -368,21 +349,19 @@ impl Enrollment {
         );
     }
 
-    /// Every id the fleet knows, sorted.
+    /// Every id the fleet knows, sorted, read in one pass over the bucket.
     pub async fn list(&self) -> Result<Vec<EnrollmentRecord>, EnrollmentError> {
-        use futures::TryStreamExt as _;
-        let keys: Vec<String> = match self.store.keys().await {
-            Ok(keys) => keys.try_collect().await.map_err(store_error)?,
-            Err(err) => return Err(store_error(err)),
-        };
-        let mut records = Vec::new();
-        for key in keys.iter().filter(|k| !k.starts_with(TOKEN_KEY_PREFIX)) {
-            if let Ok(minion) = key.parse::<MinionId>()
-                && let Some((record, _)) = self.read(&minion).await?
-            {
-                records.push(record);
-            }
-        }
+        let entries = provis_core::kv_snapshot::read_all(&self.store)
+            .await
+            .map_err(store_error("read"))?;
+        let mut records: Vec<EnrollmentRecord> = entries
+            .into_iter()
+            .filter(|(key, _)| !key.starts_with(TOKEN_KEY_PREFIX))
+            .filter_map(|(key, value)| {
+                let record = serde_json::from_slice::<EnrollmentRecord>(&value).ok()?;
+                (record.minion.as_str() == key).then_some(record)
+            })
+            .collect();
         records.sort_by(|a, b| a.minion.as_str().cmp(b.minion.as_str()));
         Ok(records)
     }
@@ -394,7 +373,7 @@ impl Enrollment {
         ttl: Duration,
         minion: Option<MinionId>,
     ) -> Result<String, EnrollmentError> {
-        let token = provis_core::identity::random_hex(24).map_err(store_error)?;
+        let token = provis_core::identity::random_hex(24).map_err(EnrollmentError::Token)?;
         let stored = StoredToken {
             expires_unix_ms: now_unix_ms()
                 .saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)),
@@ -404,11 +383,11 @@ impl Enrollment {
             "{TOKEN_KEY_PREFIX}{}",
             provis_core::identity::sha256_hex(&token)
         );
-        let value = serde_json::to_vec(&stored).map_err(store_error)?;
+        let value = serde_json::to_vec(&stored).map_err(store_error("written"))?;
         self.store
             .create(&key, value.into())
             .await
-            .map_err(store_error)?;
+            .map_err(store_error("written"))?;
         Ok(token)
     }
 
@@ -426,7 +405,7 @@ impl Enrollment {
             "{TOKEN_KEY_PREFIX}{}",
             provis_core::identity::sha256_hex(token)
         );
-        let Some(entry) = self.store.entry(&key).await.map_err(store_error)? else {
+        let Some(entry) = self.store.entry(&key).await.map_err(store_error("read"))? else {
             return Ok(false);
         };
         if entry.operation != kv::Operation::Put {

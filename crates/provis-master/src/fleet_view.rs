@@ -12,34 +12,18 @@ use provis_core::Subjects;
 use provis_core::envelope::now_unix_ms;
 use provis_core::registry::MinionRecord;
 use provis_core::storage::STREAM_STATE;
-use serde::Serialize;
 
-use crate::state_index::{IndexCounters, IndexLimits, StateIndex};
+pub use provis_core::master_api::{IndexStats, RebuildReport};
+
+use crate::state_index::{IndexLimits, StateIndex};
 
 #[derive(Debug)]
 pub struct FleetView {
     pub registry: RwLock<BTreeMap<String, MinionRecord>>,
     pub index: Mutex<StateIndex>,
     rebuild: Mutex<Option<RebuildReport>>,
-}
-
-/// How the index came back after a start.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct RebuildReport {
-    pub samples: u64,
-    pub seconds: f64,
-}
-
-/// The index in numbers, for `<prefix>.master.stats`.
-#[derive(Debug, Clone, Serialize)]
-pub struct IndexStats {
-    pub minions: usize,
-    pub counters: IndexCounters,
-    pub approximate_bytes: usize,
-    /// Present when asked for (`{"fingerprint": true}`): it reads the whole index.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fingerprint: Option<String>,
-    pub rebuild: Option<RebuildReport>,
+    /// True once the registry's current entries were all read.
+    loaded: tokio::sync::watch::Sender<bool>,
 }
 
 impl FleetView {
@@ -48,7 +32,19 @@ impl FleetView {
             registry: RwLock::default(),
             index: Mutex::new(StateIndex::new(limits)),
             rebuild: Mutex::new(None),
+            loaded: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// Says the registry's current entries were all read.
+    pub fn mark_registry_loaded(&self) {
+        self.loaded.send_replace(true);
+    }
+
+    /// Resolves once the registry's current entries were all read.
+    pub async fn registry_loaded(&self) {
+        let mut loaded = self.loaded.subscribe();
+        let _ = loaded.wait_for(|loaded| *loaded).await;
     }
 
     pub fn index(&self) -> std::sync::MutexGuard<'_, StateIndex> {
@@ -92,21 +88,30 @@ impl FleetView {
             .is_some()
     }
 
-    /// Feeds the index from `PROVIS_STATE` for as long as the master runs:
-    /// the whole stream first (the rebuild), then every new sample. A broken
-    /// consumer is recreated from the next sequence, so nothing is read twice.
-    pub async fn follow_state(&self, js: jetstream::Context, subjects: Subjects) {
+    /// Feeds the index from `PROVIS_STATE` until `stop` fires: the whole
+    /// stream first (the rebuild), then every new sample. A broken consumer
+    /// is recreated from the next sequence, so nothing is read twice.
+    pub async fn follow_state(
+        &self,
+        js: jetstream::Context,
+        subjects: Subjects,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
         let mut next_sequence = 1u64;
         let started = std::time::Instant::now();
         let prefix = format!("{}.state.", subjects.prefix());
         loop {
-            let outcome = self
-                .follow_from(&js, &subjects, &prefix, &mut next_sequence, started)
-                .await;
+            let outcome = tokio::select! {
+                () = stop.cancelled() => return,
+                outcome = self.follow_from(&js, &subjects, &prefix, &mut next_sequence, started) => outcome,
+            };
             if let Err(err) = outcome {
                 tracing::warn!(error = %err, "state stream consumer ended; recreating it");
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
         }
     }
 

@@ -1,18 +1,19 @@
 //! The provis master: on every start it creates (or brings up to date) the
-//! fleet's JetStream storage, then serves `<prefix>.master.>`.
-//!
-//! Served subjects (JSON replies; errors are `{"error": "..."}`):
-//! - `<prefix>.master.ping`: `{"master": true, "version": "..."}`, for readiness checks;
-//! - `<prefix>.master.minions`: every registry entry, with a `live` flag;
-//! - `<prefix>.master.query`: a [`query::QueryRequest`] answered with a
-//!   [`query::QueryAnswer`] from the registry and the state index;
-//! - `<prefix>.master.stats`: the state index in numbers;
-//! - `<prefix>.master.enroll.list|decide|token`: enrollment (see [`enrollment`]).
+//! fleet's JetStream storage, then serves the typed endpoints of
+//! [`provis_core::master_api`] as the NATS service `provis-master` ([`api`]),
+//! follows the registry and the state stream into its view of the fleet,
+//! and follows its config repository ([`desired`]).
 //!
 //! The master also answers nats-server's auth callout ([`admission`]) when
 //! the server is configured for it: every other connection is admitted by it.
+//!
+//! [`start`] runs the phases in order and returns a [`MasterHandle`]; on
+//! stop the master takes no more requests, finishes those in flight and
+//! the apply it may be in the middle of, says `master.stopped`, and drains
+//! its connections.
 
 pub mod admission;
+pub mod api;
 pub mod apply;
 pub mod assignments;
 pub mod desired;
@@ -25,16 +26,15 @@ pub mod repository;
 pub mod state_index;
 pub mod storage;
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use provis_core::envelope::now_unix_ms;
-use provis_core::registry;
+use provis_core::identity::{DerivedKey, Identity};
+use provis_core::lifecycle::{Lifecycle, PartHandle};
 use provis_core::{FleetContext, Subjects, event};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 pub use storage::StorageLimits;
 
@@ -80,6 +80,14 @@ pub struct MasterConfig {
     /// until some are accepted or rejected. Default: 1000.
     #[serde(default = "default_max_pending_minions")]
     pub max_pending_minions: usize,
+    /// On stop, how long requests and an apply in flight may take to
+    /// finish, in seconds. Default: 30.
+    #[serde(default = "default_drain_timeout_s")]
+    pub drain_timeout_s: u64,
+}
+
+fn default_drain_timeout_s() -> u64 {
+    30
 }
 
 fn default_max_pending_minions() -> usize {
@@ -128,6 +136,13 @@ impl MasterConfig {
             .join("master")
     }
 
+    /// The master's key: `signing_key`, else `<data_dir>/master.key`.
+    pub fn key_path(&self) -> std::path::PathBuf {
+        self.signing_key
+            .clone()
+            .unwrap_or_else(|| self.data_dir().join("master.key"))
+    }
+
     /// The state index's limits from these settings.
     pub fn index_limits(&self) -> state_index::IndexLimits {
         let to_ms = |s: u64| i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX);
@@ -153,251 +168,406 @@ impl Default for MasterConfig {
             operators: Vec::new(),
             auth_callout: true,
             max_pending_minions: default_max_pending_minions(),
+            drain_timeout_s: default_drain_timeout_s(),
         }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {
-    #[error("cannot connect to NATS at {url}: {reason}")]
-    Connect { url: String, reason: String },
+    #[error("invalid settings: {0}")]
+    Settings(String),
+    #[error("cannot use the master's key {path}")]
+    Identity {
+        path: std::path::PathBuf,
+        #[source]
+        source: provis_core::identity::IdentityError,
+    },
+    #[error("cannot connect to NATS at {url} ({what})")]
+    Connect {
+        url: String,
+        what: &'static str,
+        #[source]
+        source: async_nats::ConnectError,
+    },
     #[error(transparent)]
     Storage(#[from] storage::StorageError),
-    #[error("cannot serve {subject}: {reason}")]
-    Subscribe { subject: String, reason: String },
-    #[error("the master's key: {0}")]
-    Identity(#[from] provis_core::identity::IdentityError),
-    #[error("{0}")]
-    Settings(String),
+    #[error("cannot open the enrollment bucket")]
+    Enrollment(#[source] enrollment::EnrollmentError),
+    #[error("cannot open the desired state")]
+    Desired(#[source] async_nats::jetstream::context::KeyValueError),
+    #[error("cannot serve {what}")]
+    Serve {
+        what: String,
+        #[source]
+        source: async_nats::Error,
+    },
 }
 
-/// A running master.
+/// What a running master takes besides a stop: new settings.
 #[derive(Debug)]
-pub struct MasterHandle {
-    shutdown: watch::Sender<bool>,
+pub struct MasterControl {
     settings: watch::Sender<desired::SourceSettings>,
-    task: JoinHandle<()>,
 }
 
-impl MasterHandle {
+impl MasterControl {
     /// Takes up new settings without dropping connections. Repository,
     /// branch and poll interval change at once; the others need a restart.
     pub fn reload(&self, config: &MasterConfig) {
         self.settings.send_replace(config.source());
     }
-
-    pub async fn stop(self) {
-        let _ = self.shutdown.send(true);
-        let _ = self.task.await;
-    }
-
-    pub fn request_stop(&self) {
-        let _ = self.shutdown.send(true);
-    }
-
-    pub async fn wait(self) {
-        let _ = self.task.await;
-    }
 }
+
+/// A running master.
+pub type MasterHandle = PartHandle<MasterControl>;
 
 /// Connects (waiting for NATS as long as it takes), ensures storage, and
 /// serves. Returns once the master answers requests.
 pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
-    let url = config.fleet.nats_url.clone();
-    let subjects = Subjects::new(config.fleet.prefix.clone());
-    admission::check_operators(&config.operators).map_err(MasterError::Settings)?;
-    let key_path = config
-        .signing_key
-        .clone()
-        .unwrap_or_else(|| config.data_dir().join("master.key"));
-    let identity = std::sync::Arc::new(provis_core::identity::Identity::load_or_create(&key_path)?);
-    let connect = |name: &str, options: async_nats::ConnectOptions| {
-        let url = url.clone();
-        let name = name.to_owned();
-        async move {
-            options
-                .retry_on_initial_connect()
-                .connect(&url)
-                .await
-                .map_err(|err| MasterError::Connect {
-                    url,
-                    reason: format!("{name}: {err}"),
-                })
+    let mut master = Startup::new(config)?;
+    master.admit_connections().await?;
+    master.connect_fleet().await?;
+    master.ensure_storage().await?;
+    master.open_enrollment().await?;
+    master.connect_system().await?;
+    master.follow_fleet();
+    master.follow_config_repository().await?;
+    master.serve_api().await?;
+    master.announce().await;
+    Ok(master.run())
+}
+
+/// The master as it comes up, phase by phase.
+struct Startup {
+    config: MasterConfig,
+    subjects: Subjects,
+    identity: Arc<Identity>,
+    lifecycle: Lifecycle,
+    gatekeeper: Arc<admission::Gatekeeper>,
+    /// Connections closed (drained) when the master stops.
+    connections: Vec<async_nats::Client>,
+    /// The callout's connection, whose account keeps enrollment.
+    callout: Option<async_nats::Client>,
+    nats: Option<async_nats::Client>,
+    js: Option<async_nats::jetstream::Context>,
+    enrollment: Option<enrollment::Enrollment>,
+    view: Arc<fleet_view::FleetView>,
+    desired: Option<DesiredParts>,
+    service: Option<async_nats::service::Service>,
+}
+
+/// What the desired-state loop hands the rest of the master.
+struct DesiredParts {
+    requests: tokio::sync::mpsc::Sender<desired::DesiredRequest>,
+    published: watch::Receiver<desired::PublishedConfig>,
+    settings: watch::Sender<desired::SourceSettings>,
+}
+
+impl Startup {
+    fn new(config: MasterConfig) -> Result<Self, MasterError> {
+        admission::check_operators(&config.operators).map_err(MasterError::Settings)?;
+        let path = config.key_path();
+        let identity =
+            Arc::new(
+                Identity::load_or_create(&path).map_err(|source| MasterError::Identity {
+                    path: path.clone(),
+                    source,
+                })?,
+            );
+        let subjects = Subjects::new(config.fleet.prefix.clone());
+        let gatekeeper = Arc::new(admission::Gatekeeper::new(
+            &identity,
+            subjects.clone(),
+            config.operators.clone(),
+        ));
+        Ok(Self {
+            view: Arc::new(fleet_view::FleetView::new(config.index_limits())),
+            config,
+            subjects,
+            identity,
+            lifecycle: Lifecycle::new(),
+            gatekeeper,
+            connections: Vec::new(),
+            callout: None,
+            nats: None,
+            js: None,
+            enrollment: None,
+            desired: None,
+            service: None,
+        })
+    }
+
+    fn url(&self) -> &str {
+        &self.config.fleet.nats_url
+    }
+
+    /// Answers nats-server's auth callout. It comes first: on a fleet that
+    /// uses it, even the master's own fleet connection is admitted by it.
+    async fn admit_connections(&mut self) -> Result<(), MasterError> {
+        if !self.config.auth_callout {
+            return Ok(());
         }
-    };
-    // The callout comes first: on a fleet that uses it, even the master's
-    // own fleet connection is admitted by it.
-    let gatekeeper = std::sync::Arc::new(admission::Gatekeeper::new(
-        &identity,
-        subjects.clone(),
-        config.operators.clone(),
-    ));
-    let mut background = Vec::new();
-    // Where enrollment is kept: in the callout's own account when there is
-    // one, which no fleet identity can reach, not even through the server
-    // copying a stream's messages onto a subject they choose.
-    let mut enrollment_js = None;
-    if config.auth_callout {
-        let service = identity.derived(provis_core::identity::DerivedKey::CalloutService);
+        let service = self.identity.derived(DerivedKey::CalloutService);
         let seed = service
             .seed()
-            .map_err(|err| MasterError::Settings(err.to_string()))?;
-        let callout = connect_when_up(
-            &url,
-            config
-                .fleet
-                .connect_options("provis-master-callout")
-                .nkey(seed),
-        )
-        .await;
+            .map_err(|err| MasterError::Settings(format!("the callout key: {err}")))?;
+        let options = self
+            .config
+            .fleet
+            .connect_options("provis-master-callout")
+            .nkey(seed);
+        let callout = connect_when_up(self.url(), options).await;
         let requests = admission::Gatekeeper::listen(&callout)
             .await
-            .map_err(|reason| MasterError::Subscribe {
-                subject: provis_core::bus_access::CALLOUT_SUBJECT.to_owned(),
-                reason,
+            .map_err(|source| MasterError::Serve {
+                what: provis_core::bus_access::CALLOUT_SUBJECT.to_owned(),
+                source,
             })?;
-        enrollment_js = Some(async_nats::jetstream::new(callout.clone()));
-        background.push(tokio::spawn(gatekeeper.clone().serve(callout, requests)));
+        self.lifecycle
+            .spawn_background(self.gatekeeper.clone().serve(
+                callout.clone(),
+                requests,
+                self.lifecycle.clone(),
+            ));
+        self.connections.push(callout.clone());
+        self.callout = Some(callout);
+        Ok(())
     }
-    let nats = connect(
-        "fleet",
-        config.fleet.connect_options_as("provis-master", &identity),
-    )
-    .await?;
-    let js = async_nats::jetstream::new(nats.clone());
-    storage::ensure(&js, &subjects, &config.storage).await?;
-    let enrollment_js = enrollment_js.unwrap_or_else(|| js.clone());
-    let enrollment = enrollment::Enrollment::open(&enrollment_js, config.max_pending_minions)
-        .await
-        .map_err(|err| MasterError::Settings(err.to_string()))?;
-    gatekeeper.ready(enrollment.clone(), nats.clone());
-    if config.auth_callout {
-        let system = connect(
-            "system account",
-            config
-                .fleet
-                .connect_options_as("provis-master-system", &identity)
-                .user_and_password(
-                    provis_core::bus_access::SYSTEM_USER.to_owned(),
-                    String::new(),
-                ),
+
+    /// The master's own connection to the fleet's account.
+    async fn connect_fleet(&mut self) -> Result<(), MasterError> {
+        let options = self
+            .config
+            .fleet
+            .connect_options_as("provis-master", &self.identity);
+        let nats = connect(self.url(), "fleet", options).await?;
+        self.connections.push(nats.clone());
+        self.js = Some(async_nats::jetstream::new(nats.clone()));
+        self.nats = Some(nats);
+        Ok(())
+    }
+
+    /// Creates or updates every stream and bucket of the fleet.
+    async fn ensure_storage(&mut self) -> Result<(), MasterError> {
+        let js = self.js()?;
+        storage::ensure(&js, &self.subjects, &self.config.storage).await?;
+        Ok(())
+    }
+
+    /// Opens enrollment: in the callout's own account when there is one,
+    /// which no fleet identity can reach, not even through the server
+    /// copying a stream's messages onto a subject they choose.
+    async fn open_enrollment(&mut self) -> Result<(), MasterError> {
+        let js = match &self.callout {
+            Some(callout) => async_nats::jetstream::new(callout.clone()),
+            None => self.js()?,
+        };
+        let enrollment = enrollment::Enrollment::open(&js, self.config.max_pending_minions)
+            .await
+            .map_err(MasterError::Enrollment)?;
+        self.gatekeeper.ready(enrollment.clone(), self.nats()?);
+        self.enrollment = Some(enrollment);
+        Ok(())
+    }
+
+    /// The system account, to kick revoked minions, and the call policy's
+    /// operators, whom the callout admits.
+    async fn connect_system(&mut self) -> Result<(), MasterError> {
+        if !self.config.auth_callout {
+            return Ok(());
+        }
+        let options = self
+            .config
+            .fleet
+            .connect_options_as("provis-master-system", &self.identity)
+            .user_and_password(
+                provis_core::bus_access::SYSTEM_USER.to_owned(),
+                String::new(),
+            );
+        let system = connect(self.url(), "system account", options).await?;
+        self.connections.push(system.clone());
+        self.gatekeeper.set_system(system);
+        self.lifecycle.spawn_background(
+            self.gatekeeper
+                .clone()
+                .follow_policy(self.js()?, self.lifecycle.stop_token()),
+        );
+        Ok(())
+    }
+
+    /// Follows the state stream into the index; the registry is followed
+    /// once the desired-state loop exists (it is told who appears).
+    fn follow_fleet(&mut self) {
+        let Ok(js) = self.js() else { return };
+        let (view, subjects, stop) = (
+            self.view.clone(),
+            self.subjects.clone(),
+            self.lifecycle.stop_token(),
+        );
+        self.lifecycle
+            .spawn_background(async move { view.follow_state(js, subjects, stop).await });
+    }
+
+    /// Follows the config repository (if any) and the registry, whose
+    /// minions it assigns roles to.
+    async fn follow_config_repository(&mut self) -> Result<(), MasterError> {
+        let (js, nats) = (self.js()?, self.nats()?);
+        let desired = desired::DesiredState::open(
+            js.clone(),
+            nats.clone(),
+            self.subjects.clone(),
+            self.view.clone(),
+            self.config.data_dir(),
+            self.identity.clone(),
         )
-        .await?;
-        gatekeeper.set_system(system);
-        background.push(tokio::spawn(gatekeeper.clone().follow_policy(js.clone())));
-    }
-
-    let subject = subjects.wildcard("master");
-    let requests = nats
-        .subscribe(subject.clone())
         .await
-        .map_err(|err| MasterError::Subscribe {
-            subject,
-            reason: err.to_string(),
-        })?;
-    nats.flush().await.map_err(|err| MasterError::Connect {
-        url,
-        reason: err.to_string(),
-    })?;
-    event::emit(
-        &nats,
-        &subjects,
-        "master",
-        "master.started",
-        json!({ "version": provis_core::VERSION }),
-    )
-    .await;
-    tracing::info!(prefix = %subjects.prefix(), "master serving");
-
-    let view = std::sync::Arc::new(fleet_view::FleetView::new(config.index_limits()));
-    let state_feed = {
-        let (view, js, subjects) = (view.clone(), js.clone(), subjects.clone());
-        tokio::spawn(async move { view.follow_state(js, subjects).await })
-    };
-    let (desired_tx, desired_rx) = tokio::sync::mpsc::channel(1024);
-    let (settings, settings_rx) = watch::channel(config.source());
-    tracing::info!(public_key = %identity.public_key(), "bundles are signed with this key; pin it on minions (trusted_bundle_keys)");
-    let public_key = identity.public_key().to_owned();
-    let desired = desired::DesiredState::open(
-        js.clone(),
-        nats.clone(),
-        subjects.clone(),
-        view.clone(),
-        config.data_dir(),
-        identity,
-    )
-    .await
-    .map_err(|reason| MasterError::Subscribe {
-        subject: "provis_config".into(),
-        reason,
-    })?;
-    let desired_loop = tokio::spawn(desired.run(settings_rx, desired_rx));
-    if config.repository.is_some() {
-        // Take up the repository at once rather than after a poll interval.
-        let (reply, _) = tokio::sync::oneshot::channel();
-        let _ = desired_tx.send(desired::DesiredRequest::Sync(reply)).await;
+        .map_err(MasterError::Desired)?;
+        let published = desired.published();
+        let (requests, requests_rx) = tokio::sync::mpsc::channel(1024);
+        let (settings, settings_rx) = watch::channel(self.config.source());
+        self.lifecycle.spawn_background(desired.run(
+            settings_rx,
+            requests_rx,
+            self.lifecycle.stop_token(),
+        ));
+        if self.config.repository.is_some() {
+            // Take up the repository at once rather than after a poll interval.
+            let (reply, _) = tokio::sync::oneshot::channel();
+            let _ = requests.send(desired::DesiredRequest::Sync(reply)).await;
+        }
+        let (view, subjects, stop, assign) = (
+            self.view.clone(),
+            self.subjects.clone(),
+            self.lifecycle.stop_token(),
+            requests.clone(),
+        );
+        self.lifecycle.spawn_background(async move {
+            liveness::follow(js, nats, subjects, &view, assign, stop).await;
+        });
+        self.desired = Some(DesiredParts {
+            requests,
+            published,
+            settings,
+        });
+        Ok(())
     }
-    let liveness = {
-        let (nats, subjects, js, view) = (nats.clone(), subjects.clone(), js.clone(), view.clone());
-        let desired_tx = desired_tx.clone();
-        tokio::spawn(async move {
-            loop {
-                match registry::open_registry(&js).await {
-                    Ok(store) => {
-                        let watched = liveness::watch(
-                            nats.clone(),
-                            subjects.clone(),
-                            store,
-                            &view,
-                            &desired_tx,
-                        );
-                        if let Err(err) = watched.await {
-                            tracing::warn!(error = %err, "registry watch ended; starting again");
-                        }
-                    }
-                    Err(err) => tracing::warn!(error = %err, "registry not reachable"),
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+
+    /// Serves the master's endpoints.
+    async fn serve_api(&mut self) -> Result<(), MasterError> {
+        let (Some(desired), Some(enrollment)) = (&self.desired, &self.enrollment) else {
+            return Err(MasterError::Settings(
+                "the master's API started before its parts".into(),
+            ));
+        };
+        let served = Arc::new(api::Served {
+            public_key: self.identity.public_key().to_owned(),
+            nats: self.nats()?,
+            subjects: self.subjects.clone(),
+            view: self.view.clone(),
+            desired: desired.requests.clone(),
+            config: desired.published.clone(),
+            enrollment: enrollment.clone(),
+            gatekeeper: self.gatekeeper.clone(),
+        });
+        self.service = Some(api::serve(served, &self.lifecycle).await?);
+        // The subscriptions are in place before anyone is told the master runs.
+        if let Err(source) = self.nats()?.flush().await {
+            return Err(MasterError::Serve {
+                what: "the master's endpoints".into(),
+                source: Box::new(source),
+            });
+        }
+        Ok(())
+    }
+
+    async fn announce(&self) {
+        if let Ok(nats) = self.nats() {
+            event::emit(
+                &nats,
+                &self.subjects,
+                "master",
+                "master.started",
+                json!({ "version": provis_core::VERSION }),
+            )
+            .await;
+        }
+        tracing::info!(prefix = %self.subjects.prefix(), public_key = %self.identity.public_key(), "master serving; bundles and desired state are signed with this key (pin it on minions: trusted_bundle_keys)");
+    }
+
+    /// Hands the running master to its main task: it waits for a stop,
+    /// then drains and says goodbye.
+    fn run(self) -> MasterHandle {
+        let Self {
+            config,
+            subjects,
+            lifecycle,
+            connections,
+            nats,
+            desired,
+            service,
+            ..
+        } = self;
+        let (settings, _) = watch::channel(config.source());
+        let settings = desired.map_or(settings, |parts| parts.settings);
+        let drain_timeout = Duration::from_secs(config.drain_timeout_s);
+        let life = lifecycle.clone();
+        let main = tokio::spawn(async move {
+            life.stopping().await;
+            tracing::info!(
+                in_flight = life.work_in_flight(),
+                "master stopping: no new requests; finishing those in flight"
+            );
+            if let Some(service) = service
+                && let Err(err) = service.stop().await
+            {
+                tracing::debug!(error = %err, "service not stopped cleanly");
             }
+            let report = life.drain(drain_timeout).await;
+            if !report.complete() {
+                tracing::warn!(
+                    work_left = report.work_left,
+                    background_left = report.background_left,
+                    "stopping after {drain_timeout:?} with work unfinished"
+                );
+            }
+            if let Some(nats) = &nats {
+                event::emit(nats, &subjects, "master", "master.stopped", json!({})).await;
+            }
+            for connection in &connections {
+                provis_core::lifecycle::close_connection(connection, true).await;
+            }
+            tracing::info!("master stopped");
+        });
+        PartHandle::new("master", lifecycle, main, MasterControl { settings })
+    }
+
+    fn nats(&self) -> Result<async_nats::Client, MasterError> {
+        self.nats
+            .clone()
+            .ok_or_else(|| MasterError::Settings("no fleet connection yet".into()))
+    }
+
+    fn js(&self) -> Result<async_nats::jetstream::Context, MasterError> {
+        self.js
+            .clone()
+            .ok_or_else(|| MasterError::Settings("no fleet connection yet".into()))
+    }
+}
+
+async fn connect(
+    url: &str,
+    what: &'static str,
+    options: async_nats::ConnectOptions,
+) -> Result<async_nats::Client, MasterError> {
+    options
+        .retry_on_initial_connect()
+        .connect(url)
+        .await
+        .map_err(|source| MasterError::Connect {
+            url: url.to_owned(),
+            what,
+            source,
         })
-    };
-    let context = std::sync::Arc::new(Served {
-        public_key,
-        nats: nats.clone(),
-        js,
-        subjects,
-        view,
-        desired: desired_tx,
-        enrollment,
-        gatekeeper,
-    });
-    let (shutdown, mut shutdown_rx) = watch::channel(false);
-    let task = tokio::spawn(async move {
-        let mut requests = requests;
-        loop {
-            tokio::select! {
-                _ = shutdown_rx.changed() => break,
-                request = requests.next() => match request {
-                    // Each on a task of its own: a slow sync never holds up a ping.
-                    Some(request) => { tokio::spawn(answer(context.clone(), request)); }
-                    None => break,
-                },
-            }
-        }
-        liveness.abort();
-        state_feed.abort();
-        for task in background {
-            task.abort();
-        }
-        desired_loop.abort();
-        let _ = tokio::time::timeout(Duration::from_secs(2), nats.drain()).await;
-        tracing::info!("master stopped");
-    });
-    Ok(MasterHandle {
-        shutdown,
-        settings,
-        task,
-    })
 }
 
 /// Connects once the server is up, however long that takes: the first
@@ -413,205 +583,5 @@ async fn connect_when_up(url: &str, options: async_nats::ConnectOptions) -> asyn
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
-    }
-}
-
-/// What requests on `<prefix>.master.>` are answered from.
-struct Served {
-    public_key: String,
-    nats: async_nats::Client,
-    js: async_nats::jetstream::Context,
-    subjects: Subjects,
-    view: std::sync::Arc<fleet_view::FleetView>,
-    desired: tokio::sync::mpsc::Sender<desired::DesiredRequest>,
-    enrollment: enrollment::Enrollment,
-    gatekeeper: std::sync::Arc<admission::Gatekeeper>,
-}
-
-async fn answer(served: std::sync::Arc<Served>, request: async_nats::Message) {
-    let Some(reply_to) = request.reply.clone() else {
-        return;
-    };
-    // The master may publish anywhere; a reply subject chosen by the asker
-    // must not make it write somewhere else (a bucket, another's subject).
-    if !reply_to.starts_with("_INBOX.") {
-        tracing::warn!(subject = %request.subject, reply = %reply_to, "request with a reply subject outside _INBOX ignored");
-        return;
-    }
-    let what = request
-        .subject
-        .as_str()
-        .strip_prefix(&served.subjects.master(""))
-        .unwrap_or_default()
-        .to_owned();
-    let body = match what.as_str() {
-        "ping" => {
-            json!({ "master": true, "version": provis_core::VERSION, "public_key": served.public_key })
-        }
-        "minions" => list_minions(&served.js).await,
-        "query" => run_query(&served.view, &request.payload),
-        "stats" => {
-            let with_fingerprint = serde_json::from_slice::<Value>(&request.payload)
-                .is_ok_and(|body| body["fingerprint"] == true);
-            serde_json::to_value(served.view.stats(with_fingerprint)).unwrap_or(Value::Null)
-        }
-        "sync" => ask_desired(&served, desired::DesiredRequest::Sync).await,
-        "status" => ask_desired(&served, desired::DesiredRequest::Status).await,
-        "role" => match serde_json::from_slice::<RoleRequest>(&request.payload) {
-            Ok(role) => {
-                ask_desired(&served, |reply| desired::DesiredRequest::Role {
-                    op: role.op,
-                    minion: role.minion,
-                    role: role.role,
-                    reply,
-                })
-                .await
-            }
-            Err(err) => json!({ "error": format!("not a role request: {err}"), "usage": true }),
-        },
-        "enroll.list" => match served.enrollment.list().await {
-            Ok(records) => json!({ "minions": records }),
-            Err(err) => json!({ "error": err.to_string() }),
-        },
-        "enroll.decide" => decide_enrollment(&served, &request.payload).await,
-        "enroll.token" => {
-            let body = serde_json::from_slice::<Value>(&request.payload).unwrap_or_default();
-            let ttl_s = body["ttl_s"].as_u64().unwrap_or(3_600);
-            let minion = body["minion"]
-                .as_str()
-                .and_then(|id| id.parse::<provis_core::MinionId>().ok());
-            match served
-                .enrollment
-                .issue_token(Duration::from_secs(ttl_s), minion)
-                .await
-            {
-                Ok(token) => json!({ "token": token, "ttl_s": ttl_s }),
-                Err(err) => json!({ "error": err.to_string() }),
-            }
-        }
-        other => json!({
-            "error": format!("the master serves no {other:?}; it serves ping, minions, query, stats, sync, status, role, enroll.list, enroll.decide, enroll.token")
-        }),
-    };
-    if let Err(err) = served.nats.publish(reply_to, body.to_string().into()).await {
-        tracing::warn!(error = %err, "master reply not sent");
-    }
-}
-
-/// A request on `<prefix>.master.enroll.decide`.
-#[derive(Debug, Deserialize)]
-struct EnrollDecision {
-    minion: provis_core::MinionId,
-    decision: enrollment::Decision,
-    /// Who decides, as the operator's tool says (recorded, informational).
-    #[serde(default)]
-    by: Option<String>,
-    /// The key the operator checked; the decision applies only to it.
-    #[serde(default)]
-    key: Option<String>,
-}
-
-async fn decide_enrollment(served: &Served, payload: &[u8]) -> Value {
-    let request = match serde_json::from_slice::<EnrollDecision>(payload) {
-        Ok(request) => request,
-        Err(err) => {
-            return json!({ "error": format!("not an enrollment decision: {err}"), "usage": true });
-        }
-    };
-    let by = request.by.unwrap_or_else(|| "operator".to_owned());
-    match served
-        .enrollment
-        .decide(
-            &request.minion,
-            request.decision,
-            &by,
-            request.key.as_deref(),
-        )
-        .await
-    {
-        Ok(record) => {
-            let kicked = if request.decision == enrollment::Decision::Revoke {
-                served.gatekeeper.kick(&request.minion).await
-            } else {
-                0
-            };
-            let kind = match request.decision {
-                enrollment::Decision::Accept => "minion.accepted",
-                enrollment::Decision::Reject => "minion.rejected",
-                enrollment::Decision::Revoke => "minion.revoked",
-            };
-            event::emit(
-                &served.nats,
-                &served.subjects,
-                "master",
-                kind,
-                json!({ "minion": record.minion, "key": record.key, "by": by, "disconnected": kicked }),
-            )
-            .await;
-            json!({ "record": record, "disconnected": kicked })
-        }
-        Err(err) => json!({ "error": err.to_string() }),
-    }
-}
-
-/// A request on `<prefix>.master.role`.
-#[derive(Debug, Deserialize)]
-struct RoleRequest {
-    op: desired::RoleOp,
-    minion: provis_core::MinionId,
-    #[serde(default)]
-    role: Option<provis_core::RoleName>,
-}
-
-async fn ask_desired(
-    served: &Served,
-    make: impl FnOnce(tokio::sync::oneshot::Sender<Value>) -> desired::DesiredRequest,
-) -> Value {
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    if served.desired.send(make(reply)).await.is_err() {
-        return json!({ "error": "the master's desired-state loop stopped" });
-    }
-    match tokio::time::timeout(Duration::from_secs(120), answer).await {
-        Ok(Ok(value)) => value,
-        _ => json!({ "error": "the master did not finish in time" }),
-    }
-}
-
-async fn list_minions(js: &async_nats::jetstream::Context) -> Value {
-    let records = match registry::open_registry(js).await {
-        Ok(store) => registry::read_all(&store).await,
-        Err(err) => Err(err),
-    };
-    match records {
-        Ok(records) => {
-            let now = now_unix_ms();
-            let minions: Vec<Value> = records
-                .into_iter()
-                .map(|record| {
-                    let live = record.is_live_at(now);
-                    let mut value = serde_json::to_value(record).unwrap_or(Value::Null);
-                    value["live"] = json!(live);
-                    value
-                })
-                .collect();
-            json!({ "minions": minions })
-        }
-        Err(err) => json!({ "error": err.to_string() }),
-    }
-}
-
-fn run_query(view: &fleet_view::FleetView, payload: &[u8]) -> Value {
-    let request = match serde_json::from_slice::<query::QueryRequest>(payload) {
-        Ok(request) => request,
-        Err(err) => return json!({ "error": format!("not a query request: {err}") }),
-    };
-    if !view.rebuilt() {
-        return json!({ "error": "the state index is still being rebuilt from the stream; try again in a moment" });
-    }
-    let registry = view.registry().clone();
-    let index = view.index();
-    match query::answer(&request, &registry, &index, now_unix_ms()) {
-        Ok(answer) => serde_json::to_value(answer).unwrap_or(Value::Null),
-        Err(err) => json!({ "error": err.to_string(), "usage": true }),
     }
 }

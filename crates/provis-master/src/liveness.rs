@@ -8,10 +8,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use async_nats::jetstream::kv::{Operation, Store};
+use async_nats::jetstream::kv::Store;
 use futures::StreamExt;
 use provis_core::envelope::now_unix_ms;
 use provis_core::registry::{MinionRecord, MinionStatus};
+use provis_core::signed_entry::{EntryError, Followed, follow as follow_entries};
+use provis_core::storage::BUCKET_MINIONS;
 use provis_core::{Subjects, event};
 
 use crate::fleet_view::FleetView;
@@ -20,46 +22,74 @@ use serde_json::json;
 /// How often silent minions are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Follows the registry until the watch fails; the caller restarts it.
-pub async fn watch(
+/// Follows the registry into `view` until `stop` fires, asks the
+/// desired-state loop to recompute the assignment of a minion that appears
+/// or changes its facts, and marks silent minions offline.
+pub async fn follow(
+    js: async_nats::jetstream::Context,
     nats: async_nats::Client,
     subjects: Subjects,
-    registry: Store,
     view: &FleetView,
-    desired: &tokio::sync::mpsc::Sender<crate::desired::DesiredRequest>,
-) -> Result<(), String> {
-    let mut entries = registry
-        .watch_with_history(">")
-        .await
-        .map_err(|e| e.to_string())?;
+    desired: tokio::sync::mpsc::Sender<crate::desired::DesiredRequest>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut entries = follow_entries(js.clone(), BUCKET_MINIONS, ">", registry_record());
     let mut known: BTreeMap<String, MinionRecord> = BTreeMap::new();
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    let mut registry: Option<Store> = None;
     loop {
         tokio::select! {
-            entry = entries.next() => {
-                let entry = entry.ok_or("registry watch closed")?.map_err(|e| e.to_string())?;
-                if entry.operation != Operation::Put {
-                    known.remove(&entry.key);
-                    view.registry_mut().remove(&entry.key);
-                } else if let Ok(record) = serde_json::from_slice::<MinionRecord>(&entry.value) {
-                    let new_or_changed = known.get(&entry.key).is_none_or(|old| old.facts != record.facts);
-                    view.registry_mut().insert(entry.key.clone(), record.clone());
-                    known.insert(entry.key.clone(), record);
+            () = stop.cancelled() => return,
+            followed = entries.next() => match followed {
+                Some(Followed::Taken { key, value: record, .. }) => {
+                    let new_or_changed = known.get(&key).is_none_or(|old| old.facts != record.facts);
+                    view.registry_mut().insert(key.clone(), record.clone());
+                    known.insert(key.clone(), record);
                     if new_or_changed {
                         // Its assignment may depend on who it is and on its facts.
-                        let _ = desired.try_send(crate::desired::DesiredRequest::Minion(entry.key));
+                        let _ = desired.try_send(crate::desired::DesiredRequest::Minion(key));
                     }
                 }
-            }
+                Some(Followed::Removed { key }) => {
+                    known.remove(&key);
+                    view.registry_mut().remove(&key);
+                }
+                Some(Followed::Refused { key, error }) => {
+                    tracing::warn!(%key, %error, "registry entry skipped");
+                }
+                Some(Followed::Current) => view.mark_registry_loaded(),
+                None => return,
+            },
             _ = sweep.tick() => {
                 let now = now_unix_ms();
+                if registry.is_none() {
+                    registry = provis_core::registry::open_registry(&js).await.ok();
+                }
+                let Some(store) = registry.as_ref() else { continue };
                 for (key, record) in &mut known {
                     if record.status == MinionStatus::Online && !record.is_live_at(now) {
-                        mark_offline(&nats, &subjects, &registry, key, record, now).await;
+                        mark_offline(&nats, &subjects, store, key, record, now).await;
                     }
                 }
             }
         }
+    }
+}
+
+/// Opens a registry entry: a record under its own minion's key only (a
+/// minion may write only its own key; a record naming another id is someone
+/// speaking for that minion).
+fn registry_record() -> impl provis_core::signed_entry::EntryOpener<MinionRecord> + Send + 'static {
+    let plain = provis_core::signed_entry::plain::<MinionRecord>();
+    move |key: &str, bytes: &[u8], held: Option<i64>| {
+        let opened = plain(key, bytes, held)?;
+        if opened.value.id.as_str() != key {
+            return Err(EntryError::WrongKey {
+                key: key.to_owned(),
+                named: opened.value.id.to_string(),
+            });
+        }
+        Ok(opened)
     }
 }
 

@@ -17,61 +17,14 @@ use std::collections::BTreeMap;
 
 use provis_core::registry::{MinionRecord, MinionStatus};
 use provis_core::selection::{Filter, SelectError, Verdict};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::state_index::{IndexCounters, StateIndex};
+use crate::state_index::StateIndex;
 
 /// Share of a window a minion's samples must cover for `for` to count it.
 pub const MIN_COVERAGE_PCT: f64 = 90.0;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum QueryMode {
-    #[default]
-    Latest,
-    For,
-    Any,
-}
-
-/// A request on `<prefix>.master.query`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct QueryRequest {
-    pub expression: String,
-    #[serde(default)]
-    pub mode: QueryMode,
-    /// The window of `for` and `any`, ending now.
-    #[serde(default)]
-    pub window_ms: i64,
-}
-
-/// One minion in an answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct QueryMatch {
-    pub minion: String,
-    /// Whether it is live in the registry now.
-    pub live: bool,
-    /// Share of the window its samples cover (windows only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub coverage_pct: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
-    /// Its latest state.
-    pub state: Value,
-}
-
-/// The answer on `<prefix>.master.query`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct QueryAnswer {
-    pub matches: Vec<QueryMatch>,
-    /// Minions for which it held over the part of the window they reported,
-    /// but whose history does not cover enough of it (`for` only).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub short_history: Vec<QueryMatch>,
-    /// Minions looked at.
-    pub considered: usize,
-    pub counters: IndexCounters,
-}
+pub use provis_core::master_api::{QueryAnswer, QueryMatch, QueryMode, QueryRequest};
 
 /// Answers `request` at `now_ms`.
 pub fn answer(

@@ -14,7 +14,6 @@
 use std::collections::{BTreeMap, HashMap};
 
 use provis_core::state::StateSample;
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// Most distinct numeric fields the history keeps (the samples provis
@@ -45,14 +44,7 @@ impl Default for IndexLimits {
     }
 }
 
-/// What happened to the samples seen so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IndexCounters {
-    pub accepted: u64,
-    pub malformed: u64,
-    pub out_of_window: u64,
-    pub rate_limited: u64,
-}
+pub use provis_core::master_api::IndexCounters;
 
 #[derive(Debug, Clone, Copy)]
 struct Stat {

@@ -74,6 +74,14 @@ pub struct MinionConfig {
     /// `provis keys accept`. Default: none.
     #[serde(default)]
     pub enrollment_token: Option<String>,
+    /// On stop, how long the calls in flight may take to finish and reply,
+    /// in seconds. Default: 30.
+    #[serde(default = "default_drain_timeout_s")]
+    pub drain_timeout_s: u64,
+}
+
+fn default_drain_timeout_s() -> u64 {
+    30
 }
 
 fn default_inject_services() -> bool {
@@ -115,6 +123,7 @@ impl MinionConfig {
             labels: BTreeMap::new(),
             inject_services: true,
             enrollment_token: None,
+            drain_timeout_s: default_drain_timeout_s(),
         }
     }
 

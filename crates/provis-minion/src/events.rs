@@ -35,6 +35,21 @@ impl EventBus {
         event.publish(&self.nats, &self.subjects).await;
     }
 
+    /// Says a desired-state entry was refused (forged, copied, put back,
+    /// unreadable): `desired.refused`.
+    pub async fn desired_refused(
+        &self,
+        bucket: &str,
+        key: &str,
+        reason: &provis_core::signed_entry::EntryError,
+    ) {
+        self.emit(
+            "desired.refused",
+            serde_json::json!({ "bucket": bucket, "key": key, "reason": reason.to_string() }),
+        )
+        .await;
+    }
+
     /// Events from now on, for a local watcher.
     pub fn subscribe(&self) -> broadcast::Receiver<CloudEvent> {
         self.local.subscribe()

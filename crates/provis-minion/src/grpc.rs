@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use prost::Message;
 use provis_core::envelope::{error_reply, open_envelope};
 use provis_js::StateStore;
@@ -24,6 +24,9 @@ use crate::dispatch::Dispatcher;
 use crate::events::EventBus;
 
 /// What the gRPC API serves from.
+///
+/// On stop the server takes no new connection and ends once the calls in
+/// flight answered; event watches end with the stop.
 #[derive(Debug, Clone)]
 pub struct MinionApi {
     pub guard: provis_core::call_auth::CallGuard,
@@ -34,6 +37,8 @@ pub struct MinionApi {
     /// Changes when the master assigns other roles.
     pub roles: Arc<std::sync::RwLock<Vec<String>>>,
     pub started: Instant,
+    /// Fires when the minion stops: open event watches end.
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 /// The TLS identity from `grpc_tls_cert` and `grpc_tls_key`: none when
@@ -57,7 +62,12 @@ pub fn tls_identity(config: &crate::MinionConfig) -> Result<Option<Identity>, cr
 }
 
 /// Serves the API on `listener` (over TLS with `tls`) until the task is aborted.
-pub async fn serve(api: MinionApi, listener: tokio::net::TcpListener, tls: Option<Identity>) {
+pub async fn serve(
+    api: MinionApi,
+    listener: tokio::net::TcpListener,
+    tls: Option<Identity>,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     let mut server = tonic::transport::Server::builder();
     if let Some(identity) = tls {
@@ -71,7 +81,7 @@ pub async fn serve(api: MinionApi, listener: tokio::net::TcpListener, tls: Optio
     }
     if let Err(err) = server
         .add_service(MinionServer::new(api))
-        .serve_with_incoming(incoming)
+        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
         .await
     {
         tracing::error!(error = %err, "gRPC API stopped");
@@ -88,7 +98,7 @@ impl Minion for MinionApi {
         let admitted = self.guard.admit(&envelope).map_err(|err| {
             (
                 envelope.call_id.clone(),
-                provis_core::envelope::EnvelopeError::Denied(err.to_string()),
+                provis_core::envelope::EnvelopeError::Denied(err),
             )
         });
         let payload = envelope.encode_to_vec();
@@ -105,7 +115,7 @@ impl Minion for MinionApi {
                     .map_err(|err| {
                         (
                             call.call_id.clone(),
-                            provis_core::envelope::EnvelopeError::Denied(err.to_string()),
+                            provis_core::envelope::EnvelopeError::Denied(err),
                         )
                     })?;
             }
@@ -215,6 +225,9 @@ impl Minion for MinionApi {
                     }
                 }
             });
-        Ok(Response::new(Box::pin(stream)))
+        let stop = self.stop.clone();
+        Ok(Response::new(Box::pin(
+            stream.take_until(stop.cancelled_owned()),
+        )))
     }
 }

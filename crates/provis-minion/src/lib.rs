@@ -6,6 +6,12 @@
 //! A minion never dies of a message: every payload is checked before it is
 //! dispatched, and a bad one gets a structured error reply where a reply
 //! subject exists.
+//!
+//! [`start`] runs the phases in order and returns a [`MinionHandle`]. On
+//! stop the minion unsubscribes (no new calls), marks itself stopped in the
+//! registry (callers stop selecting it), lets the calls in flight finish
+//! and send their replies within `drain_timeout_s`, says `minion.offline`,
+//! and drains its connection.
 
 pub mod assignment;
 pub mod config;
@@ -27,10 +33,11 @@ use provis_core::Subjects;
 use provis_core::envelope::{
     check_envelope, decode_envelope, error_reply, is_selected, now_unix_ms,
 };
+use provis_core::identity::Identity;
+use provis_core::lifecycle::{Lifecycle, PartHandle};
 use provis_core::registry::{self, MinionRecord, MinionStatus};
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinHandle;
 
 pub use config::MinionConfig;
 use dispatch::Dispatcher;
@@ -38,76 +45,77 @@ use sys::SysService;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MinionError {
-    #[error("cannot connect to NATS at {url}: {reason}")]
-    Connect { url: String, reason: String },
-    #[error("cannot subscribe to {subject}: {reason}")]
-    Subscribe { subject: String, reason: String },
-    #[error("cannot open the state database: {0}")]
+    #[error("cannot use the minion's key {path}")]
+    Identity {
+        path: std::path::PathBuf,
+        #[source]
+        source: provis_core::identity::IdentityError,
+    },
+    #[error("cannot connect to NATS at {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error("cannot subscribe to {subject}")]
+    Subscribe {
+        subject: String,
+        #[source]
+        source: async_nats::SubscribeError,
+    },
+    #[error("cannot open the state database")]
     State(#[from] provis_js::state::StateError),
     #[error("cannot serve gRPC on {addr}: {reason}")]
     Grpc { addr: String, reason: String },
+    #[error("cannot serve gRPC on {addr}")]
+    GrpcListen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// A running minion. Dropping the handle leaves it running; call
-/// [`MinionHandle::stop`] for a clean exit or [`MinionHandle::kill`] to make
-/// it vanish as a crashed machine would.
-#[derive(Debug)]
-pub struct MinionHandle {
-    id: String,
-    shutdown: watch::Sender<bool>,
-    task: JoinHandle<()>,
-}
-
-impl MinionHandle {
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    /// Stops taking calls, marks the registry entry stopped, and closes the
-    /// connection after in-flight replies are sent.
-    pub async fn stop(self) {
-        let _ = self.shutdown.send(true);
-        let _ = self.task.await;
-    }
-
-    /// Ends the minion at once without a word to the fleet.
-    pub fn kill(self) {
-        self.task.abort();
-    }
-
-    /// Waits until the minion ends (after a stop signal).
-    pub async fn wait(self) {
-        let _ = self.task.await;
-    }
-
-    /// Asks the minion to stop without waiting.
-    pub fn request_stop(&self) {
-        let _ = self.shutdown.send(true);
-    }
-}
+/// A running minion: [`MinionHandle::stop`] for a clean exit.
+pub type MinionHandle = PartHandle;
 
 /// Connects and starts serving. Returns once the minion listens on all its
 /// subjects (the connection itself may still be on its way: calls and
 /// heartbeats start when it is up).
 pub async fn start(config: MinionConfig) -> Result<MinionHandle, MinionError> {
-    let url = config.fleet.nats_url.clone();
-    let identity = provis_core::identity::Identity::load_or_create(&config.identity_path())
-        .map_err(|err| MinionError::Connect {
-            url: url.clone(),
-            reason: err.to_string(),
-        })?;
+    let path = config.identity_path();
+    let identity =
+        Identity::load_or_create(&path).map_err(|source| MinionError::Identity { path, source })?;
     tracing::info!(minion = %config.id, key = %identity.public_key(), "connecting with this key");
+    let nats = connect(&config, &identity).await?;
+    start_inner(config, nats, true, Some(Arc::new(identity))).await
+}
+
+/// Starts a minion on a NATS connection it shares with others, as the
+/// testkit's simulated fleets do (many minions per process); it never closes
+/// that connection.
+pub async fn start_on(
+    config: MinionConfig,
+    nats: async_nats::Client,
+) -> Result<MinionHandle, MinionError> {
+    start_inner(config, nats, false, None).await
+}
+
+/// The minion's own connection: it claims its id as user name, which the
+/// master's auth callout admits only for the key enrolled under that id.
+async fn connect(
+    config: &MinionConfig,
+    identity: &Identity,
+) -> Result<async_nats::Client, MinionError> {
+    let url = config.fleet.nats_url.clone();
     let minion = config.id.clone();
-    // The user name is the id this minion claims; the master's auth
-    // callout admits it only for the key enrolled under that id.
     let mut options = config
         .fleet
-        .connect_options_as(&format!("provis-minion-{}", config.id), &identity)
+        .connect_options_as(&format!("provis-minion-{}", config.id), identity)
         .user_and_password(config.id.to_string(), String::new());
     if let Some(token) = &config.enrollment_token {
         options = options.token(token.clone());
     }
-    let nats = options
+    options
         .event_callback(move |event| {
             let minion = minion.clone();
             async move {
@@ -125,21 +133,7 @@ pub async fn start(config: MinionConfig) -> Result<MinionHandle, MinionError> {
         .retry_on_initial_connect()
         .connect(&url)
         .await
-        .map_err(|err| MinionError::Connect {
-            url: url.clone(),
-            reason: err.to_string(),
-        })?;
-    start_inner(config, nats, true, Some(Arc::new(identity))).await
-}
-
-/// Starts a minion on a NATS connection it shares with others, as the
-/// testkit's simulated fleets do (many minions per process); it never closes
-/// that connection.
-pub async fn start_on(
-    config: MinionConfig,
-    nats: async_nats::Client,
-) -> Result<MinionHandle, MinionError> {
-    start_inner(config, nats, false, None).await
+        .map_err(|source| MinionError::Connect { url, source })
 }
 
 async fn start_inner(
@@ -147,83 +141,189 @@ async fn start_inner(
     nats: async_nats::Client,
     owns_connection: bool,
     // Signs every reply; minions sharing a connection (simulated ones) have none.
-    signer: Option<Arc<provis_core::identity::Identity>>,
+    signer: Option<Arc<Identity>>,
 ) -> Result<MinionHandle, MinionError> {
-    let subjects = Subjects::new(config.fleet.prefix.clone());
-    let (mut listener, calls) =
-        listener::Listener::new(nats.clone(), subjects.clone(), config.id.clone());
-    listener.listen_for(&config.roles).await?;
+    let mut minion = Startup::new(config, nats, owns_connection, signer)?;
+    minion.listen().await?;
+    minion.follow_desired_state();
+    minion.serve_grpc().await?;
+    Ok(minion.run())
+}
 
-    let started = Instant::now();
-    let hostname = hostname::get()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let state = Arc::new(provis_js::StateStore::open(
-        &config.data_dir().join("state"),
-    )?);
-    let table = Arc::new(services::ServiceTable::default());
-    let mut machine = machine::Machine::new();
-    let sys = SysService {
-        minion: config.id.to_string(),
-        roles: Arc::new(std::sync::RwLock::new(
-            config.roles.iter().map(ToString::to_string).collect(),
-        )),
-        machine_facts: Arc::new(std::sync::RwLock::new(machine.facts(&config.labels))),
-        started,
-    };
-    let (shared_roles, shared_facts) = (sys.roles.clone(), sys.machine_facts.clone());
-    let facts = sys.facts();
-    let dispatcher = Arc::new(Dispatcher::new(sys, table.clone()));
-    let events = events::EventBus::new(nats.clone(), subjects.clone(), config.id.to_string());
+/// The minion as it comes up, phase by phase.
+struct Startup {
+    config: MinionConfig,
+    nats: async_nats::Client,
+    owns_connection: bool,
+    signer: Option<Arc<Identity>>,
+    subjects: Subjects,
+    lifecycle: Lifecycle,
+    started: Instant,
+    state: Arc<provis_js::StateStore>,
+    table: Arc<services::ServiceTable>,
+    machine: machine::Machine,
+    shared_roles: Arc<std::sync::RwLock<Vec<String>>>,
+    shared_facts: Arc<std::sync::RwLock<serde_json::Value>>,
+    /// The facts at start, as services and the registry first see them.
+    facts: serde_json::Value,
+    dispatcher: Arc<Dispatcher>,
+    events: events::EventBus,
+    guard: provis_core::call_auth::CallGuard,
+    listener: Option<(
+        listener::Listener,
+        tokio::sync::mpsc::Receiver<async_nats::Message>,
+    )>,
+    desired: watch::Sender<services::DesiredRoles>,
+    desired_rx: Option<watch::Receiver<services::DesiredRoles>>,
+    converged: Option<watch::Receiver<Option<String>>>,
+    assignments: Option<tokio::sync::mpsc::Receiver<provis_core::assignment::Assignment>>,
+    grpc_addr: Option<String>,
+}
 
-    // Bounded: what services emit waits here, outside their memory limits.
-    let (service_events, service_events_rx) = tokio::sync::mpsc::channel(4096);
-    let mut background = vec![tokio::spawn(services::forward_service_events(
-        service_events_rx,
-        events.clone(),
-    ))];
-    let (desired, desired_rx) = watch::channel(services::DesiredRoles {
-        roles: config.roles.clone(),
-        ..services::DesiredRoles::default()
-    });
-    let (converged_tx, converged) = watch::channel(None);
-    let (assignments_tx, assignments) = tokio::sync::mpsc::channel(16);
-    background.push(tokio::spawn(assignment::follow(
-        nats.clone(),
-        config.id.to_string(),
-        assignments_tx,
-        config.trusted_bundle_keys.clone(),
-        events.clone(),
-    )));
-    let guard = provis_core::call_auth::CallGuard::new(config.trusted_callers.clone());
-    background.push(tokio::spawn(policy::follow(
-        nats.clone(),
-        config.id.to_string(),
-        guard.clone(),
-        config.trusted_bundle_keys.clone(),
-    )));
-    if config.inject_services {
-        background.push(tokio::spawn(services::reconcile_forever(
-            nats.clone(),
+impl Startup {
+    fn new(
+        config: MinionConfig,
+        nats: async_nats::Client,
+        owns_connection: bool,
+        signer: Option<Arc<Identity>>,
+    ) -> Result<Self, MinionError> {
+        let subjects = Subjects::new(config.fleet.prefix.clone());
+        let state = Arc::new(provis_js::StateStore::open(
+            &config.data_dir().join("state"),
+        )?);
+        let table = Arc::new(services::ServiceTable::default());
+        let mut machine = machine::Machine::new();
+        let sys = SysService {
+            minion: config.id.to_string(),
+            roles: Arc::new(std::sync::RwLock::new(
+                config.roles.iter().map(ToString::to_string).collect(),
+            )),
+            machine_facts: Arc::new(std::sync::RwLock::new(machine.facts(&config.labels))),
+            started: Instant::now(),
+        };
+        let (shared_roles, shared_facts, started) =
+            (sys.roles.clone(), sys.machine_facts.clone(), sys.started);
+        let facts = sys.facts();
+        let dispatcher = Arc::new(Dispatcher::new(sys, table.clone()));
+        let events = events::EventBus::new(nats.clone(), subjects.clone(), config.id.to_string());
+        let guard = provis_core::call_auth::CallGuard::new(config.trusted_callers.clone());
+        let (desired, desired_rx) = watch::channel(services::DesiredRoles {
+            roles: config.roles.clone(),
+            ..services::DesiredRoles::default()
+        });
+        Ok(Self {
+            nats,
+            owns_connection,
+            signer,
+            subjects,
+            lifecycle: Lifecycle::new(),
+            started,
+            state,
             table,
-            services::HostTemplate {
-                minion: config.id.to_string(),
-                trusted_bundle_keys: config.trusted_bundle_keys.clone(),
-                facts: facts.clone(),
-                state: state.clone(),
-                service_events,
-                fleet: fleet_query(nats.clone(), subjects.master("query")),
-            },
-            events.clone(),
+            machine,
+            shared_roles,
+            shared_facts,
+            facts,
+            dispatcher,
+            events,
+            guard,
+            listener: None,
+            desired,
+            desired_rx: Some(desired_rx),
+            converged: None,
+            assignments: None,
+            grpc_addr: None,
+            config,
+        })
+    }
+
+    /// Subscribes to its call subjects: its own, the fleet's and its roles'.
+    async fn listen(&mut self) -> Result<(), MinionError> {
+        let (mut listener, calls) = listener::Listener::new(
+            self.nats.clone(),
+            self.subjects.clone(),
+            self.config.id.clone(),
+            self.lifecycle.clone(),
+        );
+        listener.listen_for(&self.config.roles).await?;
+        self.listener = Some((listener, calls));
+        Ok(())
+    }
+
+    /// Follows what the master assigns it, the call policy, and (unless it
+    /// runs none) the services of its roles.
+    fn follow_desired_state(&mut self) {
+        let js = async_nats::jetstream::new(self.nats.clone());
+        let (id, trusted) = (
+            self.config.id.to_string(),
+            self.config.trusted_bundle_keys.clone(),
+        );
+        let (assignments_tx, assignments) = tokio::sync::mpsc::channel(16);
+        self.assignments = Some(assignments);
+        self.lifecycle.spawn_background(assignment::follow(
+            js.clone(),
+            id.clone(),
+            assignments_tx,
+            trusted.clone(),
+            self.events.clone(),
+            self.lifecycle.stop_token(),
+        ));
+        self.lifecycle.spawn_background(policy::follow(
+            js.clone(),
+            id.clone(),
+            self.guard.clone(),
+            trusted.clone(),
+            self.lifecycle.stop_token(),
+        ));
+        let (converged_tx, converged) = watch::channel(None);
+        self.converged = Some(converged);
+        let Some(desired_rx) = self.desired_rx.take() else {
+            return;
+        };
+        if !self.config.inject_services {
+            return;
+        }
+        // Bounded: what services emit waits here, outside their memory limits.
+        let (service_events, service_events_rx) = tokio::sync::mpsc::channel(4096);
+        self.lifecycle
+            .spawn_background(services::forward_service_events(
+                service_events_rx,
+                self.events.clone(),
+                self.lifecycle.close_token(),
+            ));
+        let host = services::HostTemplate {
+            minion: id,
+            trusted_bundle_keys: trusted,
+            facts: self.facts(),
+            state: self.state.clone(),
+            service_events,
+            fleet: fleet_query(provis_core::master_api::MasterClient::new(
+                self.nats.clone(),
+                self.subjects.clone(),
+            )),
+        };
+        self.lifecycle.spawn_background(services::reconcile_forever(
+            js,
+            self.table.clone(),
+            host,
+            self.events.clone(),
             desired_rx,
             converged_tx,
-        )));
+            self.lifecycle.stop_token(),
+        ));
     }
-    let grpc_tls = config.grpc_tls_cert.is_some();
-    let grpc_addr = if config.grpc_listen == "off" {
-        None
-    } else {
-        let tls = grpc::tls_identity(&config)?;
+
+    fn facts(&self) -> serde_json::Value {
+        self.facts.clone()
+    }
+
+    /// Serves the local gRPC API, unless it is `off`.
+    async fn serve_grpc(&mut self) -> Result<(), MinionError> {
+        if self.config.grpc_listen == "off" {
+            return Ok(());
+        }
+        let config = &self.config;
+        let tls = grpc::tls_identity(config)?;
         let wanted: std::net::SocketAddr =
             config.grpc_listen.parse().map_err(|_| MinionError::Grpc {
                 addr: config.grpc_listen.clone(),
@@ -237,78 +337,106 @@ async fn start_inner(
                         .into(),
             });
         }
-        let listener =
-            tokio::net::TcpListener::bind(wanted)
-                .await
-                .map_err(|err| MinionError::Grpc {
-                    addr: config.grpc_listen.clone(),
-                    reason: err.to_string(),
-                })?;
-        let addr = listener.local_addr().map_err(|err| MinionError::Grpc {
+        let listen_error = |source| MinionError::GrpcListen {
             addr: config.grpc_listen.clone(),
-            reason: err.to_string(),
-        })?;
-        let api = grpc::MinionApi {
-            guard: guard.clone(),
-            dispatcher: dispatcher.clone(),
-            state: state.clone(),
-            events: events.clone(),
-            nats: nats.clone(),
-            roles: shared_roles.clone(),
-            started,
+            source,
         };
-        background.push(tokio::spawn(grpc::serve(api, listener, tls)));
+        let listener = tokio::net::TcpListener::bind(wanted)
+            .await
+            .map_err(listen_error)?;
+        let addr = listener.local_addr().map_err(listen_error)?;
+        let api = grpc::MinionApi {
+            guard: self.guard.clone(),
+            dispatcher: self.dispatcher.clone(),
+            state: self.state.clone(),
+            events: self.events.clone(),
+            nats: self.nats.clone(),
+            roles: self.shared_roles.clone(),
+            started: self.started,
+            stop: self.lifecycle.stop_token(),
+        };
+        self.lifecycle.spawn_background(grpc::serve(
+            api,
+            listener,
+            tls,
+            self.lifecycle.stop_token(),
+        ));
         tracing::info!(minion = %config.id, %addr, "gRPC API listening");
-        Some(addr.to_string())
-    };
-    let record = MinionRecord {
-        id: config.id.clone(),
-        hostname,
-        roles: config.roles.clone(),
-        version: provis_core::VERSION.to_owned(),
-        status: MinionStatus::Online,
-        started_unix_ms: now_unix_ms(),
-        heartbeat_unix_ms: now_unix_ms(),
-        heartbeat_interval_ms: i64::try_from(config.heartbeat_interval().as_millis())
-            .unwrap_or(i64::MAX),
-        services: dispatcher.service_versions(),
-        facts,
-        state: machine.sample(),
-        grpc_addr,
-        grpc_tls,
-        converged_commit: None,
-        overlay_roles: Vec::new(),
-        public_key: signer.as_ref().map(|s| s.public_key().to_owned()),
-    };
-    let max_calls = u32::try_from(config.max_concurrent_calls.clamp(1, 65_536)).unwrap_or(1);
-    let (shutdown, shutdown_rx) = watch::channel(false);
-    let runtime_events = events;
-    let runtime = Runtime {
-        nats,
-        subjects: subjects.clone(),
-        state_interval: config.state_interval(),
-        machine,
-        events: runtime_events.clone(),
-        dispatcher,
-        record,
-        heartbeat_interval: config.heartbeat_interval(),
-        limit: Arc::new(Semaphore::new(max_calls as usize)),
-        max_calls,
-        background: BackgroundTasks(background),
-        owns_connection,
-        listener,
-        refusals: events::RefusalReporter::new(runtime_events.clone()),
-        guard: guard.clone(),
-        signer,
-        labels: config.labels.clone(),
-        shared_roles,
-        shared_facts,
-        desired,
-        inject_services: config.inject_services,
-    };
-    let id = config.id.to_string();
-    let task = tokio::spawn(runtime.serve(calls, assignments, converged, shutdown_rx));
-    Ok(MinionHandle { id, shutdown, task })
+        self.grpc_addr = Some(addr.to_string());
+        Ok(())
+    }
+
+    /// Hands the minion to its main loop: register, heartbeat, take
+    /// assignments, answer calls, until stopped.
+    fn run(mut self) -> MinionHandle {
+        let hostname = hostname::get()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let record = MinionRecord {
+            id: self.config.id.clone(),
+            hostname,
+            roles: self.config.roles.clone(),
+            version: provis_core::VERSION.to_owned(),
+            status: MinionStatus::Online,
+            started_unix_ms: now_unix_ms(),
+            heartbeat_unix_ms: now_unix_ms(),
+            heartbeat_interval_ms: i64::try_from(self.config.heartbeat_interval().as_millis())
+                .unwrap_or(i64::MAX),
+            services: self.dispatcher.service_versions(),
+            facts: self.facts(),
+            state: self.machine.sample(),
+            grpc_addr: self.grpc_addr.take(),
+            grpc_tls: self.config.grpc_tls_cert.is_some(),
+            converged_commit: None,
+            overlay_roles: Vec::new(),
+            public_key: self.signer.as_ref().map(|s| s.public_key().to_owned()),
+        };
+        let max_calls =
+            u32::try_from(self.config.max_concurrent_calls.clamp(1, 65_536)).unwrap_or(1);
+        let (listener, calls) = match self.listener.take() {
+            Some(listening) => listening,
+            None => {
+                let (listener, calls) = listener::Listener::new(
+                    self.nats.clone(),
+                    self.subjects.clone(),
+                    self.config.id.clone(),
+                    self.lifecycle.clone(),
+                );
+                (listener, calls)
+            }
+        };
+        let (_, no_assignments) = tokio::sync::mpsc::channel(1);
+        let assignments = self.assignments.take().unwrap_or(no_assignments);
+        let converged = self
+            .converged
+            .take()
+            .unwrap_or_else(|| watch::channel(None).1);
+        let runtime = Runtime {
+            nats: self.nats,
+            subjects: self.subjects,
+            state_interval: self.config.state_interval(),
+            machine: self.machine,
+            refusals: events::RefusalReporter::new(self.events.clone()),
+            events: self.events,
+            dispatcher: self.dispatcher,
+            record,
+            heartbeat_interval: self.config.heartbeat_interval(),
+            limit: Arc::new(Semaphore::new(max_calls as usize)),
+            drain_timeout: Duration::from_secs(self.config.drain_timeout_s),
+            lifecycle: self.lifecycle.clone(),
+            owns_connection: self.owns_connection,
+            listener,
+            guard: self.guard,
+            signer: self.signer,
+            labels: self.config.labels.clone(),
+            shared_roles: self.shared_roles,
+            shared_facts: self.shared_facts,
+            desired: self.desired,
+            inject_services: self.config.inject_services,
+        };
+        let main = tokio::spawn(runtime.serve(calls, assignments, converged));
+        PartHandle::new(self.config.id.to_string(), self.lifecycle, main, ())
+    }
 }
 
 struct Runtime {
@@ -321,9 +449,10 @@ struct Runtime {
     record: MinionRecord,
     heartbeat_interval: Duration,
     limit: Arc<Semaphore>,
-    max_calls: u32,
-    /// Tasks that live as long as the minion: reconciler, event forwarder, gRPC.
-    background: BackgroundTasks,
+    /// How long the calls in flight may take to finish once stopped.
+    drain_timeout: Duration,
+    /// Every task of the minion, and the signal that stops it.
+    lifecycle: Lifecycle,
     /// False when the connection is shared with other minions.
     owns_connection: bool,
     listener: listener::Listener,
@@ -340,25 +469,12 @@ struct Runtime {
     inject_services: bool,
 }
 
-/// Tasks aborted when the minion's main task ends or is aborted, so a killed
-/// in-process minion leaves nothing behind.
-struct BackgroundTasks(Vec<JoinHandle<()>>);
-
-impl Drop for BackgroundTasks {
-    fn drop(&mut self) {
-        for task in &self.0 {
-            task.abort();
-        }
-    }
-}
-
 impl Runtime {
     async fn serve(
         mut self,
         mut calls: tokio::sync::mpsc::Receiver<async_nats::Message>,
         mut assignments: tokio::sync::mpsc::Receiver<provis_core::assignment::Assignment>,
         mut converged: watch::Receiver<Option<String>>,
-        mut shutdown: watch::Receiver<bool>,
     ) {
         let id = self.record.id.to_string();
         let mut heartbeat = tokio::time::interval(self.heartbeat_interval);
@@ -368,9 +484,10 @@ impl Runtime {
         let mut sampling = tokio::time::interval(self.state_interval);
         sampling.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!(minion = %id, roles = ?self.record.roles, "minion started");
+        let lifecycle = self.lifecycle.clone();
         loop {
             tokio::select! {
-                _ = shutdown.changed() => break,
+                () = lifecycle.stopping() => break,
                 _ = heartbeat.tick() => {
                     if self.beat(&mut registry).await && !announced {
                         announced = true;
@@ -395,6 +512,11 @@ impl Runtime {
                     None => break,
                 },
             }
+        }
+        // Calls already taken off a subject but not yet started still run.
+        self.listener.close();
+        while let Ok(message) = calls.try_recv() {
+            self.accept(message).await;
         }
         self.leave(registry.as_ref()).await;
     }
@@ -516,7 +638,7 @@ impl Runtime {
         let guard = self.guard.clone();
         let signer = self.signer.clone();
         let roles = self.record.roles.clone();
-        tokio::spawn(async move {
+        self.lifecycle.spawn_work(async move {
             let Ok(_permit) = limit.acquire_owned().await else {
                 return;
             };
@@ -529,7 +651,7 @@ impl Runtime {
                 let denied = |err: provis_core::call_auth::CallAuthError| {
                     (
                         call_id.clone(),
-                        provis_core::envelope::EnvelopeError::Denied(err.to_string()),
+                        provis_core::envelope::EnvelopeError::Denied(err),
                     )
                 };
                 let signer = guard.admit(&envelope).map_err(denied)?;
@@ -579,65 +701,51 @@ impl Runtime {
         });
     }
 
-    /// Says goodbye: marks the entry stopped so callers stop waiting for it,
-    /// and lets in-flight replies out before the connection closes.
+    /// Says goodbye: marks the entry stopped so callers stop selecting it,
+    /// lets the calls in flight finish and send their replies, then tells
+    /// the fleet and closes the connection.
     async fn leave(mut self, registry: Option<&Store>) {
         let id = self.record.id.to_string();
-        // Every permit back means every in-flight call has sent its reply.
-        let in_flight_done = self.limit.acquire_many(self.max_calls);
-        if tokio::time::timeout(Duration::from_secs(10), in_flight_done)
-            .await
-            .is_err()
-        {
-            tracing::warn!(minion = %id, "calls still running after 10 s; leaving anyway");
-        }
+        tracing::info!(minion = %id, in_flight = self.lifecycle.work_in_flight(), "minion stopping: no new calls; finishing those in flight");
         self.record.status = MinionStatus::Stopped;
         if let Some(store) = registry
             && let Err(err) = registry::put_record(store, &self.record).await
         {
             tracing::warn!(minion = %id, error = %err, "could not mark the registry entry stopped");
         }
-        drop(std::mem::replace(
-            &mut self.background,
-            BackgroundTasks(Vec::new()),
-        ));
+        let report = self.lifecycle.drain(self.drain_timeout).await;
+        if !report.complete() {
+            tracing::warn!(
+                minion = %id,
+                calls_left = report.work_left,
+                background_left = report.background_left,
+                "leaving after {:?} with work unfinished",
+                self.drain_timeout
+            );
+        }
         self.events
             .emit(
                 "minion.offline",
                 json!({ "minion": id, "reason": "stopped" }),
             )
             .await;
-        if self.owns_connection {
-            let _ = tokio::time::timeout(Duration::from_secs(2), self.nats.drain()).await;
-        } else {
-            let _ = self.nats.flush().await;
-        }
+        provis_core::lifecycle::close_connection(&self.nats, self.owns_connection).await;
         tracing::info!(minion = %id, "minion stopped");
     }
 }
 
 /// `provis.fleet.query` for this minion's services: a request to the master,
 /// made from the service's own thread.
-fn fleet_query(nats: async_nats::Client, subject: String) -> provis_js::host::FleetQuery {
+fn fleet_query(master: provis_core::master_api::MasterClient) -> provis_js::host::FleetQuery {
     let runtime = tokio::runtime::Handle::current();
     provis_js::host::FleetQuery(Arc::new(
-        move |expression: &str, mode: &str, window_ms: i64, timeout: Duration| {
-            let request = json!({ "expression": expression, "mode": mode, "window_ms": window_ms });
-            let (nats, subject) = (nats.clone(), subject.clone());
+        move |question: provis_core::master_api::QueryRequest, timeout: Duration| {
+            let master = master.clone();
             runtime.block_on(async move {
-                let reply = tokio::time::timeout(
-                    timeout,
-                    nats.request(subject, request.to_string().into()),
-                )
-                .await
-                .map_err(|_| format!("the master did not answer within {timeout:?}"))?
-                .map_err(|err| format!("cannot ask the master: {err}"))?;
-                let body: serde_json::Value =
-                    serde_json::from_slice(&reply.payload).map_err(|err| err.to_string())?;
-                match body["error"].as_str() {
-                    Some(error) => Err(error.to_owned()),
-                    None => Ok(body),
-                }
+                tokio::time::timeout(timeout, master.query(question))
+                    .await
+                    .map_err(|_| format!("the master did not answer within {timeout:?}"))?
+                    .map_err(|err| err.to_string())
             })
         },
     ))

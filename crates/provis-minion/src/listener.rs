@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use futures::StreamExt;
+use provis_core::lifecycle::Lifecycle;
 use provis_core::{MinionId, RoleName, Subjects};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -20,6 +21,8 @@ pub struct Listener {
     id: MinionId,
     queue: mpsc::Sender<async_nats::Message>,
     listening: BTreeMap<String, JoinHandle<()>>,
+    /// Owns the forwarding tasks.
+    lifecycle: Lifecycle,
 }
 
 impl Listener {
@@ -28,6 +31,7 @@ impl Listener {
         nats: async_nats::Client,
         subjects: Subjects,
         id: MinionId,
+        lifecycle: Lifecycle,
     ) -> (Self, mpsc::Receiver<async_nats::Message>) {
         let (queue, calls) = mpsc::channel(QUEUE);
         (
@@ -37,6 +41,7 @@ impl Listener {
                 id,
                 queue,
                 listening: BTreeMap::new(),
+                lifecycle,
             },
             calls,
         )
@@ -62,14 +67,16 @@ impl Listener {
             if self.listening.contains_key(&subject) {
                 continue;
             }
-            let mut subscription = self.nats.subscribe(subject.clone()).await.map_err(|err| {
-                crate::MinionError::Subscribe {
-                    subject: subject.clone(),
-                    reason: err.to_string(),
-                }
-            })?;
+            let mut subscription =
+                self.nats
+                    .subscribe(subject.clone())
+                    .await
+                    .map_err(|source| crate::MinionError::Subscribe {
+                        subject: subject.clone(),
+                        source,
+                    })?;
             let queue = self.queue.clone();
-            let task = tokio::spawn(async move {
+            let task = self.lifecycle.spawn_background(async move {
                 while let Some(message) = subscription.next().await {
                     if queue.send(message).await.is_err() {
                         return;
@@ -82,7 +89,7 @@ impl Listener {
         Ok(())
     }
 
-    /// Stops listening everywhere.
+    /// Stops listening everywhere: the subscriptions end with their tasks.
     pub fn close(&mut self) {
         for (_, task) in std::mem::take(&mut self.listening) {
             task.abort();

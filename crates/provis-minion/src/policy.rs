@@ -5,16 +5,17 @@
 //! calls or bring back a policy that was replaced.
 
 use provis_core::call_auth::CallGuard;
+use tokio_util::sync::CancellationToken;
 
-/// Keeps `guard`'s policy in step with the bucket for as long as the minion runs.
+/// Keeps `guard`'s policy in step with the bucket until `stop` fires.
 pub async fn follow(
-    nats: async_nats::Client,
+    js: async_nats::jetstream::Context,
     minion: String,
     guard: CallGuard,
     trusted: Vec<String>,
+    stop: CancellationToken,
 ) {
-    let js = async_nats::jetstream::new(nats);
-    provis_core::call_auth::follow_policy(js, trusted, move |policy| {
+    provis_core::call_auth::follow_policy(js, trusted, stop.cancelled_owned(), move |policy| {
         match &policy {
             Some(policy) => {
                 tracing::info!(%minion, operators = policy.operator.len(), "call policy taken up")

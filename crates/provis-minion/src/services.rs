@@ -1,7 +1,7 @@
 //! Which injected services this minion runs, kept in step with the desired
 //! state: the roles it holds (`provis_roles`) name services, and the service
 //! pointers (`provis_services`) name the bundle of each. Both buckets are
-//! watched; every change reconciles.
+//! followed ([`provis_core::signed_entry::follow`]); every change reconciles.
 //!
 //! A new version is loaded beside the old one and swapped in only once it
 //! loaded: calls already running finish on the old sandbox (they hold it),
@@ -13,15 +13,18 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use async_nats::jetstream::kv;
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use provis_bundle::{BundleStore, ServicePointer};
 use provis_core::RoleName;
 use provis_core::roles::{RoleSpec, services_for};
-use provis_core::storage::BUCKET_ROLES;
+use provis_core::signed_entry::{
+    EntryError, EntryOpener, Followed, Opened, follow as follow_entries, signed_by,
+};
+use provis_core::storage::{BUCKET_ROLES, BUCKET_SERVICES};
 use provis_js::{HostContext, ServiceEvent, ServiceSandbox, StateStore};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::events::EventBus;
 
@@ -94,50 +97,79 @@ pub struct DesiredRoles {
     pub services: BTreeMap<String, String>,
 }
 
-/// Keeps `table` in step with the desired state until the connection ends,
-/// and tells `converged` which commit it has caught up with.
+/// Keeps `table` in step with the desired state until `stop` fires (a
+/// load under way finishes first), and tells `converged` which commit it
+/// has caught up with.
 pub async fn reconcile_forever(
-    nats: async_nats::Client,
+    js: async_nats::jetstream::Context,
     table: Arc<ServiceTable>,
     host: HostTemplate,
     events: EventBus,
     desired: watch::Receiver<DesiredRoles>,
     converged: watch::Sender<Option<String>>,
+    stop: CancellationToken,
 ) {
-    let js = async_nats::jetstream::new(nats);
     // The master creates the buckets; wait for them as long as it takes.
-    let (store, roles_kv) = loop {
-        match (
-            BundleStore::open(&js).await,
-            js.get_key_value(BUCKET_ROLES).await,
-        ) {
-            (Ok(store), Ok(roles)) => break (store, roles),
-            (Err(err), _) => {
+    let store = loop {
+        match BundleStore::open(&js).await {
+            Ok(store) => break store,
+            Err(err) => {
                 tracing::warn!(minion = %host.minion, error = %err, "service buckets not reachable yet")
             }
-            (_, Err(err)) => {
-                tracing::warn!(minion = %host.minion, error = %err, "roles bucket not reachable yet")
-            }
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     };
-    let mut reconciler = Reconciler {
+    let trusted = host.trusted_bundle_keys.clone();
+    let roles = follow_entries(
+        js.clone(),
+        BUCKET_ROLES,
+        ">",
+        signed_by::<RoleSpec>(BUCKET_ROLES, trusted.clone()),
+    );
+    let pointers = follow_entries(js, BUCKET_SERVICES, ">", pointer_opener(trusted));
+    let reconciler = Reconciler {
         store,
         table,
         host,
         events,
         specs: BTreeMap::new(),
-        role_written_at: BTreeMap::new(),
         pointers: BTreeMap::new(),
         failed: BTreeMap::new(),
         desired,
         converged,
     };
-    loop {
-        if let Err(err) = reconciler.watch(&roles_kv).await {
-            tracing::warn!(minion = %reconciler.host.minion, error = %err, "desired-state watch ended; starting again");
+    reconciler.run(roles, pointers, stop).await;
+}
+
+/// Opens a service pointer: any pointer (its signature is checked when its
+/// bundle loads), but with pinned keys not one published before the
+/// pointer held under its name (an older one put back).
+fn pointer_opener(trusted: Vec<String>) -> impl EntryOpener<ServicePointer> + Send + 'static {
+    move |_key: &str, bytes: &[u8], held: Option<i64>| {
+        let pointer: ServicePointer =
+            serde_json::from_slice(bytes).map_err(|err| EntryError::Value(err.to_string()))?;
+        let at = pointer.signed_at();
+        let older = match (at, held) {
+            (Some(at), Some(held)) => at < held,
+            // Validly signed without a time (before version 2), after one
+            // signed with it: put back from before.
+            (None, Some(_)) => pointer.check_signature(&trusted).is_ok(),
+            // Unsigned or forged: the load refuses it, saying why.
+            _ => false,
+        };
+        if !trusted.is_empty() && older {
+            return Err(EntryError::Older {
+                at: at.unwrap_or_default(),
+                held: held.unwrap_or_default(),
+            });
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok(Opened {
+            value: pointer,
+            written_at_ms: at,
+        })
     }
 }
 
@@ -147,8 +179,6 @@ struct Reconciler {
     host: HostTemplate,
     events: EventBus,
     specs: BTreeMap<String, RoleSpec>,
-    /// When each role entry taken was written: older ones are refused.
-    role_written_at: BTreeMap<String, i64>,
     pointers: BTreeMap<String, ServicePointer>,
     /// Service → (digest, config) that failed to load, so it is not retried in a loop.
     failed: BTreeMap<String, (String, Value)>,
@@ -157,33 +187,29 @@ struct Reconciler {
 }
 
 impl Reconciler {
-    async fn watch(&mut self, roles_kv: &kv::Store) -> Result<(), String> {
-        let mut roles = roles_kv
-            .watch_with_history(">")
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut pointers = self
-            .store
-            .pointers()
-            .watch_with_history(">")
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn run(
+        mut self,
+        mut roles: impl Stream<Item = Followed<RoleSpec>> + Unpin,
+        mut pointers: impl Stream<Item = Followed<ServicePointer>> + Unpin,
+        stop: CancellationToken,
+    ) {
         let mut desired = self.desired.clone();
         // What is already known (possibly nothing) is worth a first look.
         self.reconcile().await;
         loop {
             tokio::select! {
-                changed = desired.changed() => changed.map_err(|_| "the minion stopped".to_owned())?,
-                entry = roles.next() => self.apply_role(entry.ok_or("roles watch closed")?.map_err(|e| e.to_string())?).await,
-                entry = pointers.next() => self.apply_pointer(entry.ok_or("services watch closed")?.map_err(|e| e.to_string())?).await,
+                () = stop.cancelled() => return,
+                changed = desired.changed() => if changed.is_err() { return },
+                Some(followed) = roles.next() => self.take_role(followed).await,
+                Some(followed) = pointers.next() => self.take_pointer(followed).await,
             }
             // Take in whatever else has already arrived (a whole commit's worth
             // of changes) before acting, so a service loads once, not per key.
             loop {
-                if let Some(Some(entry)) = roles.next().now_or_never() {
-                    self.apply_role(entry.map_err(|e| e.to_string())?).await;
-                } else if let Some(Some(entry)) = pointers.next().now_or_never() {
-                    self.apply_pointer(entry.map_err(|e| e.to_string())?).await;
+                if let Some(Some(followed)) = roles.next().now_or_never() {
+                    self.take_role(followed).await;
+                } else if let Some(Some(followed)) = pointers.next().now_or_never() {
+                    self.take_pointer(followed).await;
                 } else {
                     break;
                 }
@@ -192,77 +218,46 @@ impl Reconciler {
         }
     }
 
-    async fn apply_role(&mut self, entry: kv::Entry) {
-        if entry.operation != kv::Operation::Put {
-            self.specs.remove(&entry.key);
-            return;
-        }
-        let held = self.role_written_at.get(&entry.key).copied();
-        match provis_core::signed_entry::open::<RoleSpec>(
-            BUCKET_ROLES,
-            &entry.key,
-            &entry.value,
-            &self.host.trusted_bundle_keys,
-        )
-        .and_then(|opened| opened.not_older_than(held))
-        {
-            Ok(opened) => {
-                if let Some(at) = opened.written_at_ms {
-                    self.role_written_at.insert(entry.key.clone(), at);
-                }
-                self.specs.insert(entry.key, opened.value);
+    async fn take_role(&mut self, followed: Followed<RoleSpec>) {
+        match followed {
+            Followed::Taken { key, value, .. } => {
+                self.specs.insert(key, value);
             }
-            Err(err) => {
+            Followed::Removed { key } => {
+                self.specs.remove(&key);
+            }
+            Followed::Refused { key, error } => {
                 // The role keeps what it had: a copied or forged entry changes nothing.
-                tracing::warn!(role = %entry.key, error = %err, "role entry refused");
+                tracing::warn!(role = %key, %error, "role entry refused");
                 self.events
-                    .emit(
-                        "desired.refused",
-                        json!({ "bucket": BUCKET_ROLES, "key": entry.key, "reason": err.to_string() }),
-                    )
+                    .desired_refused(BUCKET_ROLES, &key, &error)
                     .await;
             }
+            Followed::Current => {}
         }
     }
 
-    async fn apply_pointer(&mut self, entry: kv::Entry) {
-        if entry.operation != kv::Operation::Put {
-            self.pointers.remove(&entry.key);
-            return;
-        }
-        match serde_json::from_slice::<ServicePointer>(&entry.value) {
-            Ok(pointer) => {
-                // Signed pointers carry when they were published: an older
-                // one put back under the name is refused (the signature
-                // itself is checked when the bundle loads).
-                let trusted = &self.host.trusted_bundle_keys;
-                let held_at = self
-                    .pointers
-                    .get(&entry.key)
-                    .and_then(ServicePointer::signed_at);
-                let older = match (pointer.signed_at(), held_at) {
-                    (Some(at), Some(held)) => at < held,
-                    // Validly signed without a time (before version 2),
-                    // after one signed with it: put back from before.
-                    (None, Some(_)) => pointer.check_signature(trusted).is_ok(),
-                    // Unsigned or forged: the load refuses it, saying why.
-                    _ => false,
-                };
-                if !trusted.is_empty() && older {
-                    tracing::warn!(service = %entry.key, "an older service pointer put back refused");
-                    self.events
-                        .emit(
-                            "desired.refused",
-                            json!({ "bucket": provis_core::storage::BUCKET_SERVICES, "key": entry.key, "reason": "an older value put back" }),
-                        )
-                        .await;
-                    return;
-                }
-                self.pointers.insert(entry.key, pointer);
+    async fn take_pointer(&mut self, followed: Followed<ServicePointer>) {
+        match followed {
+            Followed::Taken { key, value, .. } => {
+                self.pointers.insert(key, value);
             }
-            Err(err) => {
-                tracing::warn!(service = %entry.key, error = %err, "unreadable service pointer ignored")
+            Followed::Removed { key } => {
+                self.pointers.remove(&key);
             }
+            Followed::Refused {
+                key,
+                error: error @ EntryError::Older { .. },
+            } => {
+                tracing::warn!(service = %key, "an older service pointer put back refused");
+                self.events
+                    .desired_refused(BUCKET_SERVICES, &key, &error)
+                    .await;
+            }
+            Followed::Refused { key, error } => {
+                tracing::warn!(service = %key, %error, "unreadable service pointer ignored");
+            }
+            Followed::Current => {}
         }
     }
 
@@ -388,10 +383,30 @@ impl Reconciler {
     }
 }
 
-/// Publishes what services emit, as `<minion>.<service>.<kind>` events.
-pub async fn forward_service_events(mut events: mpsc::Receiver<ServiceEvent>, bus: EventBus) {
-    while let Some(event) = events.recv().await {
-        bus.emit(&format!("{}.{}", event.service, event.kind), event.data)
-            .await;
+/// Publishes what services emit, as `<minion>.<service>.<kind>` events,
+/// until `closing` fires (once the calls in flight are done), then what is
+/// still queued.
+pub async fn forward_service_events(
+    mut events: mpsc::Receiver<ServiceEvent>,
+    bus: EventBus,
+    closing: CancellationToken,
+) {
+    loop {
+        let event = tokio::select! {
+            () = closing.cancelled() => break,
+            event = events.recv() => match event {
+                Some(event) => event,
+                None => return,
+            },
+        };
+        forward(&bus, event).await;
     }
+    while let Ok(event) = events.try_recv() {
+        forward(&bus, event).await;
+    }
+}
+
+async fn forward(bus: &EventBus, event: ServiceEvent) {
+    bus.emit(&format!("{}.{}", event.service, event.kind), event.data)
+        .await;
 }

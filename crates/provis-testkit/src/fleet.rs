@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use provis_core::envelope::now_unix_ms;
+use provis_core::master_api::MasterClient;
 use provis_core::registry;
-use provis_core::{Client, FleetContext, MinionId, RoleName, Subjects};
+use provis_core::{Client, FleetContext, MinionId, RoleName, Subjects, readiness};
 use provis_master::{MasterConfig, MasterHandle};
 use provis_minion::{MinionConfig, MinionHandle};
 
@@ -133,12 +134,11 @@ impl TestFleet {
     /// A one-time enrollment token from the master.
     pub async fn enrollment_token(&self) -> anyhow::Result<String> {
         let answer = self
-            .ask_master("enroll.token", &serde_json::json!({ "ttl_s": 600 }))
+            .master()
+            .await?
+            .enrollment_token(Duration::from_secs(600), None)
             .await?;
-        answer["token"]
-            .as_str()
-            .map(str::to_owned)
-            .with_context(|| format!("no token from the master: {answer}"))
+        Ok(answer.token)
     }
 
     pub fn nats(&self) -> &NatsServer {
@@ -193,12 +193,9 @@ impl TestFleet {
         id: &str,
         roles: &[&str],
     ) -> anyhow::Result<()> {
-        let ping = self.ask_master("ping", &serde_json::json!({})).await?;
-        let master_key = ping["public_key"]
-            .as_str()
-            .with_context(|| format!("no public key in the master's ping: {ping}"))?;
+        let ping = self.master().await?.ping().await?;
         let mut config = self.minion_config(id, roles)?;
-        config.trusted_bundle_keys = vec![master_key.to_owned()];
+        config.trusted_bundle_keys = vec![ping.public_key];
         self.add_minion_with(config).await
     }
 
@@ -322,20 +319,9 @@ impl TestFleet {
         Ok(())
     }
 
-    /// Asks the master a question on `<prefix>.master.<what>` and returns its JSON answer.
-    pub async fn ask_master(
-        &self,
-        what: &str,
-        body: &serde_json::Value,
-    ) -> anyhow::Result<serde_json::Value> {
-        let nats = self.connect().await?;
-        let reply = nats
-            .request(
-                self.subjects().master(what),
-                serde_json::to_vec(body)?.into(),
-            )
-            .await?;
-        Ok(serde_json::from_slice(&reply.payload)?)
+    /// A client of this fleet's master, as its operator.
+    pub async fn master(&self) -> anyhow::Result<MasterClient> {
+        Ok(MasterClient::new(self.connect().await?, self.subjects()))
     }
 
     /// Stops an in-process minion cleanly.
@@ -453,30 +439,14 @@ impl TestFleet {
         digest: &str,
     ) -> anyhow::Result<()> {
         let client = self.client().await?;
-        let target = provis_core::CallTarget::Minions(vec![minion.parse()?]);
-        let ask = provis_core::CallRequest::parse_function(
-            "sys.services",
-            serde_json::Value::Null,
-            Duration::from_secs(2),
-        )?;
+        let expected = BTreeMap::from([(
+            minion.parse::<MinionId>()?,
+            BTreeMap::from([(service.to_owned(), Some(digest.to_owned()))]),
+        )]);
         eventually(
             &format!("{minion} runs {service} at {digest}"),
             Duration::from_secs(20),
-            || async {
-                let Ok(report) = client.call(&target, &ask).await else {
-                    return false;
-                };
-                report.replies.iter().any(|reply| {
-                    reply
-                        .result
-                        .as_ref()
-                        .and_then(|r| r.as_array())
-                        .is_some_and(|all| {
-                            all.iter()
-                                .any(|s| s["name"] == service && s["digest"] == digest)
-                        })
-                })
-            },
+            || readiness::services_run(&client, &expected),
         )
         .await
     }
@@ -485,18 +455,14 @@ impl TestFleet {
     pub async fn wait_live(&self, ids: &[&str]) -> anyhow::Result<()> {
         let client = self.client().await?;
         let store = client.registry().await?;
+        let ids = ids
+            .iter()
+            .map(|id| id.parse::<MinionId>())
+            .collect::<Result<Vec<_>, _>>()?;
         eventually(
             &format!("minions {ids:?} live in the registry"),
             Duration::from_secs(15),
-            || async {
-                let now = now_unix_ms();
-                let records = registry::read_all(&store).await.unwrap_or_default();
-                ids.iter().all(|id| {
-                    records
-                        .iter()
-                        .any(|r| r.id.as_str() == *id && r.is_live_at(now))
-                })
-            },
+            || async { readiness::minions_live(&store, &ids).await.unwrap_or(false) },
         )
         .await
         .map_err(|err| {

@@ -1,0 +1,210 @@
+//! [`MasterClient`]: the one way every part of provis asks the master.
+
+use std::time::Duration;
+
+use super::error::{ApiError, MasterApiError};
+use super::{
+    Endpoint, EnrollDecided, EnrollDecision, EnrollList, EnrollListRequest, EnrollToken,
+    EnrollmentRecord, EnrollmentStatus, FleetStatus, IndexStats, MinionEntry, Minions,
+    MinionsRequest, Paged, PagedRequest, Ping, PingAnswer, PingRequest, Query, QueryAnswer,
+    QueryRequest, Role, RoleAnswer, RoleRequest, Stats, StatsRequest, Status, StatusRequest,
+    SyncAnswer, SyncNow, SyncRequest, TokenAnswer, TokenRequest,
+};
+use crate::subject::{MinionId, Subjects};
+
+/// The most pages one answer may take: far more than any fleet needs, so a
+/// master that never ends its pages cannot keep a caller forever.
+const MAX_PAGES: usize = 100_000;
+
+/// Asks the master over NATS, with typed requests and answers.
+#[derive(Debug, Clone)]
+pub struct MasterClient {
+    nats: async_nats::Client,
+    subjects: Subjects,
+}
+
+impl MasterClient {
+    pub fn new(nats: async_nats::Client, subjects: Subjects) -> Self {
+        Self { nats, subjects }
+    }
+
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    /// Asks `E`, waiting as long as the endpoint's own timeout.
+    pub async fn request<E: Endpoint>(
+        &self,
+        request: &E::Request,
+    ) -> Result<E::Response, MasterApiError> {
+        self.request_within::<E>(request, E::TIMEOUT).await
+    }
+
+    /// Asks `E`, waiting at most `timeout`.
+    pub async fn request_within<E: Endpoint>(
+        &self,
+        request: &E::Request,
+        timeout: Duration,
+    ) -> Result<E::Response, MasterApiError> {
+        let subject = self.subjects.master(E::SUBJECT);
+        let payload = serde_json::to_vec(request).map_err(|source| MasterApiError::Encode {
+            subject: subject.clone(),
+            source,
+        })?;
+        let ask = async_nats::Request::new()
+            .payload(payload.into())
+            .timeout(Some(timeout));
+        let answer = match self.nats.send_request(subject.clone(), ask).await {
+            Ok(answer) => answer,
+            Err(err) => {
+                return Err(match err.kind() {
+                    async_nats::RequestErrorKind::NoResponders => {
+                        MasterApiError::NoMaster { subject }
+                    }
+                    async_nats::RequestErrorKind::TimedOut => {
+                        MasterApiError::Timeout { subject, timeout }
+                    }
+                    _ => MasterApiError::Request {
+                        subject,
+                        source: err,
+                    },
+                });
+            }
+        };
+        if let Some(error) = answer.headers.as_ref().and_then(ApiError::from_headers) {
+            return Err(error.into());
+        }
+        serde_json::from_slice(&answer.payload)
+            .map_err(|source| MasterApiError::Decode { subject, source })
+    }
+
+    /// Every page of `E`'s answer to `request`, in order.
+    pub async fn pages<E>(
+        &self,
+        mut request: E::Request,
+    ) -> Result<Vec<E::Response>, MasterApiError>
+    where
+        E: Endpoint,
+        E::Request: PagedRequest,
+        E::Response: Paged,
+    {
+        let mut pages = Vec::new();
+        loop {
+            let page = self.request::<E>(&request).await?;
+            let next = page.next().map(str::to_owned);
+            pages.push(page);
+            let Some(next) = next else {
+                return Ok(pages);
+            };
+            if request.page_mut().cursor.as_deref() == Some(next.as_str())
+                || pages.len() >= MAX_PAGES
+            {
+                return Err(MasterApiError::PagesStuck {
+                    subject: self.subjects.master(E::SUBJECT),
+                    cursor: next,
+                });
+            }
+            request.page_mut().cursor = Some(next);
+        }
+    }
+
+    /// Who the master is.
+    pub async fn ping(&self) -> Result<PingAnswer, MasterApiError> {
+        self.request::<Ping>(&PingRequest {}).await
+    }
+
+    /// Every registry record, with whether each minion is live.
+    pub async fn minions(&self) -> Result<Vec<MinionEntry>, MasterApiError> {
+        Ok(self
+            .pages::<Minions>(MinionsRequest::default())
+            .await?
+            .into_iter()
+            .flat_map(|page| page.minions)
+            .collect())
+    }
+
+    /// Which minions match a query, every page taken.
+    pub async fn query(&self, request: QueryRequest) -> Result<QueryAnswer, MasterApiError> {
+        let mut answer = QueryAnswer {
+            matches: Vec::new(),
+            short_history: Vec::new(),
+            considered: 0,
+            counters: Default::default(),
+        };
+        for page in self.pages::<Query>(request).await? {
+            answer.considered = page.considered;
+            answer.counters = page.counters;
+            answer.matches.extend(page.matches);
+            answer.short_history.extend(page.short_history);
+        }
+        Ok(answer)
+    }
+
+    /// The state index in numbers (with a digest of it all when `fingerprint`).
+    pub async fn stats(&self, fingerprint: bool) -> Result<IndexStats, MasterApiError> {
+        self.request::<Stats>(&StatsRequest { fingerprint }).await
+    }
+
+    /// Fetch the config repository now and apply what is new.
+    pub async fn sync(&self) -> Result<SyncAnswer, MasterApiError> {
+        self.request::<SyncNow>(&SyncRequest {}).await
+    }
+
+    /// The applied commit and every registered minion's convergence.
+    pub async fn status(&self) -> Result<FleetStatus, MasterApiError> {
+        let mut status = FleetStatus {
+            applied: None,
+            rejected: None,
+            minions: Vec::new(),
+        };
+        for page in self.pages::<Status>(StatusRequest::default()).await? {
+            status.applied = page.applied;
+            status.rejected = page.rejected;
+            status.minions.extend(page.minions);
+        }
+        Ok(status)
+    }
+
+    /// Changes a minion's roles over what git assigns.
+    pub async fn change_role(&self, request: &RoleRequest) -> Result<RoleAnswer, MasterApiError> {
+        self.request::<Role>(request).await
+    }
+
+    /// Enrollment records with `status` (none: all).
+    pub async fn enrollments(
+        &self,
+        status: Option<EnrollmentStatus>,
+    ) -> Result<Vec<EnrollmentRecord>, MasterApiError> {
+        let request = EnrollListRequest {
+            status,
+            ..EnrollListRequest::default()
+        };
+        Ok(self
+            .pages::<EnrollList>(request)
+            .await?
+            .into_iter()
+            .flat_map(|page| page.minions)
+            .collect())
+    }
+
+    /// Accepts, rejects or revokes a minion's key.
+    pub async fn decide_enrollment(
+        &self,
+        decision: &EnrollDecision,
+    ) -> Result<EnrollDecided, MasterApiError> {
+        self.request::<super::EnrollDecide>(decision).await
+    }
+
+    /// A one-time enrollment token, valid for `ttl` (for `minion` only, when given).
+    pub async fn enrollment_token(
+        &self,
+        ttl: Duration,
+        minion: Option<MinionId>,
+    ) -> Result<TokenAnswer, MasterApiError> {
+        let request = TokenRequest {
+            ttl_s: ttl.as_secs().max(1),
+            minion,
+        };
+        self.request::<EnrollToken>(&request).await
+    }
+}

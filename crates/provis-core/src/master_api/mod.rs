@@ -1,0 +1,577 @@
+//! The master's API: one [`Endpoint`] per request the master answers, each
+//! with its request and response type, served as the NATS service
+//! `provis-master` (so `$SRV.PING`, `$SRV.INFO.provis-master` and
+//! `$SRV.STATS.provis-master` list the endpoints and their counters) and
+//! asked through [`MasterClient`].
+//!
+//! Each endpoint listens on `<prefix>.master.<subject>` and takes a JSON
+//! request (an empty payload is `{}`); it answers with JSON, or with the
+//! services protocol's error headers (`Nats-Service-Error-Code`,
+//! `Nats-Service-Error`) that [`MasterClient`] turns into an [`ApiError`].
+//! Answers that grow with the fleet are paged: pass a page's `next` back
+//! as `cursor`; the master ends a page before it would outgrow the bus's
+//! maximum payload.
+//!
+//! Adding an endpoint: a request and a response type and an [`Endpoint`]
+//! impl here (and its name in [`ENDPOINTS`]), a handler in the master's
+//! `api` module registered in its list, and, if callers want one, a method
+//! on [`MasterClient`]. The compiler checks every caller and the handler
+//! against the types.
+
+mod client;
+mod error;
+mod page;
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use client::MasterClient;
+pub use error::{ApiError, ApiErrorKind, MasterApiError};
+pub use page::{PageRequest, Paged, take_page};
+
+use crate::assignment::OverlayEntry;
+use crate::registry::MinionRecord;
+use crate::subject::{MinionId, RoleName};
+
+/// The name the master's endpoints are served under in the services protocol.
+pub const SERVICE_NAME: &str = "provis-master";
+
+/// One request the master answers.
+pub trait Endpoint {
+    /// The subject after `<prefix>.master.`, e.g. `enroll.token`.
+    const SUBJECT: &'static str;
+    /// The endpoint's name in the services protocol (`nats micro info`).
+    const NAME: &'static str;
+    /// How long a caller waits for the answer.
+    const TIMEOUT: Duration = Duration::from_secs(10);
+    type Request: Serialize + DeserializeOwned + Send + Sync + 'static;
+    type Response: Serialize + DeserializeOwned + Send + 'static;
+}
+
+/// The subjects of every endpoint, for discovery checks and permissions.
+pub const ENDPOINTS: &[&str] = &[
+    Ping::SUBJECT,
+    Minions::SUBJECT,
+    Query::SUBJECT,
+    Stats::SUBJECT,
+    SyncNow::SUBJECT,
+    Status::SUBJECT,
+    Role::SUBJECT,
+    EnrollList::SUBJECT,
+    EnrollDecide::SUBJECT,
+    EnrollToken::SUBJECT,
+];
+
+/// The endpoints that only read: calling operators may ask them.
+pub const READ_ONLY_ENDPOINTS: &[&str] = &[
+    Ping::SUBJECT,
+    Minions::SUBJECT,
+    Query::SUBJECT,
+    Stats::SUBJECT,
+    Status::SUBJECT,
+];
+
+/// A request's JSON as the master reads it: an empty payload is `{}`.
+pub fn decode_request<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ApiError> {
+    let payload = if payload.iter().all(u8::is_ascii_whitespace) {
+        b"{}".as_slice()
+    } else {
+        payload
+    };
+    serde_json::from_slice(payload).map_err(|err| ApiError::usage(format!("bad request: {err}")))
+}
+
+macro_rules! endpoint {
+    ($(#[$doc:meta])* $ty:ident, $subject:literal, $name:literal, $request:ty, $response:ty $(, $timeout:expr)?) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy)]
+        pub struct $ty;
+        impl Endpoint for $ty {
+            const SUBJECT: &'static str = $subject;
+            const NAME: &'static str = $name;
+            $(const TIMEOUT: Duration = $timeout;)?
+            type Request = $request;
+            type Response = $response;
+        }
+    };
+}
+
+endpoint!(
+    /// Who the master is: for readiness checks and pinning its key.
+    Ping, "ping", "ping", PingRequest, PingAnswer
+);
+endpoint!(
+    /// The registry: every minion with a `live` flag (paged).
+    Minions, "minions", "minions", MinionsRequest, MinionsPage
+);
+endpoint!(
+    /// Which minions match an expression now or over a window (paged).
+    Query, "query", "query", QueryRequest, QueryPage, Duration::from_secs(30)
+);
+endpoint!(
+    /// The state index in numbers.
+    Stats, "stats", "stats", StatsRequest, IndexStats
+);
+endpoint!(
+    /// Fetch the config repository now and apply what is new.
+    SyncNow, "sync", "sync", SyncRequest, SyncAnswer, Duration::from_secs(130)
+);
+endpoint!(
+    /// The applied commit and who converged on it (paged).
+    Status, "status", "status", StatusRequest, StatusPage
+);
+endpoint!(
+    /// Change one minion's roles over what git assigns.
+    Role, "role", "role", RoleRequest, RoleAnswer, Duration::from_secs(130)
+);
+endpoint!(
+    /// Enrollment records, pending ones or all (paged).
+    EnrollList, "enroll.list", "enroll-list", EnrollListRequest, EnrollmentPage
+);
+endpoint!(
+    /// Accept, reject or revoke a minion's key.
+    EnrollDecide, "enroll.decide", "enroll-decide", EnrollDecision, EnrollDecided
+);
+endpoint!(
+    /// Issue a one-time enrollment token.
+    EnrollToken, "enroll.token", "enroll-token", TokenRequest, TokenAnswer
+);
+
+/// `ping` takes nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingRequest {}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingAnswer {
+    /// The provis version the master runs.
+    pub version: String,
+    /// The master's key (`ed25519:<hex>`): minions pin it for bundles and desired state.
+    pub public_key: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MinionsRequest {
+    #[serde(flatten)]
+    pub page: PageRequest,
+}
+
+/// A registry record and whether the minion is live now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MinionEntry {
+    #[serde(flatten)]
+    pub record: MinionRecord,
+    pub live: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MinionsPage {
+    pub minions: Vec<MinionEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueryMode {
+    #[default]
+    Latest,
+    For,
+    Any,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryRequest {
+    /// A CEL expression over id, roles, facts, state, labels and services.
+    pub expression: String,
+    #[serde(default)]
+    pub mode: QueryMode,
+    /// The window of `for` and `any`, ending now.
+    #[serde(default)]
+    pub window_ms: i64,
+    #[serde(flatten)]
+    pub page: PageRequest,
+}
+
+/// One minion in a query's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryMatch {
+    pub minion: String,
+    /// Whether it is live in the registry now.
+    pub live: bool,
+    /// Share of the window its samples cover (windows only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coverage_pct: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// Its latest state.
+    pub state: Value,
+}
+
+/// What happened to the state samples the master has seen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexCounters {
+    pub accepted: u64,
+    pub malformed: u64,
+    pub out_of_window: u64,
+    pub rate_limited: u64,
+}
+
+/// One page of a query's answer: the matches among the minions after the
+/// request's cursor, in id order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryPage {
+    pub matches: Vec<QueryMatch>,
+    /// Minions for which it held over the part of the window they reported,
+    /// but whose history does not cover enough of it (`for` only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub short_history: Vec<QueryMatch>,
+    /// Minions looked at, in the whole answer.
+    pub considered: usize,
+    pub counters: IndexCounters,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// A whole query answer, every page taken.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryAnswer {
+    pub matches: Vec<QueryMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub short_history: Vec<QueryMatch>,
+    pub considered: usize,
+    pub counters: IndexCounters,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsRequest {
+    /// Also a digest of the whole index (it reads all of it).
+    #[serde(default)]
+    pub fingerprint: bool,
+}
+
+/// How the state index came back after the master started.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RebuildReport {
+    pub samples: u64,
+    pub seconds: f64,
+}
+
+/// The state index in numbers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IndexStats {
+    pub minions: usize,
+    pub counters: IndexCounters,
+    pub approximate_bytes: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// Absent while the index is still being rebuilt from the stream.
+    pub rebuild: Option<RebuildReport>,
+}
+
+/// `sync` takes nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRequest {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncOutcome {
+    /// A new commit, valid, now the fleet's desired state.
+    Applied,
+    /// Applied before (by this or an earlier master); nothing written.
+    AlreadyApplied,
+    /// The branch has not moved.
+    Unchanged,
+    /// Invalid: the fleet keeps the last good commit.
+    Rejected,
+    /// Rejected before; not looked at again.
+    RejectedBefore,
+}
+
+/// One reason a commit is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    pub file: String,
+    pub reason: String,
+}
+
+/// What changed when a config was applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplySummary {
+    /// Services whose pointer now names a new digest.
+    pub services_changed: Vec<String>,
+    pub services_removed: Vec<String>,
+    pub roles_changed: Vec<String>,
+    pub roles_removed: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncAnswer {
+    pub commit: String,
+    pub outcome: SyncOutcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<ApplySummary>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<Problem>,
+}
+
+/// The applied config, as `provis_config/applied` records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedRecord {
+    pub commit: String,
+    pub summary: String,
+    pub applied_unix_ms: i64,
+    pub changes: ApplySummary,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRequest {
+    #[serde(flatten)]
+    pub page: PageRequest,
+}
+
+/// Where one registered minion stands with the applied commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MinionConvergence {
+    pub minion: MinionId,
+    pub live: bool,
+    pub converged: bool,
+    /// The commit it converged on last, if any.
+    pub commit: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusPage {
+    pub applied: Option<AppliedRecord>,
+    /// The last rejected commit, if any.
+    pub rejected: Option<String>,
+    pub minions: Vec<MinionConvergence>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// The whole status, every page taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    pub applied: Option<AppliedRecord>,
+    pub rejected: Option<String>,
+    pub minions: Vec<MinionConvergence>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoleOp {
+    Assign,
+    Unassign,
+    Reset,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleRequest {
+    pub op: RoleOp,
+    pub minion: MinionId,
+    /// The role to assign or unassign (none for `reset`).
+    #[serde(default)]
+    pub role: Option<RoleName>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleAnswer {
+    pub minion: MinionId,
+    /// The minion's overlay now (none: back to what git assigns).
+    pub overlay: Option<OverlayEntry>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnrollmentStatus {
+    Pending,
+    Accepted,
+    Rejected,
+    Revoked,
+}
+
+/// What the fleet knows of one minion id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentRecord {
+    pub minion: MinionId,
+    /// The key bound to the id (`ed25519:<hex>`).
+    pub key: String,
+    pub status: EnrollmentStatus,
+    /// When the status last changed.
+    pub since_unix_ms: i64,
+    /// Who changed it: an operator, `token`, or `minion` for a request.
+    pub by: String,
+    /// Where the last connection attempt came from.
+    #[serde(default)]
+    pub host: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollListRequest {
+    /// Only records with this status (none: every record).
+    #[serde(default)]
+    pub status: Option<EnrollmentStatus>,
+    #[serde(flatten)]
+    pub page: PageRequest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentPage {
+    pub minions: Vec<EnrollmentRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// An operator's decision on an id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Accept,
+    Reject,
+    Revoke,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollDecision {
+    pub minion: MinionId,
+    pub decision: Decision,
+    /// Who decides, as the operator's tool says (recorded, informational).
+    #[serde(default)]
+    pub by: Option<String>,
+    /// The key the operator checked; the decision applies only to it.
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollDecided {
+    pub record: EnrollmentRecord,
+    /// Live connections closed (a revocation).
+    pub disconnected: usize,
+}
+
+/// The longest a one-time enrollment token may stay valid.
+pub const MAX_TOKEN_TTL_S: u64 = 30 * 86_400;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRequest {
+    /// How long the token is valid, in seconds. Default: 3600.
+    #[serde(default = "default_token_ttl_s")]
+    pub ttl_s: u64,
+    /// The only id the token enrolls (none: any new id).
+    #[serde(default)]
+    pub minion: Option<MinionId>,
+}
+
+fn default_token_ttl_s() -> u64 {
+    3_600
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenAnswer {
+    pub token: String,
+    pub ttl_s: u64,
+}
+
+impl Paged for MinionsPage {
+    type Item = MinionEntry;
+    fn next(&self) -> Option<&str> {
+        self.next.as_deref()
+    }
+}
+
+impl Paged for StatusPage {
+    type Item = MinionConvergence;
+    fn next(&self) -> Option<&str> {
+        self.next.as_deref()
+    }
+}
+
+impl Paged for EnrollmentPage {
+    type Item = EnrollmentRecord;
+    fn next(&self) -> Option<&str> {
+        self.next.as_deref()
+    }
+}
+
+impl Paged for QueryPage {
+    type Item = QueryMatch;
+    fn next(&self) -> Option<&str> {
+        self.next.as_deref()
+    }
+}
+
+/// Requests that take a page.
+pub trait PagedRequest {
+    fn page_mut(&mut self) -> &mut PageRequest;
+}
+
+impl PagedRequest for MinionsRequest {
+    fn page_mut(&mut self) -> &mut PageRequest {
+        &mut self.page
+    }
+}
+
+impl PagedRequest for QueryRequest {
+    fn page_mut(&mut self) -> &mut PageRequest {
+        &mut self.page
+    }
+}
+
+impl PagedRequest for StatusRequest {
+    fn page_mut(&mut self) -> &mut PageRequest {
+        &mut self.page
+    }
+}
+
+impl PagedRequest for EnrollListRequest {
+    fn page_mut(&mut self) -> &mut PageRequest {
+        &mut self.page
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_endpoint_has_a_distinct_subject_and_protocol_name() {
+        let mut subjects = ENDPOINTS.to_vec();
+        subjects.sort_unstable();
+        subjects.dedup();
+        assert_eq!(subjects.len(), ENDPOINTS.len());
+        for name in [
+            Ping::NAME,
+            EnrollToken::NAME,
+            EnrollDecide::NAME,
+            EnrollList::NAME,
+        ] {
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+                "{name}"
+            );
+        }
+        for read_only in READ_ONLY_ENDPOINTS {
+            assert!(ENDPOINTS.contains(read_only));
+        }
+    }
+
+    #[test]
+    fn an_empty_payload_is_an_empty_request_and_a_wrong_shape_is_a_usage_error() {
+        let ping: PingRequest = decode_request(b"").unwrap();
+        assert_eq!(ping, PingRequest {});
+        let token: TokenRequest = decode_request(b" ").unwrap();
+        assert_eq!(token.ttl_s, 3_600);
+        let err = decode_request::<RoleRequest>(br#"{"op": 5}"#).unwrap_err();
+        assert_eq!(err.kind, ApiErrorKind::Usage);
+        let err = decode_request::<RoleRequest>(b"not json").unwrap_err();
+        assert_eq!(err.kind, ApiErrorKind::Usage);
+        let page: MinionsRequest = decode_request(br#"{"cursor": "m9", "limit": 2}"#).unwrap();
+        assert_eq!(page.page.cursor.as_deref(), Some("m9"));
+        assert_eq!(page.page.limit, Some(2));
+    }
+}

@@ -1,0 +1,408 @@
+//! The master's endpoints (see [`provis_core::master_api`]) served as the
+//! NATS service `provis-master`: one subscription per endpoint, in the
+//! queue group every master shares, each request answered on a work task
+//! of its own so a slow sync never holds up a ping.
+//!
+//! Registering an endpoint is one line in [`serve`]; its handler takes the
+//! endpoint's request type and returns its response type or an
+//! [`ApiError`], which travels as the services protocol's error headers.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::service::{Service, ServiceExt as _};
+use futures::StreamExt as _;
+use provis_core::envelope::now_unix_ms;
+use provis_core::lifecycle::Lifecycle;
+use provis_core::master_api::{
+    self as api, ApiError, Endpoint, EnrollDecided, EnrollDecision, EnrollListRequest,
+    EnrollmentPage, IndexStats, MinionConvergence, MinionEntry, MinionsPage, MinionsRequest,
+    PingAnswer, PingRequest, QueryPage, QueryRequest, RoleAnswer, RoleRequest, StatsRequest,
+    StatusPage, StatusRequest, SyncAnswer, SyncRequest, TokenAnswer, TokenRequest, take_page,
+};
+use provis_core::{Subjects, event};
+use serde_json::json;
+
+use crate::MasterError;
+use crate::desired::{DesiredRequest, PublishedConfig};
+use crate::enrollment::{Enrollment, EnrollmentError};
+use crate::fleet_view::FleetView;
+
+/// How long a request may wait for the desired-state loop (a sync fetches).
+const DESIRED_WAIT: Duration = Duration::from_secs(120);
+
+/// How long a request right after a start waits for the registry to load.
+const REGISTRY_WAIT: Duration = Duration::from_secs(5);
+
+/// What requests are answered from.
+#[derive(Debug)]
+pub struct Served {
+    pub public_key: String,
+    pub nats: async_nats::Client,
+    pub subjects: Subjects,
+    pub view: Arc<FleetView>,
+    pub desired: tokio::sync::mpsc::Sender<DesiredRequest>,
+    pub config: tokio::sync::watch::Receiver<PublishedConfig>,
+    pub enrollment: Enrollment,
+    pub gatekeeper: Arc<crate::admission::Gatekeeper>,
+}
+
+impl Served {
+    /// Bytes of items one page may hold: well under the bus's maximum
+    /// payload, leaving room for the rest of the answer.
+    fn page_budget(&self) -> usize {
+        self.nats.server_info().max_payload.max(4_096) * 3 / 4
+    }
+}
+
+/// Starts the `provis-master` service with every endpoint; the endpoints
+/// stop taking requests when `lifecycle` stops.
+pub async fn serve(served: Arc<Served>, lifecycle: &Lifecycle) -> Result<Service, MasterError> {
+    let metadata = [
+        ("prefix".to_owned(), served.subjects.prefix().to_string()),
+        ("public_key".to_owned(), served.public_key.clone()),
+    ]
+    .into();
+    let service = served
+        .nats
+        .service_builder()
+        .description("the provis master: fleet, queries, desired state, enrollment")
+        .metadata(metadata)
+        .start(api::SERVICE_NAME, provis_core::VERSION)
+        .await
+        .map_err(|source| MasterError::Serve {
+            what: api::SERVICE_NAME.to_owned(),
+            source,
+        })?;
+    let endpoints = Endpoints {
+        service: &service,
+        served: &served,
+        lifecycle,
+    };
+    endpoints.add::<api::Ping, _, _>(ping).await?;
+    endpoints.add::<api::Minions, _, _>(minions).await?;
+    endpoints.add::<api::Query, _, _>(query).await?;
+    endpoints.add::<api::Stats, _, _>(stats).await?;
+    endpoints.add::<api::SyncNow, _, _>(sync).await?;
+    endpoints.add::<api::Status, _, _>(status).await?;
+    endpoints.add::<api::Role, _, _>(role).await?;
+    endpoints.add::<api::EnrollList, _, _>(enroll_list).await?;
+    endpoints
+        .add::<api::EnrollDecide, _, _>(enroll_decide)
+        .await?;
+    endpoints
+        .add::<api::EnrollToken, _, _>(enroll_token)
+        .await?;
+    Ok(service)
+}
+
+struct Endpoints<'a> {
+    service: &'a Service,
+    served: &'a Arc<Served>,
+    lifecycle: &'a Lifecycle,
+}
+
+impl Endpoints<'_> {
+    /// Subscribes `E`'s subject and answers each request with `handler`.
+    async fn add<E, H, F>(&self, handler: H) -> Result<(), MasterError>
+    where
+        E: Endpoint + 'static,
+        H: Fn(Arc<Served>, E::Request) -> F + Send + Sync + 'static,
+        F: Future<Output = Result<E::Response, ApiError>> + Send + 'static,
+    {
+        let subject = self.served.subjects.master(E::SUBJECT);
+        let mut endpoint = self
+            .service
+            .endpoint_builder()
+            .name(E::NAME)
+            .add(subject.clone())
+            .await
+            .map_err(|source| MasterError::Serve {
+                what: subject.clone(),
+                source,
+            })?;
+        let handler = Arc::new(handler);
+        let (served, lifecycle) = (self.served.clone(), self.lifecycle.clone());
+        self.lifecycle.spawn_background(async move {
+            loop {
+                tokio::select! {
+                    () = lifecycle.stopping() => break,
+                    request = endpoint.next() => match request {
+                        Some(request) => {
+                            let (served, handler) = (served.clone(), handler.clone());
+                            lifecycle.spawn_work(answer::<E, H, F>(served, request, handler));
+                        }
+                        None => break,
+                    },
+                }
+            }
+            // Stop taking requests; those already taken are answered.
+            if let Err(err) = endpoint.stop().await {
+                tracing::debug!(%subject, error = %err, "endpoint not unsubscribed");
+            }
+        });
+        Ok(())
+    }
+}
+
+async fn answer<E, H, F>(
+    served: Arc<Served>,
+    request: async_nats::service::Request,
+    handler: Arc<H>,
+) where
+    E: Endpoint + 'static,
+    H: Fn(Arc<Served>, E::Request) -> F,
+    F: Future<Output = Result<E::Response, ApiError>>,
+{
+    let Some(reply) = request.message.reply.as_ref() else {
+        return;
+    };
+    // The master may publish anywhere; a reply subject chosen by the asker
+    // must not make it write somewhere else (a bucket, another's subject).
+    if !reply.starts_with("_INBOX.") {
+        tracing::warn!(subject = %request.message.subject, %reply, "request with a reply subject outside _INBOX ignored");
+        return;
+    }
+    let outcome = match api::decode_request::<E::Request>(&request.message.payload) {
+        Ok(body) => handler(served, body).await,
+        Err(err) => Err(ApiError::usage(format!("{} {}", E::SUBJECT, err.message))),
+    }
+    .and_then(|response| {
+        serde_json::to_vec(&response)
+            .map_err(|err| ApiError::failed(format!("cannot encode the answer: {err}")))
+    });
+    let response = match outcome {
+        Ok(payload) => Ok(payload.into()),
+        Err(err) => {
+            tracing::debug!(endpoint = E::SUBJECT, kind = ?err.kind, error = %err.message, "request answered with an error");
+            Err(err.to_service_error())
+        }
+    };
+    if let Err(err) = request.respond(response).await {
+        tracing::warn!(endpoint = E::SUBJECT, error = %err, "answer not sent");
+    }
+}
+
+async fn ping(served: Arc<Served>, _: PingRequest) -> Result<PingAnswer, ApiError> {
+    Ok(PingAnswer {
+        version: provis_core::VERSION.to_owned(),
+        public_key: served.public_key.clone(),
+    })
+}
+
+async fn minions(served: Arc<Served>, request: MinionsRequest) -> Result<MinionsPage, ApiError> {
+    wait_for_registry(&served.view).await?;
+    let now = now_unix_ms();
+    let entries: Vec<(String, MinionEntry)> = served
+        .view
+        .registry()
+        .iter()
+        .map(|(id, record)| {
+            let entry = MinionEntry {
+                live: record.is_live_at(now),
+                record: record.clone(),
+            };
+            (id.clone(), entry)
+        })
+        .collect();
+    let (minions, next) = take_page(entries, &request.page, served.page_budget());
+    Ok(MinionsPage { minions, next })
+}
+
+async fn query(served: Arc<Served>, request: QueryRequest) -> Result<QueryPage, ApiError> {
+    if !served.view.rebuilt() {
+        return Err(ApiError::unavailable(
+            "the state index is still being rebuilt from the stream; try again in a moment",
+        ));
+    }
+    wait_for_registry(&served.view).await?;
+    let answer = {
+        let registry = served.view.registry().clone();
+        let index = served.view.index();
+        crate::query::answer(&request, &registry, &index, now_unix_ms())
+    }
+    .map_err(|err| ApiError::usage(err.to_string()))?;
+    // Matches and short histories share one order (by minion), so a page
+    // boundary cuts both at the same minion.
+    let lines = answer
+        .matches
+        .into_iter()
+        .map(|m| (m.minion.clone(), (true, m)))
+        .chain(
+            answer
+                .short_history
+                .into_iter()
+                .map(|m| (m.minion.clone(), (false, m))),
+        );
+    let mut lines: Vec<_> = lines.collect();
+    lines.sort_by(|a, b| a.0.cmp(&b.0));
+    let (page, next) = take_page(lines, &request.page, served.page_budget());
+    let (matches, short_history) = page.into_iter().partition::<Vec<_>, _>(|(full, _)| *full);
+    Ok(QueryPage {
+        matches: matches.into_iter().map(|(_, m)| m).collect(),
+        short_history: short_history.into_iter().map(|(_, m)| m).collect(),
+        considered: answer.considered,
+        counters: answer.counters,
+        next,
+    })
+}
+
+async fn stats(served: Arc<Served>, request: StatsRequest) -> Result<IndexStats, ApiError> {
+    Ok(served.view.stats(request.fingerprint))
+}
+
+async fn sync(served: Arc<Served>, _: SyncRequest) -> Result<SyncAnswer, ApiError> {
+    ask_desired(&served, DesiredRequest::Sync).await
+}
+
+async fn status(served: Arc<Served>, request: StatusRequest) -> Result<StatusPage, ApiError> {
+    wait_for_registry(&served.view).await?;
+    let published = served.config.borrow().clone();
+    let applied = published.applied.as_ref().map(|a| a.commit.clone());
+    let now = now_unix_ms();
+    let minions: Vec<(String, MinionConvergence)> = served
+        .view
+        .registry()
+        .iter()
+        .map(|(id, record)| {
+            let line = MinionConvergence {
+                minion: record.id.clone(),
+                live: record.is_live_at(now),
+                converged: applied.is_some() && record.converged_commit == applied,
+                commit: record.converged_commit.clone(),
+            };
+            (id.clone(), line)
+        })
+        .collect();
+    let (minions, next) = take_page(minions, &request.page, served.page_budget());
+    Ok(StatusPage {
+        applied: published.applied,
+        rejected: published.rejected,
+        minions,
+        next,
+    })
+}
+
+async fn role(served: Arc<Served>, request: RoleRequest) -> Result<RoleAnswer, ApiError> {
+    ask_desired(&served, |reply| DesiredRequest::Role { request, reply }).await
+}
+
+async fn enroll_list(
+    served: Arc<Served>,
+    request: EnrollListRequest,
+) -> Result<EnrollmentPage, ApiError> {
+    let records = served
+        .enrollment
+        .list()
+        .await
+        .map_err(|err| enrollment_error(&err))?;
+    let records = records
+        .into_iter()
+        .filter(|record| request.status.is_none_or(|status| record.status == status))
+        .map(|record| (record.minion.to_string(), record));
+    let (minions, next) = take_page(records, &request.page, served.page_budget());
+    Ok(EnrollmentPage { minions, next })
+}
+
+async fn enroll_decide(
+    served: Arc<Served>,
+    request: EnrollDecision,
+) -> Result<EnrollDecided, ApiError> {
+    let by = request.by.unwrap_or_else(|| "operator".to_owned());
+    let record = served
+        .enrollment
+        .decide(
+            &request.minion,
+            request.decision,
+            &by,
+            request.key.as_deref(),
+        )
+        .await
+        .map_err(|err| enrollment_error(&err))?;
+    let disconnected = if request.decision == api::Decision::Revoke {
+        served.gatekeeper.kick(&request.minion).await
+    } else {
+        0
+    };
+    let kind = match request.decision {
+        api::Decision::Accept => "minion.accepted",
+        api::Decision::Reject => "minion.rejected",
+        api::Decision::Revoke => "minion.revoked",
+    };
+    event::emit(
+        &served.nats,
+        &served.subjects,
+        "master",
+        kind,
+        json!({ "minion": record.minion, "key": record.key, "by": by, "disconnected": disconnected }),
+    )
+    .await;
+    Ok(EnrollDecided {
+        record,
+        disconnected,
+    })
+}
+
+async fn enroll_token(served: Arc<Served>, request: TokenRequest) -> Result<TokenAnswer, ApiError> {
+    if request.ttl_s == 0 || request.ttl_s > api::MAX_TOKEN_TTL_S {
+        return Err(ApiError::usage(format!(
+            "a token lives 1 s to {} days, not {} s",
+            api::MAX_TOKEN_TTL_S / 86_400,
+            request.ttl_s
+        )));
+    }
+    let token = served
+        .enrollment
+        .issue_token(Duration::from_secs(request.ttl_s), request.minion)
+        .await
+        .map_err(|err| enrollment_error(&err))?;
+    Ok(TokenAnswer {
+        token,
+        ttl_s: request.ttl_s,
+    })
+}
+
+fn enrollment_error(err: &EnrollmentError) -> ApiError {
+    match err {
+        EnrollmentError::Unknown(_) => ApiError::not_found(err.to_string()),
+        EnrollmentError::NotApplicable { .. }
+        | EnrollmentError::Conflict(_)
+        | EnrollmentError::KeyMismatch { .. } => ApiError::conflict(err.to_string()),
+        EnrollmentError::Store { .. } | EnrollmentError::Token { .. } => {
+            ApiError::failed(err.to_string())
+        }
+    }
+}
+
+/// Hands a request to the desired-state loop and waits for its answer.
+async fn ask_desired<T>(
+    served: &Served,
+    make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, ApiError>>) -> DesiredRequest,
+) -> Result<T, ApiError> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let stopped = || {
+        ApiError::unavailable(
+            "the master is stopping; ask another master or again after its restart",
+        )
+    };
+    served
+        .desired
+        .send(make(reply))
+        .await
+        .map_err(|_| stopped())?;
+    match tokio::time::timeout(DESIRED_WAIT, answer).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(_)) => Err(stopped()),
+        Err(_) => Err(ApiError::unavailable(format!(
+            "the master's desired-state loop did not answer within {DESIRED_WAIT:?}"
+        ))),
+    }
+}
+
+/// Waits until the master's view holds the registry (right after a start).
+async fn wait_for_registry(view: &FleetView) -> Result<(), ApiError> {
+    tokio::time::timeout(REGISTRY_WAIT, view.registry_loaded())
+        .await
+        .map_err(|_| ApiError::unavailable("the master is still reading the registry; try again"))
+}
