@@ -2,10 +2,9 @@
 #![cfg(test)]
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
-use provis_testkit::{TestFleet, eventually, free_loopback_port, run_to_end};
+use provis_testkit::{TestFleet, UpFleet, free_loopback_port, run_to_end};
 
 fn provis() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_provis"))
@@ -94,32 +93,8 @@ async fn every_subcommand_has_help() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_runs_a_fleet_that_another_shell_can_call_and_stops_it_on_sigterm() {
-    let work = tempfile::tempdir().expect("tempdir");
-    let context = work.path().join("context.toml");
-    let port = free_loopback_port().expect("port");
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
-    let up = tokio::process::Command::new(provis())
-        .args(["up", "--minions", "3", "--repository"])
-        .arg(&examples)
-        .arg("--dir")
-        .arg(work.path().join("up"))
-        .arg("--nats-url")
-        .arg(format!("nats://127.0.0.1:{port}"))
-        .env("PROVIS_CONTEXT", &context)
-        .env_remove("PROVIS_NATS_URL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("provis up starts");
-
-    eventually(
-        "provis up writes its context",
-        Duration::from_secs(60),
-        || async { context.exists() },
-    )
-    .await
-    .expect("context file");
+    let up = UpFleet::start(provis(), 3, &[]).await.expect("provis up");
+    let (context, port) = (up.context().to_owned(), up.port());
 
     // "Another shell": only the context file says where the fleet is.
     let (code, stdout, stderr) = run_to_end(
@@ -188,15 +163,7 @@ async fn up_runs_a_fleet_that_another_shell_can_call_and_stops_it_on_sigterm() {
         "m1 (web.eu) and m2 (web.us): {report}"
     );
 
-    let pid = up.id().expect("pid").to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    let output = tokio::time::timeout(Duration::from_secs(30), up.wait_with_output())
-        .await
-        .expect("up stops in time")
-        .expect("output");
+    let output = up.stop().await.expect("up stops in time");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -217,4 +184,80 @@ async fn up_runs_a_fleet_that_another_shell_can_call_and_stops_it_on_sigterm() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
         "nats-server is stopped"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_list_only_the_flags_that_apply_to_them() {
+    let help = |args: &[&str]| {
+        let (code, stdout, stderr) =
+            run_to_end(std::process::Command::new(provis()).args(args)).expect("help");
+        assert_eq!(code, 0, "{args:?}: {stderr}");
+        stdout
+    };
+    // Keys on this machine: no fleet to reach.
+    for args in [
+        &["keys", "create", "--help"][..],
+        &["keys", "list", "--help"],
+        &["bundle", "--help"],
+    ] {
+        let text = help(args);
+        assert!(
+            !text.contains("--nats-url"),
+            "{args:?} lists --nats-url:\n{text}"
+        );
+        assert!(
+            !text.contains("--tls-ca"),
+            "{args:?} lists --tls-ca:\n{text}"
+        );
+    }
+    // Commands that talk to a fleet say where it is.
+    for args in [
+        &["call", "--help"][..],
+        &["keys", "pending", "--help"],
+        &["master", "sync", "--help"],
+        &["status", "--help"],
+    ] {
+        let text = help(args);
+        assert!(
+            text.contains("--nats-url"),
+            "{args:?} lacks --nats-url:\n{text}"
+        );
+    }
+    // And take them after the subcommand, where they are listed.
+    let (code, _, stderr) = run_to_end(
+        std::process::Command::new(provis())
+            .args([
+                "master",
+                "sync",
+                "--nats-url",
+                "nats://127.0.0.1:1",
+                "--prefix",
+                "x",
+            ])
+            .env_remove("PROVIS_NATS_URL"),
+    )
+    .expect("sync");
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("nats://127.0.0.1:1"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_goes_away_ends_a_command_quietly() {
+    // `provis bundle DIR | head -0`, without the race: the pipe's reader is
+    // gone before provis writes its first line.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/services/site");
+    let output = std::process::Command::new(provis())
+        .arg("bundle")
+        .arg(&examples)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("provis bundle")
+        .wait_with_output()
+        .expect("output");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{:?}: {stderr}", output.status);
+    assert!(stderr.is_empty(), "nothing on stderr: {stderr}");
 }

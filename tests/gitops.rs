@@ -417,23 +417,13 @@ async fn a_master_process_takes_up_its_settings_file_without_a_restart() {
     let repo = GitRepo::init().expect("repo");
     let commit = good_commit(&repo, "v1", "1");
     let mut fleet = TestFleet::start().await.expect("fleet");
-    fleet.stop_master().await;
     let settings = fleet.workdir().join("master.toml");
     std::fs::write(&settings, "poll_interval_s = 3600\n").expect("settings");
-    let mut master = fleet.provis_command(provis());
-    master
-        .args(["master", "--config"])
-        .arg(&settings)
-        .arg("--data-dir")
-        .arg(fleet.workdir().join("master"));
-    let log = fleet.workdir().join("master.log");
-    let mut master = provis_testkit::ProvisProcess::spawn("master", master, &log).expect("master");
+    let mut master = fleet
+        .spawn_master_process(provis(), &["--config".as_ref(), settings.as_os_str()])
+        .await
+        .expect("master up");
     fleet.add_minion("m1", &[]).await.expect("m1");
-    eventually("the master is serving", Duration::from_secs(10), || async {
-        master.log().contains("master serving")
-    })
-    .await
-    .expect("master up");
     // Nothing to follow yet; then the file names the repository.
     std::fs::write(
         &settings,

@@ -64,6 +64,9 @@ pub enum JsCallError {
     },
     #[error("{message}")]
     Exception { message: String, stack: String },
+    /// The host API refused what the manifest does not grant.
+    #[error("{message}")]
+    Denied { message: String, stack: String },
     #[error("interrupted: the call ran longer than its {0:?} deadline")]
     Timeout(Duration),
     #[error("out of memory: the service exceeded its {0} MiB limit")]
@@ -295,7 +298,15 @@ struct Engine {
 
 /// What went wrong inside QuickJS, before it is told as a load or call error.
 enum Failure {
-    Exception { message: String, stack: String },
+    Exception {
+        message: String,
+        stack: String,
+    },
+    /// A `PermissionDenied` from the host API (or rethrown by the service).
+    Denied {
+        message: String,
+        stack: String,
+    },
     Interrupted,
     OutOfMemory,
     NeverSettles,
@@ -361,11 +372,13 @@ impl Engine {
                     stack,
                 }
             }
-            Failure::Exception { message, stack } => LoadError::TopLevel {
-                file: entry.clone(),
-                message,
-                stack,
-            },
+            Failure::Exception { message, stack } | Failure::Denied { message, stack } => {
+                LoadError::TopLevel {
+                    file: entry.clone(),
+                    message,
+                    stack,
+                }
+            }
             Failure::Interrupted | Failure::NeverSettles => LoadError::Timeout(budget),
             Failure::OutOfMemory => LoadError::OutOfMemory(limits.memory_mb),
             Failure::Engine(message) => LoadError::Engine(message),
@@ -395,7 +408,8 @@ impl Engine {
                 .map(drop)
                 .map_err(|err| {
                     let (message, stack) = match failure(err, &self.fired) {
-                        Failure::Exception { message, stack } => (message, stack),
+                        Failure::Exception { message, stack }
+                        | Failure::Denied { message, stack } => (message, stack),
                         _ => ("cannot be compiled".to_owned(), String::new()),
                     };
                     LoadError::Module {
@@ -454,6 +468,7 @@ impl Engine {
         self.deadline.set(None);
         outcome.map_err(|failure| match failure {
             Failure::Exception { message, stack } => JsCallError::Exception { message, stack },
+            Failure::Denied { message, stack } => JsCallError::Denied { message, stack },
             Failure::Interrupted => JsCallError::Timeout(started.elapsed()),
             Failure::OutOfMemory => JsCallError::OutOfMemory(memory_mb),
             Failure::NeverSettles => JsCallError::NeverSettles,
@@ -520,9 +535,14 @@ fn failure(err: CaughtError<'_>, fired: &Cell<bool>) -> Failure {
                 return Failure::OutOfMemory;
             }
             let name: String = exception.get("name").unwrap_or_else(|_| "Error".to_owned());
-            Failure::Exception {
-                message: format!("{name}: {message}"),
-                stack: exception.stack().unwrap_or_default(),
+            let (message, stack) = (
+                format!("{name}: {message}"),
+                exception.stack().unwrap_or_default(),
+            );
+            if name == crate::host::DENIED_ERROR_NAME {
+                Failure::Denied { message, stack }
+            } else {
+                Failure::Exception { message, stack }
             }
         }
         CaughtError::Value(value) if value.is_uncatchable_error() => Failure::Interrupted,

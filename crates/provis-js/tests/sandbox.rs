@@ -311,6 +311,8 @@ async fn the_host_api_grants_state_events_and_nothing_undeclared() {
             .contains("capability fs.write does not cover"),
         "{err}"
     );
+    // A denial is told apart by its kind, not by reading its message.
+    assert!(matches!(err, JsCallError::Denied { .. }), "{err:?}");
     let err = service
         .call("read", json!({"path": "/etc/passwd"}), soon())
         .await

@@ -47,18 +47,16 @@ impl From<JsCallError> for CallFailure {
             JsCallError::UnknownMethod { .. } => ErrorCode::UnknownMethod,
             JsCallError::Timeout(_) => ErrorCode::DeadlineExceeded,
             JsCallError::Busy(_) | JsCallError::Stopped(_) => ErrorCode::Internal,
-            JsCallError::Exception { message, .. }
-                if message.starts_with(provis_js::host::DENIED_ERROR_NAME) =>
-            {
-                ErrorCode::Denied
-            }
+            JsCallError::Denied { .. } => ErrorCode::Denied,
             JsCallError::Exception { .. }
             | JsCallError::OutOfMemory(_)
             | JsCallError::NeverSettles
             | JsCallError::BadResult(_) => ErrorCode::ServiceFailed,
         };
         let stack = match &err {
-            JsCallError::Exception { stack, .. } => stack.clone(),
+            JsCallError::Exception { stack, .. } | JsCallError::Denied { stack, .. } => {
+                stack.clone()
+            }
             _ => String::new(),
         };
         Self {

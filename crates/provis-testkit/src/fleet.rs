@@ -43,7 +43,15 @@ impl TestFleet {
 
     /// A nats-server and a master whose settings `adjust` changes first.
     pub async fn start_with(adjust: impl FnOnce(&mut MasterConfig)) -> anyhow::Result<Self> {
-        let nats = NatsServer::start()?;
+        Self::start_on(NatsServer::start()?, adjust).await
+    }
+
+    /// A master serving `nats` (a server started with settings of the
+    /// test's own), its settings changed by `adjust` first.
+    pub async fn start_on(
+        nats: NatsServer,
+        adjust: impl FnOnce(&mut MasterConfig),
+    ) -> anyhow::Result<Self> {
         let workdir = tempfile::Builder::new().prefix("provis-fleet-").tempdir()?;
         Self::launch(nats, workdir, None, adjust).await
     }
@@ -288,6 +296,33 @@ impl TestFleet {
         self.stop_master().await;
         self.master = Some(provis_master::start(self.master_config.clone()).await?);
         Ok(())
+    }
+
+    /// Replaces the in-process master with a `provis master` process of
+    /// this fleet (same data directory, so the same key) with `extra`
+    /// arguments, and waits until it serves.
+    pub async fn spawn_master_process(
+        &mut self,
+        provis_bin: &Path,
+        extra: &[&std::ffi::OsStr],
+    ) -> anyhow::Result<ProvisProcess> {
+        self.stop_master().await;
+        let mut command = self.provis_command(provis_bin);
+        command
+            .arg("master")
+            .arg("--data-dir")
+            .arg(self.workdir.path().join("master"))
+            .args(extra);
+        let log = self.workdir.path().join("master.log");
+        let master = ProvisProcess::spawn("master", command, &log)?;
+        eventually(
+            "the master process serves",
+            Duration::from_secs(15),
+            || async { master.log().contains("master serving") },
+        )
+        .await
+        .map_err(|err| err.context(master.log()))?;
+        Ok(master)
     }
 
     /// Publishes state samples as minion `minion` would, with their own

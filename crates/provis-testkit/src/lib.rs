@@ -12,12 +12,14 @@ mod git;
 mod nats;
 mod process;
 mod refusals;
+mod up;
 
 pub use fleet::TestFleet;
 pub use git::GitRepo;
 pub use nats::NatsServer;
 pub use process::ProvisProcess;
 pub use refusals::ServerRefusals;
+pub use up::UpFleet;
 
 /// Waits until `ready` holds, polling every 25 ms, or fails after `timeout`.
 pub async fn eventually<F, Fut>(
@@ -45,6 +47,25 @@ pub fn free_loopback_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// Sends SIGTERM to process `pid`: the orderly stop a service manager asks for.
+pub fn terminate(pid: u32) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -TERM {pid} failed: {status}");
+    Ok(())
+}
+
+/// `python3 script` with the project's Python clients (nats-py, installed by
+/// `scripts/install-python-clients.sh` into `.provis/python`) importable:
+/// a tool outside provis, as an operator would write one.
+pub fn python_command(script: &std::path::Path) -> std::process::Command {
+    let clients = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.provis/python");
+    let mut command = std::process::Command::new("python3");
+    command.arg(script).env("PYTHONPATH", clients);
+    command
 }
 
 /// Runs a command to completion and returns (exit code, stdout, stderr).

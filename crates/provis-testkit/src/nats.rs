@@ -34,6 +34,23 @@ impl NatsServer {
         })
     }
 
+    /// Starts a server with `settings` (nats-server configuration text, for
+    /// example `max_payload: 32768`) on top of the usual flags.
+    pub fn start_with_settings(settings: &str) -> anyhow::Result<Self> {
+        let binary = locate_nats_server()?;
+        let dir = tempfile::Builder::new().prefix("provis-nats-").tempdir()?;
+        let config = dir.path().join("nats-server.conf");
+        std::fs::write(&config, settings)?;
+        let (child, port) = spawn(&binary, dir.path(), None, Some(&config))?;
+        Ok(Self {
+            child: Some(child),
+            port,
+            dir,
+            binary,
+            config: Some(config),
+        })
+    }
+
     /// Starts a server that admits connections only through the auth callout
     /// of the master holding `master` (see `provis master nats-config`).
     pub fn start_secured(master: &provis_core::identity::Identity) -> anyhow::Result<Self> {

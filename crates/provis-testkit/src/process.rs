@@ -48,6 +48,26 @@ impl ProvisProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// SIGTERM, then waits up to `timeout` for the process to end.
+    pub fn terminate(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        crate::terminate(self.child.id())?;
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            anyhow::ensure!(
+                started.elapsed() < timeout,
+                "{} did not stop within {timeout:?} of SIGTERM",
+                self.name
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL: the process vanishes as a crashed machine would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

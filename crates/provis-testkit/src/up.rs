@@ -1,0 +1,93 @@
+//! `provis up` as a test runs it: a whole local fleet started by the real
+//! binary on a free loopback port, in a scratch directory, with a context
+//! file of its own; stopped with SIGTERM, killed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::{eventually, free_loopback_port};
+
+#[derive(Debug)]
+pub struct UpFleet {
+    /// Taken by `stop`; killed on drop otherwise.
+    child: Option<tokio::process::Child>,
+    context: PathBuf,
+    port: u16,
+    // Last: removed after the processes are gone.
+    work: tempfile::TempDir,
+}
+
+impl UpFleet {
+    /// Runs `provis up --minions N --repository <examples>` plus `extra`
+    /// and waits until the fleet is up (its context file is written).
+    pub async fn start(provis_bin: &Path, minions: u16, extra: &[&str]) -> anyhow::Result<Self> {
+        let work = tempfile::Builder::new().prefix("provis-up-").tempdir()?;
+        let context = work.path().join("context.toml");
+        let port = free_loopback_port()?;
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples")
+            .canonicalize()?;
+        let child = tokio::process::Command::new(provis_bin)
+            .args(["up", "--minions", &minions.to_string(), "--repository"])
+            .arg(&examples)
+            .arg("--dir")
+            .arg(work.path().join("up"))
+            .arg("--nats-url")
+            .arg(format!("nats://127.0.0.1:{port}"))
+            .args(extra)
+            .env("PROVIS_CONTEXT", &context)
+            .env_remove("PROVIS_NATS_URL")
+            .env_remove("PROVIS_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("provis up starts")?;
+        let up = Self {
+            child: Some(child),
+            context,
+            port,
+            work,
+        };
+        eventually(
+            "provis up writes its context",
+            Duration::from_secs(60),
+            || async { up.context.exists() },
+        )
+        .await?;
+        Ok(up)
+    }
+
+    /// The context file another shell would read.
+    pub fn context(&self) -> &Path {
+        &self.context
+    }
+
+    /// `nats://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Where `up` keeps its processes' logs and data.
+    pub fn dir(&self) -> PathBuf {
+        self.work.path().join("up")
+    }
+
+    /// SIGTERM, then everything `up` printed once it stopped.
+    pub async fn stop(mut self) -> anyhow::Result<std::process::Output> {
+        let child = self.child.take().context("provis up was stopped already")?;
+        let pid = child.id().context("provis up has exited already")?;
+        crate::terminate(pid)?;
+        tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .context("provis up did not stop within 60 s")?
+            .context("provis up's output")
+    }
+}
