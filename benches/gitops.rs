@@ -32,20 +32,6 @@ fn commit(repo: &GitRepo, version: usize) -> anyhow::Result<String> {
     )
 }
 
-async fn all_converged(fleet: &TestFleet, commit: &str, count: usize) -> bool {
-    let Ok(master) = fleet.master().await else {
-        return false;
-    };
-    let Ok(status) = master.status().await else {
-        return false;
-    };
-    status
-        .applied
-        .is_some_and(|applied| applied.commit == commit)
-        && status.minions.len() >= count
-        && status.minions.iter().all(|m| m.converged)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let sizes: Vec<usize> = std::env::var("PROVIS_BENCH_SIZES")
@@ -68,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
             })
             .await?;
         eventually("first convergence", Duration::from_secs(300), || {
-            all_converged(&fleet, &first, n)
+            fleet.converged_on(&first, n)
         })
         .await?;
 
@@ -84,7 +70,7 @@ async fn main() -> anyhow::Result<()> {
             );
             let applied = started.elapsed();
             eventually("convergence", Duration::from_secs(300), || {
-                all_converged(&fleet, &head, n)
+                fleet.converged_on(&head, n)
             })
             .await?;
             rounds.push((started.elapsed().as_secs_f64(), applied.as_secs_f64()));

@@ -217,7 +217,7 @@ async fn the_master_signs_what_it_applies_from_git() {
         "m1 runs the signed bundle",
         Duration::from_secs(20),
         || async {
-            let applied = applied_commit(&fleet).await;
+            let applied = fleet.applied_commit().await;
             applied.as_deref() == Some(commit.as_str())
                 && version(&fleet, "m1").await == Some(json!("1"))
         },
@@ -380,7 +380,7 @@ async fn the_call_policy_from_git_says_which_operator_may_call_what() {
         "m1 converged and follows the policy",
         Duration::from_secs(20),
         || async {
-            applied_commit(&fleet).await.as_deref() == Some(commit.as_str())
+            fleet.applied_commit().await.as_deref() == Some(commit.as_str())
                 && outcome(as_caller(Some("alice")), "counter.version").await == Ok(json!("1"))
         },
     )
@@ -450,7 +450,7 @@ async fn the_call_policy_from_git_says_which_operator_may_call_what() {
         .expect("commit");
     sync(&fleet).await;
     provis_testkit::eventually("bob is refused", Duration::from_secs(20), || async {
-        applied_commit(&fleet).await.as_deref() == Some(newer.as_str())
+        fleet.applied_commit().await.as_deref() == Some(newer.as_str())
             && outcome(as_caller(Some("bob")), "sys.ping").await.is_err()
     })
     .await
@@ -1331,17 +1331,6 @@ async fn copy_and_expect_refusal(
         .expect("message");
     let event: Value = serde_json::from_slice(&event.payload).expect("json");
     event["data"].clone()
-}
-
-/// The commit the master applied, if any.
-async fn applied_commit(fleet: &TestFleet) -> Option<String> {
-    let master = fleet.master().await.ok()?;
-    master
-        .status()
-        .await
-        .ok()?
-        .applied
-        .map(|applied| applied.commit)
 }
 
 /// Asks the master to fetch its repository and apply what is new.

@@ -170,19 +170,8 @@ async fn a_sigterm_during_an_apply_finishes_it_or_the_next_start_applies_it_once
         .await
         .expect("master");
     let first = repo.head().expect("head");
+    applied(&fleet, &first).await;
     let client = fleet.master().await.expect("master client");
-    eventually(
-        "the first commit is applied",
-        Duration::from_secs(20),
-        || async {
-            client
-                .status()
-                .await
-                .is_ok_and(|s| s.applied.is_some_and(|a| a.commit == first))
-        },
-    )
-    .await
-    .expect("applied");
 
     // A commit with many bundles, a sync, and a SIGTERM while it applies.
     let head = many_services(&repo, 24, "2");
@@ -221,19 +210,7 @@ async fn a_sigterm_during_an_apply_finishes_it_or_the_next_start_applies_it_once
         .spawn_master_process(provis(), &extra)
         .await
         .expect("master again");
-    let client = fleet.master().await.expect("master client");
-    eventually(
-        "the new commit is applied",
-        Duration::from_secs(20),
-        || async {
-            client
-                .status()
-                .await
-                .is_ok_and(|s| s.applied.is_some_and(|a| a.commit == head))
-        },
-    )
-    .await
-    .expect("applied after the restart");
+    applied(&fleet, &head).await;
     let (code, stdout, stderr) = run_to_end(fleet.provis_command(provis()).args([
         "events",
         "--type",
@@ -258,4 +235,15 @@ async fn a_sigterm_during_an_apply_finishes_it_or_the_next_start_applies_it_once
         Some(24),
         "{stdout}"
     );
+}
+
+/// Waits until the master has applied `commit`.
+async fn applied(fleet: &TestFleet, commit: &str) {
+    eventually(
+        &format!("{commit} is applied"),
+        Duration::from_secs(20),
+        || async { fleet.applied_commit().await.as_deref() == Some(commit) },
+    )
+    .await
+    .expect("applied");
 }

@@ -97,19 +97,32 @@ impl ServicePointer {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open {bucket}: {reason} (is a provis master running on this NATS?)")]
+    #[error("cannot open {bucket} (is a provis master running on this NATS?)")]
     Open {
         bucket: &'static str,
-        reason: String,
+        #[source]
+        source: async_nats::Error,
     },
-    #[error("cannot store bundle {digest}: {reason}")]
-    Put { digest: String, reason: String },
-    #[error("cannot fetch bundle {digest}: {reason}")]
-    Fetch { digest: String, reason: String },
+    #[error("cannot store bundle {digest}")]
+    Put {
+        digest: String,
+        #[source]
+        source: async_nats::Error,
+    },
+    #[error("cannot fetch bundle {digest}")]
+    Fetch {
+        digest: String,
+        #[source]
+        source: async_nats::Error,
+    },
     #[error(transparent)]
     Bundle(#[from] OpenError),
-    #[error("cannot write the pointer of service {name}: {reason}")]
-    Pointer { name: String, reason: String },
+    #[error("cannot write the pointer of service {name}")]
+    Pointer {
+        name: String,
+        #[source]
+        source: async_nats::Error,
+    },
 }
 
 /// The bundle object store and the service pointers of one fleet.
@@ -135,14 +148,14 @@ impl BundleStore {
                 .await
                 .map_err(|err| StoreError::Open {
                     bucket: BUCKET_BUNDLES,
-                    reason: err.to_string(),
+                    source: Box::new(err),
                 })?;
         let pointers = js
             .get_key_value(BUCKET_SERVICES)
             .await
             .map_err(|err| StoreError::Open {
                 bucket: BUCKET_SERVICES,
-                reason: err.to_string(),
+                source: Box::new(err),
             })?;
         Ok(Self { objects, pointers })
     }
@@ -199,7 +212,7 @@ impl BundleStore {
             .await
             .map_err(|err| StoreError::Put {
                 digest: bundle.digest.clone(),
-                reason: err.to_string(),
+                source: Box::new(err),
             })?;
         Ok(())
     }
@@ -208,14 +221,14 @@ impl BundleStore {
     pub async fn put_pointer(&self, pointer: &ServicePointer) -> Result<(), StoreError> {
         let value = serde_json::to_vec(pointer).map_err(|err| StoreError::Pointer {
             name: pointer.name.clone(),
-            reason: err.to_string(),
+            source: Box::new(err),
         })?;
         self.pointers
             .put(&pointer.name, value.into())
             .await
             .map_err(|err| StoreError::Pointer {
                 name: pointer.name.clone(),
-                reason: err.to_string(),
+                source: Box::new(err),
             })?;
         Ok(())
     }
@@ -227,26 +240,26 @@ impl BundleStore {
             .await
             .map_err(|err| StoreError::Pointer {
                 name: name.to_owned(),
-                reason: err.to_string(),
+                source: Box::new(err),
             })
     }
 
     /// Fetches the bundle a pointer names and checks its digest.
     pub async fn fetch(&self, digest: &str) -> Result<PackedBundle, StoreError> {
-        let fetch_err = |reason: String| StoreError::Fetch {
+        let fetch_err = |source: async_nats::Error| StoreError::Fetch {
             digest: digest.to_owned(),
-            reason,
+            source,
         };
         let mut object = self
             .objects
             .get(digest)
             .await
-            .map_err(|err| fetch_err(err.to_string()))?;
+            .map_err(|err| fetch_err(Box::new(err)))?;
         let mut bytes = Vec::new();
         object
             .read_to_end(&mut bytes)
             .await
-            .map_err(|err| fetch_err(err.to_string()))?;
+            .map_err(|err| fetch_err(Box::new(err)))?;
         Ok(PackedBundle::from_bytes(bytes.into(), digest)?)
     }
 
@@ -263,7 +276,7 @@ impl BundleStore {
             .await
             .map_err(|err| StoreError::Put {
                 digest: digest.to_owned(),
-                reason: err.to_string(),
+                source: Box::new(err),
             })?;
         Ok(())
     }

@@ -80,40 +80,20 @@ pub enum RoleCommand {
 }
 
 pub async fn run_role(command: RoleCommand) -> anyhow::Result<ExitCode> {
-    let (fleet, request) = match command {
+    let (fleet, op, minion, role) = match command {
         RoleCommand::Assign {
             fleet,
             minion,
             role,
-        } => (
-            fleet,
-            RoleRequest {
-                op: RoleOp::Assign,
-                minion,
-                role: Some(role),
-            },
-        ),
+        } => (fleet, RoleOp::Assign, minion, Some(role)),
         RoleCommand::Unassign {
             fleet,
             minion,
             role,
-        } => (
-            fleet,
-            RoleRequest {
-                op: RoleOp::Unassign,
-                minion,
-                role: Some(role),
-            },
-        ),
-        RoleCommand::Reset { fleet, minion } => (
-            fleet,
-            RoleRequest {
-                op: RoleOp::Reset,
-                minion,
-                role: None,
-            },
-        ),
+        } => (fleet, RoleOp::Unassign, minion, Some(role)),
+        RoleCommand::Reset { fleet, minion } => (fleet, RoleOp::Reset, minion, None),
     };
+    let request = RoleRequest { op, minion, role };
     let answer = fleet.master().await?.change_role(&request).await?;
     outln!("{}", serde_json::to_string(&answer)?);
     Ok(ExitCode::SUCCESS)

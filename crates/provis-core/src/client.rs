@@ -62,17 +62,23 @@ use crate::subject::{CallTarget, MinionId, Subjects};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(
-        "cannot reach NATS at {url}: {reason} (start a fleet with `provis up`, or point --nats-url / PROVIS_NATS_URL at a running nats-server)"
+        "cannot reach NATS at {url} (start a fleet with `provis up`, or point --nats-url / PROVIS_NATS_URL at a running nats-server)"
     )]
-    Connect { url: String, reason: String },
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error("cannot connect as the configured identity")]
+    Identity(#[from] crate::context::ContextError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error("no live minion matches: {0}; `provis minions` shows who is up")]
     NothingSelected(String),
     #[error(transparent)]
     Select(#[from] crate::selection::SelectError),
-    #[error("cannot send the call: {0}")]
-    Publish(String),
+    #[error("cannot send the call")]
+    Publish(#[source] async_nats::Error),
 }
 
 /// Connects to NATS with a bounded wait, so an unreachable server is a clear
@@ -82,17 +88,13 @@ pub async fn connect_nats(
     name: &str,
 ) -> Result<async_nats::Client, ClientError> {
     fleet
-        .connect_options_as_configured(name)
-        .map_err(|err| ClientError::Connect {
-            url: fleet.nats_url.clone(),
-            reason: err.to_string(),
-        })?
+        .connect_options_as_configured(name)?
         .connection_timeout(Duration::from_secs(3))
         .connect(&fleet.nats_url)
         .await
-        .map_err(|err| ClientError::Connect {
+        .map_err(|source| ClientError::Connect {
             url: fleet.nats_url.clone(),
-            reason: err.to_string(),
+            source,
         })
 }
 
@@ -429,20 +431,22 @@ impl Client {
         self.seal(&mut envelope);
         let payload = bytes::Bytes::from(envelope.encode_to_vec());
         let inbox = self.nats.new_inbox();
-        let publish_err = |err: &dyn std::fmt::Display| ClientError::Publish(err.to_string());
         let mut replies = self
             .nats
             .subscribe(inbox.clone())
             .await
-            .map_err(|e| publish_err(&e))?;
+            .map_err(|e| ClientError::Publish(Box::new(e)))?;
         let started = Instant::now();
         for subject in subjects {
             self.nats
                 .publish_with_reply(subject, inbox.clone(), payload.clone())
                 .await
-                .map_err(|e| publish_err(&e))?;
+                .map_err(|e| ClientError::Publish(Box::new(e)))?;
         }
-        self.nats.flush().await.map_err(|e| publish_err(&e))?;
+        self.nats
+            .flush()
+            .await
+            .map_err(|e| ClientError::Publish(Box::new(e)))?;
 
         let mut gathered =
             ReplyGatherer::new(batch.to_vec(), envelope.call_id.clone()).with_keys(keys.clone());

@@ -52,19 +52,19 @@ impl Default for FleetContext {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContextError {
-    #[error("cannot read context file {path}: {source}")]
+    #[error("cannot read context file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("context file {path} is not valid: {source}")]
+    #[error("context file {path} is not valid")]
     Parse {
         path: PathBuf,
         source: toml::de::Error,
     },
-    #[error("cannot use identity: {0}")]
+    #[error("cannot use the identity")]
     Identity(#[from] crate::identity::IdentityError),
-    #[error("cannot write context file {path}: {source}")]
+    #[error("cannot write context file {path}")]
     Write {
         path: PathBuf,
         source: std::io::Error,

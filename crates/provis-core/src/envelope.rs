@@ -110,8 +110,10 @@ pub enum EnvelopeError {
     BadArguments(String),
     #[error("deadline passed {0} ms before the call could start")]
     Expired(i64),
+    /// The call's signature, window or policy refused it; the reason is the
+    /// variant's own (it travels to the caller as the reply's message).
     #[error("refused: {0}")]
-    Denied(#[from] crate::call_auth::CallAuthError),
+    Denied(crate::call_auth::CallAuthError),
 }
 
 impl EnvelopeError {

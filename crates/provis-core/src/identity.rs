@@ -19,12 +19,12 @@ const PUBLIC_PREFIX: &str = "ed25519:";
 pub enum IdentityError {
     #[error("{0} exists already; a key is never overwritten")]
     Exists(PathBuf),
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,

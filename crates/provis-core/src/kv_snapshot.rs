@@ -12,17 +12,21 @@ pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("cannot read bucket {bucket}: {reason}")]
-    Read { bucket: String, reason: String },
+    #[error("cannot read bucket {bucket}")]
+    Read {
+        bucket: String,
+        #[source]
+        source: async_nats::Error,
+    },
     #[error("reading bucket {0} took longer than {SNAPSHOT_TIMEOUT:?}")]
     Timeout(String),
 }
 
 /// The current value of every key (deleted keys left out).
 pub async fn read_all(store: &Store) -> Result<BTreeMap<String, bytes::Bytes>, SnapshotError> {
-    let read_err = |reason: String| SnapshotError::Read {
+    let read_err = |source: async_nats::Error| SnapshotError::Read {
         bucket: store.name.clone(),
-        reason,
+        source,
     };
     // `Store::status` answers from a cache taken when the store was opened;
     // ask the server. An empty bucket must be told apart before watching,
@@ -31,7 +35,7 @@ pub async fn read_all(store: &Store) -> Result<BTreeMap<String, bytes::Bytes>, S
         .stream
         .get_info()
         .await
-        .map_err(|err| read_err(err.to_string()))?;
+        .map_err(|err| read_err(Box::new(err)))?;
     if info.state.messages == 0 {
         return Ok(BTreeMap::new());
     }
@@ -39,10 +43,10 @@ pub async fn read_all(store: &Store) -> Result<BTreeMap<String, bytes::Bytes>, S
         let mut watch = store
             .watch_with_history(">")
             .await
-            .map_err(|err| read_err(err.to_string()))?;
+            .map_err(|err| read_err(Box::new(err)))?;
         let mut values = BTreeMap::new();
         while let Some(entry) = watch.next().await {
-            let entry = entry.map_err(|err| read_err(err.to_string()))?;
+            let entry = entry.map_err(|err| read_err(Box::new(err)))?;
             if entry.operation == Operation::Put {
                 values.insert(entry.key, entry.value);
             } else {

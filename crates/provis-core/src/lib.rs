@@ -30,3 +30,20 @@ pub use subject::{CallTarget, MinionId, Prefix, RoleName, Subjects};
 
 /// The version of provis, as minions report it in the registry.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// An error and every cause under it, as one line (`what failed: why:
+/// why that`), for logs, events and replies that carry errors as text.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = err.to_string();
+    let mut cause = err.source();
+    while let Some(source) = cause {
+        let text = source.to_string();
+        // Some errors repeat their cause in their own message.
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = source.source();
+    }
+    line
+}

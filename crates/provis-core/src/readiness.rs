@@ -23,7 +23,7 @@ pub async fn minions_live(registry: &Store, ids: &[MinionId]) -> Result<bool, Re
         let entry = registry
             .get(id.as_str())
             .await
-            .map_err(|err| RegistryError::Read(err.to_string()))?;
+            .map_err(|err| RegistryError::Read(Box::new(err)))?;
         let live = entry
             .and_then(|bytes| serde_json::from_slice::<MinionRecord>(&bytes).ok())
             .is_some_and(|record| record.id == *id && record.is_live_at(now));

@@ -87,15 +87,15 @@ impl MinionRecord {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("cannot open bucket {bucket}: {source} (is a provis master running on this NATS?)")]
+    #[error("cannot open bucket {bucket} (is a provis master running on this NATS?)")]
     Open {
         bucket: &'static str,
         source: async_nats::jetstream::context::KeyValueError,
     },
-    #[error("cannot read the minion registry: {0}")]
-    Read(String),
-    #[error("cannot write the minion registry: {0}")]
-    Write(String),
+    #[error("cannot read the minion registry")]
+    Read(#[source] async_nats::Error),
+    #[error("cannot write the minion registry")]
+    Write(#[source] async_nats::Error),
 }
 
 /// Opens the registry bucket, which the master creates.
@@ -110,11 +110,11 @@ pub async fn open_registry(js: &async_nats::jetstream::Context) -> Result<Store,
 
 /// Writes a minion's own record.
 pub async fn put_record(store: &Store, record: &MinionRecord) -> Result<(), RegistryError> {
-    let value = serde_json::to_vec(record).map_err(|err| RegistryError::Write(err.to_string()))?;
+    let value = serde_json::to_vec(record).map_err(|err| RegistryError::Write(Box::new(err)))?;
     store
         .put(record.id.as_str(), value.into())
         .await
-        .map_err(|err| RegistryError::Write(err.to_string()))?;
+        .map_err(|err| RegistryError::Write(Box::new(err)))?;
     Ok(())
 }
 
@@ -124,7 +124,7 @@ pub async fn put_record(store: &Store, record: &MinionRecord) -> Result<(), Regi
 pub async fn read_all(store: &Store) -> Result<Vec<MinionRecord>, RegistryError> {
     let values = crate::kv_snapshot::read_all(store)
         .await
-        .map_err(|err| RegistryError::Read(err.to_string()))?;
+        .map_err(|err| RegistryError::Read(Box::new(err)))?;
     Ok(values
         .into_iter()
         .filter_map(

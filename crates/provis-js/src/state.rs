@@ -21,7 +21,7 @@ pub enum StateError {
     BadKey,
     #[error("state of {0} would exceed {MAX_NAMESPACE_BYTES} bytes")]
     Full(String),
-    #[error("cannot persist state of {namespace}: {source}")]
+    #[error("cannot persist state of {namespace}")]
     Persist {
         namespace: String,
         source: std::io::Error,

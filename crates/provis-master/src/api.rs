@@ -366,12 +366,12 @@ async fn enroll_token(served: Arc<Served>, request: TokenRequest) -> Result<Toke
 fn enrollment_error(err: &EnrollmentError) -> ApiError {
     match err {
         EnrollmentError::Unknown(_) => ApiError::not_found(err.to_string()),
+        EnrollmentError::Store { .. } | EnrollmentError::Token(_) => {
+            ApiError::failed(provis_core::error_chain(err))
+        }
         EnrollmentError::NotApplicable { .. }
         | EnrollmentError::Conflict(_)
         | EnrollmentError::KeyMismatch { .. } => ApiError::conflict(err.to_string()),
-        EnrollmentError::Store { .. } | EnrollmentError::Token { .. } => {
-            ApiError::failed(err.to_string())
-        }
     }
 }
 

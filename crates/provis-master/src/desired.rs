@@ -221,8 +221,8 @@ impl DesiredState {
                 self.last_source_error = None;
                 head
             }
-            Ok(Err(err)) => return self.source_failed(err.to_string()).await,
-            Err(err) => return self.source_failed(err.to_string()).await,
+            Ok(Err(err)) => return self.source_failed(provis_core::error_chain(&err)).await,
+            Err(err) => return self.source_failed(provis_core::error_chain(&err)).await,
         };
         if self
             .loaded
@@ -237,7 +237,9 @@ impl DesiredState {
         let loaded = tokio::task::spawn_blocking(move || {
             // A failed export (disk full, permissions) says nothing about the
             // commit: it is a source failure, tried again, never a rejection.
-            let fetched = source.export(&head).map_err(|err| err.to_string())?;
+            let fetched = source
+                .export(&head)
+                .map_err(|err| provis_core::error_chain(&err))?;
             Ok(ConfigRepository::load(&fetched.dir)
                 .map(|repo| (fetched.commit.clone(), fetched.summary.clone(), repo))
                 .map_err(|invalid| {
@@ -259,7 +261,7 @@ impl DesiredState {
                 return self.reject(commit, summary, problems).await;
             }
             Ok(Err(reason)) => return self.source_failed(reason).await,
-            Err(err) => return self.source_failed(err.to_string()).await,
+            Err(err) => return self.source_failed(provis_core::error_chain(&err)).await,
         };
         let repo = Arc::new(repo);
         if self
@@ -276,6 +278,7 @@ impl DesiredState {
         let changes = match apply(&self.js, &repo, Some(&self.identity)).await {
             Ok(changes) => changes,
             Err(err) => {
+                let err = provis_core::error_chain(&err);
                 tracing::warn!(%commit, error = %err, "config could not be written; will try again");
                 return Err(ApiError::failed(format!(
                     "commit {commit} could not be written (tried again at the next poll): {err}"

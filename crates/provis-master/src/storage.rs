@@ -37,11 +37,19 @@ impl Default for StorageLimits {
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error(
-        "cannot create stream {name}: {reason} (is JetStream enabled on the nats-server? start it with -js)"
+        "cannot create stream {name} (is JetStream enabled on the nats-server? start it with -js)"
     )]
-    Stream { name: &'static str, reason: String },
-    #[error("cannot create bucket {name}: {reason}")]
-    Bucket { name: &'static str, reason: String },
+    Stream {
+        name: &'static str,
+        #[source]
+        source: async_nats::Error,
+    },
+    #[error("cannot create or set up bucket {name}")]
+    Bucket {
+        name: &'static str,
+        #[source]
+        source: async_nats::Error,
+    },
 }
 
 /// Creates or updates every stream and bucket of the fleet.
@@ -76,7 +84,7 @@ pub async fn ensure(
         .await
         .map_err(|err| StorageError::Stream {
             name,
-            reason: err.to_string(),
+            source: Box::new(err),
         })?;
     }
     let buckets = [
@@ -113,7 +121,7 @@ pub async fn ensure(
         .await
         .map_err(|err| StorageError::Bucket {
             name,
-            reason: err.to_string(),
+            source: Box::new(err),
         })?;
     }
     // Minions write the registry: a rollup header on their own key would
@@ -124,14 +132,14 @@ pub async fn ensure(
             .await
             .map_err(|err| StorageError::Bucket {
                 name: BUCKET_MINIONS,
-                reason: err.to_string(),
+                source: Box::new(err),
             })?;
     let mut config = registry
         .info()
         .await
         .map_err(|err| StorageError::Bucket {
             name: BUCKET_MINIONS,
-            reason: err.to_string(),
+            source: Box::new(err),
         })?
         .config
         .clone();
@@ -141,7 +149,7 @@ pub async fn ensure(
             .await
             .map_err(|err| StorageError::Bucket {
                 name: BUCKET_MINIONS,
-                reason: err.to_string(),
+                source: Box::new(err),
             })?;
     }
     if js.get_object_store(BUCKET_BUNDLES).await.is_err() {
@@ -154,7 +162,7 @@ pub async fn ensure(
         .await
         .map_err(|err| StorageError::Bucket {
             name: BUCKET_BUNDLES,
-            reason: err.to_string(),
+            source: Box::new(err),
         })?;
     }
     Ok(())

@@ -52,8 +52,10 @@ pub fn tls_identity(config: &crate::MinionConfig) -> Result<Option<Identity>, cr
         (None, None) => Ok(None),
         (Some(cert), Some(key)) => {
             let read = |path: &std::path::Path| {
-                std::fs::read(path)
-                    .map_err(|err| fail(format!("cannot read {}: {err}", path.display())))
+                std::fs::read(path).map_err(|source| crate::MinionError::GrpcTls {
+                    path: path.to_owned(),
+                    source,
+                })
             };
             Ok(Some(Identity::from_pem(read(cert)?, read(key)?)))
         }

@@ -67,6 +67,12 @@ pub enum MinionError {
     State(#[from] provis_js::state::StateError),
     #[error("cannot serve gRPC on {addr}: {reason}")]
     Grpc { addr: String, reason: String },
+    #[error("cannot read the gRPC API's TLS file {path}")]
+    GrpcTls {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot serve gRPC on {addr}")]
     GrpcListen {
         addr: String,
@@ -531,7 +537,7 @@ impl Runtime {
         if assignment.roles != self.record.roles {
             tracing::info!(minion = %id, roles = ?assignment.roles, commit = %assignment.commit, "roles assigned");
             if let Err(err) = self.listener.listen_for(&assignment.roles).await {
-                tracing::warn!(minion = %id, error = %err, "cannot listen for the new roles");
+                tracing::warn!(minion = %id, error = %provis_core::error_chain(&err), "cannot listen for the new roles");
             }
             *self
                 .shared_roles
@@ -598,7 +604,7 @@ impl Runtime {
             match registry::open_registry(&js).await {
                 Ok(store) => *registry = Some(store),
                 Err(err) => {
-                    tracing::warn!(minion = %self.record.id, error = %err, "registry not reachable yet");
+                    tracing::warn!(minion = %self.record.id, error = %provis_core::error_chain(&err), "registry not reachable yet");
                     return false;
                 }
             }
@@ -612,7 +618,7 @@ impl Runtime {
         match registry::put_record(store, &self.record).await {
             Ok(()) => true,
             Err(err) => {
-                tracing::warn!(minion = %self.record.id, error = %err, "heartbeat not written");
+                tracing::warn!(minion = %self.record.id, error = %provis_core::error_chain(&err), "heartbeat not written");
                 false
             }
         }
@@ -711,7 +717,7 @@ impl Runtime {
         if let Some(store) = registry
             && let Err(err) = registry::put_record(store, &self.record).await
         {
-            tracing::warn!(minion = %id, error = %err, "could not mark the registry entry stopped");
+            tracing::warn!(minion = %id, error = %provis_core::error_chain(&err), "could not mark the registry entry stopped");
         }
         let report = self.lifecycle.drain(self.drain_timeout).await;
         if !report.complete() {

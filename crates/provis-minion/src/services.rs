@@ -114,7 +114,7 @@ pub async fn reconcile_forever(
         match BundleStore::open(&js).await {
             Ok(store) => break store,
             Err(err) => {
-                tracing::warn!(minion = %host.minion, error = %err, "service buckets not reachable yet")
+                tracing::warn!(minion = %host.minion, error = %provis_core::error_chain(&err), "service buckets not reachable yet")
             }
         }
         tokio::select! {
@@ -355,7 +355,7 @@ impl Reconciler {
             .store
             .fetch(&pointer.digest)
             .await
-            .map_err(|err| err.to_string())?;
+            .map_err(|err| provis_core::error_chain(&err))?;
         if bundle.manifest.name != pointer.name {
             return Err(format!(
                 "bundle {} holds service {:?}, not {:?}",
@@ -375,7 +375,7 @@ impl Reconciler {
         };
         let sandbox = ServiceSandbox::start(Arc::new(bundle), host)
             .await
-            .map_err(|err| err.to_string())?;
+            .map_err(|err| provis_core::error_chain(&err))?;
         Ok(LoadedService {
             sandbox: Arc::new(sandbox),
             config,

@@ -325,6 +325,28 @@ impl TestFleet {
         Ok(master)
     }
 
+    /// True when the master applied `commit` and at least `minions`
+    /// registered minions, every one of them, converged on it.
+    pub async fn converged_on(&self, commit: &str, minions: usize) -> bool {
+        let Ok(master) = self.master().await else {
+            return false;
+        };
+        let Ok(status) = master.status().await else {
+            return false;
+        };
+        status
+            .applied
+            .is_some_and(|applied| applied.commit == commit)
+            && status.minions.len() >= minions.max(1)
+            && status.minions.iter().all(|m| m.converged)
+    }
+
+    /// The commit the master applied, if it answers and applied one.
+    pub async fn applied_commit(&self) -> Option<String> {
+        let status = self.master().await.ok()?.status().await.ok()?;
+        status.applied.map(|applied| applied.commit)
+    }
+
     /// Publishes state samples as minion `minion` would, with their own
     /// timestamps, through JetStream (each acknowledged by the stream).
     pub async fn publish_samples(

@@ -54,18 +54,7 @@ impl NatsServer {
     /// Starts a server that admits connections only through the auth callout
     /// of the master holding `master` (see `provis master nats-config`).
     pub fn start_secured(master: &provis_core::identity::Identity) -> anyhow::Result<Self> {
-        let binary = locate_nats_server()?;
-        let dir = tempfile::Builder::new().prefix("provis-nats-").tempdir()?;
-        let config = dir.path().join("nats-server.conf");
-        std::fs::write(&config, provis_core::bus_access::server_auth_config(master))?;
-        let (child, port) = spawn(&binary, dir.path(), None, Some(&config))?;
-        Ok(Self {
-            child: Some(child),
-            port,
-            dir,
-            binary,
-            config: Some(config),
-        })
+        Self::start_with_settings(&provis_core::bus_access::server_auth_config(master))
     }
 
     /// `nats://127.0.0.1:<port>`
