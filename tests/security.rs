@@ -1119,6 +1119,39 @@ async fn an_operator_known_only_from_the_policy_may_call_but_not_change_the_flee
         .expect("bob reads the status");
     assert!(!status.payload.is_empty());
 
+    // Bob may discover the master's endpoints, but a discovery request
+    // naming a bucket's subject as reply does not make the master write
+    // there: its API connection publishes to inboxes only.
+    let info = nats
+        .request("$SRV.INFO.provis-master", "".into())
+        .await
+        .expect("bob discovers the master's endpoints");
+    assert!(String::from_utf8_lossy(&info.payload).contains("provis.master.status"));
+    for verb in [
+        "$SRV.PING",
+        "$SRV.INFO.provis-master",
+        "$SRV.STATS.provis-master",
+    ] {
+        nats.publish_with_reply(verb, "$KV.provis_config.overlay", "".into())
+            .await
+            .expect("sent");
+    }
+    nats.publish_with_reply("provis.master.ping", "$KV.provis_config.overlay", "".into())
+        .await
+        .expect("sent");
+    nats.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let admin = fleet.connect().await.expect("admin");
+    let config = async_nats::jetstream::new(admin)
+        .get_key_value("provis_config")
+        .await
+        .expect("config bucket");
+    let overlay = config.get("overlay").await.expect("read");
+    assert!(
+        overlay.is_none(),
+        "nothing written as the overlay: {overlay:?}"
+    );
+
     // Reading the fleet with the CLI works as bob.
     let bob_path = bob_key.to_str().expect("utf-8");
     for args in [

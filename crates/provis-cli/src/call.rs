@@ -222,17 +222,21 @@ pub async fn run(fleet: &FleetArgs, args: CallArgs) -> anyhow::Result<ExitCode> 
             })
             .await
             .with_context(|| format!("calling {} on {}", args.function, target.describe()))?;
-        printer.finish()?;
+        crate::output::unless_closed(printer.finish())?;
         report
     };
-    match args.output {
-        Output::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Ndjson => outln!(
+    // Whoever stops reading, the exit code still says how the call went.
+    let printed = match args.output {
+        Output::Json => {
+            crate::output::write_line(format_args!("{}", serde_json::to_string_pretty(&report)?))
+        }
+        Output::Ndjson => crate::output::write_line(format_args!(
             "{}",
             json!({ "summary": report.summary, "selection": report.selection })
-        ),
-        Output::Table => print_table(&report, &target, args.timeout)?,
-    }
+        )),
+        Output::Table => print_table(&report, &target, args.timeout),
+    };
+    crate::output::unless_closed(printed)?;
     Ok(if report.all_ok() {
         ExitCode::SUCCESS
     } else {
@@ -247,7 +251,7 @@ struct LivePrinter {
     bar: Option<indicatif::ProgressBar>,
     /// Why a line could not be written (stdout closed): the call goes on,
     /// the printing does not.
-    failed: Option<std::io::Error>,
+    failed: Option<crate::output::OutputError>,
 }
 
 impl LivePrinter {
@@ -287,7 +291,7 @@ impl LivePrinter {
         }
     }
 
-    fn finish(&mut self) -> std::io::Result<()> {
+    fn finish(&mut self) -> Result<(), crate::output::OutputError> {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
@@ -295,7 +299,11 @@ impl LivePrinter {
     }
 }
 
-fn print_table(report: &CallReport, target: &CallTarget, timeout: Duration) -> std::io::Result<()> {
+fn print_table(
+    report: &CallReport,
+    target: &CallTarget,
+    timeout: Duration,
+) -> Result<(), crate::output::OutputError> {
     let width = report
         .replies
         .iter()

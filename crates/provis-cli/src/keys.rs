@@ -182,7 +182,7 @@ pub async fn run(command: KeysCommand) -> anyhow::Result<ExitCode> {
                     .unwrap_or_default();
                 match Identity::load(&path) {
                     Ok(identity) => outln!("{name:16}  {}", identity.public_key()),
-                    Err(err) => outln!("{name:16}  unreadable: {err}"),
+                    Err(err) => outln!("{name:16}  unreadable: {}", provis_core::error_chain(&err)),
                 }
             }
         }

@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 use provis_core::envelope::now_unix_ms;
-use provis_core::registry::{MinionRecord, MinionStatus};
+use provis_core::master_api::ApiErrorKind;
+use provis_core::registry::{self, MinionRecord, MinionStatus};
 use provis_core::selection::{Filter, Verdict};
 
 use crate::fleet_args::FleetArgs;
@@ -30,15 +31,27 @@ pub struct MinionsArgs {
 
 pub async fn run(fleet: &FleetArgs, args: MinionsArgs) -> anyhow::Result<ExitCode> {
     let filter = args.filter.as_deref().map(Filter::parse).transpose()?;
-    let mut records: Vec<MinionRecord> = fleet
-        .master()
-        .await?
-        .minions()
-        .await
-        .context("reading the registry")?
-        .into_iter()
-        .map(|entry| entry.record)
-        .collect();
+    let client = fleet.client().await?;
+    let master = provis_core::master_api::MasterClient::new(
+        client.nats().clone(),
+        client.subjects().clone(),
+    );
+    // The master's view, in pages; the bucket itself when no master answers.
+    let mut records: Vec<MinionRecord> = match master.minions().await {
+        Ok(entries) => entries.into_iter().map(|entry| entry.record).collect(),
+        Err(err)
+            if err
+                .kind()
+                .is_none_or(|kind| kind == ApiErrorKind::Unavailable) =>
+        {
+            tracing::info!(error = %provis_core::error_chain(&err), "reading the registry bucket instead of asking the master");
+            let store = client.registry().await?;
+            registry::read_all(&store)
+                .await
+                .context("reading the registry")?
+        }
+        Err(err) => return Err(err.into()),
+    };
     records.sort_by(|a, b| a.id.cmp(&b.id));
     if let Some(filter) = &filter {
         let mut kept = Vec::new();
@@ -56,7 +69,7 @@ pub async fn run(fleet: &FleetArgs, args: MinionsArgs) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_table(records: &[MinionRecord]) -> std::io::Result<()> {
+fn print_table(records: &[MinionRecord]) -> Result<(), crate::output::OutputError> {
     let now = now_unix_ms();
     outln!(
         "{:12}  {:8}  {:16}  {:26}  {:>5}  {:>5}  {:>5}  LAST SEEN",

@@ -62,7 +62,11 @@ pub async fn run(fleet: &FleetArgs, args: QueryArgs) -> anyhow::Result<ExitCode>
     })
 }
 
-fn print_table(answer: &QueryAnswer, mode: QueryMode, window: Duration) -> std::io::Result<()> {
+fn print_table(
+    answer: &QueryAnswer,
+    mode: QueryMode,
+    window: Duration,
+) -> Result<(), crate::output::OutputError> {
     outln!(
         "{:12}  {:5}  {:>5}  {:>5}  {:>5}  {:>8}  NOTE",
         "MINION",
@@ -72,7 +76,7 @@ fn print_table(answer: &QueryAnswer, mode: QueryMode, window: Duration) -> std::
         "LOAD",
         "COVERAGE"
     );
-    let line = |m: &QueryMatch| -> std::io::Result<()> {
+    let line = |m: &QueryMatch| -> Result<(), crate::output::OutputError> {
         let number = |v: &Value| {
             v.as_f64()
                 .map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"))

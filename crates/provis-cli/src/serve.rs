@@ -54,6 +54,9 @@ pub struct MasterArgs {
     /// On stop, seconds that requests and an apply in flight may take to finish [default: 30]
     #[arg(long, env = "PROVIS_DRAIN_TIMEOUT_S")]
     drain_timeout_s: Option<u64>,
+    /// Copies of every stream and bucket: 1 on one server, 3 on a cluster [default: 1]
+    #[arg(long, env = "PROVIS_REPLICAS")]
+    replicas: Option<u64>,
     #[command(subcommand)]
     action: Option<MasterAction>,
 }
@@ -103,6 +106,9 @@ impl MasterArgs {
         }
         if let Some(seconds) = self.drain_timeout_s {
             overrides.insert("drain_timeout_s".into(), toml_int(seconds)?);
+        }
+        if let Some(replicas) = self.replicas {
+            overrides.insert("replicas".into(), toml_int(replicas)?);
         }
         Ok(overrides)
     }
@@ -201,11 +207,16 @@ pub async fn run_master(fleet: &FleetArgs, args: MasterArgs) -> anyhow::Result<E
         }
         match load() {
             Ok(new) => {
-                if (&new.fleet, &new.storage, new.state_bucket_s)
-                    != (&config.fleet, &config.storage, config.state_bucket_s)
+                if (&new.fleet, &new.storage, new.state_bucket_s, new.replicas)
+                    != (
+                        &config.fleet,
+                        &config.storage,
+                        config.state_bucket_s,
+                        config.replicas,
+                    )
                 {
                     tracing::warn!(
-                        "nats_url, prefix, storage and state_bucket_s take effect at the next start"
+                        "nats_url, prefix, storage, state_bucket_s and replicas take effect at the next start"
                     );
                 }
                 master.control().reload(&new);

@@ -57,6 +57,12 @@ pub struct UpArgs {
 /// How long each part may take to come up before `up` gives in.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How long a master or minion `up` started may drain when it stops (its
+/// `--drain-timeout-s`); `up` waits that long and a little more before it
+/// kills one.
+const DRAIN_TIMEOUT_S: &str = "10";
+const STOP_GRACE: Duration = Duration::from_secs(15);
+
 pub async fn run(fleet_args: &FleetArgs, args: UpArgs) -> anyhow::Result<ExitCode> {
     let mut fleet = FleetContext::default();
     fleet_args.apply(&mut fleet);
@@ -110,7 +116,7 @@ fn print_fleet(
     repository: &Path,
     context_path: &Path,
     no_wait: bool,
-) -> std::io::Result<()> {
+) -> Result<(), crate::output::OutputError> {
     outln!();
     outln!(
         "{:12}  {:6}  {:34}  LOG",
@@ -244,7 +250,13 @@ impl LocalFleet<'_> {
         let exe = std::env::current_exe().context("cannot find the provis executable")?;
         let master_dir = self.data_dir.join("master");
         let master_dir = master_dir.to_str().context("data dir is not UTF-8")?;
-        let mut master_args = vec!["master", "--data-dir", master_dir];
+        let mut master_args = vec![
+            "master",
+            "--data-dir",
+            master_dir,
+            "--drain-timeout-s",
+            DRAIN_TIMEOUT_S,
+        ];
         let (master_key, operator_key) = match &self.secured {
             Some(keys) => (
                 keys.master_path.display().to_string(),
@@ -346,7 +358,15 @@ impl LocalFleet<'_> {
             };
             let minion_dir = self.data_dir.join(id.as_str());
             let minion_dir = minion_dir.to_str().context("data dir is not UTF-8")?;
-            let mut minion_args = vec!["minion", "--id", id.as_str(), "--data-dir", minion_dir];
+            let mut minion_args = vec![
+                "minion",
+                "--id",
+                id.as_str(),
+                "--data-dir",
+                minion_dir,
+                "--drain-timeout-s",
+                DRAIN_TIMEOUT_S,
+            ];
             if !roles.is_empty() {
                 minion_args.extend(["--roles", roles.as_str()]);
             }
@@ -704,7 +724,7 @@ async fn first_exit(processes: &mut [FleetProcess]) -> String {
 
 /// Minions first (so they can mark themselves stopped while the bus is up),
 /// then the master, then nats-server: SIGTERM to each group, then a kill for
-/// any process still there after five seconds.
+/// any process still there once its drain should have ended.
 async fn stop_all(processes: &mut Vec<FleetProcess>) {
     for stage in [Stage::Minion, Stage::Master, Stage::NatsServer] {
         let group: Vec<FleetProcess> = processes.extract_if(.., |p| p.stage == stage).collect();
@@ -717,12 +737,12 @@ async fn stop_all(processes: &mut Vec<FleetProcess>) {
             }
         }
         for mut process in group {
-            if tokio::time::timeout(Duration::from_secs(5), process.child.wait())
+            if tokio::time::timeout(STOP_GRACE, process.child.wait())
                 .await
                 .is_err()
             {
                 eprintln!(
-                    "provis: {} did not stop within 5 s; killing it",
+                    "provis: {} did not stop within {STOP_GRACE:?}; killing it",
                     process.name
                 );
                 let _ = process.child.kill().await;

@@ -5,6 +5,7 @@
 //! | identity | publishes | subscribes |
 //! |---|---|---|
 //! | master | everything | everything |
+//! | the master's API connection | `_INBOX.>` only | `master.>`, `$SRV.>` |
 //! | admin operator (the master's `operators`) | calls, `master.>`, `$SRV.>`, JetStream API | its inbox, events, state |
 //! | calling operator (the call policy's) | calls, the master's read-only requests and `$SRV.>`, reads of the registry, services and events | its inbox, events, state |
 //! | minion `<id>` | `state.<id>`, `event.<id>.>`, `master.query`, its registry key, replies; reads its buckets | its own call subject, `all.call`, `role.>`, its inbox |
@@ -29,6 +30,8 @@ pub const CALLOUT_ACCOUNT: &str = "AUTH";
 pub const SYSTEM_ACCOUNT: &str = "SYS";
 /// The user name the master's system-account connection gives.
 pub const SYSTEM_USER: &str = "system";
+/// The user name the connection that serves the master's API gives.
+pub const API_USER: &str = "api";
 /// Where nats-server sends each connection's credentials.
 pub const CALLOUT_SUBJECT: &str = "$SYS.REQ.USER.AUTH";
 
@@ -55,6 +58,19 @@ impl BusPermissions {
             publish: vec![">".into()],
             publish_deny: Vec::new(),
             subscribe: vec![">".into()],
+            responses: false,
+        }
+    }
+
+    /// The master's API connection: it takes requests on the master's
+    /// subjects and the services protocol's, and may publish only to
+    /// inboxes, so a request naming another reply subject (a bucket's, say)
+    /// cannot make the master write there.
+    pub fn master_api(subjects: &Subjects) -> Self {
+        Self {
+            publish: vec!["_INBOX.>".into()],
+            publish_deny: Vec::new(),
+            subscribe: vec![subjects.wildcard("master"), "$SRV.>".into()],
             responses: false,
         }
     }

@@ -90,7 +90,7 @@ pub async fn connect_nats(
     fleet
         .connect_options_as_configured(name)?
         .connection_timeout(Duration::from_secs(3))
-        .connect(&fleet.nats_url)
+        .connect(fleet.servers())
         .await
         .map_err(|source| ClientError::Connect {
             url: fleet.nats_url.clone(),

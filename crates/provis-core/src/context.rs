@@ -21,7 +21,10 @@ pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FleetContext {
-    /// NATS server URL. Default: `nats://127.0.0.1:4222`.
+    /// NATS server URL, or several comma-separated (the servers of a
+    /// cluster): a connection tries them in turn and fails over to any
+    /// server of the cluster, those the servers announce included.
+    /// Default: `nats://127.0.0.1:4222`.
     pub nats_url: String,
     /// First token of every subject. Default: `provis`.
     pub prefix: Prefix,
@@ -109,6 +112,11 @@ impl FleetContext {
         }
     }
 
+    /// The servers `nats_url` names, in order.
+    pub fn servers(&self) -> Vec<String> {
+        server_list(&self.nats_url)
+    }
+
     /// The context file: `PROVIS_CONTEXT`, else `$XDG_CONFIG_HOME/provis/context.toml`,
     /// else `~/.config/provis/context.toml`.
     pub fn default_path() -> PathBuf {
@@ -156,9 +164,31 @@ impl FleetContext {
     }
 }
 
+/// The URLs of a comma-separated list, blanks dropped.
+pub fn server_list(urls: &str) -> Vec<String> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_list_names_every_server() {
+        let fleet = FleetContext {
+            nats_url: "nats://a:4222, nats://b:4222,,nats://c:4222 ".into(),
+            ..FleetContext::default()
+        };
+        assert_eq!(
+            fleet.servers(),
+            ["nats://a:4222", "nats://b:4222", "nats://c:4222"]
+        );
+        assert_eq!(FleetContext::default().servers(), [DEFAULT_NATS_URL]);
+    }
 
     #[test]
     fn a_saved_context_loads_back() {

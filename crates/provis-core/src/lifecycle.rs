@@ -83,6 +83,13 @@ impl Lifecycle {
         self.stop.cancelled()
     }
 
+    /// A guard that asks the part to stop when dropped: held while a part
+    /// starts, so a start that fails or is abandoned leaves nothing running;
+    /// disarmed once the part runs.
+    pub fn stop_on_drop(&self) -> tokio_util::sync::DropGuard {
+        self.stop.clone().drop_guard()
+    }
+
     /// An owned copy of the stop signal, for tasks that outlive a borrow.
     pub fn stop_token(&self) -> CancellationToken {
         self.stop.clone()
@@ -107,10 +114,12 @@ impl Lifecycle {
         self.work.len()
     }
 
-    /// Stops taking work (if not yet), waits up to `deadline` for the work
-    /// in flight, then signals [`Self::closing`] and waits up to `deadline`
-    /// again for the background tasks. Called once, by the part's main task.
+    /// Stops taking work (if not yet), waits for the work in flight, then
+    /// signals [`Self::closing`] and waits for the background tasks, all
+    /// within `deadline` (the background gets at least a second to flush).
+    /// Called once, by the part's main task.
     pub async fn drain(&self, deadline: Duration) -> DrainReport {
+        let started = tokio::time::Instant::now();
         self.stop.cancel();
         self.work.close();
         let work_done = tokio::time::timeout(deadline, self.work.wait())
@@ -119,7 +128,10 @@ impl Lifecycle {
         let work_left = if work_done { 0 } else { self.work.len() };
         self.close.cancel();
         self.background.close();
-        let background_done = tokio::time::timeout(deadline, self.background.wait())
+        let left = deadline
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_secs(1));
+        let background_done = tokio::time::timeout(left, self.background.wait())
             .await
             .is_ok();
         let background_left = if background_done {

@@ -196,8 +196,9 @@ pub enum Followed<T> {
     /// An entry refused, and why; the value held under the key stays.
     Refused { key: String, error: EntryError },
     /// Every entry the bucket held when the watch (re)started was
-    /// delivered. Reliable for a whole-bucket follow (`>`); a follow of one
-    /// key that has no entry never sees it.
+    /// delivered (said once per watch, after its replay). Reliable for a
+    /// whole-bucket follow (`>`); a follow of one key that has no entry
+    /// never sees it.
     Current,
 }
 
@@ -275,6 +276,7 @@ where
         held: HashMap::new(),
         watch: None,
         current_due: false,
+        replaying: false,
         failures: 0,
     };
     Box::pin(futures::stream::unfold(
@@ -296,6 +298,8 @@ struct Follower<O> {
     watch: Option<async_nats::jetstream::kv::Watch>,
     /// [`Followed::Current`] is to be said before the next entry.
     current_due: bool,
+    /// The watch is still delivering the entries it found at its start.
+    replaying: bool,
     /// Attempts failed in a row, for the backoff.
     failures: u32,
 }
@@ -314,6 +318,9 @@ impl<O> Follower<O> {
                     Ok((watch, empty)) => {
                         self.watch = Some(watch);
                         self.current_due = empty;
+                        self.replaying = !empty;
+                        // Reached again: the next failure starts the backoff over.
+                        self.failures = 0;
                     }
                     Err(reason) => self.back_off(&reason).await,
                 }
@@ -322,7 +329,10 @@ impl<O> Follower<O> {
             match watch.next().await {
                 Some(Ok(entry)) => {
                     self.failures = 0;
-                    self.current_due = entry.delta == 0;
+                    if self.replaying && entry.delta == 0 {
+                        self.replaying = false;
+                        self.current_due = true;
+                    }
                     return self.take(entry);
                 }
                 Some(Err(err)) => {

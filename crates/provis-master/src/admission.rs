@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use provis_core::bus_access::{
-    BusPermissions, CALLOUT_SUBJECT, FLEET_ACCOUNT, SYSTEM_ACCOUNT, SYSTEM_USER,
+    API_USER, BusPermissions, CALLOUT_SUBJECT, FLEET_ACCOUNT, SYSTEM_ACCOUNT, SYSTEM_USER,
 };
 use provis_core::identity::{DerivedKey, Identity, public_key_of_nkey};
 use provis_core::{MinionId, Subjects, event, nats_jwt};
@@ -43,14 +43,24 @@ const SESSION_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Who a connection turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Admitted {
-    Master {
-        system: bool,
-    },
+    Master(MasterConnection),
     /// In the master's `operators`: may change the fleet.
     Admin(String),
     /// Only in the call policy: may call (as the policy says) and read.
     Caller(String),
     Minion(MinionId),
+}
+
+/// Which of the master's own connections is asking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MasterConnection {
+    /// The fleet's account: everything.
+    Fleet,
+    /// The system account: kicks and server queries.
+    System,
+    /// The one that answers the master's API: replies to `_INBOX.>` only,
+    /// whatever reply subject a request (or a `$SRV` verb) names.
+    Api,
 }
 
 /// The callout's state: keys, the enrollment bucket once storage is up, the
@@ -107,8 +117,9 @@ impl Gatekeeper {
         Ok(requests)
     }
 
-    /// Answers nats-server's questions until the master stops (then it
-    /// unsubscribes: another master of the queue group answers).
+    /// Answers nats-server's questions until the master's work in flight is
+    /// done (it admits the fleet's reconnections while the master drains),
+    /// then unsubscribes: another master of the queue group answers.
     pub async fn serve(
         self: Arc<Self>,
         callout: async_nats::Client,
@@ -117,14 +128,15 @@ impl Gatekeeper {
     ) {
         loop {
             let request = tokio::select! {
-                () = lifecycle.stopping() => break,
+                () = lifecycle.closing() => break,
                 request = requests.next() => match request {
                     Some(request) => request,
                     None => break,
                 },
             };
             let (gatekeeper, callout) = (self.clone(), callout.clone());
-            lifecycle.spawn_work(async move {
+            // Background, not work: admissions go on while the work drains.
+            lifecycle.spawn_background(async move {
                 let Some(reply) = request.reply.clone() else {
                     return;
                 };
@@ -166,7 +178,7 @@ impl Gatekeeper {
                     "name": name,
                     "nats": permissions.user_claims(),
                 });
-                if !matches!(admitted, Admitted::Master { .. }) {
+                if !matches!(admitted, Admitted::Master(_)) {
                     let expires = provis_core::envelope::now_unix_ms() / 1000
                         + i64::try_from(SESSION_LIFETIME.as_secs()).unwrap_or(i64::MAX);
                     claims["exp"] = json!(expires);
@@ -216,8 +228,12 @@ impl Gatekeeper {
             return Err(reason);
         }
         if nkey == self.master_nkey {
-            let system = options["user"] == SYSTEM_USER;
-            return Ok(Admitted::Master { system });
+            let connection = match options["user"].as_str() {
+                Some(SYSTEM_USER) => MasterConnection::System,
+                Some(API_USER) => MasterConnection::Api,
+                _ => MasterConnection::Fleet,
+            };
+            return Ok(Admitted::Master(connection));
         }
         if self.configured_operators.contains(&key) {
             return Ok(Admitted::Admin(short_key(&key)));
@@ -282,14 +298,19 @@ impl Gatekeeper {
     ) -> (&'static str, String, BusPermissions) {
         let nkey = request["connect_opts"]["nkey"].as_str().unwrap_or_default();
         match admitted {
-            Admitted::Master { system: true } => (
+            Admitted::Master(MasterConnection::System) => (
                 SYSTEM_ACCOUNT,
                 "master-system".into(),
                 BusPermissions::everything(),
             ),
-            Admitted::Master { system: false } => {
+            Admitted::Master(MasterConnection::Fleet) => {
                 (FLEET_ACCOUNT, "master".into(), BusPermissions::everything())
             }
+            Admitted::Master(MasterConnection::Api) => (
+                FLEET_ACCOUNT,
+                "master-api".into(),
+                BusPermissions::master_api(&self.subjects),
+            ),
             Admitted::Admin(name) => (
                 FLEET_ACCOUNT,
                 format!("operator:{name}"),

@@ -56,16 +56,21 @@ impl Served {
     }
 }
 
-/// Starts the `provis-master` service with every endpoint; the endpoints
-/// stop taking requests when `lifecycle` stops.
-pub async fn serve(served: Arc<Served>, lifecycle: &Lifecycle) -> Result<Service, MasterError> {
+/// Starts the `provis-master` service with every endpoint on `connection`
+/// (one that may publish only to inboxes, on a secured fleet); the
+/// endpoints stop taking requests when `lifecycle` stops, and answer those
+/// they took.
+pub async fn serve(
+    served: Arc<Served>,
+    connection: &async_nats::Client,
+    lifecycle: &Lifecycle,
+) -> Result<Service, MasterError> {
     let metadata = [
         ("prefix".to_owned(), served.subjects.prefix().to_string()),
         ("public_key".to_owned(), served.public_key.clone()),
     ]
     .into();
-    let service = served
-        .nats
+    let service = connection
         .service_builder()
         .description("the provis master: fleet, queries, desired state, enrollment")
         .metadata(metadata)
@@ -125,21 +130,28 @@ impl Endpoints<'_> {
         let handler = Arc::new(handler);
         let (served, lifecycle) = (self.served.clone(), self.lifecycle.clone());
         self.lifecycle.spawn_background(async move {
+            let take = |request| {
+                let (served, handler) = (served.clone(), handler.clone());
+                lifecycle.spawn_work(answer::<E, H, F>(served, request, handler));
+            };
             loop {
                 tokio::select! {
                     () = lifecycle.stopping() => break,
                     request = endpoint.next() => match request {
-                        Some(request) => {
-                            let (served, handler) = (served.clone(), handler.clone());
-                            lifecycle.spawn_work(answer::<E, H, F>(served, request, handler));
-                        }
-                        None => break,
+                        Some(request) => take(request),
+                        None => return,
                     },
                 }
             }
-            // Stop taking requests; those already taken are answered.
+            // Stop taking requests, then answer those the subscription
+            // already holds: it ends once the server has the unsubscribe.
             if let Err(err) = endpoint.stop().await {
                 tracing::debug!(%subject, error = %err, "endpoint not unsubscribed");
+            }
+            while let Ok(Some(request)) =
+                tokio::time::timeout(Duration::from_secs(2), endpoint.next()).await
+            {
+                take(request);
             }
         });
         Ok(())
@@ -164,6 +176,7 @@ async fn answer<E, H, F>(
         tracing::warn!(subject = %request.message.subject, %reply, "request with a reply subject outside _INBOX ignored");
         return;
     }
+    let max_payload = served.nats.server_info().max_payload;
     let outcome = match api::decode_request::<E::Request>(&request.message.payload) {
         Ok(body) => handler(served, body).await,
         Err(err) => Err(ApiError::usage(format!("{} {}", E::SUBJECT, err.message))),
@@ -171,6 +184,18 @@ async fn answer<E, H, F>(
     .and_then(|response| {
         serde_json::to_vec(&response)
             .map_err(|err| ApiError::failed(format!("cannot encode the answer: {err}")))
+    });
+    // An answer the bus cannot carry is an error the caller sees, not a
+    // silence it waits out.
+    let outcome = outcome.and_then(|payload: Vec<u8>| {
+        if max_payload > 0 && payload.len() > max_payload {
+            Err(ApiError::failed(format!(
+                "the answer takes {} bytes, more than the bus carries ({max_payload}); ask for smaller pages (limit)",
+                payload.len()
+            )))
+        } else {
+            Ok(payload)
+        }
     });
     let response = match outcome {
         Ok(payload) => Ok(payload.into()),

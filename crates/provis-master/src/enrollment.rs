@@ -93,22 +93,26 @@ pub struct Enrollment {
 }
 
 impl Enrollment {
-    /// Opens (creating or updating) the bucket; at most `max_pending`
-    /// requests wait at once.
+    /// Opens (creating or raising to `replicas`) the bucket; at most
+    /// `max_pending` requests wait at once.
     pub async fn open(
         js: &async_nats::jetstream::Context,
         max_pending: usize,
+        replicas: usize,
     ) -> Result<Self, EnrollmentError> {
-        let store = js
-            .create_or_update_key_value(kv::Config {
+        let store = crate::storage::ensure_bucket(
+            js,
+            kv::Config {
                 bucket: BUCKET_ENROLLMENT.to_owned(),
                 description: "minion id → key and enrollment status; one-time tokens".to_owned(),
                 history: 5,
                 storage: async_nats::jetstream::stream::StorageType::File,
+                num_replicas: replicas,
                 ..Default::default()
-            })
-            .await
-            .map_err(store_error("created"))?;
+            },
+        )
+        .await
+        .map_err(store_error("created"))?;
         let mut enrollment = Self {
             store,
             pending: Default::default(),

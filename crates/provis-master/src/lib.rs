@@ -48,6 +48,11 @@ pub struct MasterConfig {
     /// Retention of the fleet's streams.
     #[serde(default)]
     pub storage: StorageLimits,
+    /// Copies JetStream keeps of every stream, bucket and the object store:
+    /// 1 on a single server, 3 on a cluster (one node may die). Raising it
+    /// raises the stores; lowering it lowers nothing. Default: 1.
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
     /// Width of a state history bucket, in seconds. Default: 3600.
     #[serde(default = "default_state_bucket_s")]
     pub state_bucket_s: u64,
@@ -88,6 +93,10 @@ pub struct MasterConfig {
 
 fn default_drain_timeout_s() -> u64 {
     30
+}
+
+fn default_replicas() -> usize {
+    1
 }
 
 fn default_max_pending_minions() -> usize {
@@ -159,6 +168,7 @@ impl Default for MasterConfig {
         Self {
             fleet: FleetContext::default(),
             storage: StorageLimits::default(),
+            replicas: default_replicas(),
             state_bucket_s: default_state_bucket_s(),
             repository: None,
             branch: default_branch(),
@@ -225,15 +235,10 @@ pub type MasterHandle = PartHandle<MasterControl>;
 /// serves. Returns once the master answers requests.
 pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
     let mut master = Startup::new(config)?;
-    master.admit_connections().await?;
-    master.connect_fleet().await?;
-    master.ensure_storage().await?;
-    master.open_enrollment().await?;
-    master.connect_system().await?;
-    master.follow_fleet();
-    master.follow_config_repository().await?;
-    master.serve_api().await?;
-    master.announce().await;
+    if let Err(err) = master.bring_up().await {
+        master.abandon().await;
+        return Err(err);
+    }
     Ok(master.run())
 }
 
@@ -254,6 +259,8 @@ struct Startup {
     view: Arc<fleet_view::FleetView>,
     desired: Option<DesiredParts>,
     service: Option<async_nats::service::Service>,
+    /// Stops what started if the start fails or is dropped half-way.
+    stop_on_drop: tokio_util::sync::DropGuard,
 }
 
 /// What the desired-state loop hands the rest of the master.
@@ -280,12 +287,14 @@ impl Startup {
             subjects.clone(),
             config.operators.clone(),
         ));
+        let lifecycle = Lifecycle::new();
         Ok(Self {
             view: Arc::new(fleet_view::FleetView::new(config.index_limits())),
             config,
             subjects,
             identity,
-            lifecycle: Lifecycle::new(),
+            stop_on_drop: lifecycle.stop_on_drop(),
+            lifecycle,
             gatekeeper,
             connections: Vec::new(),
             callout: None,
@@ -295,6 +304,31 @@ impl Startup {
             desired: None,
             service: None,
         })
+    }
+
+    /// The phases of a start, in order.
+    async fn bring_up(&mut self) -> Result<(), MasterError> {
+        self.admit_connections().await?;
+        self.connect_fleet().await?;
+        self.ensure_storage().await?;
+        self.open_enrollment().await?;
+        self.connect_system().await?;
+        self.follow_fleet();
+        self.follow_config_repository().await?;
+        self.serve_api().await?;
+        self.announce().await;
+        Ok(())
+    }
+
+    /// Undoes a start that failed half-way: what started stops, connections close.
+    async fn abandon(self) {
+        let report = self.lifecycle.drain(Duration::from_secs(2)).await;
+        if !report.complete() {
+            tracing::warn!(?report, "a failed start left work running");
+        }
+        for connection in &self.connections {
+            provis_core::lifecycle::close_connection(connection, true).await;
+        }
     }
 
     fn url(&self) -> &str {
@@ -350,7 +384,13 @@ impl Startup {
     /// Creates or updates every stream and bucket of the fleet.
     async fn ensure_storage(&mut self) -> Result<(), MasterError> {
         let js = self.js()?;
-        storage::ensure(&js, &self.subjects, &self.config.storage).await?;
+        storage::ensure(
+            &js,
+            &self.subjects,
+            &self.config.storage,
+            self.config.replicas,
+        )
+        .await?;
         Ok(())
     }
 
@@ -362,9 +402,13 @@ impl Startup {
             Some(callout) => async_nats::jetstream::new(callout.clone()),
             None => self.js()?,
         };
-        let enrollment = enrollment::Enrollment::open(&js, self.config.max_pending_minions)
-            .await
-            .map_err(MasterError::Enrollment)?;
+        let enrollment = enrollment::Enrollment::open(
+            &js,
+            self.config.max_pending_minions,
+            self.config.replicas,
+        )
+        .await
+        .map_err(MasterError::Enrollment)?;
         self.gatekeeper.ready(enrollment.clone(), self.nats()?);
         self.enrollment = Some(enrollment);
         Ok(())
@@ -469,9 +513,17 @@ impl Startup {
             enrollment: enrollment.clone(),
             gatekeeper: self.gatekeeper.clone(),
         });
-        self.service = Some(api::serve(served, &self.lifecycle).await?);
+        // Its own connection, which the callout lets publish to inboxes only.
+        let options = self
+            .config
+            .fleet
+            .connect_options_as("provis-master-api", &self.identity)
+            .user_and_password(provis_core::bus_access::API_USER.to_owned(), String::new());
+        let connection = connect(self.url(), "API", options).await?;
+        self.connections.push(connection.clone());
+        self.service = Some(api::serve(served, &connection, &self.lifecycle).await?);
         // The subscriptions are in place before anyone is told the master runs.
-        if let Err(source) = self.nats()?.flush().await {
+        if let Err(source) = connection.flush().await {
             return Err(MasterError::Serve {
                 what: "the master's endpoints".into(),
                 source: Box::new(source),
@@ -505,8 +557,10 @@ impl Startup {
             nats,
             desired,
             service,
+            stop_on_drop,
             ..
         } = self;
+        stop_on_drop.disarm();
         let (settings, _) = watch::channel(config.source());
         let settings = desired.map_or(settings, |parts| parts.settings);
         let drain_timeout = Duration::from_secs(config.drain_timeout_s);
@@ -561,7 +615,7 @@ async fn connect(
 ) -> Result<async_nats::Client, MasterError> {
     options
         .retry_on_initial_connect()
-        .connect(url)
+        .connect(provis_core::context::server_list(url))
         .await
         .map_err(|source| MasterError::Connect {
             url: url.to_owned(),
@@ -575,7 +629,11 @@ async fn connect(
 async fn connect_when_up(url: &str, options: async_nats::ConnectOptions) -> async_nats::Client {
     let mut delay = Duration::from_millis(100);
     loop {
-        match options.clone().connect(url).await {
+        match options
+            .clone()
+            .connect(provis_core::context::server_list(url))
+            .await
+        {
             Ok(client) => return client,
             Err(err) => {
                 tracing::warn!(%url, error = %err, "NATS not reachable yet; retrying");

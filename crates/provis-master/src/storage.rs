@@ -1,6 +1,11 @@
-//! The fleet's JetStream storage (DESIGN.md): two streams, four key-value
+//! The fleet's JetStream storage (DESIGN.md): two streams, key-value
 //! buckets and an object store. `ensure` is idempotent and runs on every
 //! master start, so an upgrade that changes a limit applies it in place.
+//!
+//! Every store takes `replicas` copies (3 on a cluster, so a node can die).
+//! Creating or updating storage only ever raises what it finds: replicas,
+//! ages, sizes and history an operator raised by hand stay as they are, and
+//! raising a setting raises the stores.
 
 use std::time::Duration;
 
@@ -37,10 +42,10 @@ impl Default for StorageLimits {
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error(
-        "cannot create stream {name} (is JetStream enabled on the nats-server? start it with -js)"
+        "cannot create or update stream {name} (is JetStream enabled on every nats-server? with replicas > 1, does the cluster have that many JetStream nodes up?)"
     )]
     Stream {
-        name: &'static str,
+        name: String,
         #[source]
         source: async_nats::Error,
     },
@@ -52,12 +57,27 @@ pub enum StorageError {
     },
 }
 
-/// Creates or updates every stream and bucket of the fleet.
+/// What a store of the fleet needs at least.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wanted {
+    pub replicas: usize,
+    /// Zero: no limit.
+    pub max_age: Duration,
+    /// -1: no limit.
+    pub max_bytes: i64,
+    /// Values kept per key (buckets only; zero leaves it as it is).
+    pub history: i64,
+}
+
+/// Creates or raises every stream, bucket and the object store of the
+/// fleet to `replicas` copies and the limits of `limits`.
 pub async fn ensure(
     js: &jetstream::Context,
     subjects: &Subjects,
     limits: &StorageLimits,
+    replicas: usize,
 ) -> Result<(), StorageError> {
+    let replicas = replicas.max(1);
     let streams = [
         (
             STREAM_EVENTS,
@@ -73,19 +93,25 @@ pub async fn ensure(
         ),
     ];
     for (name, subject, max_age_s, max_bytes) in streams {
-        js.create_or_update_stream(stream::Config {
-            name: name.to_owned(),
-            subjects: vec![subject],
+        let wanted = Wanted {
+            replicas,
             max_age: Duration::from_secs(max_age_s),
             max_bytes,
+            history: 0,
+        };
+        let config = stream::Config {
+            name: name.to_owned(),
+            subjects: vec![subject],
+            max_age: wanted.max_age,
+            max_bytes,
+            num_replicas: replicas,
             storage: stream::StorageType::File,
+            // Events and samples carry their id: a publish retried after a
+            // lost acknowledgement is stored once.
+            duplicate_window: Duration::from_secs(120),
             ..Default::default()
-        })
-        .await
-        .map_err(|err| StorageError::Stream {
-            name,
-            source: Box::new(err),
-        })?;
+        };
+        ensure_stream(js, config, wanted).await?;
     }
     let buckets = [
         (
@@ -111,29 +137,32 @@ pub async fn ensure(
         ),
     ];
     for (name, description, history) in buckets {
-        js.create_or_update_key_value(kv::Config {
-            bucket: name.to_owned(),
-            description: description.to_owned(),
-            history,
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .map_err(|err| StorageError::Bucket {
-            name,
-            source: Box::new(err),
-        })?;
+        ensure_bucket(
+            js,
+            kv::Config {
+                bucket: name.to_owned(),
+                description: description.to_owned(),
+                history,
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
     }
     // Minions write the registry: a rollup header on their own key would
     // wipe everyone's entries, so the stream takes none (nothing purges it).
     let registry_stream = format!("KV_{BUCKET_MINIONS}");
-    let mut registry =
-        js.get_stream(&registry_stream)
-            .await
-            .map_err(|err| StorageError::Bucket {
-                name: BUCKET_MINIONS,
-                source: Box::new(err),
-            })?;
+    let bucket_error = |name| {
+        move |err: jetstream::context::GetStreamError| StorageError::Bucket {
+            name,
+            source: Box::new(err),
+        }
+    };
+    let mut registry = js
+        .get_stream(&registry_stream)
+        .await
+        .map_err(bucket_error(BUCKET_MINIONS))?;
     let mut config = registry
         .info()
         .await
@@ -157,6 +186,7 @@ pub async fn ensure(
             bucket: BUCKET_BUNDLES.to_owned(),
             description: Some("service bundles, named by content digest".to_owned()),
             storage: stream::StorageType::File,
+            num_replicas: replicas,
             ..Default::default()
         })
         .await
@@ -165,5 +195,162 @@ pub async fn ensure(
             source: Box::new(err),
         })?;
     }
+    raise_stream(
+        js,
+        &format!("OBJ_{BUCKET_BUNDLES}"),
+        Wanted {
+            replicas,
+            max_age: Duration::ZERO,
+            max_bytes: -1,
+            history: 0,
+        },
+    )
+    .await?;
     Ok(())
+}
+
+/// Creates the bucket `config` describes, or raises the one there to its
+/// replicas and history.
+pub async fn ensure_bucket(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> Result<kv::Store, StorageError> {
+    let name = config.bucket.clone();
+    let wanted = Wanted {
+        replicas: config.num_replicas.max(1),
+        max_age: config.max_age,
+        max_bytes: config.max_bytes,
+        history: config.history,
+    };
+    let bucket_error = |source: async_nats::Error| StorageError::Stream {
+        name: format!("KV_{name}"),
+        source,
+    };
+    let store = match js.get_key_value(&name).await {
+        Ok(store) => {
+            raise_stream(js, &format!("KV_{name}"), wanted).await?;
+            store
+        }
+        Err(_) => js
+            .create_key_value(config)
+            .await
+            .map_err(|err| bucket_error(Box::new(err)))?,
+    };
+    Ok(store)
+}
+
+/// Creates the stream `config` describes, or raises the one there.
+async fn ensure_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+    wanted: Wanted,
+) -> Result<(), StorageError> {
+    let name = config.name.clone();
+    if js.get_stream(&name).await.is_ok() {
+        return raise_stream(js, &name, wanted).await;
+    }
+    js.create_stream(config)
+        .await
+        .map(drop)
+        .map_err(|err| StorageError::Stream {
+            name,
+            source: Box::new(err),
+        })
+}
+
+/// Raises stream `name` to `wanted` where it falls short; lowers nothing.
+async fn raise_stream(
+    js: &jetstream::Context,
+    name: &str,
+    wanted: Wanted,
+) -> Result<(), StorageError> {
+    let stream_error = |source: async_nats::Error| StorageError::Stream {
+        name: name.to_owned(),
+        source,
+    };
+    let mut stream = js
+        .get_stream(name)
+        .await
+        .map_err(|err| stream_error(Box::new(err)))?;
+    let current = stream
+        .info()
+        .await
+        .map_err(|err| stream_error(Box::new(err)))?
+        .config
+        .clone();
+    let raised = raise(&current, wanted);
+    if raised != current {
+        tracing::info!(
+            stream = name,
+            replicas = raised.num_replicas,
+            "raising the stream's settings"
+        );
+        js.update_stream(raised)
+            .await
+            .map_err(|err| stream_error(Box::new(err)))?;
+    }
+    Ok(())
+}
+
+/// `current` with every setting at least `wanted` (more replicas, longer
+/// ages, more bytes and history; no limit counts as the most).
+fn raise(current: &stream::Config, wanted: Wanted) -> stream::Config {
+    let mut raised = current.clone();
+    raised.num_replicas = current.num_replicas.max(wanted.replicas);
+    if !current.max_age.is_zero() && (wanted.max_age.is_zero() || wanted.max_age > current.max_age)
+    {
+        raised.max_age = wanted.max_age;
+    }
+    if current.max_bytes >= 0 && (wanted.max_bytes < 0 || wanted.max_bytes > current.max_bytes) {
+        raised.max_bytes = wanted.max_bytes;
+    }
+    if wanted.history > 0 {
+        raised.max_messages_per_subject = current.max_messages_per_subject.max(wanted.history);
+    }
+    raised
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_only_ever_rise() {
+        let current = stream::Config {
+            name: "S".into(),
+            num_replicas: 3,
+            max_age: Duration::from_secs(100),
+            max_bytes: 1_000,
+            max_messages_per_subject: 5,
+            ..Default::default()
+        };
+        // Asking for less changes nothing an operator raised.
+        let lower = Wanted {
+            replicas: 1,
+            max_age: Duration::from_secs(10),
+            max_bytes: 10,
+            history: 1,
+        };
+        assert_eq!(raise(&current, lower), current);
+        // Asking for more raises it.
+        let higher = Wanted {
+            replicas: 5,
+            max_age: Duration::from_secs(1_000),
+            max_bytes: -1,
+            history: 10,
+        };
+        let raised = raise(&current, higher);
+        assert_eq!(raised.num_replicas, 5);
+        assert_eq!(raised.max_age, Duration::from_secs(1_000));
+        assert_eq!(raised.max_bytes, -1);
+        assert_eq!(raised.max_messages_per_subject, 10);
+        // No limit is the most: it stays.
+        let unlimited = stream::Config {
+            max_age: Duration::ZERO,
+            max_bytes: -1,
+            ..current
+        };
+        assert_eq!(raise(&unlimited, higher).max_age, Duration::ZERO);
+        assert_eq!(raise(&unlimited, lower).max_bytes, -1);
+    }
 }

@@ -34,7 +34,11 @@ pub async fn follow(
         };
         match followed {
             Some(Followed::Taken { value, .. }) => {
-                if updates.send(value).await.is_err() {
+                let sent = tokio::select! {
+                    () = stop.cancelled() => return,
+                    sent = updates.send(value) => sent,
+                };
+                if sent.is_err() {
                     return;
                 }
             }

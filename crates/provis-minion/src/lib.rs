@@ -137,7 +137,7 @@ async fn connect(
             }
         })
         .retry_on_initial_connect()
-        .connect(&url)
+        .connect(config.fleet.servers())
         .await
         .map_err(|source| MinionError::Connect { url, source })
 }
@@ -150,9 +150,10 @@ async fn start_inner(
     signer: Option<Arc<Identity>>,
 ) -> Result<MinionHandle, MinionError> {
     let mut minion = Startup::new(config, nats, owns_connection, signer)?;
-    minion.listen().await?;
-    minion.follow_desired_state();
-    minion.serve_grpc().await?;
+    if let Err(err) = minion.bring_up().await {
+        minion.abandon().await;
+        return Err(err);
+    }
     Ok(minion.run())
 }
 
@@ -184,6 +185,8 @@ struct Startup {
     converged: Option<watch::Receiver<Option<String>>>,
     assignments: Option<tokio::sync::mpsc::Receiver<provis_core::assignment::Assignment>>,
     grpc_addr: Option<String>,
+    /// Stops what started if the start fails or is dropped half-way.
+    stop_on_drop: tokio_util::sync::DropGuard,
 }
 
 impl Startup {
@@ -217,12 +220,14 @@ impl Startup {
             roles: config.roles.clone(),
             ..services::DesiredRoles::default()
         });
+        let lifecycle = Lifecycle::new();
         Ok(Self {
             nats,
             owns_connection,
             signer,
             subjects,
-            lifecycle: Lifecycle::new(),
+            stop_on_drop: lifecycle.stop_on_drop(),
+            lifecycle,
             started,
             state,
             table,
@@ -241,6 +246,22 @@ impl Startup {
             grpc_addr: None,
             config,
         })
+    }
+
+    /// The phases of a start, in order.
+    async fn bring_up(&mut self) -> Result<(), MinionError> {
+        self.listen().await?;
+        self.follow_desired_state();
+        self.serve_grpc().await
+    }
+
+    /// Undoes a start that failed half-way: what started stops.
+    async fn abandon(self) {
+        let report = self.lifecycle.drain(Duration::from_secs(2)).await;
+        if !report.complete() {
+            tracing::warn!(minion = %self.config.id, ?report, "a failed start left work running");
+        }
+        provis_core::lifecycle::close_connection(&self.nats, self.owns_connection).await;
     }
 
     /// Subscribes to its call subjects: its own, the fleet's and its roles'.
@@ -441,6 +462,7 @@ impl Startup {
             inject_services: self.config.inject_services,
         };
         let main = tokio::spawn(runtime.serve(calls, assignments, converged));
+        self.stop_on_drop.disarm();
         PartHandle::new(self.config.id.to_string(), self.lifecycle, main, ())
     }
 }
@@ -751,7 +773,7 @@ fn fleet_query(master: provis_core::master_api::MasterClient) -> provis_js::host
                 tokio::time::timeout(timeout, master.query(question))
                     .await
                     .map_err(|_| format!("the master did not answer within {timeout:?}"))?
-                    .map_err(|err| err.to_string())
+                    .map_err(|err| provis_core::error_chain(&err))
             })
         },
     ))
