@@ -343,6 +343,14 @@ fn print_table(
     } else {
         String::new()
     };
+    if let Some(why) = report.selection.as_ref().and_then(|s| s.uncertain.as_ref()) {
+        outln!(
+            "{} answered ({}) while the registry could not be read ({why}): who else should have is unknown",
+            s.selected,
+            target.describe(),
+        );
+        return Ok(());
+    }
     outln!(
         "{} selected ({}){batches}: {} ok, {} error, {} no reply{skipped}",
         s.selected,

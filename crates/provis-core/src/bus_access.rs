@@ -8,7 +8,7 @@
 //! | the master's API connection | `_INBOX.>` only | `master.>`, `$SRV.>` |
 //! | admin operator (the master's `operators`) | calls, `master.>`, `$SRV.>`, JetStream API | its inbox, events, state |
 //! | calling operator (the call policy's) | calls, the master's read-only requests and `$SRV.>`, reads of the registry, services and events | its inbox, events, state |
-//! | minion `<id>` | `state.<id>`, `event.<id>.>`, `master.query`, its registry key, replies; reads its buckets | its own call subject, `all.call`, `role.>`, its inbox |
+//! | minion `<id>` | `state.<id>`, `event.<id>.>`, `master.query`, its registry key, replies; reads its buckets | its own call subject, `all.call`, `role.>`, its inbox, the changes of what it follows (its assignment, the call policy, roles, service pointers) |
 //!
 //! Every identity's replies come to `_INBOX.<its nkey>.>`, which only it may
 //! subscribe to, so no identity reads another's replies.
@@ -175,6 +175,12 @@ impl BusPermissions {
                 subjects.all_call(),
                 format!("{prefix}.role.>"),
                 format!("{}.>", inbox_prefix(nkey)),
+                // What it follows (signed_entry::follow): changes as
+                // published, its own assignment only.
+                format!("$KV.{BUCKET_ASSIGNMENTS}.{id}"),
+                format!("$KV.{BUCKET_CONFIG}.{}", crate::call_auth::POLICY_KEY),
+                format!("$KV.{BUCKET_ROLES}.>"),
+                format!("$KV.{BUCKET_SERVICES}.>"),
             ],
             responses: true,
         }

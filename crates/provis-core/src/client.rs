@@ -73,6 +73,10 @@ pub enum ClientError {
     Identity(#[from] crate::context::ContextError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error(
+        "cannot select: the minion registry could not be read ({0}); a call to a whole role or the fleet (no --where, --percent or --count) still goes out"
+    )]
+    RegistryUnavailable(String),
     #[error("no live minion matches: {0}; `provis minions` shows who is up")]
     NothingSelected(String),
     #[error(transparent)]
@@ -161,9 +165,14 @@ fn is_zero(n: &usize) -> bool {
 }
 
 impl CallReport {
-    /// True when every selected minion answered without error.
+    /// True when every selected minion answered without error. Without a
+    /// registry to say who should have answered, it cannot be told: false.
     pub fn all_ok(&self) -> bool {
         self.summary.ok == self.summary.selected
+            && self
+                .selection
+                .as_ref()
+                .is_none_or(|s| s.uncertain.is_none())
     }
 
     fn from_lines(mut replies: Vec<MinionReply>, discarded: usize) -> Self {
@@ -232,6 +241,10 @@ pub struct CallPlan {
     pub stop_on_failure_pct: Option<f64>,
 }
 
+/// How long a selection waits for the registry before a call to a whole
+/// role or the fleet goes out without it.
+pub const REGISTRY_WAIT: Duration = Duration::from_secs(1);
+
 /// Calls minions over NATS on behalf of one caller identity.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -240,6 +253,7 @@ pub struct Client {
     caller: String,
     /// Signs every envelope when set (minions that pin callers require it).
     signer: Option<std::sync::Arc<crate::identity::Identity>>,
+    registry_wait: Duration,
 }
 
 impl Client {
@@ -249,6 +263,24 @@ impl Client {
             subjects,
             caller: caller.into(),
             signer: None,
+            registry_wait: REGISTRY_WAIT,
+        }
+    }
+
+    /// This client, waiting at most `wait` for the registry when it selects.
+    pub fn with_registry_wait(mut self, wait: Duration) -> Self {
+        self.registry_wait = wait;
+        self
+    }
+
+    /// Every registry record, or why there are none within the wait (a
+    /// bucket without a JetStream leader during a cluster's failover).
+    async fn read_registry(&self) -> Result<Vec<crate::registry::MinionRecord>, String> {
+        let read = async { registry::read_all(&self.registry().await?).await };
+        match tokio::time::timeout(self.registry_wait, read).await {
+            Ok(Ok(records)) => Ok(records),
+            Ok(Err(err)) => Err(crate::error_chain(&err)),
+            Err(_) => Err(format!("no answer within {:?}", self.registry_wait)),
         }
     }
 
@@ -295,14 +327,19 @@ impl Client {
             chosen.dedup();
             // One named minion is the only one to receive the call; with
             // several, each could answer in another's name, so their keys
-            // are read to check the replies.
-            let keys = if chosen.len() > 1 {
-                registry::read_all(&self.registry().await?)
-                    .await?
-                    .into_iter()
-                    .filter(|r| chosen.contains(&r.id))
-                    .filter_map(|r| Some((r.id.to_string(), r.public_key?)))
-                    .collect()
+            // are read to check the replies (when the registry can say).
+            let (keys, uncertain) = if chosen.len() > 1 {
+                match self.read_registry().await {
+                    Ok(records) => (
+                        records
+                            .into_iter()
+                            .filter(|r| chosen.contains(&r.id))
+                            .filter_map(|r| Some((r.id.to_string(), r.public_key?)))
+                            .collect(),
+                        None,
+                    ),
+                    Err(why) => (BTreeMap::new(), Some(why)),
+                }
             } else {
                 Default::default()
             };
@@ -314,12 +351,22 @@ impl Client {
                 missing_fields: Default::default(),
                 filtered: false,
                 keys,
+                uncertain,
+                late: Vec::new(),
             });
         }
-        let records = registry::read_all(&self.registry().await?).await?;
+        let records = match self.read_registry().await {
+            Ok(records) => records,
+            // Nothing to choose by: a whole role or the fleet is still
+            // reachable with one publish; a filter or a pick is not.
+            Err(why) if filter.is_none() && pick == Pick::All => {
+                return Ok(Selection::whoever_answers(target, why));
+            }
+            Err(why) => return Err(ClientError::RegistryUnavailable(why)),
+        };
         let selection =
             crate::selection::select(&records, target, filter, pick, seed, now_unix_ms())?;
-        if selection.chosen.is_empty() {
+        if selection.chosen.is_empty() && selection.late.is_empty() {
             return Err(ClientError::NothingSelected(selection.reason));
         }
         Ok(selection)
@@ -364,6 +411,23 @@ impl Client {
         .max(1);
         // Only a call to every live member may go without naming them.
         let whole_target = chosen.len() == selection.live && !selection.filtered;
+        if selection.uncertain.is_some() && chosen.is_empty() {
+            // Nobody known to wait for: one publish, whoever answers in time.
+            let (lines, discarded) = self
+                .call_once(
+                    target,
+                    &[],
+                    &selection.late,
+                    false,
+                    &selection.keys,
+                    request,
+                    on_reply,
+                )
+                .await?;
+            let mut report = CallReport::from_lines(lines, discarded);
+            report.selection = Some(selection.clone());
+            return Ok(report);
+        }
         let mut lines = Vec::with_capacity(chosen.len());
         let mut discarded = 0;
         let mut batches = 0;
@@ -383,8 +447,17 @@ impl Client {
                 tokio::time::sleep(plan.batch_wait).await;
             }
             let subset = !(whole_target && batch.len() == chosen.len());
+            let late: &[MinionId] = if subset { &[] } else { &selection.late };
             let (batch_lines, batch_discarded) = self
-                .call_once(target, batch, subset, &selection.keys, request, on_reply)
+                .call_once(
+                    target,
+                    batch,
+                    late,
+                    subset,
+                    &selection.keys,
+                    request,
+                    on_reply,
+                )
                 .await?;
             batches += 1;
             discarded += batch_discarded;
@@ -406,10 +479,12 @@ impl Client {
     }
 
     /// One publish (or one per named minion) and the gathering of its replies.
+    #[allow(clippy::too_many_arguments)]
     async fn call_once(
         &self,
         target: &CallTarget,
         batch: &[MinionId],
+        late: &[MinionId],
         subset: bool,
         keys: &BTreeMap<String, String>,
         request: &CallRequest,
@@ -448,8 +523,13 @@ impl Client {
             .await
             .map_err(|e| ClientError::Publish(Box::new(e)))?;
 
-        let mut gathered =
-            ReplyGatherer::new(batch.to_vec(), envelope.call_id.clone()).with_keys(keys.clone());
+        let mut gathered = if batch.is_empty() && late.is_empty() {
+            // Nobody known to wait for: whoever answers in time.
+            ReplyGatherer::whoever_answers(envelope.call_id.clone())
+        } else {
+            ReplyGatherer::new(batch.to_vec(), envelope.call_id.clone()).with_late(late)
+        }
+        .with_keys(keys.clone());
         let deadline = tokio::time::Instant::from_std(started + request.timeout);
         while gathered.waiting() {
             let Ok(Some(message)) = tokio::time::timeout_at(deadline, replies.next()).await else {
@@ -489,6 +569,12 @@ impl Client {
 #[derive(Debug)]
 pub struct ReplyGatherer {
     selected: std::collections::BTreeSet<String>,
+    /// Late members: their replies count, nobody waits for them.
+    late: std::collections::BTreeSet<String>,
+    /// Selected minions that answered (so waiting is a comparison).
+    selected_answered: usize,
+    /// No one known to wait for: any minion's first reply counts.
+    open: bool,
     call_id: String,
     gathered: BTreeMap<String, MinionReply>,
     discarded: usize,
@@ -499,10 +585,28 @@ impl ReplyGatherer {
     pub fn new(selected: Vec<MinionId>, call_id: String) -> Self {
         Self {
             selected: selected.into_iter().map(String::from).collect(),
+            late: Default::default(),
+            selected_answered: 0,
+            open: false,
             call_id,
             gathered: BTreeMap::new(),
             discarded: 0,
             keys: BTreeMap::new(),
+        }
+    }
+
+    /// Also takes replies from `late` members, without waiting for them.
+    pub fn with_late(mut self, late: &[MinionId]) -> Self {
+        self.late = late.iter().map(ToString::to_string).collect();
+        self
+    }
+
+    /// A gathering with nobody known to wait for (the registry could not be
+    /// read): every minion's first reply counts, until the deadline.
+    pub fn whoever_answers(call_id: String) -> Self {
+        Self {
+            open: true,
+            ..Self::new(Vec::new(), call_id)
         }
     }
 
@@ -514,10 +618,17 @@ impl ReplyGatherer {
         self
     }
 
-    /// True while some selected minion has not answered.
+    /// True while some selected minion has not answered (always, when
+    /// nobody is known to wait for).
     pub fn waiting(&self) -> bool {
-        // Only selected minions are ever gathered, so counting suffices.
-        self.gathered.len() < self.selected.len()
+        if self.open {
+            return true;
+        }
+        if self.selected.is_empty() {
+            // Only late members: whoever of them answers in time.
+            return !self.late.is_empty();
+        }
+        self.selected_answered < self.selected.len()
     }
 
     /// Takes a reply that arrived `ms` after the call was sent and returns its
@@ -546,7 +657,12 @@ impl ReplyGatherer {
         ms: f64,
         signed: Option<(&[u8], &str)>,
     ) -> Option<&MinionReply> {
-        if reply.call_id != self.call_id || !self.selected.contains(&reply.minion) {
+        let expected = if self.open {
+            reply.minion.parse::<MinionId>().is_ok()
+        } else {
+            self.selected.contains(&reply.minion) || self.late.contains(&reply.minion)
+        };
+        if reply.call_id != self.call_id || !expected {
             tracing::warn!(call_id = %reply.call_id, minion = %reply.minion, "reply not expected for this call discarded");
             self.discarded += 1;
             None
@@ -564,6 +680,9 @@ impl ReplyGatherer {
             None
         } else {
             let minion = reply.minion.clone();
+            if self.selected.contains(&minion) {
+                self.selected_answered += 1;
+            }
             self.gathered.insert(minion.clone(), reply_line(reply, ms));
             self.gathered.get(&minion)
         }

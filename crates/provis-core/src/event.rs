@@ -1,10 +1,13 @@
 //! Events: CloudEvents 1.0 JSON published on `<prefix>.event.<source>.<kind>`
 //! and kept by the `PROVIS_EVENTS` stream. Other tools follow a fleet by
-//! subscribing to `<prefix>.event.>`.
+//! subscribing to `<prefix>.event.>`. An event goes out through its
+//! emitter's [`Outbox`]: acknowledged by the stream, stored once (its id is
+//! the `Nats-Msg-Id`), kept on disk while the bus is unreachable.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::outbox::Outbox;
 use crate::subject::Subjects;
 
 /// One event as it travels on NATS.
@@ -67,34 +70,19 @@ impl CloudEvent {
         self.kind.strip_prefix("io.provis.").unwrap_or(&self.kind)
     }
 
-    /// Publishes the event. Events are best effort: a failure is logged,
-    /// never fatal to the emitter.
-    pub async fn publish(&self, nats: &async_nats::Client, subjects: &Subjects) {
+    /// Queues the event in `outbox`, which sends it once the stream takes it.
+    pub fn send(&self, outbox: &Outbox, subjects: &Subjects) {
         let subject = subjects.event(&self.subject, self.short_kind());
-        let payload = match serde_json::to_vec(self) {
-            Ok(payload) => payload,
-            Err(err) => {
-                tracing::warn!(error = %err, "event not serialisable");
-                return;
-            }
-        };
-        if let Err(err) = nats.publish(subject.clone(), payload.into()).await {
-            tracing::warn!(%subject, error = %err, "event not published");
+        match serde_json::to_string(self) {
+            Ok(payload) => outbox.send(subject, self.id.clone(), payload),
+            Err(err) => tracing::warn!(error = %err, "event not serialisable"),
         }
     }
 }
 
-/// Builds and publishes an event in one step.
-pub async fn emit(
-    nats: &async_nats::Client,
-    subjects: &Subjects,
-    source: &str,
-    kind: &str,
-    data: Value,
-) {
-    CloudEvent::new(source, kind, data)
-        .publish(nats, subjects)
-        .await;
+/// Builds an event and queues it in `outbox` in one step.
+pub fn emit(outbox: &Outbox, subjects: &Subjects, source: &str, kind: &str, data: Value) {
+    CloudEvent::new(source, kind, data).send(outbox, subjects);
 }
 
 #[cfg(test)]

@@ -7,8 +7,12 @@ use std::time::Duration;
 use async_nats::jetstream::kv::{Operation, Store};
 use futures::StreamExt;
 
-/// How long a snapshot may take before it is given up.
+/// How long a snapshot may take, all attempts together, before it is given up.
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one attempt may take: a bucket whose stream lost its leader (a
+/// node of the cluster died) answers again once another is elected, so a
+/// stuck attempt is dropped and another made.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(2_500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -24,6 +28,20 @@ pub enum SnapshotError {
 
 /// The current value of every key (deleted keys left out).
 pub async fn read_all(store: &Store) -> Result<BTreeMap<String, bytes::Bytes>, SnapshotError> {
+    let started = tokio::time::Instant::now();
+    loop {
+        let left = SNAPSHOT_TIMEOUT.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Err(SnapshotError::Timeout(store.name.clone()));
+        }
+        match tokio::time::timeout(ATTEMPT_TIMEOUT.min(left), read_once(store)).await {
+            Ok(outcome) => return outcome,
+            Err(_) => tracing::debug!(bucket = %store.name, "bucket snapshot stuck; trying again"),
+        }
+    }
+}
+
+async fn read_once(store: &Store) -> Result<BTreeMap<String, bytes::Bytes>, SnapshotError> {
     let read_err = |source: async_nats::Error| SnapshotError::Read {
         bucket: store.name.clone(),
         source,
@@ -58,7 +76,5 @@ pub async fn read_all(store: &Store) -> Result<BTreeMap<String, bytes::Bytes>, S
         }
         Ok(values)
     };
-    tokio::time::timeout(SNAPSHOT_TIMEOUT, read)
-        .await
-        .map_err(|_| SnapshotError::Timeout(store.name.clone()))?
+    read.await
 }

@@ -14,6 +14,7 @@ pub mod lifecycle;
 pub mod master_api;
 pub mod nats_jwt;
 pub mod nats_server;
+pub mod outbox;
 pub mod readiness;
 pub mod registry;
 pub mod roles;

@@ -175,6 +175,38 @@ pub struct Selection {
     /// The reply-signing keys of the chosen minions that have one.
     #[serde(skip)]
     pub keys: BTreeMap<String, String>,
+    /// Why the registry could not say who all should answer (it could not
+    /// be read, or no member has a recent heartbeat): a call to a whole
+    /// role or the fleet goes out anyway and reports whoever answers within
+    /// its timeout. None when it could.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uncertain: Option<String>,
+    /// Members of the target whose heartbeat is late (a server of a cluster
+    /// died, say): a call to the whole target reaches them too, and their
+    /// replies count, but nobody waits for them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub late: Vec<MinionId>,
+}
+
+impl Selection {
+    /// Every member of `target`, whoever they are: the registry could not
+    /// be read (`why`), so the call reports whoever answers.
+    pub fn whoever_answers(target: &CallTarget, why: String) -> Self {
+        Self {
+            chosen: Vec::new(),
+            live: 0,
+            matched: 0,
+            missing_fields: BTreeMap::new(),
+            reason: format!(
+                "{}: the registry could not be read ({why}); whoever answers in time is reported",
+                target.describe()
+            ),
+            filtered: false,
+            keys: BTreeMap::new(),
+            uncertain: Some(why),
+            late: Vec::new(),
+        }
+    }
 }
 
 /// Selects from `records` (one registry snapshot taken at `now_unix_ms`).
@@ -236,13 +268,36 @@ pub fn select(
         matched.sort_by_cached_key(|record| rank(seed, record.id.as_str()));
         matched.truncate(take);
     }
+    // A call to the whole target reaches its late members too.
+    let late: Vec<&MinionRecord> = if filter.is_none() && pick == Pick::All {
+        records
+            .iter()
+            .filter(|r| !r.is_live_at(now_unix_ms) && r.is_addressed_by(target))
+            .filter(|r| r.status != crate::registry::MinionStatus::Stopped)
+            .collect()
+    } else {
+        Vec::new()
+    };
     let keys = matched
         .iter()
+        .chain(&late)
         .filter_map(|r| Some((r.id.to_string(), r.public_key.clone()?)))
         .collect();
     let mut chosen: Vec<MinionId> = matched.iter().map(|r| r.id.clone()).collect();
     chosen.sort();
+    let mut late: Vec<MinionId> = late.iter().map(|r| r.id.clone()).collect();
+    late.sort();
     let mut reason = format!("{} live in {}", live.len(), target.describe());
+    if !late.is_empty() {
+        reason.push_str(&format!(" ({} late, answering if they can)", late.len()));
+    }
+    let uncertain = (chosen.is_empty() && !late.is_empty()).then(|| {
+        format!(
+            "no member of {} has a recent heartbeat; {} late",
+            target.describe(),
+            late.len()
+        )
+    });
     if let Some(filter) = filter {
         reason.push_str(&format!(", {matched_count} where {}", filter.source()));
     }
@@ -255,6 +310,8 @@ pub fn select(
         reason.push_str(" (stable pick)");
     }
     Ok(Selection {
+        uncertain,
+        late,
         live: live.len(),
         matched: matched_count,
         chosen,

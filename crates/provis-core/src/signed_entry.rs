@@ -19,10 +19,11 @@
 //! those are removed.
 //!
 //! [`follow`] is the one loop that follows keys of a bucket for as long as
-//! its reader runs: it watches, opens each entry (verifying it with
-//! [`signed_by`], or as the caller says), refuses one older than the entry
-//! held under its key, backs off while the bucket is unreachable and
-//! starts again after a reconnect.
+//! its reader runs: it subscribes to the keys' changes and reads their
+//! current values, opens each entry (verifying it with [`signed_by`], or as
+//! the caller says), refuses one older than the entry held under its key,
+//! backs off while the bucket is unreachable and reads again after a
+//! reconnect.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -195,10 +196,8 @@ pub enum Followed<T> {
     Removed { key: String },
     /// An entry refused, and why; the value held under the key stays.
     Refused { key: String, error: EntryError },
-    /// Every entry the bucket held when the watch (re)started was
-    /// delivered (said once per watch, after its replay). Reliable for a
-    /// whole-bucket follow (`>`); a follow of one key that has no entry
-    /// never sees it.
+    /// Every entry the keys held when they were (re)read was delivered:
+    /// said after each read (at start, after a reconnect, now and then).
     Current,
 }
 
@@ -251,13 +250,25 @@ pub fn plain<T: DeserializeOwned>() -> impl EntryOpener<T> + Send + 'static {
 
 /// The longest wait between two attempts to reach a bucket.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often a follower checks whether its connection came back (and so
+/// may have missed changes).
+const RECONNECT_CHECK: Duration = Duration::from_millis(500);
+/// How often a follower reads its keys again regardless, in case a change
+/// went by unseen (a stream that stored a value a subscriber missed).
+const RESYNC: Duration = Duration::from_secs(300);
 
-/// Follows `keys` (a key, or a wildcard such as `>`) of `bucket` for as long
-/// as the stream is polled: the current entry of each key first, then every
-/// change, each opened by `open`. Unreachable buckets, failed watches and
-/// reconnects are waited out with backoff and jitter; after a new watch the
-/// current entries come again, and one older than what was taken under its
-/// key is refused. The stream never ends; drop it to stop following.
+/// Follows `keys` (a key, or `>` for every key) of `bucket` for as long as
+/// the stream is polled: the current entry of each key first, then every
+/// change, each opened by `open`.
+///
+/// It costs the servers no JetStream consumer while it follows: it
+/// subscribes to the keys' `$KV` subjects (what a put publishes) and reads
+/// the current values directly (one key) or in one pass (`>`) at start,
+/// after every reconnect and now and then; so a cluster node dying, or a
+/// stream electing another leader, never leaves it stalled. Unreachable
+/// buckets are waited out with backoff and jitter; an entry older than
+/// the one taken under its key is refused. The stream never ends; drop it
+/// to stop following.
 pub fn follow<T, O>(
     js: async_nats::jetstream::Context,
     bucket: &'static str,
@@ -269,14 +280,19 @@ where
     O: EntryOpener<T> + Send + 'static,
 {
     let follower = Follower {
+        nats: js.client(),
         js,
         bucket,
         keys: keys.into(),
         open,
         held: HashMap::new(),
-        watch: None,
-        current_due: false,
-        replaying: false,
+        present: std::collections::HashSet::new(),
+        refused: HashMap::new(),
+        subscription: None,
+        pending: std::collections::VecDeque::new(),
+        resync_due: true,
+        connects_seen: 0,
+        last_resync: tokio::time::Instant::now(),
         failures: 0,
     };
     Box::pin(futures::stream::unfold(
@@ -288,88 +304,173 @@ where
     ))
 }
 
-struct Follower<O> {
+struct Follower<O, T> {
+    nats: async_nats::Client,
     js: async_nats::jetstream::Context,
     bucket: &'static str,
     keys: String,
     open: O,
     /// When the entry taken under each key was written.
     held: HashMap<String, i64>,
-    watch: Option<async_nats::jetstream::kv::Watch>,
-    /// [`Followed::Current`] is to be said before the next entry.
-    current_due: bool,
-    /// The watch is still delivering the entries it found at its start.
-    replaying: bool,
+    /// Keys that hold a value now, as far as this follower knows.
+    present: std::collections::HashSet<String>,
+    /// The value refused last under each key (a digest): read again, it is
+    /// not reported again.
+    refused: HashMap<String, u64>,
+    subscription: Option<async_nats::Subscriber>,
+    /// What a read of the current values found, to be handed out in order.
+    pending: std::collections::VecDeque<Followed<T>>,
+    /// The current values are to be read (start, reconnect, now and then).
+    resync_due: bool,
+    /// Connections the client had made when the values were last read.
+    connects_seen: u64,
+    last_resync: tokio::time::Instant,
     /// Attempts failed in a row, for the backoff.
     failures: u32,
 }
 
-impl<O> Follower<O> {
-    async fn next_item<T>(&mut self) -> Followed<T>
-    where
-        O: EntryOpener<T>,
-    {
+impl<O, T> Follower<O, T>
+where
+    O: EntryOpener<T>,
+{
+    async fn next_item(&mut self) -> Followed<T> {
         loop {
-            if std::mem::take(&mut self.current_due) {
-                return Followed::Current;
+            if let Some(item) = self.pending.pop_front() {
+                return item;
             }
-            let Some(watch) = self.watch.as_mut() else {
-                match start_watch(&self.js, self.bucket, &self.keys).await {
-                    Ok((watch, empty)) => {
-                        self.watch = Some(watch);
-                        self.current_due = empty;
-                        self.replaying = !empty;
-                        // Reached again: the next failure starts the backoff over.
+            if self.subscription.is_none() {
+                let subject = format!("$KV.{}.{}", self.bucket, self.keys);
+                match self.nats.subscribe(subject).await {
+                    Ok(subscription) => {
+                        self.subscription = Some(subscription);
+                        self.resync_due = true;
+                    }
+                    Err(err) => self.back_off(&crate::error_chain(&err)).await,
+                }
+                continue;
+            }
+            if self.resync_due {
+                // Subscribed first: what changes while the values are read
+                // arrives after them, so the newest wins.
+                match self.read_current().await {
+                    Ok(()) => {
                         self.failures = 0;
+                        self.resync_due = false;
+                        self.last_resync = tokio::time::Instant::now();
                     }
                     Err(reason) => self.back_off(&reason).await,
                 }
                 continue;
+            }
+            let Some(subscription) = self.subscription.as_mut() else {
+                continue;
             };
-            match watch.next().await {
-                Some(Ok(entry)) => {
-                    self.failures = 0;
-                    if self.replaying && entry.delta == 0 {
-                        self.replaying = false;
-                        self.current_due = true;
+            tokio::select! {
+                message = subscription.next() => match message {
+                    Some(message) => {
+                        if let Some(item) = self.take_message(message) {
+                            return item;
+                        }
                     }
-                    return self.take(entry);
-                }
-                Some(Err(err)) => {
-                    self.watch = None;
-                    self.back_off(&err.to_string()).await;
-                }
-                None => {
-                    self.watch = None;
-                    self.back_off("the watch ended").await;
+                    None => self.subscription = None,
+                },
+                () = tokio::time::sleep(RECONNECT_CHECK) => {
+                    let connects = self
+                        .nats
+                        .statistics()
+                        .connects
+                        .load(std::sync::atomic::Ordering::Relaxed);
+                    if connects != self.connects_seen || self.last_resync.elapsed() > RESYNC {
+                        self.resync_due = true;
+                    }
                 }
             }
         }
     }
 
-    fn take<T>(&mut self, entry: async_nats::jetstream::kv::Entry) -> Followed<T>
-    where
-        O: EntryOpener<T>,
-    {
-        let key = entry.key;
-        if entry.operation != async_nats::jetstream::kv::Operation::Put {
+    /// Reads what the keys hold now into `pending`, then says Current.
+    async fn read_current(&mut self) -> Result<(), String> {
+        self.connects_seen = self
+            .nats
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let store = self
+            .js
+            .get_key_value(self.bucket)
+            .await
+            .map_err(|err| crate::error_chain(&err))?;
+        let values: std::collections::BTreeMap<String, bytes::Bytes> = if self.keys == ">" {
+            crate::kv_snapshot::read_all(&store)
+                .await
+                .map_err(|err| crate::error_chain(&err))?
+        } else {
+            match store
+                .get(&self.keys)
+                .await
+                .map_err(|err| crate::error_chain(&err))?
+            {
+                Some(value) => [(self.keys.clone(), value)].into(),
+                None => Default::default(),
+            }
+        };
+        let gone: Vec<String> = self
+            .present
+            .iter()
+            .filter(|key| !values.contains_key(*key))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.present.remove(&key);
+            self.pending.push_back(Followed::Removed { key });
+        }
+        for (key, value) in values {
+            if self.refused.get(&key) == Some(&digest(&value)) {
+                continue;
+            }
+            let item = self.take(key, &value);
+            self.pending.push_back(item);
+        }
+        self.pending.push_back(Followed::Current);
+        Ok(())
+    }
+
+    /// A change as a put or a delete published it.
+    fn take_message(&mut self, message: async_nats::Message) -> Option<Followed<T>> {
+        let prefix = format!("$KV.{}.", self.bucket);
+        let key = message.subject.as_str().strip_prefix(&prefix)?.to_owned();
+        let removed = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get("KV-Operation"))
+            .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+        if removed {
             // What was held stays remembered: a value put back after a
             // removal is still refused if it is older.
-            return Followed::Removed { key };
+            self.present.remove(&key);
+            return Some(Followed::Removed { key });
         }
+        Some(self.take(key, &message.payload))
+    }
+
+    fn take(&mut self, key: String, value: &[u8]) -> Followed<T> {
         let held = self.held.get(&key).copied();
-        match (self.open)(&key, &entry.value, held) {
+        match (self.open)(&key, value, held) {
             Ok(opened) => {
                 if let Some(at) = opened.written_at_ms {
                     self.held.insert(key.clone(), at);
                 }
+                self.present.insert(key.clone());
                 Followed::Taken {
                     key,
                     value: opened.value,
                     written_at_ms: opened.written_at_ms,
                 }
             }
-            Err(error) => Followed::Refused { key, error },
+            Err(error) => {
+                self.refused.insert(key.clone(), digest(value));
+                Followed::Refused { key, error }
+            }
         }
     }
 
@@ -380,36 +481,19 @@ impl<O> Follower<O> {
         } else {
             tracing::warn!(bucket = self.bucket, keys = %self.keys, %reason, attempts = self.failures, "bucket still not followed; retrying");
         }
-        let exponent = self.failures.min(16);
         let base = Duration::from_millis(100)
-            .saturating_mul(1u32 << exponent.min(10))
+            .saturating_mul(1u32 << self.failures.min(10))
             .min(MAX_BACKOFF);
         tokio::time::sleep(base + jitter(base / 4)).await;
     }
 }
 
-/// A watch of `keys`, and whether the bucket was empty when it started
-/// (so no entry will say the current ones were all delivered).
-async fn start_watch(
-    js: &async_nats::jetstream::Context,
-    bucket: &str,
-    keys: &str,
-) -> Result<(async_nats::jetstream::kv::Watch, bool), String> {
-    let store = js
-        .get_key_value(bucket)
-        .await
-        .map_err(|err| err.to_string())?;
-    let watch = store
-        .watch_with_history(keys)
-        .await
-        .map_err(|err| err.to_string())?;
-    // `Store::status` answers from a cache taken when the store was opened.
-    let empty = store
-        .stream
-        .get_info()
-        .await
-        .is_ok_and(|info| info.state.messages == 0);
-    Ok((watch, empty))
+/// A digest of a stored value, to know it again.
+fn digest(value: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// A random wait up to `most`, so followers that lost the same server do

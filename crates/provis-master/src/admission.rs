@@ -74,7 +74,7 @@ pub struct Gatekeeper {
     configured_operators: Vec<String>,
     policy_operators: RwLock<HashMap<String, String>>,
     enrollment: OnceLock<Enrollment>,
-    events: OnceLock<async_nats::Client>,
+    events: OnceLock<provis_core::outbox::Outbox>,
     system: OnceLock<async_nats::Client>,
 }
 
@@ -94,7 +94,7 @@ impl Gatekeeper {
     }
 
     /// Once storage exists: minions can be admitted, refusals become events.
-    pub fn ready(&self, enrollment: Enrollment, fleet: async_nats::Client) {
+    pub fn ready(&self, enrollment: Enrollment, fleet: provis_core::outbox::Outbox) {
         let _ = self.enrollment.set(enrollment);
         let _ = self.events.set(fleet);
     }
@@ -389,8 +389,8 @@ impl Gatekeeper {
     }
 
     async fn emit(&self, kind: &str, data: Value) {
-        if let Some(nats) = self.events.get() {
-            event::emit(nats, &self.subjects, "master", kind, data).await;
+        if let Some(outbox) = self.events.get() {
+            event::emit(outbox, &self.subjects, "master", kind, data);
         }
     }
 

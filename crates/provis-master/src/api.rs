@@ -40,6 +40,8 @@ const REGISTRY_WAIT: Duration = Duration::from_secs(5);
 pub struct Served {
     pub public_key: String,
     pub nats: async_nats::Client,
+    /// The master's events leave by it.
+    pub outbox: provis_core::outbox::Outbox,
     pub subjects: Subjects,
     pub view: Arc<FleetView>,
     pub desired: tokio::sync::mpsc::Sender<DesiredRequest>,
@@ -356,13 +358,12 @@ async fn enroll_decide(
         api::Decision::Revoke => "minion.revoked",
     };
     event::emit(
-        &served.nats,
+        &served.outbox,
         &served.subjects,
         "master",
         kind,
         json!({ "minion": record.minion, "key": record.key, "by": by, "disconnected": disconnected }),
-    )
-    .await;
+    );
     Ok(EnrollDecided {
         record,
         disconnected,

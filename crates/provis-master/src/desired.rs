@@ -67,7 +67,7 @@ pub enum DesiredRequest {
 
 pub struct DesiredState {
     js: jetstream::Context,
-    nats: async_nats::Client,
+    outbox: provis_core::outbox::Outbox,
     subjects: Subjects,
     view: Arc<FleetView>,
     work_dir: PathBuf,
@@ -93,7 +93,7 @@ impl std::fmt::Debug for DesiredState {
 impl DesiredState {
     pub async fn open(
         js: jetstream::Context,
-        nats: async_nats::Client,
+        outbox: provis_core::outbox::Outbox,
         subjects: Subjects,
         view: Arc<FleetView>,
         work_dir: PathBuf,
@@ -117,7 +117,7 @@ impl DesiredState {
         });
         Ok(Self {
             js,
-            nats,
+            outbox,
             subjects,
             view,
             work_dir,
@@ -201,7 +201,7 @@ impl DesiredState {
     }
 
     async fn emit(&self, kind: &str, data: Value) {
-        event::emit(&self.nats, &self.subjects, "master", kind, data).await;
+        event::emit(&self.outbox, &self.subjects, "master", kind, data);
     }
 
     /// Fetches the branch and applies what is new; returns what happened.

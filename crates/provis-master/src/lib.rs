@@ -255,6 +255,8 @@ struct Startup {
     callout: Option<async_nats::Client>,
     nats: Option<async_nats::Client>,
     js: Option<async_nats::jetstream::Context>,
+    /// The master's events leave by it, acknowledged, kept on disk meanwhile.
+    outbox: Option<provis_core::outbox::Outbox>,
     enrollment: Option<enrollment::Enrollment>,
     view: Arc<fleet_view::FleetView>,
     desired: Option<DesiredParts>,
@@ -300,6 +302,7 @@ impl Startup {
             callout: None,
             nats: None,
             js: None,
+            outbox: None,
             enrollment: None,
             desired: None,
             service: None,
@@ -377,6 +380,12 @@ impl Startup {
         let nats = connect(self.url(), "fleet", options).await?;
         self.connections.push(nats.clone());
         self.js = Some(async_nats::jetstream::new(nats.clone()));
+        self.outbox = Some(provis_core::outbox::Outbox::start(
+            nats.clone(),
+            Some(self.config.data_dir().join("outbox.jsonl")),
+            provis_core::outbox::DEFAULT_MAX_BYTES,
+            &self.lifecycle,
+        ));
         self.nats = Some(nats);
         Ok(())
     }
@@ -409,7 +418,7 @@ impl Startup {
         )
         .await
         .map_err(MasterError::Enrollment)?;
-        self.gatekeeper.ready(enrollment.clone(), self.nats()?);
+        self.gatekeeper.ready(enrollment.clone(), self.outbox()?);
         self.enrollment = Some(enrollment);
         Ok(())
     }
@@ -455,10 +464,10 @@ impl Startup {
     /// Follows the config repository (if any) and the registry, whose
     /// minions it assigns roles to.
     async fn follow_config_repository(&mut self) -> Result<(), MasterError> {
-        let (js, nats) = (self.js()?, self.nats()?);
+        let js = self.js()?;
         let desired = desired::DesiredState::open(
             js.clone(),
-            nats.clone(),
+            self.outbox()?,
             self.subjects.clone(),
             self.view.clone(),
             self.config.data_dir(),
@@ -479,14 +488,15 @@ impl Startup {
             let (reply, _) = tokio::sync::oneshot::channel();
             let _ = requests.send(desired::DesiredRequest::Sync(reply)).await;
         }
-        let (view, subjects, stop, assign) = (
+        let (view, subjects, stop, assign, outbox) = (
             self.view.clone(),
             self.subjects.clone(),
             self.lifecycle.stop_token(),
             requests.clone(),
+            self.outbox()?,
         );
         self.lifecycle.spawn_background(async move {
-            liveness::follow(js, nats, subjects, &view, assign, stop).await;
+            liveness::follow(js, outbox, subjects, &view, assign, stop).await;
         });
         self.desired = Some(DesiredParts {
             requests,
@@ -506,6 +516,7 @@ impl Startup {
         let served = Arc::new(api::Served {
             public_key: self.identity.public_key().to_owned(),
             nats: self.nats()?,
+            outbox: self.outbox()?,
             subjects: self.subjects.clone(),
             view: self.view.clone(),
             desired: desired.requests.clone(),
@@ -533,15 +544,14 @@ impl Startup {
     }
 
     async fn announce(&self) {
-        if let Ok(nats) = self.nats() {
+        if let Ok(outbox) = self.outbox() {
             event::emit(
-                &nats,
+                &outbox,
                 &self.subjects,
                 "master",
                 "master.started",
                 json!({ "version": provis_core::VERSION }),
-            )
-            .await;
+            );
         }
         tracing::info!(prefix = %self.subjects.prefix(), public_key = %self.identity.public_key(), "master serving; bundles and desired state are signed with this key (pin it on minions: trusted_bundle_keys)");
     }
@@ -554,7 +564,7 @@ impl Startup {
             subjects,
             lifecycle,
             connections,
-            nats,
+            outbox,
             desired,
             service,
             stop_on_drop,
@@ -576,6 +586,10 @@ impl Startup {
             {
                 tracing::debug!(error = %err, "service not stopped cleanly");
             }
+            // Said now: the outbox sends until the master closes.
+            if let Some(outbox) = &outbox {
+                event::emit(outbox, &subjects, "master", "master.stopped", json!({}));
+            }
             let report = life.drain(drain_timeout).await;
             if !report.complete() {
                 tracing::warn!(
@@ -583,9 +597,6 @@ impl Startup {
                     background_left = report.background_left,
                     "stopping after {drain_timeout:?} with work unfinished"
                 );
-            }
-            if let Some(nats) = &nats {
-                event::emit(nats, &subjects, "master", "master.stopped", json!({})).await;
             }
             for connection in &connections {
                 provis_core::lifecycle::close_connection(connection, true).await;
@@ -597,6 +608,12 @@ impl Startup {
 
     fn nats(&self) -> Result<async_nats::Client, MasterError> {
         self.nats
+            .clone()
+            .ok_or_else(|| MasterError::Settings("no fleet connection yet".into()))
+    }
+
+    fn outbox(&self) -> Result<provis_core::outbox::Outbox, MasterError> {
+        self.outbox
             .clone()
             .ok_or_else(|| MasterError::Settings("no fleet connection yet".into()))
     }

@@ -27,7 +27,7 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// or changes its facts, and marks silent minions offline.
 pub async fn follow(
     js: async_nats::jetstream::Context,
-    nats: async_nats::Client,
+    outbox: provis_core::outbox::Outbox,
     subjects: Subjects,
     view: &FleetView,
     desired: tokio::sync::mpsc::Sender<crate::desired::DesiredRequest>,
@@ -68,7 +68,7 @@ pub async fn follow(
                 let Some(store) = registry.as_ref() else { continue };
                 for (key, record) in &mut known {
                     if record.status == MinionStatus::Online && !record.is_live_at(now) {
-                        mark_offline(&nats, &subjects, store, key, record, now).await;
+                        mark_offline(&outbox, &subjects, store, key, record, now).await;
                     }
                 }
             }
@@ -94,7 +94,7 @@ fn registry_record() -> impl provis_core::signed_entry::EntryOpener<MinionRecord
 }
 
 async fn mark_offline(
-    nats: &async_nats::Client,
+    outbox: &provis_core::outbox::Outbox,
     subjects: &Subjects,
     registry: &Store,
     key: &str,
@@ -127,11 +127,10 @@ async fn mark_offline(
     let silent_ms = now - offline.heartbeat_unix_ms;
     tracing::warn!(minion = %key, silent_ms, "minion missed its heartbeats; marked offline");
     event::emit(
-        nats,
+        outbox,
         subjects,
         "master",
         "minion.offline",
         json!({ "minion": key, "reason": "missed_heartbeats", "last_seen_unix_ms": offline.heartbeat_unix_ms, "silent_ms": silent_ms }),
-    )
-    .await;
+    );
 }

@@ -3,6 +3,7 @@
 
 use provis_core::Subjects;
 use provis_core::event::CloudEvent;
+use provis_core::outbox::Outbox;
 use serde_json::Value;
 use tokio::sync::broadcast;
 
@@ -11,16 +12,18 @@ const LOCAL_BACKLOG: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct EventBus {
-    nats: async_nats::Client,
+    outbox: Outbox,
     subjects: Subjects,
     minion: String,
     local: broadcast::Sender<CloudEvent>,
 }
 
 impl EventBus {
-    pub fn new(nats: async_nats::Client, subjects: Subjects, minion: String) -> Self {
+    /// Events of `minion`, sent through `outbox` (which also carries its
+    /// state samples, so both keep their order).
+    pub fn new(outbox: Outbox, subjects: Subjects, minion: String) -> Self {
         Self {
-            nats,
+            outbox,
             subjects,
             minion,
             local: broadcast::channel(LOCAL_BACKLOG).0,
@@ -32,7 +35,12 @@ impl EventBus {
         let event = CloudEvent::new(&self.minion, kind, data);
         tracing::debug!(minion = %self.minion, kind, "event");
         let _ = self.local.send(event.clone());
-        event.publish(&self.nats, &self.subjects).await;
+        event.send(&self.outbox, &self.subjects);
+    }
+
+    /// The outbox events leave by.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
     }
 
     /// Says a desired-state entry was refused (forged, copied, put back,

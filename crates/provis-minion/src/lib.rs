@@ -214,13 +214,21 @@ impl Startup {
             (sys.roles.clone(), sys.machine_facts.clone(), sys.started);
         let facts = sys.facts();
         let dispatcher = Arc::new(Dispatcher::new(sys, table.clone()));
-        let events = events::EventBus::new(nats.clone(), subjects.clone(), config.id.to_string());
+        let lifecycle = Lifecycle::new();
+        // Events and state samples leave in order, acknowledged, kept on
+        // disk while the bus is away.
+        let outbox = provis_core::outbox::Outbox::start(
+            nats.clone(),
+            Some(config.data_dir().join("outbox.jsonl")),
+            provis_core::outbox::DEFAULT_MAX_BYTES,
+            &lifecycle,
+        );
+        let events = events::EventBus::new(outbox, subjects.clone(), config.id.to_string());
         let guard = provis_core::call_auth::CallGuard::new(config.trusted_callers.clone());
         let (desired, desired_rx) = watch::channel(services::DesiredRoles {
             roles: config.roles.clone(),
             ..services::DesiredRoles::default()
         });
-        let lifecycle = Lifecycle::new();
         Ok(Self {
             nats,
             owns_connection,
@@ -507,33 +515,33 @@ impl Runtime {
         let id = self.record.id.to_string();
         let mut heartbeat = tokio::time::interval(self.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut registry: Option<Store> = None;
-        let mut announced = false;
         let mut sampling = tokio::time::interval(self.state_interval);
         sampling.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!(minion = %id, roles = ?self.record.roles, "minion started");
+        // The registry is written by a task of its own: a write that waits
+        // for JetStream (a stream electing a leader) never holds up calls.
+        let (record_tx, records) = watch::channel(self.record.clone());
+        self.lifecycle.spawn_background(write_registry(
+            async_nats::jetstream::new(self.nats.clone()),
+            records,
+            self.events.clone(),
+        ));
         let lifecycle = self.lifecycle.clone();
         loop {
             tokio::select! {
                 () = lifecycle.stopping() => break,
-                _ = heartbeat.tick() => {
-                    if self.beat(&mut registry).await && !announced {
-                        announced = true;
-                        tracing::info!(minion = %id, "registered in the fleet");
-                        self.events.emit("minion.online", json!({ "minion": id, "roles": self.record.roles })).await;
-                    }
-                }
+                _ = heartbeat.tick() => self.beat(&record_tx),
                 _ = sampling.tick() => self.publish_sample().await,
                 Some(assignment) = assignments.recv() => {
                     if let Some(interval) = self.take_assignment(assignment).await {
                         sampling = tokio::time::interval(interval);
                         sampling.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     }
-                    self.beat(&mut registry).await;
+                    self.beat(&record_tx);
                 }
                 Ok(()) = converged.changed() => {
                     self.record.converged_commit = converged.borrow_and_update().clone();
-                    self.beat(&mut registry).await;
+                    self.beat(&record_tx);
                 }
                 message = calls.recv() => match message {
                     Some(message) => self.accept(message).await,
@@ -546,7 +554,7 @@ impl Runtime {
         while let Ok(message) = calls.try_recv() {
             self.accept(message).await;
         }
-        self.leave(registry.as_ref()).await;
+        self.leave(record_tx).await;
     }
 
     /// Takes up what the master assigns: roles (listening and services
@@ -609,41 +617,20 @@ impl Runtime {
             state: self.record.state.clone(),
         };
         let subject = self.subjects.state(&self.record.id);
-        match serde_json::to_vec(&sample) {
-            Ok(payload) => {
-                if let Err(err) = self.nats.publish(subject, payload.into()).await {
-                    tracing::warn!(minion = %self.record.id, error = %err, "state sample not published");
-                }
-            }
+        // One id per minion and instant: a sample sent twice is stored once.
+        let id = format!("{}-{}", self.record.id, sample.at_unix_ms);
+        match serde_json::to_string(&sample) {
+            Ok(payload) => self.events.outbox().send(subject, id, payload),
             Err(err) => tracing::warn!(error = %err, "state sample not serialisable"),
         }
     }
 
-    /// Refreshes the registry entry; true when it was written.
-    async fn beat(&mut self, registry: &mut Option<Store>) -> bool {
-        if registry.is_none() {
-            let js = async_nats::jetstream::new(self.nats.clone());
-            match registry::open_registry(&js).await {
-                Ok(store) => *registry = Some(store),
-                Err(err) => {
-                    tracing::warn!(minion = %self.record.id, error = %provis_core::error_chain(&err), "registry not reachable yet");
-                    return false;
-                }
-            }
-        }
-        let Some(store) = registry.as_ref() else {
-            return false;
-        };
+    /// Refreshes the registry entry: the writer task takes the latest.
+    fn beat(&mut self, records: &watch::Sender<MinionRecord>) {
         self.record.heartbeat_unix_ms = now_unix_ms();
         self.record.services = self.dispatcher.service_versions();
         self.record.state = self.machine.sample();
-        match registry::put_record(store, &self.record).await {
-            Ok(()) => true,
-            Err(err) => {
-                tracing::warn!(minion = %self.record.id, error = %provis_core::error_chain(&err), "heartbeat not written");
-                false
-            }
-        }
+        records.send_replace(self.record.clone());
     }
 
     /// Takes one message off a call subject and answers it on a task of its own,
@@ -732,15 +719,22 @@ impl Runtime {
     /// Says goodbye: marks the entry stopped so callers stop selecting it,
     /// lets the calls in flight finish and send their replies, then tells
     /// the fleet and closes the connection.
-    async fn leave(mut self, registry: Option<&Store>) {
+    async fn leave(mut self, records: watch::Sender<MinionRecord>) {
         let id = self.record.id.to_string();
         tracing::info!(minion = %id, in_flight = self.lifecycle.work_in_flight(), "minion stopping: no new calls; finishing those in flight");
+        // The writer writes this last and ends (the drain waits for it).
         self.record.status = MinionStatus::Stopped;
-        if let Some(store) = registry
-            && let Err(err) = registry::put_record(store, &self.record).await
-        {
-            tracing::warn!(minion = %id, error = %provis_core::error_chain(&err), "could not mark the registry entry stopped");
-        }
+        self.record.heartbeat_unix_ms = now_unix_ms();
+        records.send_replace(self.record.clone());
+        drop(records);
+        // Said now, so it leaves with what the calls in flight emit while
+        // they finish: the outbox sends until the minion closes.
+        self.events
+            .emit(
+                "minion.offline",
+                json!({ "minion": id, "reason": "stopped" }),
+            )
+            .await;
         let report = self.lifecycle.drain(self.drain_timeout).await;
         if !report.complete() {
             tracing::warn!(
@@ -751,14 +745,74 @@ impl Runtime {
                 self.drain_timeout
             );
         }
-        self.events
-            .emit(
-                "minion.offline",
-                json!({ "minion": id, "reason": "stopped" }),
-            )
-            .await;
         provis_core::lifecycle::close_connection(&self.nats, self.owns_connection).await;
         tracing::info!(minion = %id, "minion stopped");
+    }
+}
+
+/// How long one registry write may take before the next is tried.
+const REGISTRY_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Writes the latest of `records` to the registry whenever it changes
+/// (every heartbeat, every change), until the minion drops the sender
+/// after its last record (stopped). Announces the minion (`minion.online`)
+/// once its entry is first written; a failing write is logged once per
+/// streak and tried again with the next record.
+async fn write_registry(
+    js: async_nats::jetstream::Context,
+    mut records: watch::Receiver<MinionRecord>,
+    events: events::EventBus,
+) {
+    let mut store: Option<Store> = None;
+    let mut announced = false;
+    let mut failing = false;
+    loop {
+        let closed = records.changed().await.is_err();
+        let record = records.borrow_and_update().clone();
+        // The last record (stopped) is written before the writer ends.
+        if closed && record.status != MinionStatus::Stopped {
+            return;
+        }
+        let written = tokio::time::timeout(REGISTRY_WRITE_TIMEOUT, async {
+            if store.is_none() {
+                store = Some(registry::open_registry(&js).await?);
+            }
+            match &store {
+                Some(store) => registry::put_record(store, &record).await,
+                None => Ok(()),
+            }
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {
+                if failing {
+                    tracing::info!(minion = %record.id, "heartbeats written again");
+                    failing = false;
+                }
+                if !announced {
+                    announced = true;
+                    tracing::info!(minion = %record.id, "registered in the fleet");
+                    events
+                        .emit(
+                            "minion.online",
+                            json!({ "minion": record.id, "roles": record.roles }),
+                        )
+                        .await;
+                }
+            }
+            Ok(Err(err)) if !failing => {
+                failing = true;
+                tracing::warn!(minion = %record.id, error = %provis_core::error_chain(&err), "heartbeat not written; calls are still answered");
+            }
+            Err(_) if !failing => {
+                failing = true;
+                tracing::warn!(minion = %record.id, "heartbeat not written in time; calls are still answered");
+            }
+            _ => {}
+        }
+        if closed {
+            return;
+        }
     }
 }
 
