@@ -30,6 +30,7 @@ pub async fn run(fleet: &FleetArgs, args: ApplyArgs) -> anyhow::Result<ExitCode>
         &async_nats::jetstream::new(client.nats().clone()),
         &repository,
         signer.as_ref(),
+        0,
     )
     .await?;
     outln!("{}", serde_json::to_string_pretty(&summary)?);

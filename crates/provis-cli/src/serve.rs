@@ -57,6 +57,9 @@ pub struct MasterArgs {
     /// Copies of every stream and bucket: 1 on one server, 3 on a cluster [default: 1]
     #[arg(long, env = "PROVIS_REPLICAS")]
     replicas: Option<u64>,
+    /// This master's name among the fleet's masters [default: <hostname>-<pid>]
+    #[arg(long, env = "PROVIS_MASTER_ID")]
+    master_id: Option<String>,
     #[command(subcommand)]
     action: Option<MasterAction>,
 }
@@ -109,6 +112,9 @@ impl MasterArgs {
         }
         if let Some(replicas) = self.replicas {
             overrides.insert("replicas".into(), toml_int(replicas)?);
+        }
+        if let Some(id) = &self.master_id {
+            overrides.insert("master_id".into(), id.as_str().into());
         }
         Ok(overrides)
     }

@@ -25,6 +25,13 @@ pub async fn run_status(fleet: &FleetArgs, args: StatusArgs) -> anyhow::Result<E
         outln!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(ExitCode::SUCCESS);
     }
+    for master in &status.masters {
+        let role = match master.term {
+            Some(term) if master.leading => format!("leads (term {term})"),
+            _ => "standby".to_owned(),
+        };
+        outln!("master {} ({}): {role}", master.id, master.version);
+    }
     match &status.applied {
         None => outln!("no config applied yet"),
         Some(applied) => {

@@ -317,7 +317,7 @@ impl LocalFleet<'_> {
         let js = async_nats::jetstream::new(nats.clone());
         let signer = self.secured.as_ref().map(|keys| &keys.master);
         let desired = self.desired;
-        let summary = provis_master::apply::apply(&js, desired, signer)
+        let summary = provis_master::apply::apply(&js, desired, signer, 0)
             .await
             .context("applying the config repository")?;
         outln!(

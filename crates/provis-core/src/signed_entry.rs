@@ -38,6 +38,25 @@ use crate::identity::{Identity, verify};
 const SIGNER: &str = "_signer";
 const SIGNATURE: &str = "_signature";
 const WRITTEN_AT: &str = "_at";
+const TERM: &str = "_term";
+
+/// When an entry was written, and in which leader's term: entries compare
+/// by term first (a deposed leader's later write loses to its successor's
+/// earlier one), then by time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Stamp {
+    /// The writing leader's term (the lease revision it led from); 0 for
+    /// entries written outside a leader (`provis apply`, older masters).
+    pub term: u64,
+    pub at_ms: i64,
+}
+
+impl From<i64> for Stamp {
+    /// Written at `at_ms`, outside any term.
+    fn from(at_ms: i64) -> Self {
+        Self { term: 0, at_ms }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EntryError {
@@ -51,8 +70,15 @@ pub enum EntryError {
     BadSignature { bucket: String, key: String },
     #[error("unreadable value: {0}")]
     Value(String),
-    #[error("written at {at} ms, before the entry held ({held} ms): an older value put back")]
-    Older { at: i64, held: i64 },
+    #[error(
+        "written at {at} ms in term {term}, before the entry held ({held} ms, term {held_term}): an older value put back"
+    )]
+    Older {
+        at: i64,
+        term: u64,
+        held: i64,
+        held_term: u64,
+    },
     #[error("no key is pinned, so no entry can be told genuine")]
     NothingPinned,
     #[error("stored under {key} but names {named}")]
@@ -78,14 +104,19 @@ impl EntryError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Opened<T> {
     pub value: T,
-    pub written_at_ms: Option<i64>,
+    pub written: Option<Stamp>,
 }
 
 impl<T> Opened<T> {
     /// Refuses this entry when it is older than `held` (the latest taken).
-    pub fn not_older_than(self, held: Option<i64>) -> Result<Self, EntryError> {
-        match (self.written_at_ms, held) {
-            (Some(at), Some(held)) if at < held => Err(EntryError::Older { at, held }),
+    pub fn not_older_than(self, held: Option<Stamp>) -> Result<Self, EntryError> {
+        match (self.written, held) {
+            (Some(written), Some(held)) if written < held => Err(EntryError::Older {
+                at: written.at_ms,
+                term: written.term,
+                held: held.at_ms,
+                held_term: held.term,
+            }),
             _ => Ok(self),
         }
     }
@@ -97,21 +128,26 @@ fn message(bucket: &str, key: &str, value: &Map<String, Value>) -> Vec<u8> {
     message
 }
 
-/// `value` as stored under `bucket`/`key`, signed by `identity`, written at
-/// `written_at_ms` (pass [`next_written_at`] of the entry it replaces).
+/// `value` as stored under `bucket`/`key`, signed by `identity`, stamped
+/// `written` (pass [`next_written_at`] of the entry it replaces, and the
+/// writing leader's term).
 pub fn sign(
     bucket: &str,
     key: &str,
     value: &impl Serialize,
     identity: &Identity,
-    written_at_ms: i64,
+    written: impl Into<Stamp>,
 ) -> Result<Vec<u8>, EntryError> {
+    let written = written.into();
     let Value::Object(mut object) =
         serde_json::to_value(value).map_err(|err| EntryError::NotJson(err.to_string()))?
     else {
         return Err(EntryError::NotJson("not an object".into()));
     };
-    object.insert(WRITTEN_AT.into(), written_at_ms.into());
+    object.insert(WRITTEN_AT.into(), written.at_ms.into());
+    if written.term > 0 {
+        object.insert(TERM.into(), written.term.into());
+    }
     let signature = identity.sign(&message(bucket, key, &object));
     object.insert(SIGNER.into(), identity.public_key().into());
     object.insert(SIGNATURE.into(), signature.into());
@@ -150,11 +186,15 @@ pub fn open<T: DeserializeOwned>(
         }
     }
     let written_at_ms = object.remove(WRITTEN_AT).and_then(|at| at.as_i64());
+    let term = object
+        .remove(TERM)
+        .and_then(|term| term.as_u64())
+        .unwrap_or(0);
     let value = serde_json::from_value(Value::Object(object))
         .map_err(|err| EntryError::Value(err.to_string()))?;
     Ok(Opened {
         value,
-        written_at_ms,
+        written: written_at_ms.map(|at_ms| Stamp { term, at_ms }),
     })
 }
 
@@ -163,8 +203,8 @@ pub fn open<T: DeserializeOwned>(
 pub fn next_written_at(current: Option<&[u8]>, now_ms: i64) -> i64 {
     let previous = current
         .and_then(|bytes| open::<Value>("", "", bytes, &[]).ok())
-        .and_then(|opened| opened.written_at_ms);
-    previous.map_or(now_ms, |previous| now_ms.max(previous + 1))
+        .and_then(|opened| opened.written);
+    previous.map_or(now_ms, |previous| now_ms.max(previous.at_ms + 1))
 }
 
 /// True when the stored bytes hold `value` — signed by `signer` for this
@@ -190,7 +230,7 @@ pub enum Followed<T> {
     Taken {
         key: String,
         value: T,
-        written_at_ms: Option<i64>,
+        written: Option<Stamp>,
     },
     /// The key was deleted or purged.
     Removed { key: String },
@@ -203,10 +243,10 @@ pub enum Followed<T> {
 
 /// How [`follow`] opens an entry: (key, stored bytes, when the entry held
 /// under that key was written) → the value, or why it is refused.
-pub trait EntryOpener<T>: Fn(&str, &[u8], Option<i64>) -> Result<Opened<T>, EntryError> {}
+pub trait EntryOpener<T>: Fn(&str, &[u8], Option<Stamp>) -> Result<Opened<T>, EntryError> {}
 
 impl<T, F> EntryOpener<T> for F where
-    F: Fn(&str, &[u8], Option<i64>) -> Result<Opened<T>, EntryError>
+    F: Fn(&str, &[u8], Option<Stamp>) -> Result<Opened<T>, EntryError>
 {
 }
 
@@ -217,7 +257,7 @@ pub fn signed_by<T: DeserializeOwned>(
     bucket: &'static str,
     trusted: Vec<String>,
 ) -> impl EntryOpener<T> + Send + 'static {
-    move |key: &str, bytes: &[u8], held: Option<i64>| {
+    move |key: &str, bytes: &[u8], held: Option<Stamp>| {
         open::<T>(bucket, key, bytes, &trusted).and_then(|opened| opened.not_older_than(held))
     }
 }
@@ -228,7 +268,7 @@ pub fn signed_by_pinned<T: DeserializeOwned>(
     bucket: &'static str,
     trusted: Vec<String>,
 ) -> impl EntryOpener<T> + Send + 'static {
-    move |key: &str, bytes: &[u8], held: Option<i64>| {
+    move |key: &str, bytes: &[u8], held: Option<Stamp>| {
         if trusted.is_empty() {
             return Err(EntryError::NothingPinned);
         }
@@ -238,11 +278,11 @@ pub fn signed_by_pinned<T: DeserializeOwned>(
 
 /// Opens plain JSON entries, unsigned and untimed.
 pub fn plain<T: DeserializeOwned>() -> impl EntryOpener<T> + Send + 'static {
-    |_key: &str, bytes: &[u8], _held: Option<i64>| {
+    |_key: &str, bytes: &[u8], _held: Option<Stamp>| {
         serde_json::from_slice(bytes)
             .map(|value| Opened {
                 value,
-                written_at_ms: None,
+                written: None,
             })
             .map_err(|err| EntryError::Value(err.to_string()))
     }
@@ -311,7 +351,7 @@ struct Follower<O, T> {
     keys: String,
     open: O,
     /// When the entry taken under each key was written.
-    held: HashMap<String, i64>,
+    held: HashMap<String, Stamp>,
     /// Keys that hold a value now, as far as this follower knows.
     present: std::collections::HashSet<String>,
     /// The value refused last under each key (a digest): read again, it is
@@ -457,14 +497,14 @@ where
         let held = self.held.get(&key).copied();
         match (self.open)(&key, value, held) {
             Ok(opened) => {
-                if let Some(at) = opened.written_at_ms {
-                    self.held.insert(key.clone(), at);
+                if let Some(written) = opened.written {
+                    self.held.insert(key.clone(), written);
                 }
                 self.present.insert(key.clone());
                 Followed::Taken {
                     key,
                     value: opened.value,
-                    written_at_ms: opened.written_at_ms,
+                    written: opened.written,
                 }
             }
             Err(error) => {
@@ -524,7 +564,7 @@ mod tests {
         let stored = sign("provis_roles", "web", &spec, &master, 1_000).unwrap();
         let opened = open::<RoleSpec>("provis_roles", "web", &stored, &trusted).unwrap();
         assert_eq!(opened.value, spec);
-        assert_eq!(opened.written_at_ms, Some(1_000));
+        assert_eq!(opened.written, Some(Stamp::from(1_000)));
         // Readers that pin nothing see the plain value.
         let plain = open::<RoleSpec>("provis_roles", "web", &stored, &[]).unwrap();
         assert_eq!(plain.value, spec);
@@ -547,7 +587,7 @@ mod tests {
         let newer = sign("provis_roles", "web", &spec, &master, 1_001).unwrap();
         let held = open::<RoleSpec>("provis_roles", "web", &newer, &trusted)
             .unwrap()
-            .written_at_ms;
+            .written;
         assert!(matches!(
             opened.not_older_than(held),
             Err(EntryError::Older { .. })
@@ -570,6 +610,43 @@ mod tests {
         assert!(matches!(
             open::<RoleSpec>("provis_roles", "web", &theirs, &trusted),
             Err(EntryError::Untrusted(_))
+        ));
+        // A later term wins over an earlier one, whatever the clocks say: a
+        // deposed leader writing late cannot overwrite its successor.
+        let successor = sign(
+            "provis_roles",
+            "web",
+            &spec,
+            &master,
+            Stamp {
+                term: 9,
+                at_ms: 500,
+            },
+        )
+        .unwrap();
+        let successor = open::<RoleSpec>("provis_roles", "web", &successor, &trusted)
+            .unwrap()
+            .written;
+        let deposed = sign(
+            "provis_roles",
+            "web",
+            &spec,
+            &master,
+            Stamp {
+                term: 4,
+                at_ms: 9_000,
+            },
+        )
+        .unwrap();
+        assert!(matches!(
+            open::<RoleSpec>("provis_roles", "web", &deposed, &trusted)
+                .unwrap()
+                .not_older_than(successor),
+            Err(EntryError::Older {
+                term: 4,
+                held_term: 9,
+                ..
+            })
         ));
         // Signing is deterministic: the same value and time write the same bytes.
         assert_eq!(

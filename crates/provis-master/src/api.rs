@@ -48,6 +48,10 @@ pub struct Served {
     pub config: tokio::sync::watch::Receiver<PublishedConfig>,
     pub enrollment: Enrollment,
     pub gatekeeper: Arc<crate::admission::Gatekeeper>,
+    /// Whether this master leads (leader-only endpoints follow it).
+    pub leadership: crate::leadership::Leadership,
+    /// The lease bucket, where every master says it runs.
+    pub leader_bucket: Option<async_nats::jetstream::kv::Store>,
 }
 
 impl Served {
@@ -58,15 +62,20 @@ impl Served {
     }
 }
 
+/// The running service, shared by the endpoints (the leader-only ones add
+/// themselves while their master leads); taken out to stop it.
+pub type SharedService = Arc<std::sync::Mutex<Option<Service>>>;
+
 /// Starts the `provis-master` service with every endpoint on `connection`
 /// (one that may publish only to inboxes, on a secured fleet); the
 /// endpoints stop taking requests when `lifecycle` stops, and answer those
-/// they took.
+/// they took. Endpoints only the leader serves are served while this
+/// master leads.
 pub async fn serve(
     served: Arc<Served>,
     connection: &async_nats::Client,
     lifecycle: &Lifecycle,
-) -> Result<Service, MasterError> {
+) -> Result<SharedService, MasterError> {
     let metadata = [
         ("prefix".to_owned(), served.subjects.prefix().to_string()),
         ("public_key".to_owned(), served.public_key.clone()),
@@ -82,6 +91,7 @@ pub async fn serve(
             what: api::SERVICE_NAME.to_owned(),
             source,
         })?;
+    let service: SharedService = Arc::new(std::sync::Mutex::new(Some(service)));
     let endpoints = Endpoints {
         service: &service,
         served: &served,
@@ -105,13 +115,38 @@ pub async fn serve(
 }
 
 struct Endpoints<'a> {
-    service: &'a Service,
+    service: &'a SharedService,
     served: &'a Arc<Served>,
     lifecycle: &'a Lifecycle,
 }
 
+/// Subscribes endpoint `E` on `service` (none once the service stopped).
+async fn subscribe<E: Endpoint>(
+    service: &SharedService,
+    subject: &str,
+) -> Result<Option<async_nats::service::endpoint::Endpoint>, MasterError> {
+    let builder = service
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .as_ref()
+        .map(|service| service.endpoint_builder());
+    let Some(builder) = builder else {
+        return Ok(None);
+    };
+    builder
+        .name(E::NAME)
+        .add(subject.to_owned())
+        .await
+        .map(Some)
+        .map_err(|source| MasterError::Serve {
+            what: subject.to_owned(),
+            source,
+        })
+}
+
 impl Endpoints<'_> {
-    /// Subscribes `E`'s subject and answers each request with `handler`.
+    /// Serves `E` with `handler`: from now on, or, for an endpoint only
+    /// the leader serves, whenever this master leads.
     async fn add<E, H, F>(&self, handler: H) -> Result<(), MasterError>
     where
         E: Endpoint + 'static,
@@ -119,45 +154,117 @@ impl Endpoints<'_> {
         F: Future<Output = Result<E::Response, ApiError>> + Send + 'static,
     {
         let subject = self.served.subjects.master(E::SUBJECT);
-        let mut endpoint = self
-            .service
-            .endpoint_builder()
-            .name(E::NAME)
-            .add(subject.clone())
-            .await
-            .map_err(|source| MasterError::Serve {
-                what: subject.clone(),
-                source,
-            })?;
         let handler = Arc::new(handler);
-        let (served, lifecycle) = (self.served.clone(), self.lifecycle.clone());
-        self.lifecycle.spawn_background(async move {
-            let take = |request| {
-                let (served, handler) = (served.clone(), handler.clone());
-                lifecycle.spawn_work(answer::<E, H, F>(served, request, handler));
+        let (served, lifecycle, service) = (
+            self.served.clone(),
+            self.lifecycle.clone(),
+            self.service.clone(),
+        );
+        if !E::LEADER_ONLY {
+            let Some(endpoint) = subscribe::<E>(&service, &subject).await? else {
+                return Ok(());
             };
+            self.lifecycle.spawn_background(async move {
+                take_requests::<E, H, F>(endpoint, &subject, &served, &handler, &lifecycle, None)
+                    .await;
+            });
+            return Ok(());
+        }
+        self.lifecycle.spawn_background(async move {
+            let mut leading = served.leadership.watch();
             loop {
-                tokio::select! {
-                    () = lifecycle.stopping() => break,
-                    request = endpoint.next() => match request {
-                        Some(request) => take(request),
-                        None => return,
-                    },
+                // Wait to lead.
+                loop {
+                    if leading.borrow_and_update().leading() {
+                        break;
+                    }
+                    tokio::select! {
+                        () = lifecycle.stopping() => return,
+                        changed = leading.changed() => if changed.is_err() { return },
+                    }
                 }
-            }
-            // Stop taking requests, then answer those the subscription
-            // already holds: it ends once the server has the unsubscribe.
-            if let Err(err) = endpoint.stop().await {
-                tracing::debug!(%subject, error = %err, "endpoint not unsubscribed");
-            }
-            while let Ok(Some(request)) =
-                tokio::time::timeout(Duration::from_secs(2), endpoint.next()).await
-            {
-                take(request);
+                let endpoint = match subscribe::<E>(&service, &subject).await {
+                    Ok(Some(endpoint)) => endpoint,
+                    Ok(None) => return,
+                    Err(err) => {
+                        tracing::warn!(error = %provis_core::error_chain(&err), "leader endpoint not served; trying again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                tracing::debug!(%subject, "serving while leading");
+                if take_requests::<E, H, F>(
+                    endpoint,
+                    &subject,
+                    &served,
+                    &handler,
+                    &lifecycle,
+                    Some(&mut leading),
+                )
+                .await
+                {
+                    return;
+                }
             }
         });
         Ok(())
     }
+}
+
+/// Answers requests on `endpoint` until the master stops (true) or, for a
+/// leader-only endpoint, stops leading (false); then unsubscribes and
+/// answers what the subscription still held.
+async fn take_requests<E, H, F>(
+    mut endpoint: async_nats::service::endpoint::Endpoint,
+    subject: &str,
+    served: &Arc<Served>,
+    handler: &Arc<H>,
+    lifecycle: &Lifecycle,
+    // Some for an endpoint only the leader serves.
+    mut leading: Option<&mut tokio::sync::watch::Receiver<crate::leadership::LeaderState>>,
+) -> bool
+where
+    E: Endpoint + 'static,
+    H: Fn(Arc<Served>, E::Request) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<E::Response, ApiError>> + Send + 'static,
+{
+    let take = |request| {
+        let (served, handler) = (served.clone(), handler.clone());
+        lifecycle.spawn_work(answer::<E, H, F>(served, request, handler));
+    };
+    let stopped = loop {
+        tokio::select! {
+            () = lifecycle.stopping() => break true,
+            still_leading = async {
+                match leading.as_deref_mut() {
+                    Some(leading) => match leading.changed().await {
+                        Ok(()) => leading.borrow_and_update().leading(),
+                        Err(_) => false,
+                    },
+                    None => std::future::pending().await,
+                }
+            } => {
+                if !still_leading {
+                    break false;
+                }
+            }
+            request = endpoint.next() => match request {
+                Some(request) => take(request),
+                None => break true,
+            },
+        }
+    };
+    // Stop taking requests, then answer those the subscription already
+    // holds: it ends once the server has the unsubscribe.
+    if let Err(err) = endpoint.stop().await {
+        tracing::debug!(%subject, error = %err, "endpoint not unsubscribed");
+    }
+    while let Ok(Some(request)) =
+        tokio::time::timeout(Duration::from_secs(2), endpoint.next()).await
+    {
+        take(request);
+    }
+    stopped
 }
 
 async fn answer<E, H, F>(
@@ -303,7 +410,12 @@ async fn status(served: Arc<Served>, request: StatusRequest) -> Result<StatusPag
         })
         .collect();
     let (minions, next) = take_page(minions, &request.page, served.page_budget());
+    let masters = match (&served.leader_bucket, &request.page.cursor) {
+        (Some(bucket), None) => crate::leadership::masters(bucket).await,
+        _ => Vec::new(),
+    };
     Ok(StatusPage {
+        masters,
         applied: published.applied,
         rejected: published.rejected,
         minions,

@@ -53,10 +53,13 @@ where
 }
 
 /// Applies `repository`; writes only what differs from the current state.
+/// Role entries are signed by `signer` (when given) in leader term `term`
+/// (0 outside a leader: `provis apply`, `provis up`).
 pub async fn apply(
     js: &jetstream::Context,
     repository: &ConfigRepository,
     signer: Option<&provis_core::identity::Identity>,
+    term: u64,
 ) -> Result<ApplySummary, ApplyError> {
     let store = BundleStore::open(js).await?;
     let roles_kv = js
@@ -103,10 +106,13 @@ pub async fn apply(
                 role.as_str(),
                 spec,
                 signer,
-                provis_core::signed_entry::next_written_at(
-                    current,
-                    provis_core::envelope::now_unix_ms(),
-                ),
+                provis_core::signed_entry::Stamp {
+                    term,
+                    at_ms: provis_core::signed_entry::next_written_at(
+                        current,
+                        provis_core::envelope::now_unix_ms(),
+                    ),
+                },
             )
             .map_err(role_error(role.as_str()))?,
             None => serde_json::to_vec(spec).map_err(role_error(role.as_str()))?,

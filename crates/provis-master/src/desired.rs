@@ -80,6 +80,8 @@ pub struct DesiredState {
     rejected: Option<String>,
     last_source_error: Option<String>,
     published: watch::Sender<PublishedConfig>,
+    /// Only the leading master writes desired state.
+    leadership: crate::leadership::Leadership,
 }
 
 impl std::fmt::Debug for DesiredState {
@@ -98,6 +100,7 @@ impl DesiredState {
         view: Arc<FleetView>,
         work_dir: PathBuf,
         identity: Arc<provis_core::identity::Identity>,
+        leadership: crate::leadership::Leadership,
     ) -> Result<Self, jetstream::context::KeyValueError> {
         let config = js.get_key_value(BUCKET_CONFIG).await?;
         let assignments = js.get_key_value(BUCKET_ASSIGNMENTS).await?;
@@ -129,6 +132,7 @@ impl DesiredState {
             rejected,
             last_source_error: None,
             published,
+            leadership,
         })
     }
 
@@ -157,6 +161,8 @@ impl DesiredState {
         // The next poll is fixed when the last one ran, so a stream of other
         // requests never pushes it back.
         let mut last_poll = tokio::time::Instant::now();
+        let mut leading = self.leadership.watch();
+        let mut led = false;
         loop {
             let current = settings.borrow().clone();
             let poll = self
@@ -165,12 +171,25 @@ impl DesiredState {
                 .and_then(|(_, repo)| repo.master.poll_interval_s)
                 .unwrap_or(current.poll_interval_s)
                 .max(1);
+            let leads = leading.borrow_and_update().leading();
+            if leads && !led {
+                // Just took the lease: catch up with the repository (what
+                // a former leader left half done included) and with every
+                // minion's assignment.
+                tracing::info!("leading: desired state is this master's to write");
+                self.take_over(&current).await;
+                last_poll = tokio::time::Instant::now();
+            } else if led && !leads {
+                tracing::info!("no longer leading: desired state is the new leader's");
+            }
+            led = leads;
             tokio::select! {
                 biased;
                 () = stop.cancelled() => return,
+                changed = leading.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep_until(last_poll + Duration::from_secs(poll)) => {
                     last_poll = tokio::time::Instant::now();
-                    if current.repository.is_some() {
+                    if leads && current.repository.is_some() {
                         let _ = self.sync(&current).await;
                     }
                 }
@@ -180,23 +199,50 @@ impl DesiredState {
                     }
                     tracing::info!(settings = ?*settings.borrow(), "desired-state settings reloaded");
                     let current = settings.borrow().clone();
-                    if current.repository.is_some() {
+                    if leads && current.repository.is_some() {
                         let _ = self.sync(&current).await;
                     }
                 }
                 request = requests.recv() => match request {
                     None => return,
                     Some(DesiredRequest::Sync(reply)) => {
-                        let outcome = self.sync(&current).await;
+                        let outcome = match self.leadership.term() {
+                            Some(_) => self.sync(&current).await,
+                            None => Err(not_leading()),
+                        };
                         let _ = reply.send(outcome);
                     }
                     Some(DesiredRequest::Role { request, reply }) => {
-                        let outcome = self.change_overlay(request).await;
+                        let outcome = match self.leadership.term() {
+                            Some(_) => self.change_overlay(request).await,
+                            None => Err(not_leading()),
+                        };
                         let _ = reply.send(outcome);
                     }
-                    Some(DesiredRequest::Minion(id)) => self.assign_minions(Some(&id)).await,
+                    Some(DesiredRequest::Minion(id)) => {
+                        if leads {
+                            self.assign_minions(Some(&id)).await;
+                        }
+                    }
                 },
             }
+        }
+    }
+
+    /// What a master does when it takes the lease: its records may be
+    /// stale (another master led), so it reads them again, applies the
+    /// repository's head if that is new, and rewrites every assignment
+    /// that differs.
+    async fn take_over(&mut self, settings: &SourceSettings) {
+        self.applied = match self.config.get("applied").await {
+            Ok(Some(value)) => serde_json::from_slice(&value).ok(),
+            _ => self.applied.take(),
+        };
+        self.publish();
+        if settings.repository.is_some() {
+            let _ = self.sync(settings).await;
+        } else {
+            self.assign_minions(None).await;
         }
     }
 
@@ -275,7 +321,10 @@ impl DesiredState {
             self.assign_minions(None).await;
             return Ok(answer(commit, SyncOutcome::AlreadyApplied));
         }
-        let changes = match apply(&self.js, &repo, Some(&self.identity)).await {
+        let Some(term) = self.leadership.term() else {
+            return Err(not_leading());
+        };
+        let changes = match apply(&self.js, &repo, Some(&self.identity), term).await {
             Ok(changes) => changes,
             Err(err) => {
                 let err = provis_core::error_chain(&err);
@@ -334,12 +383,19 @@ impl DesiredState {
                 ) {
                     return;
                 }
+                let Some(term) = self.leadership.term() else {
+                    return;
+                };
+                let stamp = provis_core::signed_entry::Stamp {
+                    term,
+                    at_ms: provis_core::signed_entry::next_written_at(current, now_unix_ms()),
+                };
                 match provis_core::signed_entry::sign(
                     BUCKET_CONFIG,
                     "policy",
                     policy,
                     &self.identity,
-                    provis_core::signed_entry::next_written_at(current, now_unix_ms()),
+                    stamp,
                 ) {
                     Ok(value) => self
                         .config
@@ -490,12 +546,21 @@ impl DesiredState {
             ) {
                 continue;
             }
+            // Fenced: a master that lost the lease writes nothing more,
+            // and what it wrote in its term loses to its successor's.
+            let Some(term) = self.leadership.term() else {
+                return;
+            };
+            let stamp = provis_core::signed_entry::Stamp {
+                term,
+                at_ms: provis_core::signed_entry::next_written_at(stored, now_unix_ms()),
+            };
             let Ok(value) = provis_core::signed_entry::sign(
                 BUCKET_ASSIGNMENTS,
                 record.id.as_str(),
                 &assignment,
                 &self.identity,
-                provis_core::signed_entry::next_written_at(stored, now_unix_ms()),
+                stamp,
             ) else {
                 continue;
             };
@@ -504,6 +569,11 @@ impl DesiredState {
             }
         }
     }
+}
+
+/// What a master that does not lead answers a request to write.
+fn not_leading() -> ApiError {
+    ApiError::unavailable("this master does not lead (any more); ask again: the leader answers")
 }
 
 fn answer(commit: String, outcome: SyncOutcome) -> SyncAnswer {

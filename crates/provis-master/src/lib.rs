@@ -20,6 +20,7 @@ pub mod desired;
 pub mod enrollment;
 pub mod fleet_view;
 pub mod git_source;
+pub mod leadership;
 pub mod liveness;
 pub mod query;
 pub mod repository;
@@ -48,6 +49,10 @@ pub struct MasterConfig {
     /// Retention of the fleet's streams.
     #[serde(default)]
     pub storage: StorageLimits,
+    /// This master's name among the masters of the fleet (in `provis
+    /// status` and the lease). Default: the hostname and the process id.
+    #[serde(default)]
+    pub master_id: Option<String>,
     /// Copies JetStream keeps of every stream, bucket and the object store:
     /// 1 on a single server, 3 on a cluster (one node may die). Raising it
     /// raises the stores; lowering it lowers nothing. Default: 1.
@@ -145,6 +150,16 @@ impl MasterConfig {
             .join("master")
     }
 
+    /// This master's name: `master_id`, else `<hostname>-<pid>`.
+    pub fn master_id(&self) -> String {
+        self.master_id.clone().unwrap_or_else(|| {
+            let host = hostname::get()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "master".to_owned());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+
     /// The master's key: `signing_key`, else `<data_dir>/master.key`.
     pub fn key_path(&self) -> std::path::PathBuf {
         self.signing_key
@@ -168,6 +183,7 @@ impl Default for MasterConfig {
         Self {
             fleet: FleetContext::default(),
             storage: StorageLimits::default(),
+            master_id: None,
             replicas: default_replicas(),
             state_bucket_s: default_state_bucket_s(),
             repository: None,
@@ -260,7 +276,9 @@ struct Startup {
     enrollment: Option<enrollment::Enrollment>,
     view: Arc<fleet_view::FleetView>,
     desired: Option<DesiredParts>,
-    service: Option<async_nats::service::Service>,
+    service: Option<api::SharedService>,
+    /// Whether this master leads, and the lease bucket.
+    leadership: Option<(leadership::Leadership, async_nats::jetstream::kv::Store)>,
     /// Stops what started if the start fails or is dropped half-way.
     stop_on_drop: tokio_util::sync::DropGuard,
 }
@@ -306,6 +324,7 @@ impl Startup {
             enrollment: None,
             desired: None,
             service: None,
+            leadership: None,
         })
     }
 
@@ -314,6 +333,7 @@ impl Startup {
         self.admit_connections().await?;
         self.connect_fleet().await?;
         self.ensure_storage().await?;
+        self.campaign().await?;
         self.open_enrollment().await?;
         self.connect_system().await?;
         self.follow_fleet();
@@ -403,6 +423,26 @@ impl Startup {
         Ok(())
     }
 
+    /// Campaigns for the lease: the writing work runs while this master leads.
+    async fn campaign(&mut self) -> Result<(), MasterError> {
+        let store = leadership::open_bucket(&self.js()?, self.config.replicas).await?;
+        let (leadership, campaign) = leadership::campaign(
+            store.clone(),
+            self.config.master_id(),
+            self.lifecycle.stop_token(),
+        );
+        self.lifecycle.spawn_background(campaign);
+        self.leadership = Some((leadership, store));
+        Ok(())
+    }
+
+    fn leading(&self) -> leadership::Leadership {
+        self.leadership.as_ref().map_or_else(
+            || leadership::Leadership::fixed(leadership::LeaderState::default()),
+            |(leadership, _)| leadership.clone(),
+        )
+    }
+
     /// Opens enrollment: in the callout's own account when there is one,
     /// which no fleet identity can reach, not even through the server
     /// copying a stream's messages onto a subject they choose.
@@ -472,6 +512,7 @@ impl Startup {
             self.view.clone(),
             self.config.data_dir(),
             self.identity.clone(),
+            self.leading(),
         )
         .await
         .map_err(MasterError::Desired)?;
@@ -483,20 +524,16 @@ impl Startup {
             requests_rx,
             self.lifecycle.stop_token(),
         ));
-        if self.config.repository.is_some() {
-            // Take up the repository at once rather than after a poll interval.
-            let (reply, _) = tokio::sync::oneshot::channel();
-            let _ = requests.send(desired::DesiredRequest::Sync(reply)).await;
-        }
-        let (view, subjects, stop, assign, outbox) = (
+        let (view, subjects, stop, assign, outbox, leading) = (
             self.view.clone(),
             self.subjects.clone(),
             self.lifecycle.stop_token(),
             requests.clone(),
             self.outbox()?,
+            self.leading(),
         );
         self.lifecycle.spawn_background(async move {
-            liveness::follow(js, outbox, subjects, &view, assign, stop).await;
+            liveness::follow(js, outbox, subjects, &view, assign, leading, stop).await;
         });
         self.desired = Some(DesiredParts {
             requests,
@@ -523,6 +560,8 @@ impl Startup {
             config: desired.published.clone(),
             enrollment: enrollment.clone(),
             gatekeeper: self.gatekeeper.clone(),
+            leadership: self.leading(),
+            leader_bucket: self.leadership.as_ref().map(|(_, store)| store.clone()),
         });
         // Its own connection, which the callout lets publish to inboxes only.
         let options = self
@@ -581,6 +620,12 @@ impl Startup {
                 in_flight = life.work_in_flight(),
                 "master stopping: no new requests; finishing those in flight"
             );
+            let service = service.and_then(|shared| {
+                shared
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take()
+            });
             if let Some(service) = service
                 && let Err(err) = service.stop().await
             {

@@ -1,5 +1,5 @@
-//! Noticing minions that go silent: the master follows the registry with one
-//! watch, and when a minion misses its heartbeats (three of its own
+//! Noticing minions that go silent: every master follows the registry into
+//! its view, and the leading one, when a minion misses its heartbeats (three of its own
 //! intervals) it marks the entry offline and emits `minion.offline` with
 //! reason `missed_heartbeats`. A minion that stops cleanly marks itself
 //! stopped and emits its own event; one that comes back overwrites the mark
@@ -31,6 +31,7 @@ pub async fn follow(
     subjects: Subjects,
     view: &FleetView,
     desired: tokio::sync::mpsc::Sender<crate::desired::DesiredRequest>,
+    leadership: crate::leadership::Leadership,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut entries = follow_entries(js.clone(), BUCKET_MINIONS, ">", registry_record());
@@ -61,6 +62,10 @@ pub async fn follow(
                 None => return,
             },
             _ = sweep.tick() => {
+                // Offline marks are writes: the leader's.
+                if leadership.term().is_none() {
+                    continue;
+                }
                 let now = now_unix_ms();
                 if registry.is_none() {
                     registry = provis_core::registry::open_registry(&js).await.ok();
@@ -81,7 +86,7 @@ pub async fn follow(
 /// speaking for that minion).
 fn registry_record() -> impl provis_core::signed_entry::EntryOpener<MinionRecord> + Send + 'static {
     let plain = provis_core::signed_entry::plain::<MinionRecord>();
-    move |key: &str, bytes: &[u8], held: Option<i64>| {
+    move |key: &str, bytes: &[u8], held: Option<provis_core::signed_entry::Stamp>| {
         let opened = plain(key, bytes, held)?;
         if opened.value.id.as_str() != key {
             return Err(EntryError::WrongKey {

@@ -18,7 +18,7 @@ use provis_bundle::{BundleStore, ServicePointer};
 use provis_core::RoleName;
 use provis_core::roles::{RoleSpec, services_for};
 use provis_core::signed_entry::{
-    EntryError, EntryOpener, Followed, Opened, follow as follow_entries, signed_by,
+    EntryError, EntryOpener, Followed, Opened, Stamp, follow as follow_entries, signed_by,
 };
 use provis_core::storage::{BUCKET_ROLES, BUCKET_SERVICES};
 use provis_js::{HostContext, ServiceEvent, ServiceSandbox, StateStore};
@@ -148,10 +148,11 @@ pub async fn reconcile_forever(
 /// bundle loads), but with pinned keys not one published before the
 /// pointer held under its name (an older one put back).
 fn pointer_opener(trusted: Vec<String>) -> impl EntryOpener<ServicePointer> + Send + 'static {
-    move |_key: &str, bytes: &[u8], held: Option<i64>| {
+    move |_key: &str, bytes: &[u8], held: Option<Stamp>| {
         let pointer: ServicePointer =
             serde_json::from_slice(bytes).map_err(|err| EntryError::Value(err.to_string()))?;
         let at = pointer.signed_at();
+        let held = held.map(|held| held.at_ms);
         let older = match (at, held) {
             (Some(at), Some(held)) => at < held,
             // Validly signed without a time (before version 2), after one
@@ -163,12 +164,14 @@ fn pointer_opener(trusted: Vec<String>) -> impl EntryOpener<ServicePointer> + Se
         if !trusted.is_empty() && older {
             return Err(EntryError::Older {
                 at: at.unwrap_or_default(),
+                term: 0,
                 held: held.unwrap_or_default(),
+                held_term: 0,
             });
         }
         Ok(Opened {
             value: pointer,
-            written_at_ms: at,
+            written: at.map(Stamp::from),
         })
     }
 }

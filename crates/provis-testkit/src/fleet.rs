@@ -291,6 +291,16 @@ impl TestFleet {
         }
     }
 
+    /// Starts one more master in this process, `name` (its id and data
+    /// directory), with the fleet's settings and key.
+    pub async fn start_another_master(&self, name: &str) -> anyhow::Result<MasterHandle> {
+        let mut config = self.master_config.clone();
+        config.signing_key = Some(self.master_config.key_path());
+        config.data_dir = Some(self.workdir.path().join(name));
+        config.master_id = Some(name.to_owned());
+        Ok(provis_master::start(config).await?)
+    }
+
     /// Stops the master and starts it again with the same settings.
     pub async fn restart_master(&mut self) -> anyhow::Result<()> {
         self.stop_master().await;
@@ -307,14 +317,36 @@ impl TestFleet {
         extra: &[&std::ffi::OsStr],
     ) -> anyhow::Result<ProvisProcess> {
         self.stop_master().await;
+        self.spawn_another_master(provis_bin, "master", extra).await
+    }
+
+    /// Starts one more `provis master` process, `name` (its id, and its
+    /// data directory in the fleet's scratch space), with the fleet's
+    /// master key (minions pin one key for every master), and waits until
+    /// it serves. The in-process master, if any, keeps running.
+    pub async fn spawn_another_master(
+        &mut self,
+        provis_bin: &Path,
+        name: &str,
+        extra: &[&std::ffi::OsStr],
+    ) -> anyhow::Result<ProvisProcess> {
         let mut command = self.provis_command(provis_bin);
         command
             .arg("master")
             .arg("--data-dir")
-            .arg(self.workdir.path().join("master"))
+            .arg(self.workdir.path().join(name))
+            .arg("--signing-key")
+            .arg(self.master_config.key_path())
+            .arg("--master-id")
+            .arg(name)
             .args(extra);
-        let log = self.workdir.path().join("master.log");
-        let master = ProvisProcess::spawn("master", command, &log)?;
+        if !self.master_config.operators.is_empty() {
+            command
+                .arg("--operators")
+                .arg(self.master_config.operators.join(","));
+        }
+        let log = self.workdir.path().join(format!("{name}.log"));
+        let master = ProvisProcess::spawn(name, command, &log)?;
         eventually(
             "the master process serves",
             Duration::from_secs(15),
@@ -478,7 +510,7 @@ impl TestFleet {
     ) -> anyhow::Result<provis_master::apply::ApplySummary> {
         let repository = provis_master::repository::ConfigRepository::load(repository)?;
         let js = async_nats::jetstream::new(self.connect().await?);
-        Ok(provis_master::apply::apply(&js, &repository, signer).await?)
+        Ok(provis_master::apply::apply(&js, &repository, signer, 0).await?)
     }
 
     /// The fleet's bundle store, to publish services directly (also ones

@@ -12,6 +12,9 @@ use super::{
 };
 use crate::subject::{MinionId, Subjects};
 
+/// How long a request only the leader serves waits for one to lead.
+pub const LEADER_WAIT: Duration = Duration::from_secs(10);
+
 /// The most pages one answer may take: far more than any fleet needs, so a
 /// master that never ends its pages cannot keep a caller forever.
 const MAX_PAGES: usize = 100_000;
@@ -40,8 +43,28 @@ impl MasterClient {
         self.request_within::<E>(request, E::TIMEOUT).await
     }
 
-    /// Asks `E`, waiting at most `timeout`.
+    /// Asks `E`, waiting at most `timeout`. An endpoint only the leader
+    /// serves is asked again while nobody serves it (masters handing the
+    /// lease over), for up to [`LEADER_WAIT`].
     pub async fn request_within<E: Endpoint>(
+        &self,
+        request: &E::Request,
+        timeout: Duration,
+    ) -> Result<E::Response, MasterApiError> {
+        let started = tokio::time::Instant::now();
+        loop {
+            match self.request_once::<E>(request, timeout).await {
+                Err(MasterApiError::NoMaster { .. })
+                    if E::LEADER_ONLY && started.elapsed() < LEADER_WAIT =>
+                {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn request_once<E: Endpoint>(
         &self,
         request: &E::Request,
         timeout: Duration,
@@ -153,11 +176,15 @@ impl MasterClient {
     /// The applied commit and every registered minion's convergence.
     pub async fn status(&self) -> Result<FleetStatus, MasterApiError> {
         let mut status = FleetStatus {
+            masters: Vec::new(),
             applied: None,
             rejected: None,
             minions: Vec::new(),
         };
         for page in self.pages::<Status>(StatusRequest::default()).await? {
+            if status.masters.is_empty() {
+                status.masters = page.masters;
+            }
             status.applied = page.applied;
             status.rejected = page.rejected;
             status.minions.extend(page.minions);

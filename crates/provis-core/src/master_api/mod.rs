@@ -47,6 +47,9 @@ pub trait Endpoint {
     const NAME: &'static str;
     /// How long a caller waits for the answer.
     const TIMEOUT: Duration = Duration::from_secs(10);
+    /// Only the leading master serves it (it writes desired state): while
+    /// masters hand the lease over nobody does, and callers try again.
+    const LEADER_ONLY: bool = false;
     type Request: Serialize + DeserializeOwned + Send + Sync + 'static;
     type Response: Serialize + DeserializeOwned + Send + 'static;
 }
@@ -85,7 +88,7 @@ pub fn decode_request<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ApiError
 }
 
 macro_rules! endpoint {
-    ($(#[$doc:meta])* $ty:ident, $subject:literal, $name:literal, $request:ty, $response:ty $(, $timeout:expr)?) => {
+    ($(#[$doc:meta])* $ty:ident, $subject:literal, $name:literal, $request:ty, $response:ty $(, $timeout:expr)? $(, leader_only: $leader:expr)?) => {
         $(#[$doc])*
         #[derive(Debug, Clone, Copy)]
         pub struct $ty;
@@ -93,6 +96,7 @@ macro_rules! endpoint {
             const SUBJECT: &'static str = $subject;
             const NAME: &'static str = $name;
             $(const TIMEOUT: Duration = $timeout;)?
+            $(const LEADER_ONLY: bool = $leader;)?
             type Request = $request;
             type Response = $response;
         }
@@ -117,7 +121,7 @@ endpoint!(
 );
 endpoint!(
     /// Fetch the config repository now and apply what is new.
-    SyncNow, "sync", "sync", SyncRequest, SyncAnswer, Duration::from_secs(130)
+    SyncNow, "sync", "sync", SyncRequest, SyncAnswer, Duration::from_secs(130), leader_only: true
 );
 endpoint!(
     /// The applied commit and who converged on it (paged).
@@ -125,7 +129,7 @@ endpoint!(
 );
 endpoint!(
     /// Change one minion's roles over what git assigns.
-    Role, "role", "role", RoleRequest, RoleAnswer, Duration::from_secs(130)
+    Role, "role", "role", RoleRequest, RoleAnswer, Duration::from_secs(130), leader_only: true
 );
 endpoint!(
     /// Enrollment records, pending ones or all (paged).
@@ -342,8 +346,24 @@ pub struct MinionConvergence {
     pub commit: Option<String>,
 }
 
+/// A master that runs, as it says in `provis_leader`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MasterPresence {
+    pub id: String,
+    pub version: String,
+    pub started_unix_ms: i64,
+    /// Whether it holds the lease: it does the writing work.
+    pub leading: bool,
+    /// Its term, while it leads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub term: Option<u64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusPage {
+    /// Every master that runs, the leader first (on the first page).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub masters: Vec<MasterPresence>,
     pub applied: Option<AppliedRecord>,
     /// The last rejected commit, if any.
     pub rejected: Option<String>,
@@ -355,6 +375,8 @@ pub struct StatusPage {
 /// The whole status, every page taken.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FleetStatus {
+    /// Every master that runs, the leader first.
+    pub masters: Vec<MasterPresence>,
     pub applied: Option<AppliedRecord>,
     pub rejected: Option<String>,
     pub minions: Vec<MinionConvergence>,
