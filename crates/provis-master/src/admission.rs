@@ -39,6 +39,19 @@ const RESERVED_ID: &str = "master";
 /// revocation whose kick failed, and how soon an operator removed from the
 /// policy or settings loses a connection it holds.
 const SESSION_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Up to this much is added to each session's lifetime, so the sessions of
+/// a fleet admitted at once (after a restart) do not all end in one minute.
+const SESSION_SPREAD: Duration = Duration::from_secs(2 * 3600);
+
+/// A session's lifetime: [`SESSION_LIFETIME`] and a random part of
+/// [`SESSION_SPREAD`].
+fn session_lifetime() -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(provis_core::envelope::now_unix_ms().unsigned_abs());
+    let spread = hasher.finish() % SESSION_SPREAD.as_secs().max(1);
+    SESSION_LIFETIME + Duration::from_secs(spread)
+}
 
 /// Who a connection turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,7 +193,7 @@ impl Gatekeeper {
                 });
                 if !matches!(admitted, Admitted::Master(_)) {
                     let expires = provis_core::envelope::now_unix_ms() / 1000
-                        + i64::try_from(SESSION_LIFETIME.as_secs()).unwrap_or(i64::MAX);
+                        + i64::try_from(session_lifetime().as_secs()).unwrap_or(i64::MAX);
                     claims["exp"] = json!(expires);
                 }
                 match nats_jwt::encode(claims, &self.issuer) {

@@ -90,6 +90,10 @@ pub struct Enrollment {
     /// ever new ids cannot fill the bucket.
     pending: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     max_pending: usize,
+    /// Every record, as the bucket's changes say ([`Enrollment::follow`]):
+    /// a known minion reconnecting is admitted without a read, so a
+    /// reconnect storm costs the bucket nothing.
+    known: std::sync::Arc<std::sync::RwLock<std::collections::HashMap<String, EnrollmentRecord>>>,
 }
 
 impl Enrollment {
@@ -117,6 +121,7 @@ impl Enrollment {
             store,
             pending: Default::default(),
             max_pending,
+            known: Default::default(),
         };
         let waiting = enrollment
             .list()
@@ -187,6 +192,60 @@ impl Enrollment {
         written.map_err(|_| EnrollmentError::Conflict(record.minion.clone()))
     }
 
+    /// Keeps the records in memory, following the bucket's changes on
+    /// `js` (the account the bucket lives in) until `stop` fires.
+    pub async fn follow(
+        self,
+        js: async_nats::jetstream::Context,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        use futures::StreamExt as _;
+        use provis_core::signed_entry::Followed;
+        let mut records = provis_core::signed_entry::follow(
+            js,
+            BUCKET_ENROLLMENT,
+            ">",
+            provis_core::signed_entry::plain::<serde_json::Value>(),
+        );
+        loop {
+            let followed = tokio::select! {
+                () = stop.cancelled() => return,
+                followed = records.next() => followed,
+            };
+            let mut known = self
+                .known
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match followed {
+                Some(Followed::Taken { key, value, .. }) => {
+                    match serde_json::from_value::<EnrollmentRecord>(value) {
+                        Ok(record) if record.minion.as_str() == key => {
+                            known.insert(key, record);
+                        }
+                        // Tokens and unreadable entries are read when needed.
+                        _ => {
+                            known.remove(&key);
+                        }
+                    }
+                }
+                Some(Followed::Removed { key }) => {
+                    known.remove(&key);
+                }
+                Some(Followed::Refused { .. } | Followed::Current) => {}
+                None => return,
+            }
+        }
+    }
+
+    /// The record of `minion` as last seen, if any.
+    fn known(&self, minion: &MinionId) -> Option<EnrollmentRecord> {
+        self.known
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(minion.as_str())
+            .cloned()
+    }
+
     /// Decides a connection attempt by `minion` with `key`, presenting
     /// `token` if it has one, from `host`.
     pub async fn admit(
@@ -196,6 +255,27 @@ impl Enrollment {
         token: Option<&str>,
         host: &str,
     ) -> Result<Admission, EnrollmentError> {
+        // The common case, a known minion coming back: no read at all.
+        if let Some(record) = self.known(minion)
+            && record.key == key
+        {
+            match record.status {
+                EnrollmentStatus::Accepted => return Ok(Admission::Admitted),
+                EnrollmentStatus::Rejected => {
+                    return Ok(Admission::Refused(format!(
+                        "minion {minion} was rejected by {}",
+                        record.by
+                    )));
+                }
+                EnrollmentStatus::Revoked => {
+                    return Ok(Admission::Refused(format!(
+                        "minion {minion} was revoked by {}",
+                        record.by
+                    )));
+                }
+                EnrollmentStatus::Pending => {}
+            }
+        }
         let fresh = |status, by: &str| EnrollmentRecord {
             minion: minion.clone(),
             key: key.to_owned(),

@@ -459,6 +459,8 @@ impl Startup {
         .await
         .map_err(MasterError::Enrollment)?;
         self.gatekeeper.ready(enrollment.clone(), self.outbox()?);
+        self.lifecycle
+            .spawn_background(enrollment.clone().follow(js, self.lifecycle.stop_token()));
         self.enrollment = Some(enrollment);
         Ok(())
     }
