@@ -11,10 +11,14 @@ use futures::StreamExt;
 use provis_core::lifecycle::Lifecycle;
 use provis_core::outbox::Outbox;
 use provis_core::{CallRequest, CallTarget, Client};
-use provis_testkit::{GitRepo, NatsServer, TestFleet, eventually};
+use provis_testkit::{GitRepo, NatsServer, TestFleet, UpFleet, eventually, run_to_end};
 use serde_json::Value;
 
 const MINIONS: usize = 6;
+
+fn provis() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_BIN_EXE_provis"))
+}
 
 /// Six minions, two on each node, each given only its own node's URL (it
 /// learns the others from the cluster), and the master following `repo`.
@@ -375,4 +379,77 @@ async fn a_cluster_without_quorum_is_a_clear_error_and_recovers() {
     eprintln!("quorum back: every minion answered after {took:?}");
     let report = client.call(&CallTarget::All, &ping).await.expect("call");
     assert!(report.all_ok(), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provis_up_runs_a_cluster_that_outlives_any_node() {
+    let up = UpFleet::start(provis(), 6, &["--cluster", "3", "--insecure"])
+        .await
+        .expect("provis up --cluster 3");
+    let call_all = || {
+        run_to_end(
+            std::process::Command::new(provis())
+                .args([
+                    "call",
+                    "--all",
+                    "sys.ping",
+                    "--timeout",
+                    "2s",
+                    "--output",
+                    "json",
+                ])
+                .env("PROVIS_CONTEXT", up.context())
+                .env_remove("PROVIS_NATS_URL"),
+        )
+        .expect("provis call")
+    };
+    let (code, stdout, stderr) = call_all();
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    // The node the first minions and (likely) the master use.
+    {
+        let node = "nats-1";
+        let pid = up.pid_of(node).unwrap_or_else(|| panic!("{node} runs"));
+        let killed = Instant::now();
+        let status = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let mut answered = false;
+        while killed.elapsed() < Duration::from_secs(5) && !answered {
+            let (_, stdout, stderr) = call_all();
+            answered = serde_json::from_str::<Value>(&stdout)
+                .is_ok_and(|report| report["summary"]["ok"] == 6);
+            if !answered {
+                eprintln!("{:?}: {stdout} {stderr}", killed.elapsed());
+            }
+        }
+        assert!(
+            answered,
+            "every minion answers within 5 s of {node}'s death"
+        );
+        eprintln!(
+            "{node} killed: every minion answered after {:?}",
+            killed.elapsed()
+        );
+    }
+    // Every event once.
+    let (code, stdout, stderr) = run_to_end(
+        std::process::Command::new(provis())
+            .args(["events", "--since", "5m", "--output", "json"])
+            .env("PROVIS_CONTEXT", up.context())
+            .env_remove("PROVIS_NATS_URL"),
+    )
+    .expect("provis events");
+    assert_eq!(code, 0, "{stderr}");
+    let ids: Vec<String> = stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter_map(|event| event["id"].as_str().map(str::to_owned))
+        .collect();
+    let unique: std::collections::BTreeSet<&String> = ids.iter().collect();
+    assert!(ids.len() > 6, "events are there: {stdout}");
+    assert_eq!(unique.len(), ids.len(), "each event once");
+    let output = up.stop().await.expect("up stops");
+    assert!(output.status.success());
 }

@@ -41,25 +41,45 @@ pub struct EventsArgs {
     output: Output,
 }
 
+/// How long `provis events` waits for the event stream to answer.
+const STREAM_WAIT: Duration = Duration::from_secs(15);
+
 pub async fn run(fleet: &FleetArgs, args: EventsArgs) -> anyhow::Result<ExitCode> {
     let client = fleet.client().await?;
     let js = async_nats::jetstream::new(client.nats().clone());
-    let stream = js
-        .get_stream(STREAM_EVENTS)
-        .await
-        .context("cannot open the event stream; is a provis master running?")?;
     let source = args
         .minion
         .as_ref()
         .map_or_else(|| "*".to_owned(), ToString::to_string);
     let start_time = time::OffsetDateTime::now_utc() - args.since;
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: format!("{}.event.{source}.>", client.subjects().prefix()),
-            deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
-            ..Default::default()
-        })
-        .await?;
+    let config = consumer::pull::OrderedConfig {
+        filter_subject: format!("{}.event.{source}.>", client.subjects().prefix()),
+        deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
+        ..Default::default()
+    };
+    // A stream whose node just died answers again once another leads:
+    // that is waited for, a while.
+    let started = std::time::Instant::now();
+    let consumer = loop {
+        let attempt = async {
+            let stream = js
+                .get_stream(STREAM_EVENTS)
+                .await
+                .context("cannot open the event stream; is a provis master running?")?;
+            anyhow::Ok(stream.create_consumer(config.clone()).await?)
+        };
+        match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+            Ok(Ok(consumer)) => break consumer,
+            Ok(Err(err)) if started.elapsed() >= STREAM_WAIT => return Err(err),
+            Err(_) if started.elapsed() >= STREAM_WAIT => {
+                anyhow::bail!("the event stream did not answer within {STREAM_WAIT:?}")
+            }
+            _ => {
+                tracing::info!("the event stream does not answer yet; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
     let mut pending = consumer.cached_info().num_pending;
     let mut messages = consumer.messages().await?;
     let pattern = args.kind.as_deref().map(WildMatch::new);

@@ -52,6 +52,10 @@ pub struct UpArgs {
     /// this machine, and every connection admitted by the master
     #[arg(long)]
     insecure: bool,
+    /// Run this many nats-servers as one cluster (routes, JetStream on
+    /// each, every store kept on 3 of them), minions spread over them
+    #[arg(long, env = "PROVIS_CLUSTER", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=9))]
+    cluster: u16,
 }
 
 /// How long each part may take to come up before `up` gives in.
@@ -83,6 +87,7 @@ pub async fn run(fleet_args: &FleetArgs, args: UpArgs) -> anyhow::Result<ExitCod
         secured: None,
         master: None,
         minions: Vec::new(),
+        nodes: Vec::new(),
     };
     if let Err(err) = up.bring_up().await {
         stop_all(&mut up.processes).await;
@@ -100,7 +105,7 @@ pub async fn run(fleet_args: &FleetArgs, args: UpArgs) -> anyhow::Result<ExitCod
     if printed.is_ok() && !args.no_wait {
         tokio::select! {
             () = shutdown_signal() => eprintln!("stopping the fleet"),
-            name = first_exit(&mut processes) => eprintln!("provis: {name} exited on its own; stopping the fleet"),
+            () = watch_exits(&mut processes) => eprintln!("provis: no nats-server runs any more; stopping the fleet"),
         }
     }
     stop_all(&mut processes).await;
@@ -169,6 +174,9 @@ struct LocalFleet<'a> {
     /// A connection as the operator, and the master it talks to.
     master: Option<(async_nats::Client, MasterClient)>,
     minions: Vec<MinionId>,
+    /// The client URL of each nats-server `up` started (minions are spread
+    /// over them); empty when it uses one already running.
+    nodes: Vec<String>,
 }
 
 impl LocalFleet<'_> {
@@ -221,27 +229,60 @@ impl LocalFleet<'_> {
             Some(tls)
         };
         let auth = self.secured.as_ref().map(|keys| &keys.master);
-        self.processes.push(start_nats_server(
-            &fleet.nats_url,
-            &self.data_dir,
-            tls.as_ref(),
-            auth,
-        )?);
+        let (host, first_port) = loopback_host_port(&fleet.nats_url)?;
+        let nodes = cluster_nodes(first_port, self.args.cluster)?;
+        for index in 0..nodes.len() {
+            self.processes.push(start_nats_server(
+                &host,
+                &nodes,
+                index,
+                &self.data_dir,
+                tls.as_ref(),
+                auth,
+            )?);
+        }
         // Nothing is admitted before the master answers the callout: wait
-        // for the port, not for a connection.
-        let (host, port) = loopback_host_port(&fleet.nats_url)?;
-        wait_for("nats-server", &mut self.processes, || async {
-            tokio::net::TcpStream::connect((host.as_str(), port.parse().unwrap_or(4222)))
-                .await
-                .is_ok()
-        })
-        .await?;
+        // for the ports, not for a connection.
+        for node in &nodes {
+            let port = node.client_port;
+            let host = host.clone();
+            wait_for(
+                &format!("nats-server {}", node.name),
+                &mut self.processes,
+                || {
+                    let host = host.clone();
+                    async move {
+                        tokio::net::TcpStream::connect((host.as_str(), port))
+                            .await
+                            .is_ok()
+                    }
+                },
+            )
+            .await?;
+        }
+        fleet.nats_url = nodes
+            .iter()
+            .map(|node| format!("nats://{host}:{}", node.client_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        self.nodes = nodes
+            .iter()
+            .map(|node| format!("nats://{host}:{}", node.client_port))
+            .collect();
         let how = if tls.is_some() {
             "with TLS"
         } else {
             "WITHOUT TLS"
         };
-        outln!("started nats-server at {} {how}", fleet.nats_url);
+        if nodes.len() > 1 {
+            outln!(
+                "started a cluster of {} nats-servers at {} {how}",
+                nodes.len(),
+                fleet.nats_url
+            );
+        } else {
+            outln!("started nats-server at {} {how}", fleet.nats_url);
+        }
         Ok(())
     }
 
@@ -272,6 +313,9 @@ impl LocalFleet<'_> {
                 operator_key.as_str(),
             ]);
         }
+        // On a cluster every store keeps three copies (or one per node).
+        let replicas = self.nodes.len().clamp(1, 3).to_string();
+        master_args.extend(["--replicas", replicas.as_str()]);
         self.processes.push(FleetProcess::spawn(
             Launch::new(&exe, &master_args),
             Stage::Master,
@@ -401,6 +445,20 @@ impl LocalFleet<'_> {
                 Some(_) => &[("PROVIS_ENROLLMENT_TOKEN", token.as_str())],
                 None => &[],
             };
+            // On a cluster, minion n connects to node n (and learns the
+            // others from it, to fail over to).
+            let fleet = match self.nodes.get(usize::from(n - 1) % self.nodes.len().max(1)) {
+                Some(node) if self.nodes.len() > 1 => FleetContext {
+                    nats_url: node.clone(),
+                    ..self.fleet.clone()
+                },
+                _ => self.fleet.clone(),
+            };
+            let detail = if self.nodes.len() > 1 {
+                format!("{detail} @ {}", fleet.nats_url)
+            } else {
+                detail
+            };
             self.processes.push(FleetProcess::spawn(
                 Launch {
                     secrets,
@@ -408,7 +466,7 @@ impl LocalFleet<'_> {
                 },
                 Stage::Minion,
                 id.as_str(),
-                &self.fleet,
+                &fleet,
                 &self.data_dir,
                 detail,
             )?);
@@ -608,52 +666,86 @@ fn generate_tls(data_dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((cert, key))
 }
 
+/// The nodes `up` runs: the first on `first_port`, the others on free ports.
+fn cluster_nodes(
+    first_port: u16,
+    size: u16,
+) -> anyhow::Result<Vec<provis_core::nats_server::ClusterNode>> {
+    let free = || -> anyhow::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    (0..size.max(1))
+        .map(|index| {
+            Ok(provis_core::nats_server::ClusterNode {
+                name: format!("nats-{}", index + 1),
+                client_port: if index == 0 { first_port } else { free()? },
+                route_port: free()?,
+            })
+        })
+        .collect()
+}
+
+/// Starts node `index` of `nodes` (a lone server when there is one): its
+/// configuration written to `<data dir>/<name>.conf`, its store in
+/// `<data dir>/jetstream/<name>`.
 fn start_nats_server(
-    url: &str,
+    host: &str,
+    nodes: &[provis_core::nats_server::ClusterNode],
+    index: usize,
     data_dir: &Path,
     tls: Option<&(PathBuf, PathBuf)>,
     master: Option<&provis_core::identity::Identity>,
 ) -> anyhow::Result<FleetProcess> {
-    let (host, port) = loopback_host_port(url)?;
+    let node = nodes.get(index).context("no such node")?;
     let binary = locate_nats_server()?;
-    let store = data_dir.join("jetstream");
-    let mut args = vec![
-        "-a".to_owned(),
-        host,
-        "-p".to_owned(),
-        port,
-        "-js".to_owned(),
-        "-sd".to_owned(),
-        store.to_str().context("data dir is not UTF-8")?.to_owned(),
-    ];
+    let store = data_dir.join("jetstream").join(&node.name);
+    let mut config = if nodes.len() > 1 {
+        provis_core::nats_server::cluster_node_config("provis-up", nodes, index)
+    } else {
+        format!(
+            "server_name: {}\nlisten: {host}:{}\n",
+            node.name, node.client_port
+        )
+    };
+    config.push_str(&format!(
+        "jetstream {{\n  store_dir: {:?}\n}}\n",
+        store.to_str().context("data dir is not UTF-8")?
+    ));
+    if let Some((cert, key)) = tls {
+        config.push_str(&format!(
+            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n}}\n",
+            cert.to_str().context("data dir is not UTF-8")?,
+            key.to_str().context("data dir is not UTF-8")?
+        ));
+    }
     if let Some(master) = master {
         // Every connection is admitted by that master's auth callout.
-        let config = data_dir.join("nats-server.conf");
-        std::fs::write(&config, provis_core::bus_access::server_auth_config(master))?;
-        args.extend(["-c".to_owned(), config.display().to_string()]);
+        config.push_str(&provis_core::bus_access::server_auth_config(master));
     }
-    if let Some((cert, key)) = tls {
-        args.extend([
-            "--tls".to_owned(),
-            "--tlscert".to_owned(),
-            cert.display().to_string(),
-            "--tlskey".to_owned(),
-            key.display().to_string(),
-        ]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let path = data_dir.join(format!("{}.conf", node.name));
+    std::fs::write(&path, config)?;
+    let path = path.display().to_string();
+    let args = ["-c", path.as_str()];
+    let url = format!("nats://{host}:{}", node.client_port);
+    let detail = if nodes.len() > 1 {
+        format!("{url} (routes :{})", node.route_port)
+    } else {
+        url
+    };
     FleetProcess::spawn(
         Launch::new(&binary, &args),
         Stage::NatsServer,
-        "nats-server",
+        &node.name,
         &FleetContext::default(),
         data_dir,
-        url.to_owned(),
+        detail,
     )
 }
 
 /// `nats://127.0.0.1:4222` → ("127.0.0.1", "4222"); `up` starts servers on loopback only.
-fn loopback_host_port(url: &str) -> anyhow::Result<(String, String)> {
+fn loopback_host_port(url: &str) -> anyhow::Result<(String, u16)> {
     let rest = url.strip_prefix("nats://").unwrap_or(url);
     let (host, port) = rest.rsplit_once(':').unwrap_or((rest, "4222"));
     if !matches!(host, "127.0.0.1" | "localhost" | "::1" | "[::1]") {
@@ -662,7 +754,7 @@ fn loopback_host_port(url: &str) -> anyhow::Result<(String, String)> {
         );
     }
     let port: u16 = port.parse().with_context(|| format!("bad port in {url}"))?;
-    Ok((host.trim_matches(['[', ']']).to_owned(), port.to_string()))
+    Ok((host.trim_matches(['[', ']']).to_owned(), port))
 }
 
 /// Polls `ready` until it holds; fails early when a process died meanwhile.
@@ -711,12 +803,31 @@ fn log_tail(path: &Path) -> String {
 }
 
 /// Resolves with the name of the first process that exits.
-async fn first_exit(processes: &mut [FleetProcess]) -> String {
+/// Says when a part exits on its own (a killed node, a crashed minion: the
+/// rest of the fleet goes on, as it would on real machines); resolves once
+/// no nats-server is left, when nothing can go on.
+async fn watch_exits(processes: &mut [FleetProcess]) {
+    let mut reported = std::collections::BTreeSet::new();
     loop {
         for process in processes.iter_mut() {
-            if let Ok(Some(_)) = process.child.try_wait() {
-                return process.name.clone();
+            if !reported.contains(&process.name)
+                && let Ok(Some(status)) = process.child.try_wait()
+            {
+                eprintln!(
+                    "provis: {} exited on its own ({status}); its log is {}",
+                    process.name,
+                    process.log.display()
+                );
+                reported.insert(process.name.clone());
             }
+        }
+        let servers_left = processes
+            .iter()
+            .filter(|p| p.stage == Stage::NatsServer && !reported.contains(&p.name))
+            .count();
+        let ran_servers = processes.iter().any(|p| p.stage == Stage::NatsServer);
+        if ran_servers && servers_left == 0 {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

@@ -50,3 +50,35 @@ pub fn locate_nats_server() -> Result<PathBuf, LocateError> {
         .find(|candidate| candidate.is_file())
         .ok_or(LocateError::NotFound)
 }
+
+/// One node of a nats-server cluster on this machine's loopback, as
+/// `provis up --cluster` and the testkit run them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterNode {
+    /// `server_name`, unique in the cluster (JetStream's peers go by it).
+    pub name: String,
+    pub client_port: u16,
+    pub route_port: u16,
+}
+
+/// The configuration of `nodes[index]` in a cluster named `cluster`: its
+/// name, client listener, route listener and routes to every other node.
+/// JetStream, TLS and authorization are the caller's to add.
+pub fn cluster_node_config(cluster: &str, nodes: &[ClusterNode], index: usize) -> String {
+    let Some(node) = nodes.get(index) else {
+        return String::new();
+    };
+    let routes: Vec<String> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(other, _)| *other != index)
+        .map(|(_, peer)| format!("nats-route://127.0.0.1:{}", peer.route_port))
+        .collect();
+    format!(
+        "server_name: {name}\nlisten: 127.0.0.1:{client}\ncluster {{\n  name: {cluster}\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n",
+        name = node.name,
+        client = node.client_port,
+        route = node.route_port,
+        routes = routes.join(", "),
+    )
+}

@@ -247,6 +247,9 @@ impl MasterControl {
 /// A running master.
 pub type MasterHandle = PartHandle<MasterControl>;
 
+/// How long a starting master waits for JetStream to take its storage.
+const STORAGE_WAIT: Duration = Duration::from_secs(60);
+
 /// Connects (waiting for NATS as long as it takes), ensures storage, and
 /// serves. Returns once the master answers requests.
 pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
@@ -410,17 +413,31 @@ impl Startup {
         Ok(())
     }
 
-    /// Creates or updates every stream and bucket of the fleet.
+    /// Creates or updates every stream and bucket of the fleet. A cluster
+    /// that is still electing its JetStream leader (every node just
+    /// started) is waited for, up to a minute.
     async fn ensure_storage(&mut self) -> Result<(), MasterError> {
         let js = self.js()?;
-        storage::ensure(
-            &js,
-            &self.subjects,
-            &self.config.storage,
-            self.config.replicas,
-        )
-        .await?;
-        Ok(())
+        let started = tokio::time::Instant::now();
+        let mut delay = Duration::from_millis(250);
+        loop {
+            match storage::ensure(
+                &js,
+                &self.subjects,
+                &self.config.storage,
+                self.config.replicas,
+            )
+            .await
+            {
+                Ok(()) => return Ok(()),
+                Err(err) if started.elapsed() < STORAGE_WAIT => {
+                    tracing::warn!(error = %provis_core::error_chain(&err), "storage not ready yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
     }
 
     /// Campaigns for the lease: the writing work runs while this master leads.

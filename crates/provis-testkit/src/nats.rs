@@ -85,6 +85,17 @@ impl NatsServer {
         } else {
             Vec::new()
         };
+        let cluster_nodes: Vec<provis_core::nats_server::ClusterNode> = ports
+            .iter()
+            .enumerate()
+            .map(
+                |(index, &(client_port, route_port))| provis_core::nats_server::ClusterNode {
+                    name: format!("n{}", index + 1),
+                    client_port,
+                    route_port,
+                },
+            )
+            .collect();
         let mut nodes = Vec::with_capacity(size);
         for index in 0..size {
             let node_dir = if clustered {
@@ -94,17 +105,11 @@ impl NatsServer {
             };
             std::fs::create_dir_all(&node_dir)?;
             let mut text = String::new();
-            if let Some(&(client, route)) = ports.get(index) {
-                let routes: Vec<String> = ports
-                    .iter()
-                    .enumerate()
-                    .filter(|(other, _)| *other != index)
-                    .map(|(_, (_, route))| format!("nats-route://127.0.0.1:{route}"))
-                    .collect();
-                text.push_str(&format!(
-                    "server_name: n{n}\nlisten: 127.0.0.1:{client}\ncluster {{\n  name: {CLUSTER_NAME}\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n",
-                    n = index + 1,
-                    routes = routes.join(", "),
+            if clustered {
+                text.push_str(&provis_core::nats_server::cluster_node_config(
+                    CLUSTER_NAME,
+                    &cluster_nodes,
+                    index,
                 ));
             }
             if let Some(settings) = settings {

@@ -80,6 +80,26 @@ impl UpFleet {
         self.work.path().join("up")
     }
 
+    /// The process id of the part `up` runs under `name` (`nats-1`, `master`,
+    /// `m1`), found by its log or configuration file in `up`'s directory.
+    pub fn pid_of(&self, name: &str) -> Option<u32> {
+        let marks = [
+            format!("{}/{name}.conf", self.dir().display()),
+            format!("--id\0{name}\0"),
+        ];
+        std::fs::read_dir("/proc")
+            .ok()?
+            .flatten()
+            .find_map(|entry| {
+                let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+                let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                let ours = cmdline.contains(&self.dir().display().to_string())
+                    || cmdline.contains(&format!("{}", self.dir().display()));
+                (ours && marks.iter().any(|mark| cmdline.contains(mark.as_str()))).then_some(pid)
+            })
+    }
+
     /// SIGTERM, then everything `up` printed once it stopped.
     pub async fn stop(mut self) -> anyhow::Result<std::process::Output> {
         let child = self.child.take().context("provis up was stopped already")?;
@@ -89,5 +109,27 @@ impl UpFleet {
             .await
             .context("provis up did not stop within 60 s")?
             .context("provis up's output")
+    }
+}
+
+impl Drop for UpFleet {
+    /// A fleet left behind (a failed test) is stopped in order, so `up`
+    /// stops its parts rather than leaving them running without it.
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Some(pid) = child.id()
+            && crate::terminate(pid).is_ok()
+        {
+            let started = std::time::Instant::now();
+            while started.elapsed() < Duration::from_secs(30) {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let _ = child.start_kill();
     }
 }
