@@ -377,8 +377,19 @@ async fn a_cluster_without_quorum_is_a_clear_error_and_recovers() {
         .expect("quorum again");
     let took = every_minion_answers(&client, Instant::now()).await;
     eprintln!("quorum back: every minion answered after {took:?}");
-    let report = client.call(&CallTarget::All, &ping).await.expect("call");
-    assert!(report.all_ok(), "{report:?}");
+    // And the registry is whole again: heartbeats written, nobody late.
+    eventually(
+        "calls are certain again",
+        Duration::from_secs(30),
+        || async {
+            client
+                .call(&CallTarget::All, &ping)
+                .await
+                .is_ok_and(|report| report.all_ok() && report.summary.ok == MINIONS)
+        },
+    )
+    .await
+    .expect("the fleet recovers by itself");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
