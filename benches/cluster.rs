@@ -18,13 +18,12 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use provis_core::client::CallPlan;
 use provis_core::lifecycle::Lifecycle;
 use provis_core::outbox::Outbox;
 use provis_core::selection::Pick;
 use provis_core::{CallRequest, CallTarget};
-use provis_testkit::{NatsServer, TestFleet};
+use provis_testkit::{NatsServer, RawResponders, TestFleet, raw_fanout};
 use serde_json::Value;
 
 fn env(name: &str, default: usize) -> usize {
@@ -40,24 +39,7 @@ async fn fanout(fleet: &mut TestFleet, n: usize, rounds: usize) -> anyhow::Resul
     fleet
         .add_simulated_minions(n, &["web"], connections, Duration::from_secs(30), |_| {})
         .await?;
-    let mut raw_clients = Vec::new();
-    for _ in 0..connections {
-        raw_clients.push(fleet.nats().connect().await?);
-    }
-    for i in 0..n {
-        let client = raw_clients[i % connections].clone();
-        let mut sub = client.subscribe("bench.raw.fanout").await?;
-        tokio::spawn(async move {
-            while let Some(message) = sub.next().await {
-                if let Some(reply) = message.reply {
-                    let _ = client.publish(reply, "pong".into()).await;
-                }
-            }
-        });
-    }
-    for client in &raw_clients {
-        client.flush().await?;
-    }
+    let _raw = RawResponders::start(fleet.nats(), "bench.raw.fanout", n, connections).await?;
     let client = fleet.client().await?;
     let target = CallTarget::Role("web".parse()?);
     let request = CallRequest::parse_function("sys.ping", Value::Null, Duration::from_secs(30))?;
@@ -77,17 +59,7 @@ async fn fanout(fleet: &mut TestFleet, n: usize, rounds: usize) -> anyhow::Resul
             .await?;
         provis_ms.push(started.elapsed().as_secs_f64() * 1e3);
         assert_eq!(report.summary.ok, n, "every minion answered");
-        let inbox = nats.new_inbox();
-        let mut replies = nats.subscribe(inbox.clone()).await?;
-        let started = Instant::now();
-        nats.publish_with_reply("bench.raw.fanout", inbox, "ping".into())
-            .await?;
-        for _ in 0..n {
-            tokio::time::timeout(Duration::from_secs(30), replies.next())
-                .await?
-                .expect("reply");
-        }
-        raw_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        raw_ms.push(raw_fanout(&nats, "bench.raw.fanout", n).await?);
     }
     Ok((
         provis_testkit::p50_p99(provis_ms).0,

@@ -15,11 +15,10 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use provis_core::client::CallPlan;
 use provis_core::selection::Pick;
 use provis_core::{CallRequest, CallTarget};
-use provis_testkit::TestFleet;
+use provis_testkit::{RawResponders, TestFleet, raw_fanout};
 use serde_json::Value;
 
 fn env_list(name: &str, default: &str) -> Vec<usize> {
@@ -28,24 +27,6 @@ fn env_list(name: &str, default: &str) -> Vec<usize> {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect()
-}
-
-/// One raw publish answered by `n` subscribers: ms from publish to the last reply.
-async fn raw_fanout(nats: &async_nats::Client, subject: &str, n: usize) -> f64 {
-    let inbox = nats.new_inbox();
-    let mut replies = nats.subscribe(inbox.clone()).await.expect("inbox");
-    let started = Instant::now();
-    nats.publish_with_reply(subject.to_owned(), inbox, "ping".into())
-        .await
-        .expect("publish");
-    nats.flush().await.expect("flush");
-    for _ in 0..n {
-        tokio::time::timeout(Duration::from_secs(30), replies.next())
-            .await
-            .expect("all raw replies")
-            .expect("reply");
-    }
-    started.elapsed().as_secs_f64() * 1e3
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -75,24 +56,7 @@ async fn main() -> anyhow::Result<()> {
         let setup = setup.elapsed();
 
         // Raw responders: N subscribers spread over the same number of connections.
-        let mut raw_clients = Vec::new();
-        for _ in 0..connections {
-            raw_clients.push(fleet.nats().connect().await?);
-        }
-        for i in 0..n {
-            let client = raw_clients[i % connections].clone();
-            let mut sub = client.subscribe("bench.raw.fanout").await?;
-            tokio::spawn(async move {
-                while let Some(message) = sub.next().await {
-                    if let Some(reply) = message.reply {
-                        let _ = client.publish(reply, "pong".into()).await;
-                    }
-                }
-            });
-        }
-        for client in &raw_clients {
-            client.flush().await?;
-        }
+        let _raw = RawResponders::start(fleet.nats(), "bench.raw.fanout", n, connections).await?;
         let nats = fleet.nats().connect().await?;
 
         let client = fleet.client().await?;
@@ -122,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
             with_registry_ms.push(started.elapsed().as_secs_f64() * 1e3);
             assert_eq!(report.summary.ok, n);
 
-            raw_ms.push(raw_fanout(&nats, "bench.raw.fanout", n).await);
+            raw_ms.push(raw_fanout(&nats, "bench.raw.fanout", n).await?);
         }
         let (p50, p99) = provis_testkit::p50_p99(provis_ms);
         let (r50, r99) = provis_testkit::p50_p99(with_registry_ms);
@@ -140,15 +104,8 @@ async fn main() -> anyhow::Result<()> {
         let one_selection = client.select(&one, None, Pick::All, None).await?;
         let mut single = Vec::new();
         let mut raw_single = Vec::new();
-        let mut echo = nats.subscribe("bench.raw.one").await?;
-        let responder = nats.clone();
-        tokio::spawn(async move {
-            while let Some(message) = echo.next().await {
-                if let Some(reply) = message.reply {
-                    let _ = responder.publish(reply, "pong".into()).await;
-                }
-            }
-        });
+        // Its own connection, as the minion answering the provis call has.
+        let _echo = RawResponders::start(fleet.nats(), "bench.raw.one", 1, 1).await?;
         for _ in 0..(rounds * 25) {
             let started = Instant::now();
             client

@@ -66,19 +66,7 @@ async fn converged_on(fleet: &TestFleet, commit: &str) {
     eventually(
         &format!("every minion converged on {commit}"),
         Duration::from_secs(20),
-        || async {
-            let Ok(master) = fleet.master().await else {
-                return false;
-            };
-            let Ok(status) = master.status().await else {
-                return false;
-            };
-            status
-                .applied
-                .is_some_and(|applied| applied.commit == commit)
-                && !status.minions.is_empty()
-                && status.minions.iter().all(|m| m.converged)
-        },
+        || fleet.converged_on(commit, 1),
     )
     .await
     .expect("converged");

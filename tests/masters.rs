@@ -16,38 +16,6 @@ fn provis() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_provis"))
 }
 
-/// A repository whose role `web` runs `count` services at `version`.
-fn services(repo: &GitRepo, count: usize, version: &str) -> String {
-    let names: Vec<String> = (0..count).map(|n| format!("svc{n:02}")).collect();
-    let mut files = vec![(
-        "roles/web.toml".to_owned(),
-        format!(
-            "services = [{}]\n",
-            names
-                .iter()
-                .map(|n| format!("{n:?}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    )];
-    for name in &names {
-        files.push((
-            format!("services/{name}/service.toml"),
-            format!("name = \"{name}\"\nversion = \"{version}\"\n"),
-        ));
-        files.push((
-            format!("services/{name}/main.js"),
-            format!("export function version() {{ return '{version}' }}\n"),
-        ));
-    }
-    let files: Vec<(&str, &str)> = files
-        .iter()
-        .map(|(path, text)| (path.as_str(), text.as_str()))
-        .collect();
-    repo.commit(&format!("{count} services at {version}"), &files)
-        .expect("commit")
-}
-
 /// The id of the master that leads now, per `provis status`'s source.
 async fn leader(fleet: &TestFleet) -> Option<String> {
     let status = fleet.master().await.ok()?.status().await.ok()?;
@@ -58,7 +26,7 @@ async fn leader(fleet: &TestFleet) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn masters_elect_one_leader_and_another_leads_when_it_stops() {
     let repo = GitRepo::init().expect("repo");
-    services(&repo, 1, "1");
+    repo.commit_services(1, "1").expect("commit");
     let source = repo.path_string();
     let mut fleet = TestFleet::start_with(|config| {
         config.repository = Some(source);
@@ -113,7 +81,7 @@ async fn masters_elect_one_leader_and_another_leads_when_it_stops() {
     );
 
     // The new leader writes: a commit reaches the minion through it.
-    let head = services(&repo, 1, "2");
+    let head = repo.commit_services(1, "2").expect("commit");
     fleet
         .master()
         .await
@@ -134,7 +102,7 @@ async fn masters_elect_one_leader_and_another_leads_when_it_stops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_killed_during_an_apply_hands_over_within_5_s_and_it_completes_once() {
     let repo = GitRepo::init().expect("repo");
-    services(&repo, 2, "1");
+    repo.commit_services(2, "1").expect("commit");
     let mut fleet = TestFleet::start().await.expect("fleet");
     fleet.stop_master().await;
     let source = repo.path_string();
@@ -164,7 +132,7 @@ async fn a_leader_killed_during_an_apply_hands_over_within_5_s_and_it_completes_
     let leading = leader(&fleet).await.expect("a leader");
 
     // A commit of many bundles, a sync, and the leader killed while it applies.
-    let head = services(&repo, 24, "2");
+    let head = repo.commit_services(24, "2").expect("commit");
     let master = fleet.master().await.expect("master client");
     let sync = tokio::spawn(async move {
         master
@@ -197,25 +165,13 @@ async fn a_leader_killed_during_an_apply_hands_over_within_5_s_and_it_completes_
     })
     .await
     .expect("the new leader finishes the apply");
-    let (code, stdout, _) = run_to_end(fleet.provis_command(provis()).args([
-        "events",
-        "--type",
-        "config.applied",
-        "--since",
-        "10m",
-        "--output",
-        "json",
-    ]))
-    .expect("events");
-    assert_eq!(code, 0);
-    let applied = stdout
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|event| event["data"]["commit"] == head.as_str())
-        .count();
+    let applied = fleet
+        .applied_events(provis(), &head)
+        .expect("provis events")
+        .len();
     // Once: by the new leader, or by the dead one before it died (whose
     // event then waits in its outbox on disk until it starts again).
-    assert!(applied <= 1, "applied {applied} times:\n{stdout}");
+    assert!(applied <= 1, "applied {applied} times");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

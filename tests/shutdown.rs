@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use provis_core::master_api::SyncOutcome;
 use provis_core::{CallRequest, CallTarget, readiness};
-use provis_testkit::{GitRepo, TestFleet, eventually, run_to_end, write_files};
+use provis_testkit::{GitRepo, TestFleet, eventually, write_files};
 use serde_json::Value;
 
 fn provis() -> &'static Path {
@@ -119,44 +119,10 @@ async fn a_sigterm_during_a_fan_out_still_answers_every_call_in_flight() {
     );
 }
 
-/// A repository whose role `web` runs `count` services (so an apply
-/// publishes that many bundles), each answering `version`.
-fn many_services(repo: &GitRepo, count: usize, version: &str) -> String {
-    let mut files: Vec<(String, String)> = Vec::new();
-    let names: Vec<String> = (0..count).map(|n| format!("svc{n:02}")).collect();
-    files.push((
-        "roles/web.toml".into(),
-        format!(
-            "services = [{}]\n",
-            names
-                .iter()
-                .map(|n| format!("{n:?}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    ));
-    for name in &names {
-        files.push((
-            format!("services/{name}/service.toml"),
-            format!("name = \"{name}\"\nversion = \"{version}\"\n"),
-        ));
-        files.push((
-            format!("services/{name}/main.js"),
-            format!("export function version() {{ return '{version}' }}\n"),
-        ));
-    }
-    let files: Vec<(&str, &str)> = files
-        .iter()
-        .map(|(path, text)| (path.as_str(), text.as_str()))
-        .collect();
-    repo.commit(&format!("{count} services at {version}"), &files)
-        .expect("commit")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigterm_during_an_apply_finishes_it_or_the_next_start_applies_it_once() {
     let repo = GitRepo::init().expect("repo");
-    many_services(&repo, 2, "1");
+    repo.commit_services(2, "1").expect("commit");
     let mut fleet = TestFleet::start().await.expect("fleet");
     let repository = repo.path_string();
     let extra = [
@@ -174,7 +140,7 @@ async fn a_sigterm_during_an_apply_finishes_it_or_the_next_start_applies_it_once
     let client = fleet.master().await.expect("master client");
 
     // A commit with many bundles, a sync, and a SIGTERM while it applies.
-    let head = many_services(&repo, 24, "2");
+    let head = repo.commit_services(24, "2").expect("commit");
     let sync = {
         let client = client.clone();
         tokio::spawn(async move { client.sync().await })
@@ -211,29 +177,16 @@ async fn a_sigterm_during_an_apply_finishes_it_or_the_next_start_applies_it_once
         .await
         .expect("master again");
     applied(&fleet, &head).await;
-    let (code, stdout, stderr) = run_to_end(fleet.provis_command(provis()).args([
-        "events",
-        "--type",
-        "config.applied",
-        "--since",
-        "10m",
-        "--output",
-        "json",
-    ]))
-    .expect("events");
-    assert_eq!(code, 0, "{stderr}");
-    let applied: Vec<Value> = stdout
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|event| event["data"]["commit"] == head.as_str())
-        .collect();
-    assert_eq!(applied.len(), 1, "applied once: {stdout}");
+    let applied = fleet
+        .applied_events(provis(), &head)
+        .expect("provis events");
+    assert_eq!(applied.len(), 1, "applied once: {applied:?}");
     assert_eq!(
         applied[0]["data"]["changes"]["services_changed"]
             .as_array()
             .map(Vec::len),
         Some(24),
-        "{stdout}"
+        "{applied:?}"
     );
 }
 

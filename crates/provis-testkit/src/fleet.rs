@@ -432,6 +432,31 @@ impl TestFleet {
         command
     }
 
+    /// The `config.applied` events of the last ten minutes that name
+    /// `commit`, as `provis events --output json` prints them: how a test
+    /// counts applies the way an operator would.
+    pub fn applied_events(
+        &self,
+        provis_bin: &Path,
+        commit: &str,
+    ) -> anyhow::Result<Vec<serde_json::Value>> {
+        let (code, stdout, stderr) = crate::run_to_end(self.provis_command(provis_bin).args([
+            "events",
+            "--type",
+            "config.applied",
+            "--since",
+            "10m",
+            "--output",
+            "json",
+        ]))?;
+        anyhow::ensure!(code == 0, "provis events exited {code}: {stderr}");
+        Ok(stdout
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|event| event["data"]["commit"] == commit)
+            .collect())
+    }
+
     /// Starts `provis minion` as a process and waits until it is live.
     pub async fn add_minion_process(
         &mut self,

@@ -56,6 +56,33 @@ impl GitRepo {
         self.head()
     }
 
+    /// Commits a fleet whose role `web` runs `count` services named
+    /// `svc00`, `svc01`, … (so an apply publishes that many bundles), each
+    /// exporting `version()` that answers `version`; returns the commit id.
+    pub fn commit_services(&self, count: usize, version: &str) -> anyhow::Result<String> {
+        let names: Vec<String> = (0..count).map(|n| format!("svc{n:02}")).collect();
+        let quoted: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+        let mut files = vec![(
+            "roles/web.toml".to_owned(),
+            format!("services = [{}]\n", quoted.join(", ")),
+        )];
+        for name in &names {
+            files.push((
+                format!("services/{name}/service.toml"),
+                format!("name = \"{name}\"\nversion = \"{version}\"\n"),
+            ));
+            files.push((
+                format!("services/{name}/main.js"),
+                format!("export function version() {{ return '{version}' }}\n"),
+            ));
+        }
+        let files: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(path, text)| (path.as_str(), text.as_str()))
+            .collect();
+        self.commit(&format!("{count} services at {version}"), &files)
+    }
+
     /// Deletes a file and commits.
     pub fn remove(&self, message: &str, path: &str) -> anyhow::Result<String> {
         self.git(&["rm", "--quiet", "-r", path])?;

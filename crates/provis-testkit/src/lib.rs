@@ -11,6 +11,7 @@ mod fleet;
 mod git;
 mod nats;
 mod process;
+mod raw;
 mod refusals;
 mod up;
 
@@ -18,6 +19,7 @@ pub use fleet::TestFleet;
 pub use git::GitRepo;
 pub use nats::NatsServer;
 pub use process::ProvisProcess;
+pub use raw::{RawResponders, raw_fanout};
 pub use refusals::ServerRefusals;
 pub use up::UpFleet;
 

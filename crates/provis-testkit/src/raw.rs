@@ -1,0 +1,76 @@
+//! The physical limit benchmarks measure provis against: plain NATS
+//! request/reply with no provis code in the path, on the same server and
+//! the same number of connections as the fleet being measured.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+use crate::NatsServer;
+
+/// `count` subscribers to one subject, spread over `connections` client
+/// connections, each answering every request with `pong`. They answer until
+/// dropped.
+#[derive(Debug)]
+pub struct RawResponders {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RawResponders {
+    pub async fn start(
+        nats: &NatsServer,
+        subject: &str,
+        count: usize,
+        connections: usize,
+    ) -> anyhow::Result<Self> {
+        let mut clients = Vec::new();
+        for _ in 0..connections.max(1) {
+            clients.push(nats.connect().await?);
+        }
+        let mut tasks = Vec::with_capacity(count);
+        for n in 0..count {
+            let client = clients[n % clients.len()].clone();
+            let mut requests = client.subscribe(subject.to_owned()).await?;
+            tasks.push(tokio::spawn(async move {
+                while let Some(message) = requests.next().await {
+                    if let Some(reply) = message.reply {
+                        let _ = client.publish(reply, "pong".into()).await;
+                    }
+                }
+            }));
+        }
+        for client in &clients {
+            client.flush().await?;
+        }
+        Ok(Self { tasks })
+    }
+}
+
+impl Drop for RawResponders {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// One publish to `subject`, then the wait for `expected` replies: the raw
+/// fan-out, in milliseconds.
+pub async fn raw_fanout(
+    nats: &async_nats::Client,
+    subject: &str,
+    expected: usize,
+) -> anyhow::Result<f64> {
+    let inbox = nats.new_inbox();
+    let mut replies = nats.subscribe(inbox.clone()).await?;
+    let started = Instant::now();
+    nats.publish_with_reply(subject.to_owned(), inbox, "ping".into())
+        .await?;
+    nats.flush().await?;
+    for _ in 0..expected {
+        tokio::time::timeout(Duration::from_secs(30), replies.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the reply subscription ended"))?;
+    }
+    Ok(started.elapsed().as_secs_f64() * 1e3)
+}
