@@ -21,20 +21,9 @@ use provis_core::{CallRequest, CallTarget};
 use provis_testkit::{RawResponders, TestFleet, raw_fanout};
 use serde_json::Value;
 
-fn env_list(name: &str, default: &str) -> Vec<usize> {
-    std::env::var(name)
-        .unwrap_or_else(|_| default.to_owned())
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect()
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let rounds = env_list("PROVIS_BENCH_ROUNDS", "20")
-        .first()
-        .copied()
-        .unwrap_or(20);
+    let rounds = provis_testkit::bench_rounds(20);
     println!(
         "{rounds} rounds per figure; 2 cores shared by caller, nats-server and every minion\n"
     );
@@ -46,7 +35,7 @@ async fn main() -> anyhow::Result<()> {
         "raw NATS: 1 pub, N replies",
         "ratio"
     );
-    for n in env_list("PROVIS_BENCH_SIZES", "100,1000,5000") {
+    for n in provis_testkit::bench_sizes("100,1000,5000") {
         let mut fleet = TestFleet::start().await?;
         let connections = (n / 250).clamp(1, 16);
         let setup = Instant::now();

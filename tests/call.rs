@@ -232,7 +232,10 @@ async fn bad_envelopes_get_structured_errors_and_the_minion_keeps_serving() {
         ErrorCode::BadArguments
     );
 
+    // An envelope with only an absolute deadline (as an outside tool may
+    // send) that passed.
     let mut expired = envelope("sys.ping");
+    expired.timeout_ms = 0;
     expired.deadline_unix_ms = 1;
     assert_eq!(
         code_of(&ask(expired.encode_to_vec()).await).0,

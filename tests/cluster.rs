@@ -97,30 +97,55 @@ async fn stream_leader(fleet: &TestFleet, stream: &str) -> Option<usize> {
 }
 
 /// Every id of the events `source` emitted that `PROVIS_EVENTS` holds, with
-/// how many times each is there.
+/// how many times each is there. A node that just came back may still be
+/// electing the stream's leader, so reading is retried for a while.
 async fn stored_event_ids(fleet: &TestFleet, source: &str) -> BTreeMap<String, usize> {
-    let js = async_nats::jetstream::new(fleet.connect().await.expect("nats"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match read_event_ids(fleet, source).await {
+            Ok(ids) => return ids,
+            Err(err) if Instant::now() < deadline => {
+                eprintln!("events not readable yet: {err}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(err) => panic!("events stream not readable in 30 s: {err}"),
+        }
+    }
+}
+
+async fn read_event_ids(
+    fleet: &TestFleet,
+    source: &str,
+) -> Result<BTreeMap<String, usize>, String> {
+    let nats = fleet.connect().await.map_err(|err| err.to_string())?;
+    let js = async_nats::jetstream::new(nats);
     let stream = js
         .get_stream(provis_core::storage::STREAM_EVENTS)
         .await
-        .expect("events stream");
+        .map_err(|err| format!("events stream: {err}"))?;
     let consumer = stream
         .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
             filter_subject: format!("provis.event.{source}.>"),
             ..Default::default()
         })
         .await
-        .expect("consumer");
-    let mut messages = consumer.messages().await.expect("messages");
+        .map_err(|err| format!("consumer: {err}"))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|err| format!("messages: {err}"))?;
     let mut ids = BTreeMap::new();
-    while let Ok(Some(Ok(message))) =
+    // The stream is read to its end: two quiet seconds end it, an error retries.
+    while let Ok(Some(message)) =
         tokio::time::timeout(Duration::from_secs(2), messages.next()).await
     {
-        let event: Value = serde_json::from_slice(&message.payload).expect("json");
-        let id = event["id"].as_str().expect("id").to_owned();
+        let message = message.map_err(|err| format!("reading: {err}"))?;
+        let event: Value =
+            serde_json::from_slice(&message.payload).map_err(|err| err.to_string())?;
+        let id = event["id"].as_str().ok_or("event without id")?.to_owned();
         *ids.entry(id).or_default() += 1;
     }
-    ids
+    Ok(ids)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,7 +336,7 @@ async fn an_apply_completes_through_a_node_s_death_and_a_whole_cluster_restart_h
                     .map(|r| {
                         (
                             r.id.to_string(),
-                            provis_core::envelope::now_unix_ms() - r.heartbeat_unix_ms,
+                            provis_core::envelope::now_unix_ms() - r.written_unix_ms,
                             r.converged_commit.clone(),
                         )
                     })
@@ -332,6 +357,21 @@ async fn an_apply_completes_through_a_node_s_death_and_a_whole_cluster_restart_h
     .expect("the fleet returns with its state");
 }
 
+/// A selection that needs someone who knows the fleet (a filter).
+async fn select_with_a_filter(
+    client: &Client,
+) -> Result<provis_core::selection::Selection, provis_core::ClientError> {
+    let filter = provis_core::selection::Filter::parse("true").expect("filter");
+    client
+        .select(
+            &CallTarget::All,
+            Some(&filter),
+            provis_core::selection::Pick::All,
+            None,
+        )
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_without_quorum_is_a_clear_error_and_recovers() {
     let mut fleet = fleet_on_three_nodes(None).await;
@@ -342,10 +382,37 @@ async fn a_cluster_without_quorum_is_a_clear_error_and_recovers() {
         .await
         .expect("client")
         .with_registry_wait(Duration::from_secs(1));
-    // Calls still reach the minions that can reach the surviving node; a
-    // selection that needs the registry says why it cannot be made.
+    // The master still selects from what it holds in memory: calls reach
+    // the minions that can reach the surviving node, filters work.
     let ping = CallRequest::parse_function("sys.ping", Value::Null, Duration::from_secs(1))
         .expect("request");
+    // (Once the master's connection, and the caller's, have moved to the
+    // surviving node.)
+    eventually(
+        "the master selects without quorum",
+        Duration::from_secs(15),
+        || async {
+            client
+                .call(&CallTarget::All, &ping)
+                .await
+                .is_ok_and(|report| {
+                    report
+                        .selection
+                        .as_ref()
+                        .is_some_and(|s| s.uncertain.is_none())
+                })
+        },
+    )
+    .await
+    .expect("certain calls");
+    let filtered = select_with_a_filter(&client)
+        .await
+        .expect("the master selects without quorum");
+    assert!(!filtered.chosen.is_empty(), "{filtered:?}");
+    // Without a master either, nothing can say who is in the fleet: a call
+    // to everyone reports whoever answers, a selection says why it cannot
+    // be made.
+    fleet.stop_master().await;
     let report = client.call(&CallTarget::All, &ping).await.expect("a call");
     assert!(
         report
@@ -354,15 +421,9 @@ async fn a_cluster_without_quorum_is_a_clear_error_and_recovers() {
             .is_some_and(|s| s.uncertain.is_some()),
         "{report:?}"
     );
-    let err = client
-        .select(
-            &CallTarget::All,
-            Some(&provis_core::selection::Filter::parse("true").expect("filter")),
-            provis_core::selection::Pick::All,
-            None,
-        )
+    let err = select_with_a_filter(&client)
         .await
-        .expect_err("no registry, no filter");
+        .expect_err("no master, no registry, no filter");
     assert!(
         err.to_string().contains("registry could not be read"),
         "{err}"
@@ -377,7 +438,8 @@ async fn a_cluster_without_quorum_is_a_clear_error_and_recovers() {
         .expect("quorum again");
     let took = every_minion_answers(&client, Instant::now()).await;
     eprintln!("quorum back: every minion answered after {took:?}");
-    // And the registry is whole again: heartbeats written, nobody late.
+    fleet.restart_master().await.expect("the master again");
+    // And the master knows the whole fleet again: nobody late.
     eventually(
         "calls are certain again",
         Duration::from_secs(30),

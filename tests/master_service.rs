@@ -213,7 +213,7 @@ async fn answers_that_grow_with_the_fleet_come_in_pages_under_the_max_payload() 
             version: provis_core::VERSION.into(),
             status: MinionStatus::Online,
             started_unix_ms: now_unix_ms(),
-            heartbeat_unix_ms: now_unix_ms(),
+            written_unix_ms: now_unix_ms(),
             // Live for the whole test without beating.
             heartbeat_interval_ms: 600_000,
             services: Default::default(),

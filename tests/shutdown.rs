@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use provis_core::master_api::SyncOutcome;
 use provis_core::{CallRequest, CallTarget, readiness};
-use provis_testkit::{GitRepo, TestFleet, eventually, write_files};
+use provis_testkit::{GitRepo, TestFleet, eventually};
 use serde_json::Value;
 
 fn provis() -> &'static Path {
@@ -23,23 +23,7 @@ const WORK_MS: u64 = 1_500;
 async fn a_sigterm_during_a_fan_out_still_answers_every_call_in_flight() {
     let mut fleet = TestFleet::start().await.expect("fleet");
     let repo = fleet.workdir().join("repo");
-    write_files(
-        &repo,
-        &[
-            ("roles/web.toml", "services = [\"slow\"]\n"),
-            (
-                "services/slow/service.toml",
-                "name = \"slow\"\nversion = \"1\"\n[limits]\ncall_timeout_ms = 10000\n",
-            ),
-            (
-                "services/slow/main.js",
-                &format!(
-                    "export function work() {{ const t = Date.now(); while (Date.now() - t < {WORK_MS}) {{}} return 'done' }}\n"
-                ),
-            ),
-        ],
-    )
-    .expect("repository");
+    provis_testkit::write_slow_service(&repo, WORK_MS).expect("repository");
     fleet.apply(&repo).await.expect("apply");
     let ids = ["m1", "m2", "m3"];
     for id in ids {

@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use provis_core::envelope::now_unix_ms;
-use provis_core::master_api::ApiErrorKind;
+use provis_core::master_api::{ApiErrorKind, MinionEntry};
 use provis_core::registry::{self, MinionRecord, MinionStatus};
 use provis_core::selection::{Filter, Verdict};
 
@@ -36,9 +35,10 @@ pub async fn run(fleet: &FleetArgs, args: MinionsArgs) -> anyhow::Result<ExitCod
         client.nats().clone(),
         client.subjects().clone(),
     );
-    // The master's view, in pages; the bucket itself when no master answers.
-    let mut records: Vec<MinionRecord> = match master.minions().await {
-        Ok(entries) => entries.into_iter().map(|entry| entry.record).collect(),
+    // The master's view, in pages; the bucket itself when no master answers
+    // (then a record's status is all there is to go by).
+    let mut entries: Vec<MinionEntry> = match master.minions().await {
+        Ok(entries) => entries,
         Err(err)
             if err
                 .kind()
@@ -49,28 +49,37 @@ pub async fn run(fleet: &FleetArgs, args: MinionsArgs) -> anyhow::Result<ExitCod
             registry::read_all(&store)
                 .await
                 .context("reading the registry")?
+                .into_iter()
+                .map(|record| MinionEntry {
+                    live: record.is_online(),
+                    heard_ms_ago: None,
+                    record,
+                })
+                .collect()
         }
         Err(err) => return Err(err.into()),
     };
-    records.sort_by(|a, b| a.id.cmp(&b.id));
+    entries.sort_by(|a, b| a.record.id.cmp(&b.record.id));
     if let Some(filter) = &filter {
         let mut kept = Vec::new();
-        for record in records {
-            if filter.evaluate(&record)? == Verdict::Match {
-                kept.push(record);
+        for entry in entries {
+            if filter.evaluate(&entry.record)? == Verdict::Match {
+                kept.push(entry);
             }
         }
-        records = kept;
+        entries = kept;
     }
     match args.output {
-        Output::Json => outln!("{}", serde_json::to_string_pretty(&records)?),
-        Output::Table => print_table(&records)?,
+        Output::Json => {
+            let records: Vec<&MinionRecord> = entries.iter().map(|e| &e.record).collect();
+            outln!("{}", serde_json::to_string_pretty(&records)?)
+        }
+        Output::Table => print_table(&entries)?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_table(records: &[MinionRecord]) -> Result<(), crate::output::OutputError> {
-    let now = now_unix_ms();
+fn print_table(entries: &[MinionEntry]) -> Result<(), crate::output::OutputError> {
     outln!(
         "{:12}  {:8}  {:16}  {:26}  {:>5}  {:>5}  {:>5}  LAST SEEN",
         "MINION",
@@ -81,11 +90,17 @@ fn print_table(records: &[MinionRecord]) -> Result<(), crate::output::OutputErro
         "DISK%",
         "LOAD"
     );
-    for record in records {
+    for MinionEntry {
+        record,
+        live,
+        heard_ms_ago,
+    } in entries
+    {
         let state = match record.status {
-            MinionStatus::Online if record.is_live_at(now) => "online",
+            MinionStatus::Online if *live => "online",
+            MinionStatus::Online => "late",
             MinionStatus::Stopped => "stopped",
-            _ => "offline",
+            MinionStatus::Offline => "offline",
         };
         // Roles given by `provis role assign` rather than git are marked with a '+'.
         let roles: Vec<String> = record
@@ -115,11 +130,17 @@ fn print_table(records: &[MinionRecord]) -> Result<(), crate::output::OutputErro
         let load = record.state["load"]["one"]
             .as_f64()
             .map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
-        let ago = Duration::from_secs(
-            u64::try_from((now - record.heartbeat_unix_ms) / 1000).unwrap_or(0),
+        let seen = heard_ms_ago.map_or_else(
+            || "-".to_owned(),
+            |ms| {
+                format!(
+                    "{} ago",
+                    humantime::format_duration(Duration::from_secs(ms / 1000))
+                )
+            },
         );
         outln!(
-            "{:12}  {state:8}  {:16}  {:26}  {mem_free:>5}  {disk_free:>5}  {load:>5}  {} ago",
+            "{:12}  {state:8}  {:16}  {:26}  {mem_free:>5}  {disk_free:>5}  {load:>5}  {seen}",
             record.id,
             roles.join(","),
             if services.is_empty() {
@@ -127,9 +148,11 @@ fn print_table(records: &[MinionRecord]) -> Result<(), crate::output::OutputErro
             } else {
                 services.join(",")
             },
-            humantime::format_duration(ago)
         );
     }
-    outln!("{} minions (MEM% and DISK% are free space)", records.len());
+    outln!(
+        "{} minions (MEM% and DISK% are free space; LAST SEEN by the master's clock)",
+        entries.len()
+    );
     Ok(())
 }

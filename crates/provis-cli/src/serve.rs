@@ -133,12 +133,15 @@ pub struct MinionArgs {
     /// Roles, comma-separated, e.g. web.eu,db
     #[arg(long, env = "PROVIS_ROLES", value_delimiter = ',')]
     roles: Option<Vec<RoleName>>,
-    /// Heartbeat period in milliseconds [default: 2000]
+    /// Heartbeat period in milliseconds [default: 5000]
     #[arg(long, env = "PROVIS_HEARTBEAT_INTERVAL_MS")]
     heartbeat_interval_ms: Option<u64>,
     /// Calls run at once [default: 256]
     #[arg(long, env = "PROVIS_MAX_CONCURRENT_CALLS")]
     max_concurrent_calls: Option<usize>,
+    /// Calls that may wait for a turn; more are answered `busy` [default: 1024]
+    #[arg(long, env = "PROVIS_MAX_QUEUED_CALLS")]
+    max_queued_calls: Option<usize>,
     /// Where the minion keeps its state database [default: ~/.local/state/provis/<id>]
     #[arg(long, env = "PROVIS_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -263,6 +266,9 @@ pub async fn run_minion(fleet: &FleetArgs, args: MinionArgs) -> anyhow::Result<E
     }
     if let Some(n) = args.max_concurrent_calls {
         overrides.insert("max_concurrent_calls".into(), toml_int(n as u64)?);
+    }
+    if let Some(n) = args.max_queued_calls {
+        overrides.insert("max_queued_calls".into(), toml_int(n as u64)?);
     }
     if let Some(seconds) = args.drain_timeout_s {
         overrides.insert("drain_timeout_s".into(), toml_int(seconds)?);

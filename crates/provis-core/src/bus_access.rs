@@ -8,7 +8,7 @@
 //! | the master's API connection | `_INBOX.>` only | `master.>`, `$SRV.>` |
 //! | admin operator (the master's `operators`) | calls, `master.>`, `$SRV.>`, JetStream API | its inbox, events, state |
 //! | calling operator (the call policy's) | calls, the master's read-only requests and `$SRV.>`, reads of the registry, services and events | its inbox, events, state |
-//! | minion `<id>` | `state.<id>`, `event.<id>.>`, `master.query`, its registry key, replies; reads its buckets | its own call subject, `all.call`, `role.>`, its inbox, the changes of what it follows (its assignment, the call policy, roles, service pointers) |
+//! | minion `<id>` | `heartbeat.<id>`, `state.<id>`, `event.<id>.>`, `master.query`, its registry key (and reads it back), replies; reads its buckets | its own call subject, `all.call`, `role.>`, its inbox, the changes of what it follows (its assignment, the call policy, roles, service pointers) |
 //!
 //! Every identity's replies come to `_INBOX.<its nkey>.>`, which only it may
 //! subscribe to, so no identity reads another's replies.
@@ -107,6 +107,8 @@ impl BusPermissions {
                 format!("{}.>", inbox_prefix(nkey)),
                 format!("{prefix}.event.>"),
                 format!("{prefix}.state.>"),
+                // Liveness as the masters hear it, for the operator's tools.
+                format!("{prefix}.heartbeat.>"),
             ],
             responses: true,
         }
@@ -151,11 +153,15 @@ impl BusPermissions {
     pub fn minion(subjects: &Subjects, id: &MinionId, nkey: &str) -> Self {
         let prefix = subjects.prefix();
         let mut publish = vec![
+            subjects.heartbeat(id),
             format!("{prefix}.state.{id}"),
             format!("{prefix}.event.{id}.>"),
             subjects.master(<crate::master_api::Query as crate::master_api::Endpoint>::SUBJECT),
             format!("$KV.{BUCKET_MINIONS}.{id}"),
             format!("$JS.API.STREAM.INFO.KV_{BUCKET_MINIONS}"),
+            // Its own record read back: the time the server stored it
+            // corrects the minion's clock.
+            format!("$JS.API.DIRECT.GET.KV_{BUCKET_MINIONS}.$KV.{BUCKET_MINIONS}.{id}"),
         ];
         let read = [
             format!("KV_{BUCKET_ROLES}"),
@@ -288,7 +294,7 @@ mod tests {
         );
         let claims = granted.user_claims();
         assert_eq!(claims["resp"]["max"], 1);
-        assert_eq!(claims["pub"]["allow"][0], "provis.state.web-1");
+        assert_eq!(claims["pub"]["allow"][0], "provis.heartbeat.web-1");
     }
 
     #[test]

@@ -12,7 +12,6 @@ use std::time::Duration;
 use prost::Message;
 use provis_proto::v1::CallEnvelope;
 
-use crate::envelope::now_unix_ms;
 use crate::identity::{Identity, verify};
 
 /// How far an envelope's issue time may be from the minion's clock.
@@ -79,6 +78,8 @@ pub struct CallGuard {
     /// The fleet's call policy from git, once the minion has a verified one.
     policy: std::sync::Arc<std::sync::RwLock<Option<CallPolicy>>>,
     seen: moka::sync::Cache<(String, Vec<u8>), ()>,
+    /// Issue times are compared with the bus's time, not the machine's.
+    clock: crate::clock::BusClock,
 }
 
 /// Which operator may call what: `policy.toml` of the config repository.
@@ -204,7 +205,14 @@ impl CallGuard {
             trusted,
             policy: Default::default(),
             seen,
+            clock: crate::clock::BusClock::system(),
         }
+    }
+
+    /// This guard, judging issue times by `clock`.
+    pub fn with_clock(mut self, clock: crate::clock::BusClock) -> Self {
+        self.clock = clock;
+        self
     }
 
     pub fn enforcing(&self) -> bool {
@@ -266,14 +274,16 @@ impl CallGuard {
         if !verify(&signer, &unsigned.encode_to_vec(), &signature) {
             return Err(CallAuthError::BadSignature);
         }
-        let skew = now_unix_ms().saturating_sub(envelope.issued_unix_ms);
+        let skew = self.clock.now_ms().saturating_sub(envelope.issued_unix_ms);
         if skew.unsigned_abs() > MAX_CLOCK_SKEW.as_millis() as u64 {
             return Err(CallAuthError::OutOfWindow(skew));
         }
+        let lifetime = MAX_CALL_LIFETIME.as_millis() as i64;
         if envelope
             .deadline_unix_ms
             .saturating_sub(envelope.issued_unix_ms)
-            > MAX_CALL_LIFETIME.as_millis() as i64
+            > lifetime
+            || envelope.timeout_ms > lifetime
         {
             return Err(CallAuthError::TooLong);
         }

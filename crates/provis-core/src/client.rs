@@ -25,11 +25,13 @@
 //!
 //! A call to a role or to the whole fleet is a single publish on the role's
 //! subject, whatever the size of the fleet; a subset (`--percent`, `--where`,
-//! a batch) is the same single publish with the chosen ids in the envelope's
-//! `selected` field, so minions left out ignore it. Whom to wait for comes
-//! from one read of the registry, never a request per minion. Replies are
-//! gathered on one inbox until every selected minion answered or the timeout
-//! passed.
+//! a batch, named minions) is one publish per chosen minion on its own
+//! subject, so the broker delivers it to them alone and the envelope stays
+//! the same size whatever the selection. Whom to wait for comes from the
+//! master (`select`, answered from the fleet view it keeps); only when no
+//! master answers does the client read the registry itself. Replies are
+//! gathered on one inbox until every selected minion answered or the
+//! timeout passed; their signatures are checked on every core.
 //!
 //! ## From another language, with plain NATS
 //!
@@ -43,7 +45,8 @@
 //! 3. read one encoded `provis.v1.CallReply` per minion from the inbox: its
 //!    `minion`, and either `result_json` or `error` (`code`, `message`,
 //!    `stack`). Read the registry (KV bucket `provis_minions`, one JSON record
-//!    per minion) to know whom to wait for.
+//!    per minion) or ask the master (`provis.master.select`) to know whom
+//!    to wait for.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -54,7 +57,7 @@ use provis_proto::v1::{CallReply, call_reply};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::envelope::{CallRequest, error_code_name, now_unix_ms};
+use crate::envelope::{CallRequest, error_code_name};
 use crate::registry::{self, RegistryError};
 use crate::selection::{Filter, Pick, Selection};
 use crate::subject::{CallTarget, MinionId, Subjects};
@@ -74,9 +77,11 @@ pub enum ClientError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(
-        "cannot select: the minion registry could not be read ({0}); a call to a whole role or the fleet (no --where, --percent or --count) still goes out"
+        "cannot select: no master answered and the minion registry could not be read ({0}); a call to a whole role or the fleet (no --where, --percent or --count) still goes out"
     )]
     RegistryUnavailable(String),
+    #[error("the master refused the selection")]
+    Master(#[source] crate::master_api::MasterApiError),
     #[error("no live minion matches: {0}; `provis minions` shows who is up")]
     NothingSelected(String),
     #[error(transparent)]
@@ -245,6 +250,10 @@ pub struct CallPlan {
 /// role or the fleet goes out without it.
 pub const REGISTRY_WAIT: Duration = Duration::from_secs(1);
 
+/// How long a selection waits for each part of the master's answer before
+/// it reads the registry itself.
+pub const MASTER_WAIT: Duration = Duration::from_secs(3);
+
 /// Calls minions over NATS on behalf of one caller identity.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -254,6 +263,7 @@ pub struct Client {
     /// Signs every envelope when set (minions that pin callers require it).
     signer: Option<std::sync::Arc<crate::identity::Identity>>,
     registry_wait: Duration,
+    master_wait: Duration,
 }
 
 impl Client {
@@ -264,6 +274,7 @@ impl Client {
             caller: caller.into(),
             signer: None,
             registry_wait: REGISTRY_WAIT,
+            master_wait: MASTER_WAIT,
         }
     }
 
@@ -310,9 +321,10 @@ impl Client {
         registry::open_registry(&async_nats::jetstream::new(self.nats.clone())).await
     }
 
-    /// Chooses the minions a call reaches, from one snapshot of the registry.
-    /// Minions named one by one, with no filter, are taken as named (a minion
-    /// missing from the registry then shows as no reply).
+    /// Chooses the minions a call reaches: the master selects from its view
+    /// of the fleet; without a master, from one snapshot of the registry.
+    /// Minions named one by one, with no filter, are taken as named (a
+    /// minion missing from the registry then shows as no reply).
     pub async fn select(
         &self,
         target: &CallTarget,
@@ -322,54 +334,92 @@ impl Client {
     ) -> Result<Selection, ClientError> {
         let pick = pick.check()?;
         if let (CallTarget::Minions(ids), None, Pick::All) = (target, filter, pick) {
-            let mut chosen = ids.clone();
-            chosen.sort();
-            chosen.dedup();
-            // One named minion is the only one to receive the call; with
-            // several, each could answer in another's name, so their keys
-            // are read to check the replies (when the registry can say).
-            let (keys, uncertain) = if chosen.len() > 1 {
+            return Ok(self.select_named(target, ids).await);
+        }
+        let selection = match self.select_by_master(target, filter, pick, seed).await {
+            Ok(selection) => selection,
+            Err(err) if err.is_usage() => return Err(ClientError::Master(err)),
+            Err(err) => {
+                tracing::debug!(error = %crate::error_chain(&err), "no selection from a master; reading the registry");
                 match self.read_registry().await {
+                    Ok(records) => crate::selection::select(
+                        &records,
+                        target,
+                        filter,
+                        pick,
+                        seed,
+                        &crate::selection::ByStatus,
+                    )?,
+                    // Nothing to choose by: a whole role or the fleet is
+                    // still reachable with one publish; a filter or a pick
+                    // is not.
+                    Err(why) if filter.is_none() && pick == Pick::All => {
+                        return Ok(Selection::whoever_answers(target, why));
+                    }
+                    Err(why) => return Err(ClientError::RegistryUnavailable(why)),
+                }
+            }
+        };
+        if selection.chosen.is_empty() && selection.late.is_empty() {
+            return Err(ClientError::NothingSelected(selection.reason));
+        }
+        Ok(selection)
+    }
+
+    async fn select_by_master(
+        &self,
+        target: &CallTarget,
+        filter: Option<&Filter>,
+        pick: Pick,
+        seed: Option<u64>,
+    ) -> Result<Selection, crate::master_api::MasterApiError> {
+        let request = crate::master_api::SelectRequest {
+            target: target.describe(),
+            filter: filter.map(|f| f.source().to_owned()),
+            pick,
+            seed,
+        };
+        crate::master_api::MasterClient::new(self.nats.clone(), self.subjects.clone())
+            .select(&request, self.master_wait)
+            .await
+    }
+
+    /// Named minions, taken as named. One named minion alone receives the
+    /// call; with several, each could answer in another's name, so their
+    /// keys are asked for to check the replies (when anyone can say).
+    async fn select_named(&self, target: &CallTarget, ids: &[MinionId]) -> Selection {
+        let mut chosen = ids.to_vec();
+        chosen.sort();
+        chosen.dedup();
+        let (keys, uncertain) = if chosen.len() > 1 {
+            match self.select_by_master(target, None, Pick::All, None).await {
+                Ok(selection) => (selection.keys, None),
+                Err(_) => match self.read_registry().await {
                     Ok(records) => (
                         records
                             .into_iter()
-                            .filter(|r| chosen.contains(&r.id))
+                            .filter(|r| chosen.binary_search(&r.id).is_ok())
                             .filter_map(|r| Some((r.id.to_string(), r.public_key?)))
                             .collect(),
                         None,
                     ),
                     Err(why) => (BTreeMap::new(), Some(why)),
-                }
-            } else {
-                Default::default()
-            };
-            return Ok(Selection {
-                live: chosen.len(),
-                matched: chosen.len(),
-                reason: format!("named: {}", target.describe()),
-                chosen,
-                missing_fields: Default::default(),
-                filtered: false,
-                keys,
-                uncertain,
-                late: Vec::new(),
-            });
-        }
-        let records = match self.read_registry().await {
-            Ok(records) => records,
-            // Nothing to choose by: a whole role or the fleet is still
-            // reachable with one publish; a filter or a pick is not.
-            Err(why) if filter.is_none() && pick == Pick::All => {
-                return Ok(Selection::whoever_answers(target, why));
+                },
             }
-            Err(why) => return Err(ClientError::RegistryUnavailable(why)),
+        } else {
+            Default::default()
         };
-        let selection =
-            crate::selection::select(&records, target, filter, pick, seed, now_unix_ms())?;
-        if selection.chosen.is_empty() && selection.late.is_empty() {
-            return Err(ClientError::NothingSelected(selection.reason));
+        Selection {
+            live: chosen.len(),
+            matched: chosen.len(),
+            reason: format!("named: {} minion(s)", chosen.len()),
+            chosen,
+            missing_fields: Default::default(),
+            filtered: false,
+            keys,
+            uncertain,
+            late: Vec::new(),
         }
-        Ok(selection)
     }
 
     /// Calls every live member of `target` and waits for their replies.
@@ -478,7 +528,8 @@ impl Client {
         Ok(report)
     }
 
-    /// One publish (or one per named minion) and the gathering of its replies.
+    /// One publish on the target's subject, or, for a subset, one per
+    /// chosen minion on its own subject; then the gathering of the replies.
     #[allow(clippy::too_many_arguments)]
     async fn call_once(
         &self,
@@ -491,22 +542,18 @@ impl Client {
         on_reply: &mut (dyn FnMut(&MinionReply) + Send),
     ) -> Result<(Vec<MinionReply>, usize), ClientError> {
         let mut envelope = request.to_envelope(&self.caller, target);
-        let subjects = match target {
-            CallTarget::Minions(_) => batch
+        let subjects = if subset || matches!(target, CallTarget::Minions(_)) {
+            batch
                 .iter()
                 .map(|id| self.subjects.minion_call(id))
-                .collect(),
-            _ => {
-                if subset {
-                    envelope.selected = batch.iter().map(ToString::to_string).collect();
-                }
-                self.subjects.call_subjects(target)
-            }
+                .collect()
+        } else {
+            self.subjects.call_subjects(target)
         };
         self.seal(&mut envelope);
         let payload = bytes::Bytes::from(envelope.encode_to_vec());
         let inbox = self.nats.new_inbox();
-        let mut replies = self
+        let replies = self
             .nats
             .subscribe(inbox.clone())
             .await
@@ -523,6 +570,7 @@ impl Client {
             .await
             .map_err(|e| ClientError::Publish(Box::new(e)))?;
 
+        let keys = std::sync::Arc::new(keys.clone());
         let mut gathered = if batch.is_empty() && late.is_empty() {
             // Nobody known to wait for: whoever answers in time.
             ReplyGatherer::whoever_answers(envelope.call_id.clone())
@@ -530,26 +578,23 @@ impl Client {
             ReplyGatherer::new(batch.to_vec(), envelope.call_id.clone()).with_late(late)
         }
         .with_keys(keys.clone());
+        let mut checked = ReplyChecker::start(replies, keys, started);
         let deadline = tokio::time::Instant::from_std(started + request.timeout);
         while gathered.waiting() {
-            let Ok(Some(message)) = tokio::time::timeout_at(deadline, replies.next()).await else {
+            let Ok(Some(reply)) = tokio::time::timeout_at(deadline, checked.next()).await else {
                 break;
             };
-            let ms = started.elapsed().as_secs_f64() * 1_000.0;
-            match CallReply::decode(message.payload.as_ref()) {
-                Ok(reply) => {
-                    let signature = message
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get(crate::call_auth::REPLY_SIGNATURE_HEADER))
-                        .map(|v| v.as_str().to_owned());
-                    if let Some(line) =
-                        gathered.accept_signed(reply, ms, &message.payload, signature.as_deref())
-                    {
+            match reply {
+                CheckedReply::Reply {
+                    reply,
+                    ms,
+                    signature,
+                } => {
+                    if let Some(line) = gathered.accept_checked(reply, ms, signature) {
                         on_reply(line);
                     }
                 }
-                Err(err) => {
+                CheckedReply::Unreadable(err) => {
                     tracing::warn!(error = %err, "unreadable reply discarded");
                     gathered.discard();
                 }
@@ -560,6 +605,146 @@ impl Client {
             on_reply(line);
         }
         Ok((lines, discarded))
+    }
+}
+
+/// A reply read off the inbox: decoded, its signature checked.
+#[derive(Debug)]
+enum CheckedReply {
+    Reply {
+        reply: CallReply,
+        ms: f64,
+        signature: SignatureCheck,
+    },
+    Unreadable(prost::DecodeError),
+}
+
+/// Whether a reply carries the signature of the minion it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureCheck {
+    /// Signed by the key the selection knows for that minion.
+    Verified,
+    /// The selection knows a key for that minion, and the reply is not
+    /// signed by it.
+    Failed,
+    /// No key is known for that minion (an unsecured fleet).
+    NoKey,
+}
+
+impl SignatureCheck {
+    /// Checks `payload` (a reply in `minion`'s name, with `signature` from
+    /// its header) against the key `keys` hold for that minion.
+    pub fn of(
+        keys: &BTreeMap<String, String>,
+        minion: &str,
+        payload: &[u8],
+        signature: Option<&str>,
+    ) -> Self {
+        match keys.get(minion) {
+            None => Self::NoKey,
+            Some(key) => {
+                if signature.is_some_and(|signature| {
+                    crate::call_auth::reply_signed_by(payload, signature, key)
+                }) {
+                    Self::Verified
+                } else {
+                    Self::Failed
+                }
+            }
+        }
+    }
+}
+
+/// Reads a call's inbox and checks each reply. Signatures cost about as
+/// much as everything else a reply takes together, so with keys to check,
+/// one task per core decodes and verifies while the caller gathers; with
+/// none, replies are decoded as they are read.
+struct ReplyChecker {
+    checked: tokio::sync::mpsc::Receiver<CheckedReply>,
+    /// Ends the reading and checking when the call is over.
+    _tasks: Vec<AbortOnDrop>,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How many replies may wait between the reader, the checkers and the caller.
+const CHECK_QUEUE: usize = 4_096;
+
+impl ReplyChecker {
+    fn start(
+        mut replies: async_nats::Subscriber,
+        keys: std::sync::Arc<BTreeMap<String, String>>,
+        started: Instant,
+    ) -> Self {
+        let (results, checked) = tokio::sync::mpsc::channel(CHECK_QUEUE);
+        let workers = if keys.is_empty() {
+            0
+        } else {
+            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+        };
+        let mut tasks = Vec::new();
+        let mut lanes = Vec::new();
+        for _ in 0..workers {
+            let (lane, mut incoming) =
+                tokio::sync::mpsc::channel::<(async_nats::Message, f64)>(CHECK_QUEUE);
+            lanes.push(lane);
+            let (results, keys) = (results.clone(), keys.clone());
+            tasks.push(AbortOnDrop(tokio::spawn(async move {
+                while let Some((message, ms)) = incoming.recv().await {
+                    if results.send(check(&message, ms, &keys)).await.is_err() {
+                        return;
+                    }
+                }
+            })));
+        }
+        tasks.push(AbortOnDrop(tokio::spawn(async move {
+            let mut next_lane = 0usize;
+            while let Some(message) = replies.next().await {
+                let ms = started.elapsed().as_secs_f64() * 1_000.0;
+                let sent = if lanes.is_empty() {
+                    results.send(check(&message, ms, &keys)).await.is_ok()
+                } else {
+                    next_lane = (next_lane + 1) % lanes.len();
+                    lanes[next_lane].send((message, ms)).await.is_ok()
+                };
+                if !sent {
+                    return;
+                }
+            }
+        })));
+        Self {
+            checked,
+            _tasks: tasks,
+        }
+    }
+
+    async fn next(&mut self) -> Option<CheckedReply> {
+        self.checked.recv().await
+    }
+}
+
+fn check(message: &async_nats::Message, ms: f64, keys: &BTreeMap<String, String>) -> CheckedReply {
+    match CallReply::decode(message.payload.as_ref()) {
+        Ok(reply) => {
+            let signature = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(crate::call_auth::REPLY_SIGNATURE_HEADER))
+                .map(async_nats::HeaderValue::as_str);
+            let signature = SignatureCheck::of(keys, &reply.minion, &message.payload, signature);
+            CheckedReply::Reply {
+                reply,
+                ms,
+                signature,
+            }
+        }
+        Err(err) => CheckedReply::Unreadable(err),
     }
 }
 
@@ -578,7 +763,7 @@ pub struct ReplyGatherer {
     call_id: String,
     gathered: BTreeMap<String, MinionReply>,
     discarded: usize,
-    keys: BTreeMap<String, String>,
+    keys: std::sync::Arc<BTreeMap<String, String>>,
 }
 
 impl ReplyGatherer {
@@ -591,7 +776,7 @@ impl ReplyGatherer {
             call_id,
             gathered: BTreeMap::new(),
             discarded: 0,
-            keys: BTreeMap::new(),
+            keys: Default::default(),
         }
     }
 
@@ -613,7 +798,7 @@ impl ReplyGatherer {
     /// Requires replies in the name of these minions (id → key) to be signed
     /// by their key; others are discarded, so a minion that answers first in
     /// another's name does not hide the real answer.
-    pub fn with_keys(mut self, keys: BTreeMap<String, String>) -> Self {
+    pub fn with_keys(mut self, keys: std::sync::Arc<BTreeMap<String, String>>) -> Self {
         self.keys = keys;
         self
     }
@@ -635,27 +820,22 @@ impl ReplyGatherer {
     /// line. A reply to another call, from a minion not selected, or a second
     /// reply from one minion is discarded.
     pub fn accept(&mut self, reply: CallReply, ms: f64) -> Option<&MinionReply> {
-        self.accept_with(reply, ms, None)
+        let signature = if self.keys.contains_key(&reply.minion) {
+            SignatureCheck::Failed
+        } else {
+            SignatureCheck::NoKey
+        };
+        self.accept_checked(reply, ms, signature)
     }
 
-    /// Like [`Self::accept`], for a reply that came as `payload` with
-    /// `signature` (its header): checked against the minion's key when
-    /// [`Self::with_keys`] names one.
-    pub fn accept_signed(
+    /// Like [`Self::accept`], for a reply whose signature was checked
+    /// against the keys given to [`Self::with_keys`] (see
+    /// [`SignatureCheck::of`]).
+    pub fn accept_checked(
         &mut self,
         reply: CallReply,
         ms: f64,
-        payload: &[u8],
-        signature: Option<&str>,
-    ) -> Option<&MinionReply> {
-        self.accept_with(reply, ms, Some((payload, signature.unwrap_or_default())))
-    }
-
-    fn accept_with(
-        &mut self,
-        reply: CallReply,
-        ms: f64,
-        signed: Option<(&[u8], &str)>,
+        signature: SignatureCheck,
     ) -> Option<&MinionReply> {
         let expected = if self.open {
             reply.minion.parse::<MinionId>().is_ok()
@@ -666,11 +846,7 @@ impl ReplyGatherer {
             tracing::warn!(call_id = %reply.call_id, minion = %reply.minion, "reply not expected for this call discarded");
             self.discarded += 1;
             None
-        } else if let Some(key) = self.keys.get(&reply.minion)
-            && !signed.is_some_and(|(payload, signature)| {
-                crate::call_auth::reply_signed_by(payload, signature, key)
-            })
-        {
+        } else if signature == SignatureCheck::Failed {
             tracing::warn!(minion = %reply.minion, "reply not signed by that minion's key discarded");
             self.discarded += 1;
             None

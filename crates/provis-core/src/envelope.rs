@@ -65,6 +65,7 @@ impl CallRequest {
             method: self.method.clone(),
             args_json: self.args.to_string(),
             deadline_unix_ms: now.saturating_add(timeout_ms),
+            timeout_ms,
             issued_unix_ms: now,
             nonce: uuid::Uuid::new_v4().as_bytes().to_vec(),
             signer_public_key: Vec::new(),
@@ -79,12 +80,22 @@ fn target_to_proto(target: &CallTarget) -> provis_proto::v1::Target {
     let kind = match target {
         CallTarget::All => Kind::All(true),
         CallTarget::Role(role) => Kind::Role(role.to_string()),
-        CallTarget::Minions(ids) => Kind::Minion(
-            ids.iter()
-                .map(|id| id.as_str())
-                .collect::<Vec<_>>()
-                .join(","),
-        ),
+        // For logs only: a long list is cut, so the envelope every chosen
+        // minion receives does not grow with the selection.
+        CallTarget::Minions(ids) => {
+            const NAMED: usize = 8;
+            let mut named: Vec<&str> = ids
+                .iter()
+                .take(NAMED)
+                .map(crate::subject::MinionId::as_str)
+                .collect();
+            let more = ids.len().saturating_sub(NAMED);
+            let more = format!("+{more} more");
+            if ids.len() > NAMED {
+                named.push(&more);
+            }
+            Kind::Minion(named.join(","))
+        }
     };
     provis_proto::v1::Target { kind: Some(kind) }
 }
@@ -110,6 +121,8 @@ pub enum EnvelopeError {
     BadArguments(String),
     #[error("deadline passed {0} ms before the call could start")]
     Expired(i64),
+    #[error("this minion already runs {running} calls and queues {queued}; try again later")]
+    Busy { running: usize, queued: usize },
     /// The call's signature, window or policy refused it; the reason is the
     /// variant's own (it travels to the caller as the reply's message).
     #[error("refused: {0}")]
@@ -121,6 +134,7 @@ impl EnvelopeError {
         match self {
             Self::BadArguments(_) => ErrorCode::BadArguments,
             Self::Expired(_) => ErrorCode::DeadlineExceeded,
+            Self::Busy { .. } => ErrorCode::Busy,
             Self::Denied(_) => ErrorCode::Denied,
             _ => ErrorCode::BadEnvelope,
         }
@@ -160,23 +174,46 @@ pub struct CheckedCall {
     pub service: String,
     pub method: String,
     pub args: Value,
-    pub deadline_unix_ms: i64,
+    /// When the call must be over, on this process's monotonic clock.
+    pub deadline: std::time::Instant,
 }
 
 impl CheckedCall {
     /// Time left before the deadline (zero when it has passed).
     pub fn remaining(&self) -> Duration {
-        let left = self.deadline_unix_ms.saturating_sub(now_unix_ms());
-        Duration::from_millis(u64::try_from(left).unwrap_or(0))
+        self.deadline
+            .saturating_duration_since(std::time::Instant::now())
     }
 }
 
-/// Decodes and checks an envelope. On error, the call id is returned too when
-/// it could be read, so the reply can still be matched by the caller.
-pub fn open_envelope(payload: &[u8]) -> Result<CheckedCall, (String, EnvelopeError)> {
+/// When and by what clock a call came in: its timeout counts from `at`.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival {
+    pub at: std::time::Instant,
+    /// The bus's time at arrival, for envelopes with only an absolute deadline.
+    pub bus_now_ms: i64,
+}
+
+impl Arrival {
+    /// A call arriving now, by `clock`.
+    pub fn now(clock: &crate::clock::BusClock) -> Self {
+        Self {
+            at: std::time::Instant::now(),
+            bus_now_ms: clock.now_ms(),
+        }
+    }
+}
+
+/// Decodes and checks an envelope that arrived at `arrival`. On error, the
+/// call id is returned too when it could be read, so the reply can still be
+/// matched by the caller.
+pub fn open_envelope(
+    payload: &[u8],
+    arrival: Arrival,
+) -> Result<CheckedCall, (String, EnvelopeError)> {
     let envelope = decode_envelope(payload)?;
     let call_id = envelope.call_id.clone();
-    check_envelope(envelope).map_err(|err| (call_id, err))
+    check_envelope(envelope, arrival).map_err(|err| (call_id, err))
 }
 
 /// Decodes an envelope without checking its fields.
@@ -193,12 +230,15 @@ pub fn is_selected(envelope: &CallEnvelope, minion: &str) -> bool {
     envelope.selected.is_empty() || envelope.selected.iter().any(|id| id == minion)
 }
 
-/// Checks every field of a decoded envelope.
-pub fn check_envelope(envelope: CallEnvelope) -> Result<CheckedCall, EnvelopeError> {
+/// Checks every field of a decoded envelope that arrived at `arrival`.
+pub fn check_envelope(
+    envelope: CallEnvelope,
+    arrival: Arrival,
+) -> Result<CheckedCall, EnvelopeError> {
     if envelope.call_id.is_empty() {
         return Err(EnvelopeError::Missing("call_id"));
     }
-    if envelope.deadline_unix_ms == 0 {
+    if envelope.deadline_unix_ms == 0 && envelope.timeout_ms <= 0 {
         return Err(EnvelopeError::Missing("deadline_unix_ms"));
     }
     check_service(&envelope.service)?;
@@ -209,8 +249,23 @@ pub fn check_envelope(envelope: CallEnvelope) -> Result<CheckedCall, EnvelopeErr
         serde_json::from_str(&envelope.args_json)
             .map_err(|err| EnvelopeError::BadArguments(err.to_string()))?
     };
-    let late = now_unix_ms().saturating_sub(envelope.deadline_unix_ms);
-    if late > 0 {
+    // A timeout counts from the arrival by this machine's monotonic clock;
+    // an absolute deadline (outside tools may send only that) by the bus's.
+    let allowed_ms = if envelope.timeout_ms > 0 {
+        envelope.timeout_ms
+    } else {
+        envelope.deadline_unix_ms.saturating_sub(arrival.bus_now_ms)
+    };
+    let deadline = arrival.at + Duration::from_millis(u64::try_from(allowed_ms).unwrap_or(0));
+    let now = std::time::Instant::now();
+    if allowed_ms <= 0 || deadline <= now {
+        let late = if allowed_ms <= 0 {
+            allowed_ms.saturating_neg().max(1)
+        } else {
+            i64::try_from(now.duration_since(deadline).as_millis())
+                .unwrap_or(i64::MAX)
+                .max(1)
+        };
         return Err(EnvelopeError::Expired(late));
     }
     Ok(CheckedCall {
@@ -219,7 +274,7 @@ pub fn check_envelope(envelope: CallEnvelope) -> Result<CheckedCall, EnvelopeErr
         service: envelope.service,
         method: envelope.method,
         args,
-        deadline_unix_ms: envelope.deadline_unix_ms,
+        deadline,
     })
 }
 
@@ -265,6 +320,7 @@ pub fn error_code_name(code: i32) -> &'static str {
         ErrorCode::Denied => "denied",
         ErrorCode::ServiceFailed => "service_failed",
         ErrorCode::Internal => "internal",
+        ErrorCode::Busy => "busy",
     }
 }
 
@@ -276,10 +332,14 @@ mod tests {
         CallRequest::parse_function("sys.ping", Value::Null, Duration::from_secs(5)).unwrap()
     }
 
+    fn now() -> Arrival {
+        Arrival::now(&crate::clock::BusClock::system())
+    }
+
     #[test]
     fn a_sealed_envelope_opens() {
         let envelope = request().to_envelope("operator:test", &CallTarget::All);
-        let call = open_envelope(&envelope.encode_to_vec()).unwrap();
+        let call = open_envelope(&envelope.encode_to_vec(), now()).unwrap();
         assert_eq!(
             (call.service.as_str(), call.method.as_str()),
             ("sys", "ping")
@@ -289,18 +349,36 @@ mod tests {
 
     #[test]
     fn garbage_is_refused_with_a_reason() {
-        let (_, err) = open_envelope(b"\xff\xff\xff not protobuf").unwrap_err();
+        let (_, err) = open_envelope(b"\xff\xff\xff not protobuf", now()).unwrap_err();
         assert_eq!(err.code(), ErrorCode::BadEnvelope);
-        let (_, err) = open_envelope(&[]).unwrap_err();
+        let (_, err) = open_envelope(&[], now()).unwrap_err();
         assert_eq!(err, EnvelopeError::Missing("call_id"));
     }
 
     #[test]
     fn an_expired_envelope_is_refused_with_its_call_id() {
         let mut envelope = request().to_envelope("operator:test", &CallTarget::All);
+        envelope.timeout_ms = 0;
         envelope.deadline_unix_ms = now_unix_ms() - 1_000;
-        let (call_id, err) = open_envelope(&envelope.encode_to_vec()).unwrap_err();
+        let (call_id, err) = open_envelope(&envelope.encode_to_vec(), now()).unwrap_err();
         assert_eq!(call_id, envelope.call_id);
+        assert_eq!(err.code(), ErrorCode::DeadlineExceeded);
+    }
+
+    #[test]
+    fn a_timeout_counts_from_arrival_whatever_the_clocks_say() {
+        let mut envelope = request().to_envelope("operator:test", &CallTarget::All);
+        // The caller's clock is an hour behind this minion's.
+        envelope.deadline_unix_ms -= 3_600_000;
+        envelope.issued_unix_ms -= 3_600_000;
+        let call = open_envelope(&envelope.encode_to_vec(), now()).unwrap();
+        assert!(call.remaining() > Duration::from_secs(4));
+        // A call that waited longer than its timeout since it came in is late.
+        let arrived = Arrival {
+            at: std::time::Instant::now() - Duration::from_secs(10),
+            bus_now_ms: now_unix_ms(),
+        };
+        let (_, err) = open_envelope(&envelope.encode_to_vec(), arrived).unwrap_err();
         assert_eq!(err.code(), ErrorCode::DeadlineExceeded);
     }
 
@@ -309,7 +387,9 @@ mod tests {
         let mut envelope = request().to_envelope("operator:test", &CallTarget::All);
         envelope.method = "constructor.call".into();
         assert!(matches!(
-            open_envelope(&envelope.encode_to_vec()).unwrap_err().1,
+            open_envelope(&envelope.encode_to_vec(), now())
+                .unwrap_err()
+                .1,
             EnvelopeError::BadMethod(_)
         ));
         assert!(CallRequest::parse_function("ping", Value::Null, Duration::ZERO).is_err());

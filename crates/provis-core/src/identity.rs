@@ -11,7 +11,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use ring::signature::{Ed25519KeyPair, KeyPair};
 
 const PUBLIC_PREFIX: &str = "ed25519:";
 
@@ -243,17 +243,45 @@ pub fn is_public_key(text: &str) -> bool {
 }
 
 /// True when `signature` (hex) is `public_key`'s signature of `message`.
+///
+/// A caller of ten thousand minions checks ten thousand replies per call
+/// against the same ten thousand keys: each key is parsed (its point
+/// decompressed) once and kept, and checked with ed25519-dalek by RFC 8032
+/// (a non-canonical `S` is refused), as ring checked it before.
 pub fn verify(public_key: &str, message: &[u8], signature: &str) -> bool {
-    let (Some(key), Some(signature)) = (
-        public_key.strip_prefix(PUBLIC_PREFIX).and_then(unhex),
-        unhex(signature),
-    ) else {
+    let Some(key) = verifying_key(public_key) else {
         return false;
     };
-    UnparsedPublicKey::new(&ED25519, key)
-        .verify(message, &signature)
-        .is_ok()
+    let Some(signature) = unhex(signature)
+        .and_then(|bytes| <[u8; 64]>::try_from(bytes).ok())
+        .map(|bytes| ed25519_dalek::Signature::from_bytes(&bytes))
+    else {
+        return false;
+    };
+    ed25519_dalek::Verifier::verify(&key, message, &signature).is_ok()
 }
+
+/// The parsed key of `public_key` (`ed25519:<hex>`), from the keys seen
+/// before when it is one of them.
+fn verifying_key(public_key: &str) -> Option<ed25519_dalek::VerifyingKey> {
+    static PARSED: std::sync::LazyLock<moka::sync::Cache<String, ed25519_dalek::VerifyingKey>> =
+        std::sync::LazyLock::new(|| moka::sync::Cache::new(PARSED_KEYS_KEPT));
+    if let Some(key) = PARSED.get(public_key) {
+        return Some(key);
+    }
+    let bytes: [u8; 32] = public_key
+        .strip_prefix(PUBLIC_PREFIX)
+        .and_then(unhex)?
+        .try_into()
+        .ok()?;
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&bytes).ok()?;
+    PARSED.insert(public_key.to_owned(), key);
+    Some(key)
+}
+
+/// How many parsed public keys are kept: a fleet of 100,000 minions and
+/// its operators.
+const PARSED_KEYS_KEPT: u64 = 120_000;
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

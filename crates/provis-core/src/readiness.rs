@@ -8,17 +8,16 @@ use std::time::Duration;
 use async_nats::jetstream::kv::Store;
 
 use crate::client::{Client, ReplyStatus};
-use crate::envelope::{CallRequest, now_unix_ms};
+use crate::envelope::CallRequest;
 use crate::registry::{MinionRecord, RegistryError};
 use crate::subject::{CallTarget, MinionId};
 
 /// What one minion must run: service name → digest (none: any version).
 pub type ExpectedServices = BTreeMap<String, Option<String>>;
 
-/// True when every minion of `ids` is live in the registry. Each entry is
+/// True when every minion of `ids` is online in the registry. Each entry is
 /// read directly by key: no consumer, whatever the size of the fleet.
 pub async fn minions_live(registry: &Store, ids: &[MinionId]) -> Result<bool, RegistryError> {
-    let now = now_unix_ms();
     for id in ids {
         let entry = registry
             .get(id.as_str())
@@ -26,7 +25,7 @@ pub async fn minions_live(registry: &Store, ids: &[MinionId]) -> Result<bool, Re
             .map_err(|err| RegistryError::Read(Box::new(err)))?;
         let live = entry
             .and_then(|bytes| serde_json::from_slice::<MinionRecord>(&bytes).ok())
-            .is_some_and(|record| record.id == *id && record.is_live_at(now));
+            .is_some_and(|record| record.id == *id && record.is_online());
         if !live {
             return Ok(false);
         }

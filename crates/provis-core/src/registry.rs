@@ -1,20 +1,23 @@
-//! The minion registry (`provis_minions`): what each minion says about itself
-//! on start and with every heartbeat, and how callers read it.
+//! The minion registry (`provis_minions`): what each minion says about
+//! itself, written when it changes (start, roles, services, facts, the state
+//! summary, stop), and how callers read it.
 //!
-//! Liveness is derived from the heartbeat's age rather than stored, so a
-//! minion that dies without a word drops out of selections on its own.
+//! Liveness is not in the record: heartbeats are small core NATS messages
+//! (see [`crate::presence`]) that masters judge by their own clock when
+//! they arrive, never by the minion's. The record's `status` says what the
+//! minion or the leading master last decided: online, stopped cleanly, or
+//! offline after missed heartbeats.
 
 use std::collections::BTreeMap;
 
 use async_nats::jetstream::kv::Store;
 use serde::{Deserialize, Serialize};
 
-use crate::envelope::now_unix_ms;
 use crate::subject::{CallTarget, MinionId, RoleName};
 
 /// A minion counts as live while its last heartbeat is younger than this many
 /// of its own heartbeat intervals.
-pub const MISSED_HEARTBEATS_OFFLINE: i64 = 3;
+pub const MISSED_HEARTBEATS_OFFLINE: u32 = 3;
 
 /// Whether the minion is running, stopped cleanly, or went silent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,14 +40,19 @@ pub struct MinionRecord {
     pub version: String,
     pub status: MinionStatus,
     pub started_unix_ms: i64,
-    pub heartbeat_unix_ms: i64,
+    /// When the minion wrote this record, by its own clock (for display
+    /// only: nothing judges liveness by it).
+    #[serde(alias = "heartbeat_unix_ms")]
+    pub written_unix_ms: i64,
+    /// How often it sends a heartbeat.
     pub heartbeat_interval_ms: i64,
     /// Services the minion runs, built-in ones included: name → version.
     pub services: BTreeMap<String, String>,
     /// What the machine is (see the minion's `machine` module for the fields).
     #[serde(default)]
     pub facts: serde_json::Value,
-    /// The latest state sample, taken with the heartbeat.
+    /// A summary of the latest state sample (numbers rounded, so it
+    /// changes, and is written, only when the machine's state really does).
     #[serde(default)]
     pub state: serde_json::Value,
     /// The applied commit whose assignment this minion has converged on.
@@ -66,13 +74,15 @@ pub struct MinionRecord {
 }
 
 impl MinionRecord {
-    /// True when the minion is running and its heartbeat is recent.
-    pub fn is_live_at(&self, now_unix_ms: i64) -> bool {
-        let allowed = self
-            .heartbeat_interval_ms
-            .saturating_mul(MISSED_HEARTBEATS_OFFLINE);
+    /// True when the record says the minion runs (neither stopped nor
+    /// marked offline): all a caller without a master can go by.
+    pub fn is_online(&self) -> bool {
         self.status == MinionStatus::Online
-            && now_unix_ms.saturating_sub(self.heartbeat_unix_ms) <= allowed
+    }
+
+    /// Its heartbeat period.
+    pub fn heartbeat_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(u64::try_from(self.heartbeat_interval_ms).unwrap_or(0))
     }
 
     /// True when a call to `target` reaches this minion.
@@ -145,16 +155,15 @@ pub async fn read_all(store: &Store) -> Result<Vec<MinionRecord>, RegistryError>
         .collect())
 }
 
-/// The live minions a call to `target` reaches, sorted by id.
+/// The online minions a call to `target` reaches, sorted by id.
 pub async fn live_members(
     store: &Store,
     target: &CallTarget,
 ) -> Result<Vec<MinionRecord>, RegistryError> {
-    let now = now_unix_ms();
     let mut members: Vec<MinionRecord> = read_all(store)
         .await?
         .into_iter()
-        .filter(|record| record.is_live_at(now) && record.is_addressed_by(target))
+        .filter(|record| record.is_online() && record.is_addressed_by(target))
         .collect();
     members.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(members)
@@ -172,7 +181,7 @@ mod tests {
             version: "0".into(),
             status: MinionStatus::Online,
             started_unix_ms: 0,
-            heartbeat_unix_ms: heartbeat,
+            written_unix_ms: heartbeat,
             heartbeat_interval_ms: 1_000,
             services: BTreeMap::new(),
             facts: serde_json::Value::Null,
@@ -186,15 +195,17 @@ mod tests {
     }
 
     #[test]
-    fn liveness_follows_the_heartbeat() {
-        let r = record(&[], 10_000);
-        assert!(r.is_live_at(12_000));
-        assert!(!r.is_live_at(13_001));
-        let stopped = MinionRecord {
-            status: MinionStatus::Stopped,
-            ..r
-        };
-        assert!(!stopped.is_live_at(10_000));
+    fn records_of_older_minions_still_read() {
+        let mut json = serde_json::to_value(record(&[], 10_000)).unwrap();
+        let written = json
+            .as_object_mut()
+            .unwrap()
+            .remove("written_unix_ms")
+            .unwrap();
+        json["heartbeat_unix_ms"] = written;
+        let old: MinionRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(old.written_unix_ms, 10_000);
+        assert!(old.is_online());
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
+use crate::presence::Liveness;
 use crate::registry::MinionRecord;
 use crate::subject::{CallTarget, MinionId};
 
@@ -71,12 +72,22 @@ impl Filter {
     /// Whether `record` matches; `Missing(field)` when the expression reads a
     /// field this minion does not have.
     pub fn evaluate(&self, record: &MinionRecord) -> Result<Verdict, SelectError> {
+        self.evaluate_with_state(record, &record.state)
+    }
+
+    /// Like [`Self::evaluate`], with `state` in place of the record's
+    /// summary (a master's latest sample, say).
+    pub fn evaluate_with_state(
+        &self,
+        record: &MinionRecord,
+        state: &Value,
+    ) -> Result<Verdict, SelectError> {
         let mut context = cel::Context::default();
         let variables = [
             ("id", json!(record.id)),
             ("roles", json!(record.roles)),
             ("facts", record.facts.clone()),
-            ("state", record.state.clone()),
+            ("state", state.clone()),
             (
                 "labels",
                 record
@@ -126,7 +137,8 @@ pub enum Verdict {
 }
 
 /// How many of the matching minions to take.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Pick {
     All,
     /// This share, rounded up, at least one.
@@ -209,22 +221,59 @@ impl Selection {
     }
 }
 
-/// Selects from `records` (one registry snapshot taken at `now_unix_ms`).
-/// With `seed`, the same seed picks the same minions from the same fleet, and
-/// adding or removing a minion changes the pick by at most that minion.
-pub fn select(
-    records: &[MinionRecord],
+/// What a selection knows of each record beyond the record itself.
+pub trait RecordView {
+    /// Whether the record's minion should answer now.
+    fn liveness(&self, record: &MinionRecord) -> Liveness;
+    /// The state `--where` expressions see: the record's summary, unless
+    /// the viewer knows a fresher sample.
+    fn state<'r>(&'r self, record: &'r MinionRecord) -> &'r Value {
+        &record.state
+    }
+}
+
+/// The view of a caller with nothing but the registry: records are taken
+/// at their word (online is live).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ByStatus;
+
+impl RecordView for ByStatus {
+    fn liveness(&self, record: &MinionRecord) -> Liveness {
+        crate::presence::liveness_by_status(record)
+    }
+}
+
+/// Selects from `records` (one snapshot of the registry) as `view` sees
+/// them. With `seed`, the same seed picks the same minions from the same
+/// fleet, and adding or removing a minion changes the pick by at most that
+/// minion.
+pub fn select<'a>(
+    records: impl IntoIterator<Item = &'a MinionRecord>,
     target: &CallTarget,
     filter: Option<&Filter>,
     pick: Pick,
     seed: Option<u64>,
-    now_unix_ms: i64,
+    view: &impl RecordView,
 ) -> Result<Selection, SelectError> {
     let pick = pick.check()?;
-    let live: Vec<&MinionRecord> = records
-        .iter()
-        .filter(|r| r.is_live_at(now_unix_ms) && r.is_addressed_by(target))
-        .collect();
+    let mut live: Vec<&MinionRecord> = Vec::new();
+    let mut late: Vec<&MinionRecord> = Vec::new();
+    // Minions named one by one are called whatever their record says; a
+    // reply in their name is checked against their key all the same.
+    let mut named_keys: BTreeMap<String, String> = BTreeMap::new();
+    for record in records {
+        if !record.is_addressed_by(target) {
+            continue;
+        }
+        if let (CallTarget::Minions(_), Some(key)) = (target, &record.public_key) {
+            named_keys.insert(record.id.to_string(), key.clone());
+        }
+        match view.liveness(record) {
+            Liveness::Live => live.push(record),
+            Liveness::Late => late.push(record),
+            Liveness::Gone => {}
+        }
+    }
     let mut matched = Vec::new();
     let mut missing_fields: BTreeMap<String, usize> = BTreeMap::new();
     let mut failures = Vec::new();
@@ -232,7 +281,7 @@ pub fn select(
         let verdict = match filter {
             None => Verdict::Match,
             // A name no minion can have is the expression's fault: stop.
-            Some(filter) => match filter.evaluate(record) {
+            Some(filter) => match filter.evaluate_with_state(record, view.state(record)) {
                 Err(err @ SelectError::UnknownField { .. }) => return Err(err),
                 // One minion's odd data (a string where a number was meant)
                 // must not hide the rest of the fleet: it just does not match.
@@ -268,21 +317,17 @@ pub fn select(
         matched.sort_by_cached_key(|record| rank(seed, record.id.as_str()));
         matched.truncate(take);
     }
-    // A call to the whole target reaches its late members too.
-    let late: Vec<&MinionRecord> = if filter.is_none() && pick == Pick::All {
-        records
+    // Only a call to the whole target reaches its late members too.
+    if filter.is_some() || pick != Pick::All {
+        late.clear();
+    }
+    let mut keys = named_keys;
+    keys.extend(
+        matched
             .iter()
-            .filter(|r| !r.is_live_at(now_unix_ms) && r.is_addressed_by(target))
-            .filter(|r| r.status != crate::registry::MinionStatus::Stopped)
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let keys = matched
-        .iter()
-        .chain(&late)
-        .filter_map(|r| Some((r.id.to_string(), r.public_key.clone()?)))
-        .collect();
+            .chain(&late)
+            .filter_map(|r| Some((r.id.to_string(), r.public_key.clone()?))),
+    );
     let mut chosen: Vec<MinionId> = matched.iter().map(|r| r.id.clone()).collect();
     chosen.sort();
     let mut late: Vec<MinionId> = late.iter().map(|r| r.id.clone()).collect();
@@ -366,7 +411,7 @@ mod tests {
             version: "0".into(),
             status: MinionStatus::Online,
             started_unix_ms: 0,
-            heartbeat_unix_ms: 1_000,
+            written_unix_ms: 1_000,
             heartbeat_interval_ms: 1_000,
             services: [("sys".to_owned(), "0".to_owned())].into(),
             facts: json!({ "os": "debian", "mem_total_mb": 8000, "labels": labels }),
@@ -393,7 +438,7 @@ mod tests {
         let filter =
             Filter::parse("state.mem.free_pct < 5.0 && 'web.eu' in roles && facts.os == 'debian'")
                 .unwrap();
-        let selection = select(&records, &ALL, Some(&filter), Pick::All, None, 1_000).unwrap();
+        let selection = select(&records, &ALL, Some(&filter), Pick::All, None, &ByStatus).unwrap();
         assert_eq!(selection.chosen.len(), 5);
         assert_eq!((selection.live, selection.matched), (20, 5));
         assert!(selection.reason.contains("5 where"), "{}", selection.reason);
@@ -403,7 +448,7 @@ mod tests {
     fn percent_and_count_pick_exactly_that_many() {
         let records = fleet(10);
         let pick = |p| {
-            select(&records, &ALL, None, p, Some(7), 1_000)
+            select(&records, &ALL, None, p, Some(7), &ByStatus)
                 .unwrap()
                 .chosen
                 .len()
@@ -414,15 +459,15 @@ mod tests {
         assert_eq!(pick(Pick::Count(4)), 4);
         assert_eq!(pick(Pick::Count(40)), 10);
         assert!(matches!(
-            select(&records, &ALL, None, Pick::Percent(0.0), None, 0),
+            select(&records, &ALL, None, Pick::Percent(0.0), None, &ByStatus),
             Err(SelectError::BadPercent(_))
         ));
         assert!(matches!(
-            select(&records, &ALL, None, Pick::Percent(150.0), None, 0),
+            select(&records, &ALL, None, Pick::Percent(150.0), None, &ByStatus),
             Err(SelectError::BadPercent(_))
         ));
         assert!(matches!(
-            select(&records, &ALL, None, Pick::Count(0), None, 0),
+            select(&records, &ALL, None, Pick::Count(0), None, &ByStatus),
             Err(SelectError::BadCount)
         ));
     }
@@ -430,21 +475,21 @@ mod tests {
     #[test]
     fn a_seed_picks_stably_even_as_the_fleet_changes() {
         let records = fleet(50);
-        let a = select(&records, &ALL, None, Pick::Count(10), Some(42), 1_000)
+        let a = select(&records, &ALL, None, Pick::Count(10), Some(42), &ByStatus)
             .unwrap()
             .chosen;
-        let b = select(&records, &ALL, None, Pick::Count(10), Some(42), 1_000)
+        let b = select(&records, &ALL, None, Pick::Count(10), Some(42), &ByStatus)
             .unwrap()
             .chosen;
         assert_eq!(a, b);
-        let other = select(&records, &ALL, None, Pick::Count(10), Some(43), 1_000)
+        let other = select(&records, &ALL, None, Pick::Count(10), Some(43), &ByStatus)
             .unwrap()
             .chosen;
         assert_ne!(a, other);
         // One more minion changes the pick by at most one.
         let mut grown = records.clone();
         grown.push(minion("extra", &["web"], 50.0, None));
-        let c = select(&grown, &ALL, None, Pick::Count(10), Some(42), 1_000)
+        let c = select(&grown, &ALL, None, Pick::Count(10), Some(42), &ByStatus)
             .unwrap()
             .chosen;
         assert!(a.iter().filter(|id| !c.contains(id)).count() <= 1);
@@ -456,7 +501,7 @@ mod tests {
         let err = Filter::parse("state.mem.free_pct <").unwrap_err();
         assert!(matches!(err, SelectError::Parse { .. }), "{err}");
         let unknown = Filter::parse("state.mem.nosuch < 10.0").unwrap();
-        let err = select(&records, &ALL, Some(&unknown), Pick::All, None, 1_000).unwrap_err();
+        let err = select(&records, &ALL, Some(&unknown), Pick::All, None, &ByStatus).unwrap_err();
         assert_eq!(
             err,
             SelectError::UnknownField {
@@ -464,11 +509,19 @@ mod tests {
             }
         );
         let undeclared = Filter::parse("stat.mem.free_pct < 10.0").unwrap();
-        let err = select(&records, &ALL, Some(&undeclared), Pick::All, None, 1_000).unwrap_err();
+        let err = select(
+            &records,
+            &ALL,
+            Some(&undeclared),
+            Pick::All,
+            None,
+            &ByStatus,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("\"stat\""), "{err}");
         let not_bool = Filter::parse("state.mem.free_pct").unwrap();
         assert!(matches!(
-            select(&records, &ALL, Some(&not_bool), Pick::All, None, 1_000),
+            select(&records, &ALL, Some(&not_bool), Pick::All, None, &ByStatus),
             Err(SelectError::NotBoolean { .. })
         ));
     }
@@ -480,12 +533,12 @@ mod tests {
             minion("b", &["web"], 1.0, None),
         ];
         let filter = Filter::parse("labels.team == 'pay'").unwrap();
-        let selection = select(&records, &ALL, Some(&filter), Pick::All, None, 1_000).unwrap();
+        let selection = select(&records, &ALL, Some(&filter), Pick::All, None, &ByStatus).unwrap();
         assert_eq!(selection.chosen, vec!["a".parse::<MinionId>().unwrap()]);
         assert_eq!(selection.missing_fields.get("team"), Some(&1));
         let guarded = Filter::parse("has(labels.team) && labels.team == 'pay'").unwrap();
         assert_eq!(
-            select(&records, &ALL, Some(&guarded), Pick::All, None, 1_000)
+            select(&records, &ALL, Some(&guarded), Pick::All, None, &ByStatus)
                 .unwrap()
                 .chosen
                 .len(),

@@ -441,7 +441,7 @@ where
             .await
             .map_err(|err| crate::error_chain(&err))?;
         let values: std::collections::BTreeMap<String, bytes::Bytes> = if self.keys == ">" {
-            crate::kv_snapshot::read_all(&store)
+            crate::kv_snapshot::read_all_direct(&self.nats, &store)
                 .await
                 .map_err(|err| crate::error_chain(&err))?
         } else {

@@ -201,7 +201,8 @@ pub enum CallTarget {
 }
 
 impl CallTarget {
-    /// Parses the `--subject` form: `all`, `role.web.eu` or `minion.m1`.
+    /// Parses the `--subject` form: `all`, `role.web.eu`, `minion.m1` or
+    /// `minion.m1,m2,…`.
     pub fn parse_subject(value: &str) -> Result<Self, NameError> {
         let bad = || NameError::BadTarget {
             value: value.to_owned(),
@@ -211,7 +212,9 @@ impl CallTarget {
         }
         match value.split_once('.') {
             Some(("role", role)) => Ok(Self::Role(role.parse()?)),
-            Some(("minion", id)) => Ok(Self::Minions(vec![id.parse()?])),
+            Some(("minion", ids)) => Ok(Self::Minions(
+                ids.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            )),
             _ => Err(bad()),
         }
     }
@@ -282,6 +285,11 @@ impl Subjects {
             }
         }
         subjects
+    }
+
+    /// `<prefix>.heartbeat.<id>`: a minion's heartbeats (core NATS, not stored).
+    pub fn heartbeat(&self, id: &MinionId) -> String {
+        format!("{}.heartbeat.{id}", self.prefix)
     }
 
     /// `<prefix>.state.<id>`

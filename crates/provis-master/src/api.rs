@@ -18,10 +18,12 @@ use provis_core::lifecycle::Lifecycle;
 use provis_core::master_api::{
     self as api, ApiError, Endpoint, EnrollDecided, EnrollDecision, EnrollListRequest,
     EnrollmentPage, IndexStats, MinionConvergence, MinionEntry, MinionsPage, MinionsRequest,
-    PingAnswer, PingRequest, QueryPage, QueryRequest, RoleAnswer, RoleRequest, StatsRequest,
-    StatusPage, StatusRequest, SyncAnswer, SyncRequest, TokenAnswer, TokenRequest, take_page,
+    PingAnswer, PingRequest, QueryPage, QueryRequest, RoleAnswer, RoleRequest, SelectPart,
+    SelectRequest, StatsRequest, StatusPage, StatusRequest, SyncAnswer, SyncRequest, TokenAnswer,
+    TokenRequest, take_page,
 };
-use provis_core::{Subjects, event};
+use provis_core::selection::Filter;
+use provis_core::{CallTarget, Subjects, event};
 use serde_json::json;
 
 use crate::MasterError;
@@ -96,8 +98,10 @@ pub async fn serve(
         service: &service,
         served: &served,
         lifecycle,
+        connection,
     };
     endpoints.add::<api::Ping, _, _>(ping).await?;
+    endpoints.add_parts::<api::Select, _, _>(select).await?;
     endpoints.add::<api::Minions, _, _>(minions).await?;
     endpoints.add::<api::Query, _, _>(query).await?;
     endpoints.add::<api::Stats, _, _>(stats).await?;
@@ -118,7 +122,19 @@ struct Endpoints<'a> {
     service: &'a SharedService,
     served: &'a Arc<Served>,
     lifecycle: &'a Lifecycle,
+    /// The connection answers go out on (parts before the last one too).
+    connection: &'a async_nats::Client,
 }
+
+/// An endpoint's handler, its request decoded and its answer encoded: one
+/// payload, or several parts sent in order.
+type Handler = Arc<
+    dyn Fn(Arc<Served>, bytes::Bytes) -> BoxFuture<'static, Result<Vec<Vec<u8>>, ApiError>>
+        + Send
+        + Sync,
+>;
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Subscribes endpoint `E` on `service` (none once the service stopped).
 async fn subscribe<E: Endpoint>(
@@ -144,34 +160,79 @@ async fn subscribe<E: Endpoint>(
         })
 }
 
+fn decoded<E: Endpoint>(payload: &[u8]) -> Result<E::Request, ApiError> {
+    api::decode_request::<E::Request>(payload)
+        .map_err(|err| ApiError::usage(format!("{} {}", E::SUBJECT, err.message)))
+}
+
+fn encoded<T: serde::Serialize>(response: &T) -> Result<Vec<u8>, ApiError> {
+    serde_json::to_vec(response)
+        .map_err(|err| ApiError::failed(format!("cannot encode the answer: {err}")))
+}
+
 impl Endpoints<'_> {
-    /// Serves `E` with `handler`: from now on, or, for an endpoint only
-    /// the leader serves, whenever this master leads.
+    /// Serves `E` with `handler`, one answer per request.
     async fn add<E, H, F>(&self, handler: H) -> Result<(), MasterError>
     where
         E: Endpoint + 'static,
         H: Fn(Arc<Served>, E::Request) -> F + Send + Sync + 'static,
         F: Future<Output = Result<E::Response, ApiError>> + Send + 'static,
     {
-        let subject = self.served.subjects.master(E::SUBJECT);
         let handler = Arc::new(handler);
-        let (served, lifecycle, service) = (
-            self.served.clone(),
-            self.lifecycle.clone(),
-            self.service.clone(),
-        );
+        let handler: Handler = Arc::new(move |served, payload| {
+            let handler = handler.clone();
+            Box::pin(async move {
+                let response = handler(served, decoded::<E>(&payload)?).await?;
+                Ok(vec![encoded(&response)?])
+            })
+        });
+        self.serve::<E>(handler).await
+    }
+
+    /// Serves `E` with `handler`, whose answer comes in parts (see
+    /// [`api::Parts`]): each but the last is published to the request's
+    /// inbox, the last is the reply.
+    async fn add_parts<E, H, F>(&self, handler: H) -> Result<(), MasterError>
+    where
+        E: Endpoint + 'static,
+        H: Fn(Arc<Served>, E::Request) -> F + Send + Sync + 'static,
+        F: Future<Output = Result<Vec<E::Response>, ApiError>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let handler: Handler = Arc::new(move |served, payload| {
+            let handler = handler.clone();
+            Box::pin(async move {
+                let parts = handler(served, decoded::<E>(&payload)?).await?;
+                parts.iter().map(encoded).collect()
+            })
+        });
+        self.serve::<E>(handler).await
+    }
+
+    /// Serves `E` from now on, or, for an endpoint only the leader serves,
+    /// whenever this master leads.
+    async fn serve<E: Endpoint + 'static>(&self, handler: Handler) -> Result<(), MasterError> {
+        let subject = self.served.subjects.master(E::SUBJECT);
+        let taker = Taker {
+            endpoint: E::SUBJECT,
+            served: self.served.clone(),
+            handler,
+            lifecycle: self.lifecycle.clone(),
+            connection: self.connection.clone(),
+        };
+        let service = self.service.clone();
         if !E::LEADER_ONLY {
             let Some(endpoint) = subscribe::<E>(&service, &subject).await? else {
                 return Ok(());
             };
             self.lifecycle.spawn_background(async move {
-                take_requests::<E, H, F>(endpoint, &subject, &served, &handler, &lifecycle, None)
-                    .await;
+                taker.take_requests(endpoint, &subject, None).await;
             });
             return Ok(());
         }
+        let lifecycle = self.lifecycle.clone();
         self.lifecycle.spawn_background(async move {
-            let mut leading = served.leadership.watch();
+            let mut leading = taker.served.leadership.watch();
             loop {
                 // Wait to lead.
                 loop {
@@ -193,15 +254,9 @@ impl Endpoints<'_> {
                     }
                 };
                 tracing::debug!(%subject, "serving while leading");
-                if take_requests::<E, H, F>(
-                    endpoint,
-                    &subject,
-                    &served,
-                    &handler,
-                    &lifecycle,
-                    Some(&mut leading),
-                )
-                .await
+                if taker
+                    .take_requests(endpoint, &subject, Some(&mut leading))
+                    .await
                 {
                     return;
                 }
@@ -211,72 +266,79 @@ impl Endpoints<'_> {
     }
 }
 
-/// Answers requests on `endpoint` until the master stops (true) or, for a
-/// leader-only endpoint, stops leading (false); then unsubscribes and
-/// answers what the subscription still held.
-async fn take_requests<E, H, F>(
-    mut endpoint: async_nats::service::endpoint::Endpoint,
-    subject: &str,
-    served: &Arc<Served>,
-    handler: &Arc<H>,
-    lifecycle: &Lifecycle,
-    // Some for an endpoint only the leader serves.
-    mut leading: Option<&mut tokio::sync::watch::Receiver<crate::leadership::LeaderState>>,
-) -> bool
-where
-    E: Endpoint + 'static,
-    H: Fn(Arc<Served>, E::Request) -> F + Send + Sync + 'static,
-    F: Future<Output = Result<E::Response, ApiError>> + Send + 'static,
-{
-    let take = |request| {
-        let (served, handler) = (served.clone(), handler.clone());
-        lifecycle.spawn_work(answer::<E, H, F>(served, request, handler));
-    };
-    let stopped = loop {
-        tokio::select! {
-            () = lifecycle.stopping() => break true,
-            still_leading = async {
-                match leading.as_deref_mut() {
-                    Some(leading) => match leading.changed().await {
-                        Ok(()) => leading.borrow_and_update().leading(),
-                        Err(_) => false,
-                    },
-                    None => std::future::pending().await,
-                }
-            } => {
-                if !still_leading {
-                    break false;
-                }
-            }
-            request = endpoint.next() => match request {
-                Some(request) => take(request),
-                None => break true,
-            },
-        }
-    };
-    // Stop taking requests, then answer those the subscription already
-    // holds: it ends once the server has the unsubscribe.
-    if let Err(err) = endpoint.stop().await {
-        tracing::debug!(%subject, error = %err, "endpoint not unsubscribed");
-    }
-    while let Ok(Some(request)) =
-        tokio::time::timeout(Duration::from_secs(2), endpoint.next()).await
-    {
-        take(request);
-    }
-    stopped
+/// Takes the requests of one endpoint and answers each on a task of its own.
+struct Taker {
+    endpoint: &'static str,
+    served: Arc<Served>,
+    handler: Handler,
+    lifecycle: Lifecycle,
+    connection: async_nats::Client,
 }
 
-async fn answer<E, H, F>(
+impl Taker {
+    /// Answers requests on `endpoint` until the master stops (true) or, for a
+    /// leader-only endpoint, stops leading (false); then unsubscribes and
+    /// answers what the subscription still held.
+    async fn take_requests(
+        &self,
+        mut endpoint: async_nats::service::endpoint::Endpoint,
+        subject: &str,
+        // Some for an endpoint only the leader serves.
+        mut leading: Option<&mut tokio::sync::watch::Receiver<crate::leadership::LeaderState>>,
+    ) -> bool {
+        let take = |request| {
+            self.lifecycle.spawn_work(answer(
+                self.endpoint,
+                self.served.clone(),
+                request,
+                self.handler.clone(),
+                self.connection.clone(),
+            ));
+        };
+        let stopped = loop {
+            tokio::select! {
+                () = self.lifecycle.stopping() => break true,
+                still_leading = async {
+                    match leading.as_deref_mut() {
+                        Some(leading) => match leading.changed().await {
+                            Ok(()) => leading.borrow_and_update().leading(),
+                            Err(_) => false,
+                        },
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if !still_leading {
+                        break false;
+                    }
+                }
+                request = endpoint.next() => match request {
+                    Some(request) => take(request),
+                    None => break true,
+                },
+            }
+        };
+        // Stop taking requests, then answer those the subscription already
+        // holds: it ends once the server has the unsubscribe.
+        if let Err(err) = endpoint.stop().await {
+            tracing::debug!(%subject, error = %err, "endpoint not unsubscribed");
+        }
+        while let Ok(Some(request)) =
+            tokio::time::timeout(Duration::from_secs(2), endpoint.next()).await
+        {
+            take(request);
+        }
+        stopped
+    }
+}
+
+async fn answer(
+    endpoint: &'static str,
     served: Arc<Served>,
     request: async_nats::service::Request,
-    handler: Arc<H>,
-) where
-    E: Endpoint + 'static,
-    H: Fn(Arc<Served>, E::Request) -> F,
-    F: Future<Output = Result<E::Response, ApiError>>,
-{
-    let Some(reply) = request.message.reply.as_ref() else {
+    handler: Handler,
+    connection: async_nats::Client,
+) {
+    let Some(reply) = request.message.reply.clone() else {
         return;
     };
     // The master may publish anywhere; a reply subject chosen by the asker
@@ -286,36 +348,54 @@ async fn answer<E, H, F>(
         return;
     }
     let max_payload = served.nats.server_info().max_payload;
-    let outcome = match api::decode_request::<E::Request>(&request.message.payload) {
-        Ok(body) => handler(served, body).await,
-        Err(err) => Err(ApiError::usage(format!("{} {}", E::SUBJECT, err.message))),
-    }
-    .and_then(|response| {
-        serde_json::to_vec(&response)
-            .map_err(|err| ApiError::failed(format!("cannot encode the answer: {err}")))
-    });
+    let outcome = handler(served, request.message.payload.clone()).await;
     // An answer the bus cannot carry is an error the caller sees, not a
     // silence it waits out.
-    let outcome = outcome.and_then(|payload: Vec<u8>| {
-        if max_payload > 0 && payload.len() > max_payload {
-            Err(ApiError::failed(format!(
-                "the answer takes {} bytes, more than the bus carries ({max_payload}); ask for smaller pages (limit)",
-                payload.len()
-            )))
-        } else {
-            Ok(payload)
+    let outcome = outcome.and_then(|parts: Vec<Vec<u8>>| {
+        match parts.iter().map(Vec::len).max() {
+            Some(largest) if max_payload > 0 && largest > max_payload => Err(ApiError::failed(format!(
+                "the answer takes {largest} bytes, more than the bus carries ({max_payload}); ask for smaller pages (limit)"
+            ))),
+            _ => Ok(parts),
         }
     });
     let response = match outcome {
-        Ok(payload) => Ok(payload.into()),
+        Ok(mut parts) => {
+            let last = parts.pop().unwrap_or_default();
+            for part in parts {
+                if let Err(err) = connection.publish(reply.clone(), part.into()).await {
+                    tracing::warn!(endpoint, error = %err, "part of an answer not sent");
+                }
+            }
+            Ok(last.into())
+        }
         Err(err) => {
-            tracing::debug!(endpoint = E::SUBJECT, kind = ?err.kind, error = %err.message, "request answered with an error");
+            tracing::debug!(endpoint, kind = ?err.kind, error = %err.message, "request answered with an error");
             Err(err.to_service_error())
         }
     };
     if let Err(err) = request.respond(response).await {
-        tracing::warn!(endpoint = E::SUBJECT, error = %err, "answer not sent");
+        tracing::warn!(endpoint, error = %err, "answer not sent");
     }
+}
+
+/// Whom a call reaches, from this master's view; the selection travels in
+/// parts that each fit the bus.
+async fn select(served: Arc<Served>, request: SelectRequest) -> Result<Vec<SelectPart>, ApiError> {
+    wait_for_registry(&served.view).await?;
+    let target = CallTarget::parse_subject(&request.target)
+        .map_err(|err| ApiError::usage(format!("select: {err}")))?;
+    let filter = request
+        .filter
+        .as_deref()
+        .map(Filter::parse)
+        .transpose()
+        .map_err(|err| ApiError::usage(err.to_string()))?;
+    let selection = served
+        .view
+        .select(&target, filter.as_ref(), request.pick, request.seed)
+        .map_err(|err| ApiError::usage(err.to_string()))?;
+    Ok(SelectPart::split(&selection, served.page_budget()))
 }
 
 async fn ping(served: Arc<Served>, _: PingRequest) -> Result<PingAnswer, ApiError> {
@@ -327,19 +407,13 @@ async fn ping(served: Arc<Served>, _: PingRequest) -> Result<PingAnswer, ApiErro
 
 async fn minions(served: Arc<Served>, request: MinionsRequest) -> Result<MinionsPage, ApiError> {
     wait_for_registry(&served.view).await?;
-    let now = now_unix_ms();
-    let entries: Vec<(String, MinionEntry)> = served
+    let entries = served
         .view
-        .registry()
-        .iter()
-        .map(|(id, record)| {
-            let entry = MinionEntry {
-                live: record.is_live_at(now),
-                record: record.clone(),
-            };
-            (id.clone(), entry)
-        })
-        .collect();
+        .map_records(|record, live, heard_ms_ago| MinionEntry {
+            live,
+            heard_ms_ago,
+            record: record.clone(),
+        });
     let (minions, next) = take_page(entries, &request.page, served.page_budget());
     Ok(MinionsPage { minions, next })
 }
@@ -353,8 +427,13 @@ async fn query(served: Arc<Served>, request: QueryRequest) -> Result<QueryPage, 
     wait_for_registry(&served.view).await?;
     let answer = {
         let registry = served.view.registry().clone();
+        let presence = served.view.presence();
         let index = served.view.index();
-        crate::query::answer(&request, &registry, &index, now_unix_ms())
+        let now = std::time::Instant::now();
+        let is_live = |record: &provis_core::registry::MinionRecord| {
+            presence.liveness(record, now) == provis_core::presence::Liveness::Live
+        };
+        crate::query::answer(&request, &registry, &index, now_unix_ms(), &is_live)
     }
     .map_err(|err| ApiError::usage(err.to_string()))?;
     // Matches and short histories share one order (by minion), so a page
@@ -394,21 +473,14 @@ async fn status(served: Arc<Served>, request: StatusRequest) -> Result<StatusPag
     wait_for_registry(&served.view).await?;
     let published = served.config.borrow().clone();
     let applied = published.applied.as_ref().map(|a| a.commit.clone());
-    let now = now_unix_ms();
-    let minions: Vec<(String, MinionConvergence)> = served
+    let minions = served
         .view
-        .registry()
-        .iter()
-        .map(|(id, record)| {
-            let line = MinionConvergence {
-                minion: record.id.clone(),
-                live: record.is_live_at(now),
-                converged: applied.is_some() && record.converged_commit == applied,
-                commit: record.converged_commit.clone(),
-            };
-            (id.clone(), line)
-        })
-        .collect();
+        .map_records(|record, live, _| MinionConvergence {
+            minion: record.id.clone(),
+            live,
+            converged: applied.is_some() && record.converged_commit == applied,
+            commit: record.converged_commit.clone(),
+        });
     let (minions, next) = take_page(minions, &request.page, served.page_budget());
     let masters = match (&served.leader_bucket, &request.page.cursor) {
         (Some(bucket), None) => crate::leadership::masters(bucket).await,

@@ -1,6 +1,10 @@
 //! What the master knows of the fleet at this moment: the registry as its
-//! watch last saw it, and the state index fed from `PROVIS_STATE`. Shared by
-//! the watchers that fill it and the requests that read it.
+//! watch last saw it, when it last heard from each minion (heartbeats, by
+//! its own clock), and the state index fed from `PROVIS_STATE`. Shared by
+//! the watchers that fill it and the requests that read it; selections are
+//! made from it, so a call never reads the registry.
+//!
+//! Locks are taken in one order: registry, presence, index.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, RwLock};
@@ -8,10 +12,14 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
-use provis_core::Subjects;
+use std::time::Instant;
+
 use provis_core::envelope::now_unix_ms;
+use provis_core::presence::{Liveness, Presence};
 use provis_core::registry::MinionRecord;
+use provis_core::selection::{Filter, Pick, RecordView, SelectError, Selection};
 use provis_core::storage::STREAM_STATE;
+use provis_core::{CallTarget, Subjects};
 
 pub use provis_core::master_api::{IndexStats, RebuildReport};
 
@@ -20,6 +28,7 @@ use crate::state_index::{IndexLimits, StateIndex};
 #[derive(Debug)]
 pub struct FleetView {
     pub registry: RwLock<BTreeMap<String, MinionRecord>>,
+    pub presence: Mutex<Presence>,
     pub index: Mutex<StateIndex>,
     rebuild: Mutex<Option<RebuildReport>>,
     /// True once the registry's current entries were all read.
@@ -30,6 +39,7 @@ impl FleetView {
     pub fn new(limits: IndexLimits) -> Self {
         Self {
             registry: RwLock::default(),
+            presence: Mutex::new(Presence::new()),
             index: Mutex::new(StateIndex::new(limits)),
             rebuild: Mutex::new(None),
             loaded: tokio::sync::watch::Sender::new(false),
@@ -45,6 +55,59 @@ impl FleetView {
     pub async fn registry_loaded(&self) {
         let mut loaded = self.loaded.subscribe();
         let _ = loaded.wait_for(|loaded| *loaded).await;
+    }
+
+    pub fn presence(&self) -> std::sync::MutexGuard<'_, Presence> {
+        self.presence
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether `record`'s minion is live now, as this master heard it.
+    pub fn is_live(&self, record: &MinionRecord) -> bool {
+        self.presence().liveness(record, Instant::now()) == Liveness::Live
+    }
+
+    /// `line` of every registry record, in id order, with what this master
+    /// heard of it: whether it is live, and how long ago it was last heard
+    /// (ms), if ever since this master started.
+    pub fn map_records<T>(
+        &self,
+        mut line: impl FnMut(&MinionRecord, bool, Option<u64>) -> T,
+    ) -> Vec<(String, T)> {
+        let registry = self.registry();
+        let presence = self.presence();
+        let now = Instant::now();
+        registry
+            .iter()
+            .map(|(id, record)| {
+                let live = presence.liveness(record, now) == Liveness::Live;
+                let heard_ms_ago = presence.last_heard(id).map(|at| {
+                    u64::try_from(now.saturating_duration_since(at).as_millis()).unwrap_or(u64::MAX)
+                });
+                (id.clone(), line(record, live, heard_ms_ago))
+            })
+            .collect()
+    }
+
+    /// Whom a call reaches, from this view: liveness by heartbeats heard,
+    /// `--where` over the latest state samples.
+    pub fn select(
+        &self,
+        target: &CallTarget,
+        filter: Option<&Filter>,
+        pick: Pick,
+        seed: Option<u64>,
+    ) -> Result<Selection, SelectError> {
+        let registry = self.registry();
+        let presence = self.presence();
+        let index = self.index();
+        let lens = MasterLens {
+            presence: &presence,
+            index: &index,
+            now: Instant::now(),
+        };
+        provis_core::selection::select(registry.values(), target, filter, pick, seed, &lens)
     }
 
     pub fn index(&self) -> std::sync::MutexGuard<'_, StateIndex> {
@@ -181,5 +244,24 @@ impl FleetView {
             .rebuild
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(report);
+    }
+}
+
+/// How the master sees a record when it selects.
+struct MasterLens<'a> {
+    presence: &'a Presence,
+    index: &'a StateIndex,
+    now: Instant,
+}
+
+impl RecordView for MasterLens<'_> {
+    fn liveness(&self, record: &MinionRecord) -> Liveness {
+        self.presence.liveness(record, self.now)
+    }
+
+    fn state<'r>(&'r self, record: &'r MinionRecord) -> &'r serde_json::Value {
+        self.index
+            .latest(record.id.as_str())
+            .map_or(&record.state, |sample| &sample.state)
     }
 }

@@ -1,16 +1,20 @@
-//! Noticing minions that go silent: every master follows the registry into
-//! its view, and the leading one, when a minion misses its heartbeats (three of its own
-//! intervals) it marks the entry offline and emits `minion.offline` with
-//! reason `missed_heartbeats`. A minion that stops cleanly marks itself
-//! stopped and emits its own event; one that comes back overwrites the mark
-//! with its next heartbeat.
+//! Who is live: every master follows the registry into its view and hears
+//! every heartbeat (`<prefix>.heartbeat.*`, core NATS), judging each by its
+//! own clock on receipt. The leading master marks a minion offline when it
+//! misses three of its heartbeat intervals (`minion.offline`, reason
+//! `missed_heartbeats`) and online again when its heartbeats come back
+//! (`minion.online`, reason `heartbeats_resumed`). A minion that stops
+//! cleanly marks itself stopped and says so itself.
+//!
+//! A master whose connection was away excuses the silence: it heard nobody
+//! through no fault of theirs, so everyone gets a fresh grace.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv::Store;
 use futures::StreamExt;
-use provis_core::envelope::now_unix_ms;
+use provis_core::presence::{Heartbeat, Liveness};
 use provis_core::registry::{MinionRecord, MinionStatus};
 use provis_core::signed_entry::{EntryError, Followed, follow as follow_entries};
 use provis_core::storage::BUCKET_MINIONS;
@@ -22,9 +26,10 @@ use serde_json::json;
 /// How often silent minions are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Follows the registry into `view` until `stop` fires, asks the
-/// desired-state loop to recompute the assignment of a minion that appears
-/// or changes its facts, and marks silent minions offline.
+/// Follows the registry and the heartbeats into `view` until `stop` fires,
+/// asks the desired-state loop to recompute the assignment of a minion that
+/// appears or changes its facts, and, while leading, marks minions offline
+/// and online again.
 pub async fn follow(
     js: async_nats::jetstream::Context,
     outbox: provis_core::outbox::Outbox,
@@ -34,26 +39,36 @@ pub async fn follow(
     leadership: crate::leadership::Leadership,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut entries = follow_entries(js.clone(), BUCKET_MINIONS, ">", registry_record());
-    let mut known: BTreeMap<String, MinionRecord> = BTreeMap::new();
+    let nats = js.client();
+    let mut marks = Marks {
+        js: js.clone(),
+        registry: None,
+        outbox,
+        subjects: subjects.clone(),
+        reviving: HashSet::new(),
+    };
+    let mut entries = follow_entries(js, BUCKET_MINIONS, ">", registry_record());
+    let heartbeat_prefix = format!("{}.heartbeat.", subjects.prefix());
+    let mut heartbeats = match nats.subscribe(subjects.wildcard("heartbeat")).await {
+        Ok(heartbeats) => Some(heartbeats),
+        Err(err) => {
+            // Liveness then rests on the records alone; said loudly.
+            tracing::error!(error = %err, "cannot hear heartbeats; minions will be marked offline only by their records");
+            None
+        }
+    };
+    let mut connects = connect_count(&nats);
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
-    let mut registry: Option<Store> = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             followed = entries.next() => match followed {
                 Some(Followed::Taken { key, value: record, .. }) => {
-                    let new_or_changed = known.get(&key).is_none_or(|old| old.facts != record.facts);
-                    view.registry_mut().insert(key.clone(), record.clone());
-                    known.insert(key.clone(), record);
-                    if new_or_changed {
-                        // Its assignment may depend on who it is and on its facts.
-                        let _ = desired.try_send(crate::desired::DesiredRequest::Minion(key));
-                    }
+                    taken(view, &desired, &mut marks, key, record);
                 }
                 Some(Followed::Removed { key }) => {
-                    known.remove(&key);
                     view.registry_mut().remove(&key);
+                    view.presence().forget(&key);
                 }
                 Some(Followed::Refused { key, error }) => {
                     tracing::warn!(%key, %error, "registry entry skipped");
@@ -61,24 +76,95 @@ pub async fn follow(
                 Some(Followed::Current) => view.mark_registry_loaded(),
                 None => return,
             },
+            Some(message) = next_heartbeat(&mut heartbeats) => {
+                let Some(id) = message.subject.as_str().strip_prefix(&heartbeat_prefix) else {
+                    continue;
+                };
+                let Ok(heartbeat) = serde_json::from_slice::<Heartbeat>(&message.payload) else {
+                    tracing::debug!(minion = %id, "unreadable heartbeat skipped");
+                    continue;
+                };
+                let interval = Duration::from_millis(heartbeat.interval_ms);
+                view.presence().heard(id, interval, Instant::now());
+                let offline = view
+                    .registry()
+                    .get(id)
+                    .is_some_and(|record| record.status == MinionStatus::Offline);
+                if offline && leadership.term().is_some() {
+                    marks.online(id).await;
+                }
+            }
             _ = sweep.tick() => {
+                let now_connects = connect_count(&nats);
+                if now_connects != connects {
+                    connects = now_connects;
+                    tracing::info!("connection back: every minion's silence is excused");
+                    view.presence().excuse_silence(Instant::now());
+                }
                 // Offline marks are writes: the leader's.
                 if leadership.term().is_none() {
                     continue;
                 }
-                let now = now_unix_ms();
-                if registry.is_none() {
-                    registry = provis_core::registry::open_registry(&js).await.ok();
-                }
-                let Some(store) = registry.as_ref() else { continue };
-                for (key, record) in &mut known {
-                    if record.status == MinionStatus::Online && !record.is_live_at(now) {
-                        mark_offline(&outbox, &subjects, store, key, record, now).await;
-                    }
+                for (key, record) in silent(view) {
+                    marks.offline(&key, &record).await;
                 }
             }
         }
     }
+}
+
+/// Takes a registry record into the view. A record the minion wrote anew is
+/// a sign of life; one whose facts changed may change its assignment.
+fn taken(
+    view: &FleetView,
+    desired: &tokio::sync::mpsc::Sender<crate::desired::DesiredRequest>,
+    marks: &mut Marks,
+    key: String,
+    record: MinionRecord,
+) {
+    let previous = view.registry_mut().insert(key.clone(), record.clone());
+    let rewritten = previous.as_ref().is_none_or(|old| {
+        old.written_unix_ms != record.written_unix_ms || old.status != record.status
+    });
+    if rewritten && record.status == MinionStatus::Online {
+        view.presence()
+            .heard(&key, record.heartbeat_interval(), Instant::now());
+    }
+    if record.status != MinionStatus::Offline {
+        marks.reviving.remove(&key);
+    }
+    if previous.is_none_or(|old| old.facts != record.facts) {
+        // Its assignment may depend on who it is and on its facts.
+        let _ = desired.try_send(crate::desired::DesiredRequest::Minion(key));
+    }
+}
+
+/// The next heartbeat heard; never, while there is no subscription.
+async fn next_heartbeat(
+    heartbeats: &mut Option<async_nats::Subscriber>,
+) -> Option<async_nats::Message> {
+    match heartbeats {
+        Some(heartbeats) => heartbeats.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn connect_count(nats: &async_nats::Client) -> u64 {
+    nats.statistics()
+        .connects
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Online records whose minion has not been heard from for too long.
+fn silent(view: &FleetView) -> Vec<(String, MinionRecord)> {
+    let registry = view.registry();
+    let presence = view.presence();
+    let now = Instant::now();
+    registry
+        .iter()
+        .filter(|(_, record)| presence.liveness(record, now) == Liveness::Late)
+        .map(|(key, record)| (key.clone(), record.clone()))
+        .collect()
 }
 
 /// Opens a registry entry: a record under its own minion's key only (a
@@ -98,44 +184,91 @@ fn registry_record() -> impl provis_core::signed_entry::EntryOpener<MinionRecord
     }
 }
 
-async fn mark_offline(
-    outbox: &provis_core::outbox::Outbox,
-    subjects: &Subjects,
-    registry: &Store,
-    key: &str,
-    record: &mut MinionRecord,
-    now: i64,
-) {
-    // Only if the entry is still the silent one: a heartbeat that lands meanwhile wins.
-    let Ok(Some(current)) = registry.entry(key).await else {
-        return;
-    };
-    let Ok(stored) = serde_json::from_slice::<MinionRecord>(&current.value) else {
-        return;
-    };
-    if stored.heartbeat_unix_ms != record.heartbeat_unix_ms {
-        return;
+/// The leader's writes of a minion's status into its record.
+struct Marks {
+    js: async_nats::jetstream::Context,
+    registry: Option<Store>,
+    outbox: provis_core::outbox::Outbox,
+    subjects: Subjects,
+    /// Marked online again, not yet seen so in the registry.
+    reviving: HashSet<String>,
+}
+
+impl Marks {
+    async fn store(&mut self) -> Option<&Store> {
+        if self.registry.is_none() {
+            self.registry = provis_core::registry::open_registry(&self.js).await.ok();
+        }
+        self.registry.as_ref()
     }
-    let mut offline = stored;
-    offline.status = MinionStatus::Offline;
-    let Ok(value) = serde_json::to_vec(&offline) else {
-        return;
-    };
-    if registry
-        .update(key, value.into(), current.revision)
-        .await
-        .is_err()
-    {
-        return; // it just beat again
+
+    /// Marks `key` offline, unless its record changed since `seen` (the
+    /// minion wrote meanwhile: it lives).
+    async fn offline(&mut self, key: &str, seen: &MinionRecord) {
+        let written = self
+            .set_status(key, MinionStatus::Offline, |stored| {
+                stored.written_unix_ms == seen.written_unix_ms
+                    && stored.status == MinionStatus::Online
+            })
+            .await;
+        let Some(offline) = written else {
+            return; // it just wrote again, or the bucket is away
+        };
+        tracing::warn!(minion = %key, "minion missed its heartbeats; marked offline");
+        event::emit(
+            &self.outbox,
+            &self.subjects,
+            "master",
+            "minion.offline",
+            json!({ "minion": key, "reason": "missed_heartbeats", "interval_ms": offline.heartbeat_interval_ms }),
+        );
     }
-    record.status = MinionStatus::Offline;
-    let silent_ms = now - offline.heartbeat_unix_ms;
-    tracing::warn!(minion = %key, silent_ms, "minion missed its heartbeats; marked offline");
-    event::emit(
-        outbox,
-        subjects,
-        "master",
-        "minion.offline",
-        json!({ "minion": key, "reason": "missed_heartbeats", "last_seen_unix_ms": offline.heartbeat_unix_ms, "silent_ms": silent_ms }),
-    );
+
+    /// Marks `key` online again: its heartbeats are back.
+    async fn online(&mut self, key: &str) {
+        if !self.reviving.insert(key.to_owned()) {
+            return;
+        }
+        let written = self
+            .set_status(key, MinionStatus::Online, |stored| {
+                stored.status == MinionStatus::Offline
+            })
+            .await;
+        let Some(record) = written else {
+            self.reviving.remove(key);
+            return;
+        };
+        tracing::info!(minion = %key, "heartbeats back; marked online");
+        event::emit(
+            &self.outbox,
+            &self.subjects,
+            "master",
+            "minion.online",
+            json!({ "minion": key, "reason": "heartbeats_resumed", "roles": record.roles }),
+        );
+    }
+
+    /// Writes `status` into `key`'s record if the stored record is still
+    /// what `expected` says, by compare-and-set (a minion writing at the
+    /// same moment wins). Returns the record written.
+    async fn set_status(
+        &mut self,
+        key: &str,
+        status: MinionStatus,
+        expected: impl Fn(&MinionRecord) -> bool,
+    ) -> Option<MinionRecord> {
+        let store = self.store().await?;
+        let current = store.entry(key).await.ok()??;
+        let mut record = serde_json::from_slice::<MinionRecord>(&current.value).ok()?;
+        if !expected(&record) {
+            return None;
+        }
+        record.status = status;
+        let value = serde_json::to_vec(&record).ok()?;
+        store
+            .update(key, value.into(), current.revision)
+            .await
+            .ok()?;
+        Some(record)
+    }
 }

@@ -26,12 +26,13 @@ pub const MIN_COVERAGE_PCT: f64 = 90.0;
 
 pub use provis_core::master_api::{QueryAnswer, QueryMatch, QueryMode, QueryRequest};
 
-/// Answers `request` at `now_ms`.
+/// Answers `request` at `now_ms`; `is_live` says who is live now.
 pub fn answer(
     request: &QueryRequest,
     registry: &BTreeMap<String, MinionRecord>,
     index: &StateIndex,
     now_ms: i64,
+    is_live: &dyn Fn(&MinionRecord) -> bool,
 ) -> Result<QueryAnswer, SelectError> {
     let filter = Filter::parse(&request.expression)?;
     let mut ids: Vec<&str> = registry
@@ -80,7 +81,7 @@ pub fn answer(
         };
         let line = |coverage_pct: Option<f64>, note: Option<String>| QueryMatch {
             minion: id.to_owned(),
-            live: record.is_live_at(now_ms),
+            live: is_live(&record),
             coverage_pct,
             note,
             state: latest.clone(),
@@ -157,7 +158,7 @@ fn bare_record(id: &str) -> Option<MinionRecord> {
         version: String::new(),
         status: MinionStatus::Stopped,
         started_unix_ms: 0,
-        heartbeat_unix_ms: 0,
+        written_unix_ms: 0,
         heartbeat_interval_ms: 0,
         services: BTreeMap::new(),
         facts: Value::Object(Default::default()),

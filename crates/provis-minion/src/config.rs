@@ -9,10 +9,14 @@ use std::time::Duration;
 use provis_core::{FleetContext, MinionId, RoleName};
 use serde::{Deserialize, Serialize};
 
-/// Heartbeat period when none is configured.
-pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 2_000;
+/// Heartbeat period when none is configured: sized for 10,000 minions
+/// (2,000 heartbeats a second of about 40 bytes to each master; see
+/// docs/scale.md), offline after 15 s of silence.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 5_000;
 /// How many calls one minion runs at once; more wait their turn.
 pub const DEFAULT_MAX_CONCURRENT_CALLS: usize = 256;
+/// How many calls may wait for a turn; more are refused as busy.
+pub const DEFAULT_MAX_QUEUED_CALLS: usize = 1_024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,7 +29,9 @@ pub struct MinionConfig {
     /// Where the fleet is (NATS URL and subject prefix).
     #[serde(flatten)]
     pub fleet: FleetContext,
-    /// How often the minion refreshes its registry entry. Default: 2000 ms.
+    /// How often the minion sends a heartbeat (`<prefix>.heartbeat.<id>`);
+    /// three missed ones and the leading master marks it offline.
+    /// Default: 5000 ms.
     #[serde(default = "default_heartbeat_interval_ms")]
     pub heartbeat_interval_ms: u64,
     /// How often a state sample goes to `<prefix>.state.<id>`. Default: 60000 ms.
@@ -34,6 +40,11 @@ pub struct MinionConfig {
     /// Calls run at once. Default: 256.
     #[serde(default = "default_max_concurrent_calls")]
     pub max_concurrent_calls: usize,
+    /// Calls that may wait for one of those slots; a call beyond them is
+    /// answered at once with the error `busy`, so a flood of calls never
+    /// queues without bound. Default: 1024.
+    #[serde(default = "default_max_queued_calls")]
+    pub max_queued_calls: usize,
     /// Where the minion keeps what must survive a restart (the services'
     /// state database). Default: `$XDG_STATE_HOME/provis/<id>`, else
     /// `~/.local/state/provis/<id>`.
@@ -104,6 +115,10 @@ fn default_max_concurrent_calls() -> usize {
     DEFAULT_MAX_CONCURRENT_CALLS
 }
 
+fn default_max_queued_calls() -> usize {
+    DEFAULT_MAX_QUEUED_CALLS
+}
+
 impl MinionConfig {
     /// A minion with default settings.
     pub fn new(id: MinionId, roles: Vec<RoleName>, fleet: FleetContext) -> Self {
@@ -113,6 +128,7 @@ impl MinionConfig {
             fleet,
             heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
             max_concurrent_calls: DEFAULT_MAX_CONCURRENT_CALLS,
+            max_queued_calls: DEFAULT_MAX_QUEUED_CALLS,
             state_interval_ms: default_state_interval_ms(),
             data_dir: None,
             grpc_listen: default_grpc_listen(),

@@ -39,6 +39,8 @@ pub struct MinionApi {
     pub started: Instant,
     /// Fires when the minion stops: open event watches end.
     pub stop: tokio_util::sync::CancellationToken,
+    /// Calls' timeouts count from arrival by this clock.
+    pub clock: provis_core::clock::BusClock,
 }
 
 /// The TLS identity from `grpc_tls_cert` and `grpc_tls_key`: none when
@@ -96,6 +98,7 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<Event, Status>> + Send + 'st
 impl Minion for MinionApi {
     async fn call(&self, request: Request<CallEnvelope>) -> Result<Response<CallReply>, Status> {
         // The same checks as over NATS: re-encoding is cheap and keeps one path.
+        let arrival = provis_core::envelope::Arrival::now(&self.clock);
         let envelope = request.into_inner();
         let admitted = self.guard.admit(&envelope).map_err(|err| {
             (
@@ -110,7 +113,7 @@ impl Minion for MinionApi {
             .map(|r| r.iter().filter_map(|r| r.parse().ok()).collect())
             .unwrap_or_default();
         let checked = admitted.and_then(|signer| {
-            let call = open_envelope(&payload)?;
+            let call = open_envelope(&payload, arrival)?;
             if let Some(signer) = signer {
                 self.guard
                     .authorize(&signer, &call.service, &call.method, &roles)

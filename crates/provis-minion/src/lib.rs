@@ -1,7 +1,8 @@
 //! The provis minion: one agent per machine. It connects to NATS (retrying
 //! with backoff for as long as it takes), listens on its own call subject, the
-//! fleet-wide one and every level of each of its roles, keeps its registry
-//! entry fresh, and answers each call with exactly one reply.
+//! fleet-wide one and every level of each of its roles, sends heartbeats,
+//! writes its registry record when it changes, and answers each call with
+//! exactly one reply (`busy` when more calls come than it runs and queues).
 //!
 //! A minion never dies of a message: every payload is checked before it is
 //! dispatched, and a bad one gets a structured error reply where a reply
@@ -21,21 +22,22 @@ pub mod grpc;
 pub mod listener;
 pub mod machine;
 pub mod policy;
+pub mod presence;
 pub mod services;
 pub mod sys;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::kv::Store;
 use prost::Message;
 use provis_core::Subjects;
+use provis_core::clock::BusClock;
 use provis_core::envelope::{
-    check_envelope, decode_envelope, error_reply, is_selected, now_unix_ms,
+    Arrival, EnvelopeError, check_envelope, decode_envelope, error_reply, is_selected,
 };
 use provis_core::identity::Identity;
 use provis_core::lifecycle::{Lifecycle, PartHandle};
-use provis_core::registry::{self, MinionRecord, MinionStatus};
+use provis_core::registry::{MinionRecord, MinionStatus};
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
 
@@ -88,12 +90,21 @@ pub type MinionHandle = PartHandle;
 /// subjects (the connection itself may still be on its way: calls and
 /// heartbeats start when it is up).
 pub async fn start(config: MinionConfig) -> Result<MinionHandle, MinionError> {
+    start_with_clock(config, BusClock::system()).await
+}
+
+/// Like [`start`], on a machine whose clock is `clock` (a test or a
+/// simulation of a machine whose clock is wrong).
+pub async fn start_with_clock(
+    config: MinionConfig,
+    clock: BusClock,
+) -> Result<MinionHandle, MinionError> {
     let path = config.identity_path();
     let identity =
         Identity::load_or_create(&path).map_err(|source| MinionError::Identity { path, source })?;
     tracing::info!(minion = %config.id, key = %identity.public_key(), "connecting with this key");
     let nats = connect(&config, &identity).await?;
-    start_inner(config, nats, true, Some(Arc::new(identity))).await
+    start_inner(config, nats, true, Some(Arc::new(identity)), clock).await
 }
 
 /// Starts a minion on a NATS connection it shares with others, as the
@@ -103,7 +114,7 @@ pub async fn start_on(
     config: MinionConfig,
     nats: async_nats::Client,
 ) -> Result<MinionHandle, MinionError> {
-    start_inner(config, nats, false, None).await
+    start_inner(config, nats, false, None, BusClock::system()).await
 }
 
 /// The minion's own connection: it claims its id as user name, which the
@@ -148,8 +159,9 @@ async fn start_inner(
     owns_connection: bool,
     // Signs every reply; minions sharing a connection (simulated ones) have none.
     signer: Option<Arc<Identity>>,
+    clock: BusClock,
 ) -> Result<MinionHandle, MinionError> {
-    let mut minion = Startup::new(config, nats, owns_connection, signer)?;
+    let mut minion = Startup::new(config, nats, owns_connection, signer, clock)?;
     if let Err(err) = minion.bring_up().await {
         minion.abandon().await;
         return Err(err);
@@ -163,6 +175,7 @@ struct Startup {
     nats: async_nats::Client,
     owns_connection: bool,
     signer: Option<Arc<Identity>>,
+    clock: BusClock,
     subjects: Subjects,
     lifecycle: Lifecycle,
     started: Instant,
@@ -195,6 +208,7 @@ impl Startup {
         nats: async_nats::Client,
         owns_connection: bool,
         signer: Option<Arc<Identity>>,
+        clock: BusClock,
     ) -> Result<Self, MinionError> {
         let subjects = Subjects::new(config.fleet.prefix.clone());
         let state = Arc::new(provis_js::StateStore::open(
@@ -224,7 +238,8 @@ impl Startup {
             &lifecycle,
         );
         let events = events::EventBus::new(outbox, subjects.clone(), config.id.to_string());
-        let guard = provis_core::call_auth::CallGuard::new(config.trusted_callers.clone());
+        let guard = provis_core::call_auth::CallGuard::new(config.trusted_callers.clone())
+            .with_clock(clock.clone());
         let (desired, desired_rx) = watch::channel(services::DesiredRoles {
             roles: config.roles.clone(),
             ..services::DesiredRoles::default()
@@ -233,6 +248,7 @@ impl Startup {
             nats,
             owns_connection,
             signer,
+            clock,
             subjects,
             stop_on_drop: lifecycle.stop_on_drop(),
             lifecycle,
@@ -389,6 +405,7 @@ impl Startup {
             roles: self.shared_roles.clone(),
             started: self.started,
             stop: self.lifecycle.stop_token(),
+            clock: self.clock.clone(),
         };
         self.lifecycle.spawn_background(grpc::serve(
             api,
@@ -413,21 +430,20 @@ impl Startup {
             roles: self.config.roles.clone(),
             version: provis_core::VERSION.to_owned(),
             status: MinionStatus::Online,
-            started_unix_ms: now_unix_ms(),
-            heartbeat_unix_ms: now_unix_ms(),
+            started_unix_ms: self.clock.now_ms(),
+            written_unix_ms: self.clock.now_ms(),
             heartbeat_interval_ms: i64::try_from(self.config.heartbeat_interval().as_millis())
                 .unwrap_or(i64::MAX),
             services: self.dispatcher.service_versions(),
             facts: self.facts(),
-            state: self.machine.sample(),
+            state: machine::summary(&self.machine.sample()),
             grpc_addr: self.grpc_addr.take(),
             grpc_tls: self.config.grpc_tls_cert.is_some(),
             converged_commit: None,
             overlay_roles: Vec::new(),
             public_key: self.signer.as_ref().map(|s| s.public_key().to_owned()),
         };
-        let max_calls =
-            u32::try_from(self.config.max_concurrent_calls.clamp(1, 65_536)).unwrap_or(1);
+        let max_calls = self.config.max_concurrent_calls.clamp(1, 65_536);
         let (listener, calls) = match self.listener.take() {
             Some(listening) => listening,
             None => {
@@ -456,7 +472,11 @@ impl Startup {
             dispatcher: self.dispatcher,
             record,
             heartbeat_interval: self.config.heartbeat_interval(),
-            limit: Arc::new(Semaphore::new(max_calls as usize)),
+            limit: Arc::new(Semaphore::new(max_calls)),
+            max_calls,
+            max_queued: self.config.max_queued_calls,
+            admitted: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            clock: self.clock,
             drain_timeout: Duration::from_secs(self.config.drain_timeout_s),
             lifecycle: self.lifecycle.clone(),
             owns_connection: self.owns_connection,
@@ -484,7 +504,15 @@ struct Runtime {
     dispatcher: Arc<Dispatcher>,
     record: MinionRecord,
     heartbeat_interval: Duration,
+    /// A slot per call that may run at once.
     limit: Arc<Semaphore>,
+    max_calls: usize,
+    /// Calls taken and not yet answered (running or waiting for a slot),
+    /// and how many may wait beyond those that run.
+    admitted: Arc<std::sync::atomic::AtomicUsize>,
+    max_queued: usize,
+    /// This machine's clock, corrected by the bus's time.
+    clock: BusClock,
     /// How long the calls in flight may take to finish once stopped.
     drain_timeout: Duration,
     /// Every task of the minion, and the signal that stops it.
@@ -521,27 +549,40 @@ impl Runtime {
         // The registry is written by a task of its own: a write that waits
         // for JetStream (a stream electing a leader) never holds up calls.
         let (record_tx, records) = watch::channel(self.record.clone());
-        self.lifecycle.spawn_background(write_registry(
+        record_tx.send_modify(|_| {}); // the first record is written at once
+        self.lifecycle.spawn_background(presence::write_registry(
             async_nats::jetstream::new(self.nats.clone()),
             records,
             self.events.clone(),
+            self.clock.clone(),
         ));
+        let mut heartbeats = presence::Heartbeats::new(
+            self.nats.clone(),
+            self.subjects.heartbeat(&self.record.id),
+            self.heartbeat_interval,
+        );
         let lifecycle = self.lifecycle.clone();
         loop {
             tokio::select! {
                 () = lifecycle.stopping() => break,
-                _ = heartbeat.tick() => self.beat(&record_tx),
-                _ = sampling.tick() => self.publish_sample().await,
+                _ = heartbeat.tick() => {
+                    heartbeats.beat(self.lifecycle.work_in_flight()).await;
+                    self.refresh_record(&record_tx);
+                }
+                _ = sampling.tick() => {
+                    self.publish_sample().await;
+                    self.refresh_record(&record_tx);
+                }
                 Some(assignment) = assignments.recv() => {
                     if let Some(interval) = self.take_assignment(assignment).await {
                         sampling = tokio::time::interval(interval);
                         sampling.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     }
-                    self.beat(&record_tx);
+                    self.refresh_record(&record_tx);
                 }
                 Ok(()) = converged.changed() => {
                     self.record.converged_commit = converged.borrow_and_update().clone();
-                    self.beat(&record_tx);
+                    self.refresh_record(&record_tx);
                 }
                 message = calls.recv() => match message {
                     Some(message) => self.accept(message).await,
@@ -610,11 +651,14 @@ impl Runtime {
 
     /// Publishes a state sample on `<prefix>.state.<id>`, kept by `PROVIS_STATE`.
     async fn publish_sample(&mut self) {
-        self.record.state = self.machine.sample();
+        let mut state = self.machine.sample();
+        self.record.state = machine::summary(&state);
+        let at_unix_ms = self.clock.now_ms();
+        state["at_unix_ms"] = json!(at_unix_ms);
         let sample = provis_core::state::StateSample {
             minion: self.record.id.clone(),
-            at_unix_ms: now_unix_ms(),
-            state: self.record.state.clone(),
+            at_unix_ms,
+            state,
         };
         let subject = self.subjects.state(&self.record.id);
         // One id per minion and instant: a sample sent twice is stored once.
@@ -625,16 +669,20 @@ impl Runtime {
         }
     }
 
-    /// Refreshes the registry entry: the writer task takes the latest.
-    fn beat(&mut self, records: &watch::Sender<MinionRecord>) {
-        self.record.heartbeat_unix_ms = now_unix_ms();
+    /// Hands the registry record to its writer when it says something new
+    /// (services loaded, roles, convergence, the state summary).
+    fn refresh_record(&mut self, records: &watch::Sender<MinionRecord>) {
         self.record.services = self.dispatcher.service_versions();
-        self.record.state = self.machine.sample();
+        if presence::same_record(&records.borrow(), &self.record) {
+            return;
+        }
+        self.record.written_unix_ms = self.clock.now_ms();
         records.send_replace(self.record.clone());
     }
 
     /// Takes one message off a call subject and answers it on a task of its own,
-    /// so a slow call never holds up the others.
+    /// so a slow call never holds up the others. Beyond the calls it runs and
+    /// those it queues, a call is answered `busy` at once.
     async fn accept(&self, message: async_nats::Message) {
         let minion = self.record.id.to_string();
         let Some(reply_to) = message.reply.clone() else {
@@ -642,6 +690,15 @@ impl Runtime {
             self.refusals
                 .refused(message.subject.as_str(), "no reply subject")
                 .await;
+            return;
+        };
+        // Its timeout counts from now, by this machine's monotonic clock.
+        let arrival = Arrival::now(&self.clock);
+        // Counted as it is taken, not when its task first runs: a burst
+        // read off the socket at once must meet the limit too.
+        let Some(admission) = Admission::take(&self.admitted, self.max_calls + self.max_queued)
+        else {
+            self.refuse_busy(&message, reply_to).await;
             return;
         };
         // The slot is awaited inside the task: a minion full of slow calls
@@ -654,6 +711,7 @@ impl Runtime {
         let signer = self.signer.clone();
         let roles = self.record.roles.clone();
         self.lifecycle.spawn_work(async move {
+            let _admission = admission;
             let Ok(_permit) = limit.acquire_owned().await else {
                 return;
             };
@@ -664,13 +722,10 @@ impl Runtime {
                 }
                 let call_id = envelope.call_id.clone();
                 let denied = |err: provis_core::call_auth::CallAuthError| {
-                    (
-                        call_id.clone(),
-                        provis_core::envelope::EnvelopeError::Denied(err),
-                    )
+                    (call_id.clone(), EnvelopeError::Denied(err))
                 };
                 let signer = guard.admit(&envelope).map_err(denied)?;
-                let call = check_envelope(envelope).map_err(|err| (call_id.clone(), err))?;
+                let call = check_envelope(envelope, arrival).map_err(|err| (call_id.clone(), err))?;
                 if let Some(signer) = signer {
                     guard
                         .authorize(&signer, &call.service, &call.method, &roles)
@@ -699,21 +754,39 @@ impl Runtime {
                     )
                 }
             };
-            let payload = reply.encode_to_vec();
-            let mut headers = async_nats::HeaderMap::new();
-            if let Some(signer) = &signer {
-                headers.insert(
-                    provis_core::call_auth::REPLY_SIGNATURE_HEADER,
-                    provis_core::call_auth::sign_reply(&payload, signer).as_str(),
-                );
-            }
-            if let Err(err) = nats
-                .publish_with_headers(reply_to, headers, payload.into())
-                .await
-            {
-                tracing::warn!(%minion, error = %err, "reply not sent");
-            }
+            send_reply(&nats, reply_to, &reply, signer.as_deref(), &minion).await;
         });
+    }
+
+    /// Answers a call this minion has no room for with the error `busy`.
+    async fn refuse_busy(&self, message: &async_nats::Message, reply_to: async_nats::Subject) {
+        let minion = self.record.id.to_string();
+        let Ok(envelope) = decode_envelope(&message.payload) else {
+            return; // not a call: nothing to answer
+        };
+        if !is_selected(&envelope, &minion) {
+            return;
+        }
+        let err = EnvelopeError::Busy {
+            running: self.max_calls,
+            queued: self.max_queued,
+        };
+        tracing::debug!(%minion, call_id = %envelope.call_id, "call refused: busy");
+        let reply = error_reply(
+            &envelope.call_id,
+            &minion,
+            err.code(),
+            err.to_string(),
+            Duration::ZERO,
+        );
+        send_reply(
+            &self.nats,
+            reply_to,
+            &reply,
+            self.signer.as_deref(),
+            &minion,
+        )
+        .await;
     }
 
     /// Says goodbye: marks the entry stopped so callers stop selecting it,
@@ -724,7 +797,7 @@ impl Runtime {
         tracing::info!(minion = %id, in_flight = self.lifecycle.work_in_flight(), "minion stopping: no new calls; finishing those in flight");
         // The writer writes this last and ends (the drain waits for it).
         self.record.status = MinionStatus::Stopped;
-        self.record.heartbeat_unix_ms = now_unix_ms();
+        self.record.written_unix_ms = self.clock.now_ms();
         records.send_replace(self.record.clone());
         drop(records);
         // Said now, so it leaves with what the calls in flight emit while
@@ -750,69 +823,49 @@ impl Runtime {
     }
 }
 
-/// How long one registry write may take before the next is tried.
-const REGISTRY_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// One call taken by a minion, counted until it is answered (dropped).
+struct Admission(Arc<std::sync::atomic::AtomicUsize>);
 
-/// Writes the latest of `records` to the registry whenever it changes
-/// (every heartbeat, every change), until the minion drops the sender
-/// after its last record (stopped). Announces the minion (`minion.online`)
-/// once its entry is first written; a failing write is logged once per
-/// streak and tried again with the next record.
-async fn write_registry(
-    js: async_nats::jetstream::Context,
-    mut records: watch::Receiver<MinionRecord>,
-    events: events::EventBus,
+impl Admission {
+    /// Counts one more call, unless `most` are already taken.
+    fn take(admitted: &Arc<std::sync::atomic::AtomicUsize>, most: usize) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |taken| {
+                (taken < most).then_some(taken + 1)
+            })
+            .ok()
+            .map(|_| Self(admitted.clone()))
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Sends one reply, signed when the minion has a key.
+async fn send_reply(
+    nats: &async_nats::Client,
+    reply_to: async_nats::Subject,
+    reply: &provis_proto::v1::CallReply,
+    signer: Option<&Identity>,
+    minion: &str,
 ) {
-    let mut store: Option<Store> = None;
-    let mut announced = false;
-    let mut failing = false;
-    loop {
-        let closed = records.changed().await.is_err();
-        let record = records.borrow_and_update().clone();
-        // The last record (stopped) is written before the writer ends.
-        if closed && record.status != MinionStatus::Stopped {
-            return;
-        }
-        let written = tokio::time::timeout(REGISTRY_WRITE_TIMEOUT, async {
-            if store.is_none() {
-                store = Some(registry::open_registry(&js).await?);
-            }
-            match &store {
-                Some(store) => registry::put_record(store, &record).await,
-                None => Ok(()),
-            }
-        })
-        .await;
-        match written {
-            Ok(Ok(())) => {
-                if failing {
-                    tracing::info!(minion = %record.id, "heartbeats written again");
-                    failing = false;
-                }
-                if !announced {
-                    announced = true;
-                    tracing::info!(minion = %record.id, "registered in the fleet");
-                    events
-                        .emit(
-                            "minion.online",
-                            json!({ "minion": record.id, "roles": record.roles }),
-                        )
-                        .await;
-                }
-            }
-            Ok(Err(err)) if !failing => {
-                failing = true;
-                tracing::warn!(minion = %record.id, error = %provis_core::error_chain(&err), "heartbeat not written; calls are still answered");
-            }
-            Err(_) if !failing => {
-                failing = true;
-                tracing::warn!(minion = %record.id, "heartbeat not written in time; calls are still answered");
-            }
-            _ => {}
-        }
-        if closed {
-            return;
-        }
+    let payload = reply.encode_to_vec();
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(signer) = signer {
+        headers.insert(
+            provis_core::call_auth::REPLY_SIGNATURE_HEADER,
+            provis_core::call_auth::sign_reply(&payload, signer).as_str(),
+        );
+    }
+    if let Err(err) = nats
+        .publish_with_headers(reply_to, headers, payload.into())
+        .await
+    {
+        tracing::warn!(%minion, error = %err, "reply not sent");
     }
 }
 

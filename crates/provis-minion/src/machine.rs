@@ -27,6 +27,35 @@ fn pct(part: u64, whole: u64) -> f64 {
     }
 }
 
+/// The summary of a sample the registry keeps: every number rounded to two
+/// significant digits, the clock fields left out, so it changes (and the
+/// record is written) only when the machine's state really does.
+pub fn summary(sample: &Value) -> Value {
+    match sample {
+        Value::Object(fields) => Value::Object(
+            fields
+                .iter()
+                .filter(|(name, _)| !matches!(name.as_str(), "at_unix_ms" | "uptime_s"))
+                .map(|(name, value)| (name.clone(), summary(value)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(summary).collect()),
+        Value::Number(number) => number
+            .as_f64()
+            .map_or(Value::Null, |x| json!(two_significant_digits(x))),
+        other => other.clone(),
+    }
+}
+
+fn two_significant_digits(x: f64) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return 0.0;
+    }
+    let magnitude = x.abs().log10().floor() as i32;
+    let scale = 10f64.powi(1 - magnitude);
+    (x * scale).round() / scale
+}
+
 /// Reads the machine; keeps sysinfo's handles between samples so CPU use
 /// can be measured as a difference.
 #[derive(Debug)]
@@ -162,5 +191,25 @@ impl Machine {
         list.sort();
         list.dedup_by(|a, b| a.0 == b.0);
         list
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_summary_changes_only_when_the_state_really_does() {
+        let sample = |free_mb: u64, cpu: f64, at: i64| {
+            json!({ "mem": { "free_mb": free_mb, "free_pct": 37.4 }, "cpu_pct": cpu,
+                    "disks": [{ "mount": "/", "free_gb": 80.1 }], "uptime_s": at, "at_unix_ms": at })
+        };
+        let a = summary(&sample(23_012, 3.21, 1));
+        assert_eq!(a, summary(&sample(22_987, 3.24, 2)));
+        assert_ne!(a, summary(&sample(12_000, 3.2, 3)));
+        assert_eq!(a["mem"]["free_mb"], json!(23_000.0));
+        assert_eq!(a["mem"]["free_pct"], json!(37.0));
+        assert_eq!(a["disks"][0]["mount"], "/");
+        assert!(a.get("at_unix_ms").is_none());
     }
 }

@@ -8,9 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use provis_core::envelope::now_unix_ms;
 use provis_core::master_api::MasterClient;
-use provis_core::registry;
 use provis_core::{Client, FleetContext, MinionId, RoleName, Subjects, readiness};
 use provis_master::{MasterConfig, MasterHandle};
 use provis_minion::{MinionConfig, MinionHandle};
@@ -183,13 +181,24 @@ impl TestFleet {
     /// Starts a minion with these settings (from [`Self::minion_config`],
     /// adjusted) and waits until it is live.
     pub async fn add_minion_with(&mut self, config: MinionConfig) -> anyhow::Result<()> {
+        self.add_minion_on_clock(config, provis_core::clock::BusClock::system())
+            .await
+    }
+
+    /// Like [`Self::add_minion_with`], on a machine whose clock is `clock`
+    /// (for one that is wrong: [`provis_core::clock::BusClock::with_local_skew`]).
+    pub async fn add_minion_on_clock(
+        &mut self,
+        config: MinionConfig,
+        clock: provis_core::clock::BusClock,
+    ) -> anyhow::Result<()> {
         let id = config.id.to_string();
         let id = id.as_str();
         let mut config = config;
         if self.secured && config.enrollment_token.is_none() {
             config.enrollment_token = Some(self.enrollment_token().await?);
         }
-        let minion = provis_minion::start(config).await?;
+        let minion = provis_minion::start_with_clock(config, clock).await?;
         self.minions.insert(id.to_owned(), minion);
         self.wait_live(&[id]).await
     }
@@ -238,23 +247,101 @@ impl TestFleet {
             self.minions.insert(id.clone(), minion);
             ids.push(id);
         }
+        self.wait_selectable("sim", count).await?;
+        Ok(ids)
+    }
+
+    /// Starts `count` minions in this process, `swarm00000`, `swarm00001`,
+    /// …, with `roles`: each on its own NATS connection, with its own key,
+    /// enrolled with its own one-time token on a secured fleet, so the
+    /// secured path is what gets measured. They serve no gRPC and run only
+    /// built-in services unless `adjust` says otherwise. Returns once the
+    /// master selects them all.
+    pub async fn add_swarm(
+        &mut self,
+        count: usize,
+        roles: &[&str],
+        adjust: impl Fn(&mut MinionConfig),
+    ) -> anyhow::Result<Vec<String>> {
+        use futures::StreamExt as _;
+        // Connections are admitted one callout at a time by the master: a
+        // few dozen at once keeps nats-server's callout waits short.
+        const AT_ONCE: usize = 32;
+        let master = self.master().await?;
+        let mut configs = Vec::with_capacity(count);
+        for n in 0..count {
+            let id = format!("swarm{n:05}");
+            let mut config = self.minion_config(&id, roles)?;
+            config.grpc_listen = "off".to_owned();
+            config.inject_services = false;
+            adjust(&mut config);
+            configs.push(config);
+        }
+        if self.secured {
+            let tokens: Vec<anyhow::Result<String>> = futures::stream::iter(&configs)
+                .map(|config| {
+                    let master = master.clone();
+                    async move {
+                        Ok(master
+                            .enrollment_token(Duration::from_secs(3_600), Some(config.id.clone()))
+                            .await?
+                            .token)
+                    }
+                })
+                .buffered(AT_ONCE)
+                .collect()
+                .await;
+            for (config, token) in configs.iter_mut().zip(tokens) {
+                config.enrollment_token = Some(token?);
+            }
+        }
+        let ids: Vec<String> = configs.iter().map(|c| c.id.to_string()).collect();
+        let started: Vec<_> = futures::stream::iter(configs)
+            .map(|config| async move {
+                let id = config.id.to_string();
+                provis_minion::start(config)
+                    .await
+                    .map(|minion| (id, minion))
+            })
+            .buffer_unordered(AT_ONCE)
+            .collect()
+            .await;
+        for started in started {
+            let (id, minion) = started?;
+            self.minions.insert(id, minion);
+        }
+        self.wait_selectable("swarm", count).await?;
+        Ok(ids)
+    }
+
+    /// Waits until the master selects at least `count` minions whose id
+    /// starts with `prefix`.
+    async fn wait_selectable(&self, prefix: &str, count: usize) -> anyhow::Result<()> {
         let client = self.client().await?;
-        let store = client.registry().await?;
         eventually(
-            &format!("{count} simulated minions live"),
-            Duration::from_secs(120),
+            &format!("{count} {prefix} minions selectable"),
+            Duration::from_secs(300),
             || async {
-                let now = now_unix_ms();
-                let records = registry::read_all(&store).await.unwrap_or_default();
-                let live = records
-                    .iter()
-                    .filter(|r| r.is_live_at(now) && r.id.as_str().starts_with("sim"))
-                    .count();
-                live >= count
+                client
+                    .select(
+                        &provis_core::CallTarget::All,
+                        None,
+                        provis_core::selection::Pick::All,
+                        None,
+                    )
+                    .await
+                    .is_ok_and(|selection| {
+                        selection.uncertain.is_none()
+                            && selection
+                                .chosen
+                                .iter()
+                                .filter(|id| id.as_str().starts_with(prefix))
+                                .count()
+                                >= count
+                    })
             },
         )
-        .await?;
-        Ok(ids)
+        .await
     }
 
     /// The settings a test minion gets.
@@ -282,6 +369,18 @@ impl TestFleet {
     /// A scratch directory that lives as long as the fleet.
     pub fn workdir(&self) -> &Path {
         self.workdir.path()
+    }
+
+    /// Stops every in-process minion, then the master, each cleanly: what
+    /// a process that goes on after this fleet (a benchmark of several
+    /// sizes) needs, since a minion whose handle is dropped runs on.
+    pub async fn shut_down(mut self) {
+        let minions = std::mem::take(&mut self.minions);
+        for minion in minions.values() {
+            minion.request_stop();
+        }
+        futures::future::join_all(minions.into_values().map(|minion| minion.wait())).await;
+        self.stop_master().await;
     }
 
     /// Stops the master cleanly (minions keep running and serving calls).

@@ -11,6 +11,7 @@ mod fleet;
 mod git;
 mod nats;
 mod process;
+mod process_usage;
 mod raw;
 mod refusals;
 mod up;
@@ -19,6 +20,7 @@ pub use fleet::TestFleet;
 pub use git::GitRepo;
 pub use nats::NatsServer;
 pub use process::ProvisProcess;
+pub use process_usage::ProcessUsage;
 pub use raw::{RawResponders, raw_fanout};
 pub use refusals::ServerRefusals;
 pub use up::UpFleet;
@@ -93,6 +95,44 @@ pub fn write_files(root: &std::path::Path, files: &[(&str, &str)]) -> anyhow::Re
         std::fs::write(&path, text)?;
     }
     Ok(())
+}
+
+/// Benchmark sizes from `PROVIS_BENCH_SIZES` (comma-separated), else `default`.
+pub fn bench_sizes(default: &str) -> Vec<usize> {
+    std::env::var("PROVIS_BENCH_SIZES")
+        .unwrap_or_else(|_| default.to_owned())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+/// Rounds per figure from `PROVIS_BENCH_ROUNDS`, else `default`.
+pub fn bench_rounds(default: usize) -> usize {
+    std::env::var("PROVIS_BENCH_ROUNDS")
+        .ok()
+        .and_then(|rounds| rounds.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+/// Writes a config repository under `root` whose role `web` runs `slow`,
+/// a service whose `work` method keeps its minion busy for `work_ms`.
+pub fn write_slow_service(root: &std::path::Path, work_ms: u64) -> anyhow::Result<()> {
+    write_files(
+        root,
+        &[
+            ("roles/web.toml", "services = [\"slow\"]\n"),
+            (
+                "services/slow/service.toml",
+                "name = \"slow\"\nversion = \"1\"\n[limits]\ncall_timeout_ms = 10000\n",
+            ),
+            (
+                "services/slow/main.js",
+                &format!(
+                    "export function work() {{ const t = Date.now(); while (Date.now() - t < {work_ms}) {{}} return 'done' }}\n"
+                ),
+            ),
+        ],
+    )
 }
 
 /// The median and 99th percentile of `samples` (benchmarks' latency figures).

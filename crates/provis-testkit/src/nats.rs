@@ -167,6 +167,11 @@ impl NatsServer {
         self.nodes.first().and_then(|n| n.port).unwrap_or(0)
     }
 
+    /// The process id of node `index`, while it runs.
+    pub fn pid(&self, index: usize) -> Option<u32> {
+        self.nodes.get(index)?.child.as_ref().map(Child::id)
+    }
+
     /// How many nodes run or ran.
     pub fn size(&self) -> usize {
         self.nodes.len()

@@ -3,12 +3,15 @@
 use std::time::Duration;
 
 use super::error::{ApiError, MasterApiError};
+use futures::StreamExt as _;
+
 use super::{
     Endpoint, EnrollDecided, EnrollDecision, EnrollList, EnrollListRequest, EnrollToken,
     EnrollmentRecord, EnrollmentStatus, FleetStatus, IndexStats, MinionEntry, Minions,
-    MinionsRequest, Paged, PagedRequest, Ping, PingAnswer, PingRequest, Query, QueryAnswer,
-    QueryRequest, Role, RoleAnswer, RoleRequest, Stats, StatsRequest, Status, StatusRequest,
-    SyncAnswer, SyncNow, SyncRequest, TokenAnswer, TokenRequest,
+    MinionsRequest, Paged, PagedRequest, Parts, Ping, PingAnswer, PingRequest, Query, QueryAnswer,
+    QueryRequest, Role, RoleAnswer, RoleRequest, Select, SelectPart, SelectRequest, Stats,
+    StatsRequest, Status, StatusRequest, SyncAnswer, SyncNow, SyncRequest, TokenAnswer,
+    TokenRequest,
 };
 use crate::subject::{MinionId, Subjects};
 
@@ -99,6 +102,77 @@ impl MasterClient {
         }
         serde_json::from_slice(&answer.payload)
             .map_err(|source| MasterApiError::Decode { subject, source })
+    }
+
+    /// Every part of `E`'s answer to `request`, in order: the master sends
+    /// them to one inbox, one after the other, the last saying so. Each
+    /// part must come within `timeout` of the one before.
+    pub async fn request_parts<E>(
+        &self,
+        request: &E::Request,
+        timeout: Duration,
+    ) -> Result<Vec<E::Response>, MasterApiError>
+    where
+        E: Endpoint,
+        E::Response: Parts,
+    {
+        let subject = self.subjects.master(E::SUBJECT);
+        let payload = serde_json::to_vec(request).map_err(|source| MasterApiError::Encode {
+            subject: subject.clone(),
+            source,
+        })?;
+        let failed = |err: async_nats::Error| MasterApiError::Parts {
+            subject: subject.clone(),
+            source: err,
+        };
+        let inbox = self.nats.new_inbox();
+        let mut answers = self
+            .nats
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|err| failed(Box::new(err)))?;
+        self.nats
+            .publish_with_reply(subject.clone(), inbox, payload.into())
+            .await
+            .map_err(|err| failed(Box::new(err)))?;
+        let mut parts = Vec::new();
+        loop {
+            let answer = match tokio::time::timeout(timeout, answers.next()).await {
+                Ok(Some(answer)) => answer,
+                Ok(None) => return Err(failed("the answer's subscription ended".into())),
+                Err(_) => return Err(MasterApiError::Timeout { subject, timeout }),
+            };
+            if answer.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                return Err(MasterApiError::NoMaster { subject });
+            }
+            if let Some(error) = answer.headers.as_ref().and_then(ApiError::from_headers) {
+                return Err(error.into());
+            }
+            let part: E::Response = serde_json::from_slice(&answer.payload).map_err(|source| {
+                MasterApiError::Decode {
+                    subject: subject.clone(),
+                    source,
+                }
+            })?;
+            let last = part.is_last();
+            parts.push(part);
+            if last {
+                return Ok(parts);
+            }
+            if parts.len() >= MAX_PAGES {
+                return Err(failed("the answer never ended".into()));
+            }
+        }
+    }
+
+    /// Whom a call reaches, as the master sees the fleet.
+    pub async fn select(
+        &self,
+        request: &SelectRequest,
+        timeout: Duration,
+    ) -> Result<crate::selection::Selection, MasterApiError> {
+        let parts = self.request_parts::<Select>(request, timeout).await?;
+        Ok(SelectPart::join(parts))
     }
 
     /// Every page of `E`'s answer to `request`, in order.

@@ -141,6 +141,12 @@ pub enum MasterApiError {
     },
     #[error("the master's pages on {subject} do not advance (cursor {cursor:?} came back)")]
     PagesStuck { subject: String, cursor: String },
+    #[error("cannot take the master's answer in parts on {subject}")]
+    Parts {
+        subject: String,
+        #[source]
+        source: async_nats::Error,
+    },
 }
 
 impl MasterApiError {

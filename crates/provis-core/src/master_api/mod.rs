@@ -57,6 +57,7 @@ pub trait Endpoint {
 /// The subjects of every endpoint, for discovery checks and permissions.
 pub const ENDPOINTS: &[&str] = &[
     Ping::SUBJECT,
+    Select::SUBJECT,
     Minions::SUBJECT,
     Query::SUBJECT,
     Stats::SUBJECT,
@@ -71,6 +72,7 @@ pub const ENDPOINTS: &[&str] = &[
 /// The endpoints that only read: calling operators may ask them.
 pub const READ_ONLY_ENDPOINTS: &[&str] = &[
     Ping::SUBJECT,
+    Select::SUBJECT,
     Minions::SUBJECT,
     Query::SUBJECT,
     Stats::SUBJECT,
@@ -106,6 +108,12 @@ macro_rules! endpoint {
 endpoint!(
     /// Who the master is: for readiness checks and pinning its key.
     Ping, "ping", "ping", PingRequest, PingAnswer
+);
+endpoint!(
+    /// Whom a call reaches, chosen from the master's view of the fleet
+    /// (liveness by its clock, the latest state samples). The answer comes
+    /// in parts on the request's inbox (see [`SelectPart`]).
+    Select, "select", "select", SelectRequest, SelectPart, Duration::from_secs(5)
 );
 endpoint!(
     /// The registry: every minion with a `live` flag (paged).
@@ -156,6 +164,202 @@ pub struct PingAnswer {
     pub public_key: String,
 }
 
+/// Whom to select: a call's target, narrowed and cut as `provis call` does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SelectRequest {
+    /// `all`, `role.<role>` or `minion.<id>[,<id>…]`.
+    pub target: String,
+    /// A `--where` expression (CEL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    #[serde(default = "pick_all")]
+    pub pick: crate::selection::Pick,
+    /// The same seed picks the same minions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+fn pick_all() -> crate::selection::Pick {
+    crate::selection::Pick::All
+}
+
+/// A selected minion and the key its replies must be signed with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelectedMinion {
+    pub id: MinionId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// The numbers of a selection, and why it is what it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelectionSummary {
+    pub live: usize,
+    pub matched: usize,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub missing_fields: std::collections::BTreeMap<String, usize>,
+    pub reason: String,
+    #[serde(default)]
+    pub filtered: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uncertain: Option<String>,
+}
+
+/// One part of a selection. A selection of any size is answered as parts
+/// that each fit the bus's maximum payload, sent in order to the request's
+/// inbox; the last carries the summary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SelectPart {
+    pub chosen: Vec<SelectedMinion>,
+    /// Members whose heartbeat is late: reached by a call to the whole
+    /// target, their replies count, nobody waits for them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub late: Vec<SelectedMinion>,
+    /// Minions named one by one that are neither (stopped, offline): a
+    /// caller calls them as named all the same, and needs their keys to
+    /// tell their replies from forgeries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub named: Vec<SelectedMinion>,
+    /// Present on the last part only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<SelectionSummary>,
+}
+
+/// Which list of a [`SelectPart`] a minion travels in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Membership {
+    Chosen,
+    Late,
+    Named,
+}
+
+/// An answer that comes as several messages, the last one saying so.
+pub trait Parts {
+    fn is_last(&self) -> bool;
+}
+
+impl Parts for SelectPart {
+    fn is_last(&self) -> bool {
+        self.summary.is_some()
+    }
+}
+
+impl SelectPart {
+    /// Splits `selection` into parts of at most `budget` bytes of members.
+    pub fn split(selection: &crate::selection::Selection, budget: usize) -> Vec<Self> {
+        let member = |id: &MinionId| SelectedMinion {
+            id: id.clone(),
+            key: selection.keys.get(id.as_str()).cloned(),
+        };
+        // id, key and JSON punctuation
+        let size =
+            |m: &SelectedMinion| m.id.as_str().len() + m.key.as_ref().map_or(0, String::len) + 24;
+        let empty = || Self {
+            chosen: Vec::new(),
+            late: Vec::new(),
+            named: Vec::new(),
+            summary: None,
+        };
+        let listed: std::collections::BTreeSet<&str> = selection
+            .chosen
+            .iter()
+            .chain(&selection.late)
+            .map(MinionId::as_str)
+            .collect();
+        let named_only = selection
+            .keys
+            .iter()
+            .filter(|(id, _)| !listed.contains(id.as_str()))
+            .filter_map(|(id, key)| {
+                Some(SelectedMinion {
+                    id: id.parse().ok()?,
+                    key: Some(key.clone()),
+                })
+            });
+        let tagged = selection
+            .chosen
+            .iter()
+            .map(|id| (Membership::Chosen, member(id)))
+            .chain(
+                selection
+                    .late
+                    .iter()
+                    .map(|id| (Membership::Late, member(id))),
+            )
+            .chain(named_only.map(|m| (Membership::Named, m)));
+        let mut parts = vec![empty()];
+        let mut bytes = 0usize;
+        for (membership, member) in tagged {
+            let grows = size(&member);
+            if bytes > 0 && bytes + grows > budget {
+                parts.push(empty());
+                bytes = 0;
+            }
+            bytes += grows;
+            if let Some(part) = parts.last_mut() {
+                match membership {
+                    Membership::Chosen => part.chosen.push(member),
+                    Membership::Late => part.late.push(member),
+                    Membership::Named => part.named.push(member),
+                }
+            }
+        }
+        if let Some(last) = parts.last_mut() {
+            last.summary = Some(SelectionSummary {
+                live: selection.live,
+                matched: selection.matched,
+                missing_fields: selection.missing_fields.clone(),
+                reason: selection.reason.clone(),
+                filtered: selection.filtered,
+                uncertain: selection.uncertain.clone(),
+            });
+        }
+        parts
+    }
+
+    /// Puts the parts of one answer back together.
+    pub fn join(parts: Vec<Self>) -> crate::selection::Selection {
+        let mut selection = crate::selection::Selection {
+            chosen: Vec::new(),
+            live: 0,
+            matched: 0,
+            missing_fields: Default::default(),
+            reason: String::new(),
+            filtered: false,
+            keys: Default::default(),
+            uncertain: None,
+            late: Vec::new(),
+        };
+        for part in parts {
+            let members = part
+                .chosen
+                .into_iter()
+                .map(|m| (Membership::Chosen, m))
+                .chain(part.late.into_iter().map(|m| (Membership::Late, m)))
+                .chain(part.named.into_iter().map(|m| (Membership::Named, m)));
+            for (membership, member) in members {
+                if let Some(key) = member.key {
+                    selection.keys.insert(member.id.to_string(), key);
+                }
+                match membership {
+                    Membership::Chosen => selection.chosen.push(member.id),
+                    Membership::Late => selection.late.push(member.id),
+                    Membership::Named => {}
+                }
+            }
+            if let Some(summary) = part.summary {
+                selection.live = summary.live;
+                selection.matched = summary.matched;
+                selection.missing_fields = summary.missing_fields;
+                selection.reason = summary.reason;
+                selection.filtered = summary.filtered;
+                selection.uncertain = summary.uncertain;
+            }
+        }
+        selection
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MinionsRequest {
     #[serde(flatten)]
@@ -168,6 +372,10 @@ pub struct MinionEntry {
     #[serde(flatten)]
     pub record: MinionRecord,
     pub live: bool,
+    /// How long ago the master last heard from it (a heartbeat or a record
+    /// it wrote), when it has since it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heard_ms_ago: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -595,5 +803,43 @@ mod tests {
         let page: MinionsRequest = decode_request(br#"{"cursor": "m9", "limit": 2}"#).unwrap();
         assert_eq!(page.page.cursor.as_deref(), Some("m9"));
         assert_eq!(page.page.limit, Some(2));
+        let select: SelectRequest = decode_request(br#"{"target": "role.web"}"#).unwrap();
+        assert_eq!(select.pick, crate::selection::Pick::All);
+        let select: SelectRequest =
+            decode_request(br#"{"target": "all", "pick": {"percent": 30}}"#).unwrap();
+        assert_eq!(select.pick, crate::selection::Pick::Percent(30.0));
+    }
+
+    #[test]
+    fn a_selection_of_any_size_splits_into_parts_and_joins_back_whole() {
+        let ids: Vec<MinionId> = (0..10_000)
+            .map(|n| format!("swarm{n:05}").parse().unwrap())
+            .collect();
+        let selection = crate::selection::Selection {
+            keys: ids
+                .iter()
+                .map(|id| (id.to_string(), format!("ed25519:{}", "ab".repeat(32))))
+                .collect(),
+            // The last ten are named but neither chosen nor late (stopped):
+            // their keys travel all the same.
+            chosen: ids[..9_980].to_vec(),
+            late: ids[9_980..9_990].to_vec(),
+            live: 9_990,
+            matched: 9_990,
+            missing_fields: Default::default(),
+            reason: "9990 live in all".into(),
+            filtered: false,
+            uncertain: None,
+        };
+        let budget = 48 * 1024;
+        let parts = SelectPart::split(&selection, budget);
+        assert!(parts.len() > 10, "{} parts", parts.len());
+        for part in &parts {
+            let bytes = serde_json::to_vec(part).unwrap().len();
+            assert!(bytes <= budget + 1_024, "a part of {bytes} bytes");
+        }
+        assert_eq!(parts.iter().filter(|p| p.is_last()).count(), 1);
+        assert!(parts.last().unwrap().is_last());
+        assert_eq!(SelectPart::join(parts), selection);
     }
 }
