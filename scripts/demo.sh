@@ -11,7 +11,8 @@ once=false
 [ "${1:-}" = "--once" ] && once=true
 
 ./scripts/install-nats-server.sh
-cargo build --locked --bin provis
+# provis-minion too: `provis up` runs minions as the lighter executable beside it.
+cargo build --locked --bin provis --bin provis-minion
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 export PATH="$target_dir/debug:$PATH"
 

@@ -261,3 +261,36 @@ async fn a_reader_that_goes_away_ends_a_command_quietly() {
     assert!(output.status.success(), "{:?}: {stderr}", output.status);
     assert!(stderr.is_empty(), "nothing on stderr: {stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provis_minion_runs_a_minion_on_a_secured_fleet_as_provis_minion_does() {
+    let lean = Path::new(env!("CARGO_BIN_EXE_provis-minion"));
+    let mut fleet = TestFleet::start_secured().await.expect("fleet");
+    fleet
+        .add_minion_process(lean, "lean", &["web"])
+        .await
+        .expect("provis-minion joins");
+    fleet
+        .add_minion_process(provis(), "full", &["web"])
+        .await
+        .expect("provis minion joins");
+    let (code, stdout, stderr) = run_to_end(fleet.provis_command(provis()).args([
+        "call",
+        "--subject",
+        "role.web",
+        "sys.ping",
+    ]))
+    .expect("provis call");
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("lean") && stdout.contains("full"),
+        "{stdout}"
+    );
+    // Its flags are `provis minion`'s, and it says what it is.
+    let (code, help, _) = run_to_end(std::process::Command::new(lean).arg("--help")).expect("help");
+    assert_eq!(code, 0);
+    assert!(
+        help.contains("--heartbeat-interval-ms") && help.contains("provis-minion"),
+        "{help}"
+    );
+}

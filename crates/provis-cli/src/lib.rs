@@ -68,6 +68,27 @@ enum Command {
     Keys(keys::KeysCommand),
 }
 
+/// The `provis-minion` executable: a minion and nothing else, with the
+/// flags of `provis minion`.
+#[derive(Debug, Parser)]
+#[command(name = "provis-minion", version)]
+struct MinionCli {
+    /// Log filter, e.g. `debug` or `provis_minion=debug` [default: info]
+    #[arg(long, env = "PROVIS_LOG")]
+    log: Option<String>,
+    #[command(flatten)]
+    minion: serve::MinionArgs,
+}
+
+/// Runs `provis-minion` and returns the process's exit code. Its
+/// executable holds no master, git, bundler or command-line code, so a
+/// machine that runs only a minion maps a fraction of `provis`'s code.
+pub fn minion_main() -> ExitCode {
+    let cli = MinionCli::parse();
+    init_logging(cli.log.as_deref().unwrap_or("info,async_nats=warn"));
+    run_to_exit(async move { serve::run_minion(&cli.minion.fleet.clone(), cli.minion).await })
+}
+
 /// Runs the command line and returns the process's exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -85,17 +106,7 @@ pub fn main() -> ExitCode {
         | Command::Keys(_) => "warn",
     };
     init_logging(cli.log.as_deref().unwrap_or(default_log));
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("provis: cannot start the async runtime: {err}");
-            return ExitCode::from(1);
-        }
-    };
-    let outcome = runtime.block_on(async move {
+    run_to_exit(async move {
         match cli.command {
             Command::Up(args) => up::run(&args.fleet.clone(), args).await,
             Command::Master(args) => serve::run_master(&args.fleet.clone(), args).await,
@@ -111,7 +122,23 @@ pub fn main() -> ExitCode {
             Command::Role(command) => status::run_role(command).await,
             Command::Keys(command) => keys::run(command).await,
         }
-    });
+    })
+}
+
+/// Runs `command` on a runtime of its own and maps its outcome to the
+/// process's exit code.
+fn run_to_exit(command: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("provis: cannot start the async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    let outcome = runtime.block_on(command);
     // Let the runtime's tasks end before the process does.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match outcome {

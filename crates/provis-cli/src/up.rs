@@ -383,7 +383,8 @@ impl LocalFleet<'_> {
     /// secured, each enrolled at once by a one-time token, running only
     /// bundles the master signed and calls the operator or master signed.
     async fn start_minions(&mut self) -> anyhow::Result<()> {
-        let exe = std::env::current_exe().context("cannot find the provis executable")?;
+        let provis = std::env::current_exe().context("cannot find the provis executable")?;
+        let (exe, subcommand) = minion_executable(&provis);
         let (_, master) = self.master.clone().context("no master")?;
         for n in 1..=self.args.minions {
             let id: MinionId = format!("m{n}").parse()?;
@@ -402,15 +403,15 @@ impl LocalFleet<'_> {
             };
             let minion_dir = self.data_dir.join(id.as_str());
             let minion_dir = minion_dir.to_str().context("data dir is not UTF-8")?;
-            let mut minion_args = vec![
-                "minion",
+            let mut minion_args: Vec<&str> = subcommand.into_iter().collect();
+            minion_args.extend([
                 "--id",
                 id.as_str(),
                 "--data-dir",
                 minion_dir,
                 "--drain-timeout-s",
                 DRAIN_TIMEOUT_S,
-            ];
+            ]);
             if !roles.is_empty() {
                 minion_args.extend(["--roles", roles.as_str()]);
             }
@@ -544,6 +545,18 @@ impl FleetKeys {
             operator: Identity::load_or_create(&operator_path)?,
             operator_path,
         })
+    }
+}
+
+/// What minions run as: `provis-minion` when it sits beside `provis` (the
+/// lighter executable a machine that only runs a minion installs), else
+/// `provis minion`.
+fn minion_executable(provis: &Path) -> (PathBuf, Option<&'static str>) {
+    let beside = provis.with_file_name(format!("provis-minion{}", std::env::consts::EXE_SUFFIX));
+    if beside.is_file() {
+        (beside, None)
+    } else {
+        (provis.to_owned(), Some("minion"))
     }
 }
 

@@ -588,7 +588,8 @@ impl TestFleet {
         self.wait_live(&[id]).await
     }
 
-    /// Starts `provis minion` as a process and returns at once: on a secured
+    /// Starts `provis minion` (or `provis-minion`) as a process and returns
+    /// at once: on a secured
     /// fleet without a token it waits for enrollment.
     pub fn spawn_minion_process(
         &mut self,
@@ -598,8 +599,12 @@ impl TestFleet {
         extra: &[&std::ffi::OsStr],
     ) -> anyhow::Result<()> {
         let mut command = self.provis_command(provis_bin);
+        // `provis-minion` is the minion alone; `provis` needs the subcommand.
+        if provis_bin.file_stem() != Some(std::ffi::OsStr::new("provis-minion")) {
+            command.arg("minion");
+        }
         command
-            .args(["minion", "--id", id, "--heartbeat-interval-ms"])
+            .args(["--id", id, "--heartbeat-interval-ms"])
             .arg(TEST_HEARTBEAT_INTERVAL_MS.to_string())
             .arg("--data-dir")
             .arg(self.minion_data_dir(id));
