@@ -1371,3 +1371,64 @@ async fn sync(fleet: &TestFleet) {
     let master = fleet.master().await.expect("master client");
     master.sync().await.expect("sync");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_subset_republished_on_its_role_runs_on_no_one_else() {
+    let mut fleet = TestFleet::start_secured().await.expect("fleet");
+    for id in ["web-1", "web-2", "web-3"] {
+        fleet.add_minion(id, &["web"]).await.expect("minion");
+    }
+    let client = fleet.client().await.expect("client");
+    let nats = client.nats().clone();
+    let target = CallTarget::Role("web".parse().expect("role"));
+    let request = CallRequest::parse_function("sys.ping", Value::Null, Duration::from_secs(2))
+        .expect("request");
+    // Replies to one signed envelope published on the role's subject.
+    let replies_on_role = |addressed: bool| {
+        let mut envelope = request.to_envelope("operator:test", &target);
+        envelope.addressed = addressed;
+        client.seal(&mut envelope);
+        let nats = nats.clone();
+        let subject = client.subjects().role_call("web");
+        async move {
+            let inbox = nats.new_inbox();
+            let mut replies = nats.subscribe(inbox.clone()).await.expect("subscribe");
+            nats.publish_with_reply(subject, inbox, envelope.encode_to_vec().into())
+                .await
+                .expect("publish");
+            let mut count = 0;
+            while let Ok(Some(_)) =
+                tokio::time::timeout(Duration::from_millis(1_500), replies.next()).await
+            {
+                count += 1;
+            }
+            count
+        }
+    };
+    // An envelope sent to the whole role runs on all three.
+    assert_eq!(replies_on_role(false).await, 3);
+    // One that was sent to a chosen minion's own subject (a subset), put on
+    // the role's subject by whoever captured it: nobody runs it.
+    assert_eq!(replies_on_role(true).await, 0);
+    // The subset itself still reaches the chosen.
+    let selection = client
+        .select(
+            &target,
+            None,
+            provis_core::selection::Pick::Count(1),
+            Some(3),
+        )
+        .await
+        .expect("selection");
+    let report = client
+        .call_selected(
+            &target,
+            &selection,
+            &request,
+            &provis_core::client::CallPlan::default(),
+            &mut |_| {},
+        )
+        .await
+        .expect("call");
+    assert_eq!(report.summary.ok, 1, "{report:?}");
+}

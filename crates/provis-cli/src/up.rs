@@ -548,12 +548,20 @@ impl FleetKeys {
     }
 }
 
-/// What minions run as: `provis-minion` when it sits beside `provis` (the
-/// lighter executable a machine that only runs a minion installs), else
+/// What minions run as: `provis-minion` when it sits beside `provis` and is
+/// of the same version (the lighter executable a machine that only runs a
+/// minion installs; one left over from another build is not used), else
 /// `provis minion`.
 fn minion_executable(provis: &Path) -> (PathBuf, Option<&'static str>) {
     let beside = provis.with_file_name(format!("provis-minion{}", std::env::consts::EXE_SUFFIX));
-    if beside.is_file() {
+    let same_version = std::process::Command::new(&beside)
+        .arg("--version")
+        .output()
+        .is_ok_and(|output| {
+            String::from_utf8_lossy(&output.stdout).trim()
+                == format!("provis-minion {}", env!("CARGO_PKG_VERSION"))
+        });
+    if same_version {
         (beside, None)
     } else {
         (provis.to_owned(), Some("minion"))

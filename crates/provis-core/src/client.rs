@@ -542,7 +542,9 @@ impl Client {
         on_reply: &mut (dyn FnMut(&MinionReply) + Send),
     ) -> Result<(Vec<MinionReply>, usize), ClientError> {
         let mut envelope = request.to_envelope(&self.caller, target);
-        let subjects = if subset || matches!(target, CallTarget::Minions(_)) {
+        let addressed = subset || matches!(target, CallTarget::Minions(_));
+        envelope.addressed = addressed;
+        let subjects = if addressed {
             batch
                 .iter()
                 .map(|id| self.subjects.minion_call(id))

@@ -71,6 +71,8 @@ impl CallRequest {
             signer_public_key: Vec::new(),
             signature: Vec::new(),
             selected: Vec::new(),
+            // The caller says so when it sends to each minion's subject.
+            addressed: false,
         }
     }
 }
@@ -226,7 +228,12 @@ pub fn decode_envelope(payload: &[u8]) -> Result<CallEnvelope, (String, Envelope
 }
 
 /// True when the envelope is for `minion`: it names no subset, or names it.
-pub fn is_selected(envelope: &CallEnvelope, minion: &str) -> bool {
+/// `on_own_subject`: the call came on the minion's own call subject (or
+/// straight to it, over gRPC).
+pub fn is_selected(envelope: &CallEnvelope, minion: &str, on_own_subject: bool) -> bool {
+    if envelope.addressed && !on_own_subject {
+        return false;
+    }
     envelope.selected.is_empty() || envelope.selected.iter().any(|id| id == minion)
 }
 

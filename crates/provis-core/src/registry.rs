@@ -119,13 +119,13 @@ pub async fn open_registry(js: &async_nats::jetstream::Context) -> Result<Store,
 }
 
 /// Writes a minion's own record.
-pub async fn put_record(store: &Store, record: &MinionRecord) -> Result<(), RegistryError> {
+/// Returns the revision the bucket stored it under.
+pub async fn put_record(store: &Store, record: &MinionRecord) -> Result<u64, RegistryError> {
     let value = serde_json::to_vec(record).map_err(|err| RegistryError::Write(Box::new(err)))?;
     store
         .put(record.id.as_str(), value.into())
         .await
-        .map_err(|err| RegistryError::Write(Box::new(err)))?;
-    Ok(())
+        .map_err(|err| RegistryError::Write(Box::new(err)))
 }
 
 /// Reads every record in one pass over the bucket, not one request per

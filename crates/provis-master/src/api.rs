@@ -362,12 +362,24 @@ async fn answer(
     let response = match outcome {
         Ok(mut parts) => {
             let last = parts.pop().unwrap_or_default();
+            let mut unsent = None;
             for part in parts {
                 if let Err(err) = connection.publish(reply.clone(), part.into()).await {
-                    tracing::warn!(endpoint, error = %err, "part of an answer not sent");
+                    unsent = Some(err);
+                    break;
                 }
             }
-            Ok(last.into())
+            match unsent {
+                // The caller must not take what came for the whole answer.
+                Some(err) => {
+                    tracing::warn!(endpoint, error = %err, "part of an answer not sent");
+                    Err(
+                        ApiError::failed(format!("part of the answer not sent: {err}"))
+                            .to_service_error(),
+                    )
+                }
+                None => Ok(last.into()),
+            }
         }
         Err(err) => {
             tracing::debug!(endpoint, kind = ?err.kind, error = %err.message, "request answered with an error");

@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv::Store;
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use provis_core::presence::{Heartbeat, Liveness};
 use provis_core::registry::{MinionRecord, MinionStatus};
 use provis_core::signed_entry::{EntryError, Followed, follow as follow_entries};
@@ -25,6 +25,9 @@ use serde_json::json;
 
 /// How often silent minions are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest one status write may hold the loop (a stream electing its
+/// leader): heartbeats must keep being heard.
+const MARK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Follows the registry and the heartbeats into `view` until `stop` fires,
 /// asks the desired-state loop to recompute the assignment of a minion that
@@ -49,19 +52,25 @@ pub async fn follow(
     };
     let mut entries = follow_entries(js, BUCKET_MINIONS, ">", registry_record());
     let heartbeat_prefix = format!("{}.heartbeat.", subjects.prefix());
-    let mut heartbeats = match nats.subscribe(subjects.wildcard("heartbeat")).await {
-        Ok(heartbeats) => Some(heartbeats),
-        Err(err) => {
-            // Liveness then rests on the records alone; said loudly.
-            tracing::error!(error = %err, "cannot hear heartbeats; minions will be marked offline only by their records");
-            None
-        }
-    };
+    let mut heartbeats = subscribe_heartbeats(&nats, &subjects).await;
     let mut connects = connect_count(&nats);
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    // A sweep that fell behind runs once, not in a burst of catch-up ticks.
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Heartbeats first: a sweep must never judge a minion whose
+        // heartbeat already arrived and waits to be read.
         tokio::select! {
+            biased;
             () = stop.cancelled() => return,
+            Some(message) = next_heartbeat(&mut heartbeats) => {
+                let revived = hear(view, &heartbeat_prefix, &message);
+                if let Some(id) = revived
+                    && leadership.term().is_some()
+                {
+                    marks.online(&id).await;
+                }
+            }
             followed = entries.next() => match followed {
                 Some(Followed::Taken { key, value: record, .. }) => {
                     taken(view, &desired, &mut marks, key, record);
@@ -76,24 +85,6 @@ pub async fn follow(
                 Some(Followed::Current) => view.mark_registry_loaded(),
                 None => return,
             },
-            Some(message) = next_heartbeat(&mut heartbeats) => {
-                let Some(id) = message.subject.as_str().strip_prefix(&heartbeat_prefix) else {
-                    continue;
-                };
-                let Ok(heartbeat) = serde_json::from_slice::<Heartbeat>(&message.payload) else {
-                    tracing::debug!(minion = %id, "unreadable heartbeat skipped");
-                    continue;
-                };
-                let interval = Duration::from_millis(heartbeat.interval_ms);
-                view.presence().heard(id, interval, Instant::now());
-                let offline = view
-                    .registry()
-                    .get(id)
-                    .is_some_and(|record| record.status == MinionStatus::Offline);
-                if offline && leadership.term().is_some() {
-                    marks.online(id).await;
-                }
-            }
             _ = sweep.tick() => {
                 let now_connects = connect_count(&nats);
                 if now_connects != connects {
@@ -101,16 +92,63 @@ pub async fn follow(
                     tracing::info!("connection back: every minion's silence is excused");
                     view.presence().excuse_silence(Instant::now());
                 }
+                // Without heartbeats nobody can be judged silent.
+                let Some(subscription) = heartbeats.as_mut() else {
+                    heartbeats = subscribe_heartbeats(&nats, &subjects).await;
+                    view.presence().excuse_silence(Instant::now());
+                    continue;
+                };
                 // Offline marks are writes: the leader's.
                 if leadership.term().is_none() {
                     continue;
                 }
                 for (key, record) in silent(view) {
-                    marks.offline(&key, &record).await;
+                    // Each mark waits on the bucket: hear what arrived
+                    // meanwhile, and judge again, before writing.
+                    while let Some(Some(message)) = subscription.next().now_or_never() {
+                        hear(view, &heartbeat_prefix, &message);
+                    }
+                    let still_silent = view.presence().liveness(&record, Instant::now())
+                        == Liveness::Late;
+                    if still_silent && leadership.term().is_some() {
+                        marks.offline(&key, &record).await;
+                    }
                 }
             }
         }
     }
+}
+
+/// Subscribes to every minion's heartbeats; None (said loudly, tried again
+/// at the next sweep) when the bus refuses.
+async fn subscribe_heartbeats(
+    nats: &async_nats::Client,
+    subjects: &Subjects,
+) -> Option<async_nats::Subscriber> {
+    match nats.subscribe(subjects.wildcard("heartbeat")).await {
+        Ok(heartbeats) => Some(heartbeats),
+        Err(err) => {
+            tracing::error!(error = %err, "cannot hear heartbeats; nobody is marked offline until they are heard");
+            None
+        }
+    }
+}
+
+/// Takes one heartbeat into the view; the minion's id when its record says
+/// offline (it is back).
+fn hear(view: &FleetView, heartbeat_prefix: &str, message: &async_nats::Message) -> Option<String> {
+    let id = message.subject.as_str().strip_prefix(heartbeat_prefix)?;
+    let Ok(heartbeat) = serde_json::from_slice::<Heartbeat>(&message.payload) else {
+        tracing::debug!(minion = %id, "unreadable heartbeat skipped");
+        return None;
+    };
+    let interval = Duration::from_millis(heartbeat.interval_ms);
+    view.presence().heard(id, interval, Instant::now());
+    let offline = view
+        .registry()
+        .get(id)
+        .is_some_and(|record| record.status == MinionStatus::Offline);
+    offline.then(|| id.to_owned())
 }
 
 /// Takes a registry record into the view. A record the minion wrote anew is
@@ -258,17 +296,23 @@ impl Marks {
         expected: impl Fn(&MinionRecord) -> bool,
     ) -> Option<MinionRecord> {
         let store = self.store().await?;
-        let current = store.entry(key).await.ok()??;
+        let current = tokio::time::timeout(MARK_TIMEOUT, store.entry(key))
+            .await
+            .ok()?
+            .ok()??;
         let mut record = serde_json::from_slice::<MinionRecord>(&current.value).ok()?;
         if !expected(&record) {
             return None;
         }
         record.status = status;
         let value = serde_json::to_vec(&record).ok()?;
-        store
-            .update(key, value.into(), current.revision)
-            .await
-            .ok()?;
+        tokio::time::timeout(
+            MARK_TIMEOUT,
+            store.update(key, value.into(), current.revision),
+        )
+        .await
+        .ok()?
+        .ok()?;
         Some(record)
     }
 }

@@ -694,10 +694,13 @@ impl Runtime {
         };
         // Its timeout counts from now, by this machine's monotonic clock.
         let arrival = Arrival::now(&self.clock);
+        let on_own_subject = self.on_own_subject(&message);
         // Counted as it is taken, not when its task first runs: a burst
         // read off the socket at once must meet the limit too.
-        let Some(admission) = Admission::take(&self.admitted, self.max_calls + self.max_queued)
-        else {
+        let Some(admission) = Admission::take(
+            &self.admitted,
+            self.max_calls.saturating_add(self.max_queued),
+        ) else {
             self.refuse_busy(&message, reply_to).await;
             return;
         };
@@ -717,7 +720,7 @@ impl Runtime {
             };
             let started = Instant::now();
             let checked = decode_envelope(&message.payload).and_then(|envelope| {
-                if !is_selected(&envelope, &minion) {
+                if !is_selected(&envelope, &minion, on_own_subject) {
                     return Ok(None); // a subset that leaves this minion out
                 }
                 let call_id = envelope.call_id.clone();
@@ -758,13 +761,18 @@ impl Runtime {
         });
     }
 
+    /// Whether `message` came on this minion's own call subject.
+    fn on_own_subject(&self, message: &async_nats::Message) -> bool {
+        message.subject.as_str() == self.subjects.minion_call(&self.record.id)
+    }
+
     /// Answers a call this minion has no room for with the error `busy`.
     async fn refuse_busy(&self, message: &async_nats::Message, reply_to: async_nats::Subject) {
         let minion = self.record.id.to_string();
         let Ok(envelope) = decode_envelope(&message.payload) else {
             return; // not a call: nothing to answer
         };
-        if !is_selected(&envelope, &minion) {
+        if !is_selected(&envelope, &minion, self.on_own_subject(message)) {
             return;
         }
         let err = EnvelopeError::Busy {

@@ -72,9 +72,9 @@ pub async fn write_registry(
                 return Ok(());
             };
             let asked = clock.local_now_ms();
-            registry::put_record(store, &record).await?;
+            let revision = registry::put_record(store, &record).await?;
             let answered = clock.local_now_ms();
-            learn_bus_time(store, &record, &clock, asked, answered).await;
+            learn_bus_time(store, &record, revision, &clock, asked, answered).await;
             Ok::<(), registry::RegistryError>(())
         })
         .await;
@@ -115,10 +115,12 @@ pub async fn write_registry(
 }
 
 /// Reads the record just written back and learns the bus's time from the
-/// time the server stored it.
+/// time the server stored it. Only that very write counts: a replica that
+/// lags behind may answer with an older entry, stored hours ago.
 async fn learn_bus_time(
     store: &Store,
     record: &MinionRecord,
+    revision: u64,
     clock: &BusClock,
     asked: i64,
     answered: i64,
@@ -126,6 +128,9 @@ async fn learn_bus_time(
     let Ok(Some(entry)) = store.entry(record.id.as_str()).await else {
         return;
     };
+    if entry.revision != revision {
+        return;
+    }
     let stored_ms =
         i64::try_from(entry.created.unix_timestamp_nanos() / 1_000_000).unwrap_or_default();
     let before = clock.offset_ms();

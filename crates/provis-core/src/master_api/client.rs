@@ -172,7 +172,7 @@ impl MasterClient {
         timeout: Duration,
     ) -> Result<crate::selection::Selection, MasterApiError> {
         let parts = self.request_parts::<Select>(request, timeout).await?;
-        Ok(SelectPart::join(parts))
+        SelectPart::join(parts)
     }
 
     /// Every page of `E`'s answer to `request`, in order.

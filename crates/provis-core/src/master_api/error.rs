@@ -141,6 +141,8 @@ pub enum MasterApiError {
     },
     #[error("the master's pages on {subject} do not advance (cursor {cursor:?} came back)")]
     PagesStuck { subject: String, cursor: String },
+    #[error("the master's selection came incomplete: {received} of {sent} minions")]
+    PartsLost { sent: usize, received: usize },
     #[error("cannot take the master's answer in parts on {subject}")]
     Parts {
         subject: String,

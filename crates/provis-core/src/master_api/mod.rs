@@ -203,6 +203,11 @@ pub struct SelectionSummary {
     pub filtered: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uncertain: Option<String>,
+    /// How many minions all the parts carry (chosen, late and named): a
+    /// part lost on the way is told, not taken for a smaller selection.
+    /// (Absent from a master of an earlier version: not checked.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<usize>,
 }
 
 /// One part of a selection. A selection of any size is answered as parts
@@ -289,7 +294,9 @@ impl SelectPart {
             .chain(named_only.map(|m| (Membership::Named, m)));
         let mut parts = vec![empty()];
         let mut bytes = 0usize;
+        let mut members = 0usize;
         for (membership, member) in tagged {
+            members += 1;
             let grows = size(&member);
             if bytes > 0 && bytes + grows > budget {
                 parts.push(empty());
@@ -312,13 +319,17 @@ impl SelectPart {
                 reason: selection.reason.clone(),
                 filtered: selection.filtered,
                 uncertain: selection.uncertain.clone(),
+                members: Some(members),
             });
         }
         parts
     }
 
-    /// Puts the parts of one answer back together.
-    pub fn join(parts: Vec<Self>) -> crate::selection::Selection {
+    /// Puts the parts of one answer back together; an error when some
+    /// part did not arrive.
+    pub fn join(parts: Vec<Self>) -> Result<crate::selection::Selection, MasterApiError> {
+        let mut received = 0usize;
+        let mut sent = None;
         let mut selection = crate::selection::Selection {
             chosen: Vec::new(),
             live: 0,
@@ -338,6 +349,7 @@ impl SelectPart {
                 .chain(part.late.into_iter().map(|m| (Membership::Late, m)))
                 .chain(part.named.into_iter().map(|m| (Membership::Named, m)));
             for (membership, member) in members {
+                received += 1;
                 if let Some(key) = member.key {
                     selection.keys.insert(member.id.to_string(), key);
                 }
@@ -354,9 +366,13 @@ impl SelectPart {
                 selection.reason = summary.reason;
                 selection.filtered = summary.filtered;
                 selection.uncertain = summary.uncertain;
+                sent = summary.members;
             }
         }
-        selection
+        match sent {
+            Some(sent) if sent != received => Err(MasterApiError::PartsLost { sent, received }),
+            _ => Ok(selection),
+        }
     }
 }
 
@@ -840,6 +856,12 @@ mod tests {
         }
         assert_eq!(parts.iter().filter(|p| p.is_last()).count(), 1);
         assert!(parts.last().unwrap().is_last());
-        assert_eq!(SelectPart::join(parts), selection);
+        let mut lost = parts.clone();
+        lost.remove(1);
+        assert!(matches!(
+            SelectPart::join(lost),
+            Err(MasterApiError::PartsLost { .. })
+        ));
+        assert_eq!(SelectPart::join(parts).unwrap(), selection);
     }
 }
