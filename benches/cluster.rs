@@ -18,12 +18,11 @@
 
 use std::time::{Duration, Instant};
 
-use provis_core::client::CallPlan;
 use provis_core::lifecycle::Lifecycle;
 use provis_core::outbox::Outbox;
 use provis_core::selection::Pick;
 use provis_core::{CallRequest, CallTarget};
-use provis_testkit::{NatsServer, RawResponders, TestFleet, raw_fanout};
+use provis_testkit::{NatsServer, RawResponders, TestFleet, raw_fanout, timed_call};
 use serde_json::Value;
 
 fn env(name: &str, default: usize) -> usize {
@@ -47,18 +46,7 @@ async fn fanout(fleet: &mut TestFleet, n: usize, rounds: usize) -> anyhow::Resul
     let nats = fleet.nats().connect().await?;
     let (mut provis_ms, mut raw_ms) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        let started = Instant::now();
-        let report = client
-            .call_selected(
-                &target,
-                &selection,
-                &request,
-                &CallPlan::default(),
-                &mut |_| {},
-            )
-            .await?;
-        provis_ms.push(started.elapsed().as_secs_f64() * 1e3);
-        assert_eq!(report.summary.ok, n, "every minion answered");
+        provis_ms.push(timed_call(&client, &target, &selection, &request, n).await?);
         raw_ms.push(raw_fanout(&nats, "bench.raw.fanout", n).await?);
     }
     Ok((

@@ -3,7 +3,8 @@
 //!
 //! - a call to a whole role of N minions, from publish to the last reply,
 //!   against one raw publish answered by N raw subscribers;
-//! - the same call including the registry read that decides whom to wait for;
+//! - the same call including the selection (asked of the master) that
+//!   decides whom to wait for;
 //! - p50/p99 of a call to one minion, against a raw request/reply.
 //!
 //! Minions are testkit's simulated minions: the real minion code, many per
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 use provis_core::client::CallPlan;
 use provis_core::selection::Pick;
 use provis_core::{CallRequest, CallTarget};
-use provis_testkit::{RawResponders, TestFleet, raw_fanout};
+use provis_testkit::{RawResponders, TestFleet, raw_fanout, timed_call};
 use serde_json::Value;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -31,7 +32,7 @@ async fn main() -> anyhow::Result<()> {
         "{:>6}  {:>28}  {:>28}  {:>28}  {:>8}",
         "N",
         "provis: call → last reply",
-        "provis incl. registry read",
+        "provis incl. selection",
         "raw NATS: 1 pub, N replies",
         "ratio"
     );
@@ -54,31 +55,20 @@ async fn main() -> anyhow::Result<()> {
             CallRequest::parse_function("sys.ping", Value::Null, Duration::from_secs(30))?;
         let selection = client.select(&target, None, Pick::All, None).await?;
         assert_eq!(selection.chosen.len(), n);
-        let (mut provis_ms, mut with_registry_ms, mut raw_ms) =
+        let (mut provis_ms, mut with_selection_ms, mut raw_ms) =
             (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
-            let started = Instant::now();
-            let report = client
-                .call_selected(
-                    &target,
-                    &selection,
-                    &request,
-                    &CallPlan::default(),
-                    &mut |_| {},
-                )
-                .await?;
-            provis_ms.push(started.elapsed().as_secs_f64() * 1e3);
-            assert_eq!(report.summary.ok, n, "every minion answered");
+            provis_ms.push(timed_call(&client, &target, &selection, &request, n).await?);
 
             let started = Instant::now();
             let report = client.call(&target, &request).await?;
-            with_registry_ms.push(started.elapsed().as_secs_f64() * 1e3);
+            with_selection_ms.push(started.elapsed().as_secs_f64() * 1e3);
             assert_eq!(report.summary.ok, n);
 
             raw_ms.push(raw_fanout(&nats, "bench.raw.fanout", n).await?);
         }
         let (p50, p99) = provis_testkit::p50_p99(provis_ms);
-        let (r50, r99) = provis_testkit::p50_p99(with_registry_ms);
+        let (r50, r99) = provis_testkit::p50_p99(with_selection_ms);
         let (n50, n99) = provis_testkit::p50_p99(raw_ms);
         println!(
             "{n:>6}  {:>28}  {:>28}  {:>28}  {:>7.2}x",

@@ -464,6 +464,7 @@ impl Startup {
             .unwrap_or_else(|| watch::channel(None).1);
         let runtime = Runtime {
             nats: self.nats,
+            own_call_subject: self.subjects.minion_call(&self.config.id),
             subjects: self.subjects,
             state_interval: self.config.state_interval(),
             machine: self.machine,
@@ -498,6 +499,8 @@ impl Startup {
 struct Runtime {
     nats: async_nats::Client,
     subjects: Subjects,
+    /// Where calls for this minion alone arrive (compared on every call).
+    own_call_subject: String,
     state_interval: Duration,
     machine: machine::Machine,
     events: events::EventBus,
@@ -763,7 +766,7 @@ impl Runtime {
 
     /// Whether `message` came on this minion's own call subject.
     fn on_own_subject(&self, message: &async_nats::Message) -> bool {
-        message.subject.as_str() == self.subjects.minion_call(&self.record.id)
+        message.subject.as_str() == self.own_call_subject
     }
 
     /// Answers a call this minion has no room for with the error `busy`.

@@ -21,7 +21,7 @@ pub use git::GitRepo;
 pub use nats::NatsServer;
 pub use process::ProvisProcess;
 pub use process_usage::ProcessUsage;
-pub use raw::{RawResponders, raw_fanout};
+pub use raw::{RawResponders, raw_fanout, timed_call};
 pub use refusals::ServerRefusals;
 pub use up::UpFleet;
 

@@ -87,3 +87,32 @@ pub async fn raw_fanout(
     }
     Ok(started.elapsed().as_secs_f64() * 1e3)
 }
+
+/// One provis call to `selection`, timed from the first publish to the last
+/// reply, in milliseconds: the figure benchmarks set beside [`raw_fanout`].
+/// Fails unless all `expected` minions answered.
+pub async fn timed_call(
+    client: &provis_core::Client,
+    target: &provis_core::CallTarget,
+    selection: &provis_core::selection::Selection,
+    request: &provis_core::CallRequest,
+    expected: usize,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let report = client
+        .call_selected(
+            target,
+            selection,
+            request,
+            &provis_core::client::CallPlan::default(),
+            &mut |_| {},
+        )
+        .await?;
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    anyhow::ensure!(
+        report.summary.ok == expected,
+        "{} of {expected} answered",
+        report.summary.ok
+    );
+    Ok(ms)
+}
