@@ -254,6 +254,10 @@ pub const REGISTRY_WAIT: Duration = Duration::from_secs(1);
 /// it reads the registry itself.
 pub const MASTER_WAIT: Duration = Duration::from_secs(3);
 
+/// How often a selection asks again for a master that was nobody, while
+/// it reads the registry.
+const MASTER_RETRY: Duration = Duration::from_millis(200);
+
 /// Calls minions over NATS on behalf of one caller identity.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -341,8 +345,45 @@ impl Client {
             Err(err) if err.is_usage() => return Err(ClientError::Master(err)),
             Err(err) => {
                 tracing::debug!(error = %crate::error_chain(&err), "no selection from a master; reading the registry");
-                match self.read_registry().await {
-                    Ok(records) => crate::selection::select(
+                // A master that reconnects after its node died is briefly
+                // nobody: it is asked again while the registry is read, and
+                // whichever answers first chooses.
+                let master_back = async {
+                    if !matches!(err, crate::master_api::MasterApiError::NoMaster { .. }) {
+                        return None;
+                    }
+                    let asking = async {
+                        loop {
+                            tokio::time::sleep(MASTER_RETRY).await;
+                            match self.select_by_master(target, filter, pick, seed).await {
+                                Ok(selection) => return selection,
+                                Err(err) => {
+                                    tracing::debug!(error = %crate::error_chain(&err), "still no master")
+                                }
+                            }
+                        }
+                    };
+                    tokio::time::timeout(self.registry_wait, asking).await.ok()
+                };
+                let registry = self.read_registry();
+                tokio::pin!(master_back, registry);
+                let mut master_gone = false;
+                let read = loop {
+                    tokio::select! {
+                        back = &mut master_back, if !master_gone => match back {
+                            Some(selection) => break Ok(Ok(selection)),
+                            None => master_gone = true,
+                        },
+                        read = &mut registry => break read.map(Err),
+                    }
+                };
+                let read = match read {
+                    Err(why) if !master_gone => master_back.await.map(Ok).ok_or(why),
+                    read => read,
+                };
+                match read {
+                    Ok(Ok(selection)) => selection,
+                    Ok(Err(records)) => crate::selection::select(
                         &records,
                         target,
                         filter,

@@ -22,6 +22,12 @@ pub const LEADER_WAIT: Duration = Duration::from_secs(10);
 /// master that never ends its pages cannot keep a caller forever.
 const MAX_PAGES: usize = 100_000;
 
+/// How long a parted request waits in silence before it is asked again.
+pub const RESEND_AFTER: Duration = Duration::from_millis(1_000);
+
+/// How often a parted request checks whether to ask again.
+const RESEND_CHECK: Duration = Duration::from_millis(100);
+
 /// Asks the master over NATS, with typed requests and answers.
 #[derive(Debug, Clone)]
 pub struct MasterClient {
@@ -105,8 +111,16 @@ impl MasterClient {
     }
 
     /// Every part of `E`'s answer to `request`, in order: the master sends
-    /// them to one inbox, one after the other, the last saying so. Each
-    /// part must come within `timeout` of the one before.
+    /// them to one inbox, one after the other, the last saying so. The first
+    /// part must come within `timeout`, each next one within `timeout` of
+    /// the one before.
+    ///
+    /// A request published as a node dies is lost with it, and so is one
+    /// routed to a master that is reconnecting; waiting out `timeout` then
+    /// turns a blip into a slow call. So until the first part comes, the
+    /// request is asked again, each time on a fresh inbox, whenever this
+    /// client reconnected or [`RESEND_AFTER`] passed in silence; the first
+    /// attempt to answer is the one read to its end. `E` must be read-only.
     pub async fn request_parts<E>(
         &self,
         request: &E::Request,
@@ -117,31 +131,62 @@ impl MasterClient {
         E::Response: Parts,
     {
         let subject = self.subjects.master(E::SUBJECT);
-        let payload = serde_json::to_vec(request).map_err(|source| MasterApiError::Encode {
-            subject: subject.clone(),
-            source,
-        })?;
+        let payload: bytes::Bytes = serde_json::to_vec(request)
+            .map_err(|source| MasterApiError::Encode {
+                subject: subject.clone(),
+                source,
+            })?
+            .into();
         let failed = |err: async_nats::Error| MasterApiError::Parts {
             subject: subject.clone(),
             source: err,
         };
-        let inbox = self.nats.new_inbox();
-        let mut answers = self
-            .nats
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|err| failed(Box::new(err)))?;
-        self.nats
-            .publish_with_reply(subject.clone(), inbox, payload.into())
-            .await
-            .map_err(|err| failed(Box::new(err)))?;
+        let ask = |attempt: usize| {
+            let (nats, subject, payload) = (self.nats.clone(), subject.clone(), payload.clone());
+            async move {
+                let inbox = nats.new_inbox();
+                let answers = nats.subscribe(inbox.clone()).await?;
+                nats.publish_with_reply(subject, inbox, payload).await?;
+                Ok::<_, async_nats::Error>(answers.map(move |answer| (attempt, answer)))
+            }
+        };
+        let connects = || {
+            self.nats
+                .statistics()
+                .connects
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let started = tokio::time::Instant::now();
+        let mut answers = futures::stream::SelectAll::new();
+        answers.push(ask(0).await.map_err(&failed)?);
+        let (mut asked, mut asked_at, mut seen_connects) = (1, started, connects());
+        let mut tick = tokio::time::interval(RESEND_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut chosen, mut deadline) = (None, started + timeout);
         let mut parts = Vec::new();
         loop {
-            let answer = match tokio::time::timeout(timeout, answers.next()).await {
-                Ok(Some(answer)) => answer,
-                Ok(None) => return Err(failed("the answer's subscription ended".into())),
-                Err(_) => return Err(MasterApiError::Timeout { subject, timeout }),
+            let answer = tokio::select! {
+                answer = answers.next() => answer,
+                _ = tick.tick(), if chosen.is_none() => {
+                    let now = tokio::time::Instant::now();
+                    let reconnected = connects() != seen_connects;
+                    if reconnected || now - asked_at >= RESEND_AFTER {
+                        tracing::debug!(%subject, reconnected, attempt = asked, "asking again");
+                        answers.push(ask(asked).await.map_err(&failed)?);
+                        (asked, asked_at, seen_connects) = (asked + 1, now, connects());
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(MasterApiError::Timeout { subject, timeout });
+                }
             };
+            let Some((attempt, answer)) = answer else {
+                return Err(failed("the answer's subscription ended".into()));
+            };
+            if chosen.is_some_and(|chosen| chosen != attempt) {
+                continue;
+            }
             if answer.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
                 return Err(MasterApiError::NoMaster { subject });
             }
@@ -154,6 +199,7 @@ impl MasterClient {
                     source,
                 }
             })?;
+            (chosen, deadline) = (Some(attempt), tokio::time::Instant::now() + timeout);
             let last = part.is_last();
             parts.push(part);
             if last {
