@@ -220,6 +220,7 @@ async fn answers_that_grow_with_the_fleet_come_in_pages_under_the_max_payload() 
             facts: json!({ "os": "debian", "cpus": 2 }),
             state: json!({ "mem": { "free_pct": 5.0 } }),
             converged_commit: None,
+            failing: None,
             overlay_roles: Vec::new(),
             grpc_addr: None,
             grpc_tls: false,

@@ -14,6 +14,7 @@ mod fleet_args;
 mod keys;
 mod minions;
 mod query;
+mod rollout;
 mod serve;
 mod status;
 mod up;
@@ -62,6 +63,9 @@ enum Command {
     /// Change a minion's roles on the fly, over what git assigns.
     #[command(subcommand)]
     Role(status::RoleCommand),
+    /// How the applied commit goes out stage by stage; pause, resume, abort.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCommand),
     /// Identities: create and list keys on this machine; enroll minions
     /// (pending, accept, reject, revoke, one-time tokens).
     #[command(subcommand)]
@@ -103,6 +107,7 @@ pub fn main() -> ExitCode {
         | Command::Events(_)
         | Command::Status(_)
         | Command::Role(_)
+        | Command::Rollout(_)
         | Command::Keys(_) => "warn",
     };
     init_logging(cli.log.as_deref().unwrap_or(default_log));
@@ -120,6 +125,7 @@ pub fn main() -> ExitCode {
             Command::Events(args) => events::run(&args.fleet.clone(), args).await,
             Command::Status(args) => status::run_status(&args.fleet.clone(), args).await,
             Command::Role(command) => status::run_role(command).await,
+            Command::Rollout(command) => rollout::run(command).await,
             Command::Keys(command) => keys::run(command).await,
         }
     })

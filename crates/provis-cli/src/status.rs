@@ -51,13 +51,21 @@ pub async fn run_status(fleet: &FleetArgs, args: StatusArgs) -> anyhow::Result<E
     }
     let live: Vec<_> = status.minions.iter().filter(|m| m.live).collect();
     let converged = live.iter().filter(|m| m.converged).count();
-    outln!("{converged} of {} live minions converged", live.len());
+    let failed = live.iter().filter(|m| !m.failed.is_empty()).count();
+    outln!(
+        "{converged} of {} live minions converged, {failed} failed",
+        live.len()
+    );
     for minion in live.iter().filter(|m| !m.converged) {
-        outln!(
-            "  {} is on {}",
-            minion.minion,
-            minion.commit.as_deref().unwrap_or("no commit yet")
-        );
+        let on = minion.commit.as_deref().unwrap_or("no commit yet");
+        if minion.failed.is_empty() {
+            outln!("  {} is on {on}", minion.minion);
+        } else {
+            outln!("  {} failed (still on {on}):", minion.minion);
+            for (service, reason) in &minion.failed {
+                outln!("    {service}: {reason}");
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -38,7 +38,9 @@ pub struct UpArgs {
     /// Number of minions to start (ids m1, m2, …)
     #[arg(long, env = "PROVIS_MINIONS", default_value_t = 3)]
     minions: u16,
-    /// Config repository whose assignments.toml gives the minions' roles [default: ./examples]
+    /// The config the master follows: a git repository, or a folder that is
+    /// copied into a git repository in the data dir on the first run
+    /// [default: ./examples]
     #[arg(long, env = "PROVIS_REPOSITORY")]
     repository: Option<PathBuf>,
     /// Where nats-server's store, the minions' data and every process's log go
@@ -65,6 +67,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// `--drain-timeout-s`); `up` waits that long and a little more before it
 /// kills one.
 const DRAIN_TIMEOUT_S: &str = "10";
+/// How often the master `up` starts fetches the repository it follows:
+/// a commit there reaches the demo fleet within seconds.
+const POLL_INTERVAL_S: &str = "2";
 const STOP_GRACE: Duration = Duration::from_secs(15);
 
 pub async fn run(fleet_args: &FleetArgs, args: UpArgs) -> anyhow::Result<ExitCode> {
@@ -73,7 +78,8 @@ pub async fn run(fleet_args: &FleetArgs, args: UpArgs) -> anyhow::Result<ExitCod
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
     let data_dir = args.dir.canonicalize()?;
-    let repository = find_repository(args.repository.as_deref())?;
+    let folder = find_repository(args.repository.as_deref())?;
+    let repository = followed_repository(&folder, &data_dir)?;
     // Validate before starting anything: a broken repository is a clear error, not a half fleet.
     let desired = ConfigRepository::load(&repository)
         .map_err(|invalid| UsageError(format!("{}: {invalid}", repository.display())))?;
@@ -83,6 +89,7 @@ pub async fn run(fleet_args: &FleetArgs, args: UpArgs) -> anyhow::Result<ExitCod
         args: &args,
         data_dir,
         desired: &desired,
+        repository: &repository,
         processes: Vec::new(),
         secured: None,
         master: None,
@@ -143,11 +150,12 @@ fn print_fleet(
     }
     outln!();
     outln!(
-        "fleet is up: NATS {} (prefix {}), roles from {}",
+        "fleet is up: NATS {} (prefix {}), config followed from git in {}",
         fleet.nats_url,
         fleet.prefix,
         repository.display()
     );
+    outln!("  commit there and the fleet follows within seconds (provis status shows it)");
     outln!(
         "context written to {}; from another shell try:",
         context_path.display()
@@ -168,6 +176,8 @@ struct LocalFleet<'a> {
     args: &'a UpArgs,
     data_dir: PathBuf,
     desired: &'a ConfigRepository,
+    /// The git repository the master follows.
+    repository: &'a Path,
     processes: Vec<FleetProcess>,
     /// The keys, when the fleet is secured (the default).
     secured: Option<FleetKeys>,
@@ -316,6 +326,16 @@ impl LocalFleet<'_> {
         // On a cluster every store keeps three copies (or one per node).
         let replicas = self.nodes.len().clamp(1, 3).to_string();
         master_args.extend(["--replicas", replicas.as_str()]);
+        let repository = self
+            .repository
+            .to_str()
+            .context("the config repository's path is not UTF-8")?;
+        master_args.extend([
+            "--repository",
+            repository,
+            "--poll-interval-s",
+            POLL_INTERVAL_S,
+        ]);
         self.processes.push(FleetProcess::spawn(
             Launch::new(&exe, &master_args),
             Stage::Master,
@@ -355,27 +375,38 @@ impl LocalFleet<'_> {
         Ok(())
     }
 
-    /// Writes the config repository into the fleet's desired state.
+    /// Has the master apply the head of the repository it follows.
     async fn apply(&mut self) -> anyhow::Result<()> {
-        let (nats, _) = self.master.as_ref().context("no master")?;
-        let js = async_nats::jetstream::new(nats.clone());
-        let signer = self.secured.as_ref().map(|keys| &keys.master);
-        let desired = self.desired;
-        let summary = provis_master::apply::apply(&js, desired, signer, 0)
+        let (_, master) = self.master.as_ref().context("no master")?;
+        let answer = master
+            .sync()
             .await
-            .context("applying the config repository")?;
+            .context("the master did not apply the config repository")?;
+        if !answer.problems.is_empty() {
+            let problems: Vec<String> = answer
+                .problems
+                .iter()
+                .map(|p| format!("{}: {}", p.file, p.reason))
+                .collect();
+            anyhow::bail!(
+                "commit {} of {} is invalid:\n  {}",
+                answer.commit,
+                self.repository.display(),
+                problems.join("\n  ")
+            );
+        }
         outln!(
-            "applied {} services ({}) and {} roles",
-            desired.services.len(),
-            desired
+            "applied commit {} ({} services: {}; {} roles)",
+            answer.commit.get(..12).unwrap_or(&answer.commit),
+            self.desired.services.len(),
+            self.desired
                 .services
                 .keys()
                 .cloned()
                 .collect::<Vec<_>>()
                 .join(", "),
-            desired.roles.len()
+            self.desired.roles.len()
         );
-        tracing::debug!(?summary, "applied");
         Ok(())
     }
 
@@ -582,6 +613,36 @@ fn find_repository(given: Option<&Path>) -> anyhow::Result<PathBuf> {
         .flat_map(|start| start.ancestors().map(|dir| dir.join("examples")).collect::<Vec<_>>())
         .find(|dir| dir.join(provis_master::assignments::ASSIGNMENTS_FILE).is_file())
         .context("no config repository found: give one with --repository DIR (it needs an assignments.toml)")
+}
+
+/// The git repository the master follows: `folder` itself when it is one,
+/// else a repository in the data dir made from it on the first run (and
+/// kept, with whatever was committed to it since, on the next).
+fn followed_repository(folder: &Path, data_dir: &Path) -> anyhow::Result<PathBuf> {
+    if folder.join(".git").exists() {
+        return Ok(folder.canonicalize()?);
+    }
+    let repository = data_dir.join("config");
+    if repository.join(".git").exists() {
+        outln!(
+            "following {} (made from {} on an earlier run)",
+            repository.display(),
+            folder.display()
+        );
+        return Ok(repository);
+    }
+    ConfigRepository::load(folder)
+        .map_err(|invalid| UsageError(format!("{}: {invalid}", folder.display())))?;
+    let message = format!("The config from {}", folder.display());
+    let commit = provis_master::git_source::seed_repository(folder, &repository, &message)
+        .with_context(|| format!("cannot make a git repository from {}", folder.display()))?;
+    outln!(
+        "made git repository {} from {} (commit {})",
+        repository.display(),
+        folder.display(),
+        commit.get(..12).unwrap_or(&commit)
+    );
+    Ok(repository)
 }
 
 /// The order in which the parts of a fleet stop.

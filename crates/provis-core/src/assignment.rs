@@ -52,6 +52,20 @@ pub struct Assignment {
     /// (or tried and failed), not merely once it heard of its roles.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub services: BTreeMap<String, String>,
+    /// Each service's config (its roles' config merged), so that a config
+    /// change reaches a minion with its assignment, stage by stage, like a
+    /// new digest does.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub configs: BTreeMap<String, serde_json::Value>,
+    /// Over how long minions switched together spread their bundle
+    /// fetches (each waits a random part of it), so that the object store
+    /// is not asked for the same bundle by the whole fleet at once.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub fetch_spread_ms: u64,
+}
+
+fn is_zero(ms: &u64) -> bool {
+    *ms == 0
 }
 
 /// What `provis role assign|unassign` changed for one minion, over git.

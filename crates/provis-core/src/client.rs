@@ -305,6 +305,12 @@ impl Client {
         self
     }
 
+    /// This client, signing every envelope as `signer` (shared).
+    pub fn with_shared_signer(mut self, signer: std::sync::Arc<crate::identity::Identity>) -> Self {
+        self.signer = Some(signer);
+        self
+    }
+
     /// Signs `envelope` when this client has a signer.
     pub fn seal(&self, envelope: &mut provis_proto::v1::CallEnvelope) {
         if let Some(signer) = &self.signer {

@@ -30,6 +30,14 @@ pub enum MinionStatus {
     Offline,
 }
 
+/// A commit a minion cannot converge on yet, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failing {
+    pub commit: String,
+    /// Service → why its bundle did not fetch or load.
+    pub services: BTreeMap<String, String>,
+}
+
 /// One minion's registry entry, keyed by its id.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MinionRecord {
@@ -58,6 +66,10 @@ pub struct MinionRecord {
     /// The applied commit whose assignment this minion has converged on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub converged_commit: Option<String>,
+    /// The commit it tries to converge on and cannot, with why: service →
+    /// the reason its bundle did not fetch or load (retried with backoff).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing: Option<Failing>,
     /// Roles it holds only through `provis role assign`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overlay_roles: Vec<RoleName>,
@@ -190,6 +202,7 @@ mod tests {
             grpc_tls: false,
             public_key: None,
             converged_commit: None,
+            failing: None,
             overlay_roles: Vec::new(),
         }
     }

@@ -420,6 +420,7 @@ mod tests {
             grpc_tls: false,
             public_key: None,
             converged_commit: None,
+            failing: None,
             overlay_roles: Vec::new(),
         }
     }

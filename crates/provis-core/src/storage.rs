@@ -23,6 +23,10 @@ pub const BUCKET_CONFIG: &str = "provis_config";
 /// reads and writes it, in the auth callout's account when the fleet has one
 /// (the master's enrollment module creates it there).
 pub const BUCKET_ENROLLMENT: &str = "provis_enrollment";
+/// Rollouts: `<commit>` → the rollout of that commit (its stages, gates,
+/// who was switched), `active` → the commit being rolled out. The leading
+/// master drives it; the next leader resumes it from here.
+pub const BUCKET_ROLLOUTS: &str = "provis_rollouts";
 /// The leading master's lease (`lease`) and every master's presence
 /// (`master.<id>`), each kept a few seconds unless renewed.
 pub const BUCKET_LEADER: &str = "provis_leader";

@@ -115,6 +115,15 @@ pub async fn serve(
     endpoints
         .add::<api::EnrollToken, _, _>(enroll_token)
         .await?;
+    endpoints
+        .add::<api::RolloutShow, _, _>(rollout_status)
+        .await?;
+    endpoints
+        .add::<api::RolloutHistoryList, _, _>(rollout_history)
+        .await?;
+    endpoints
+        .add::<api::RolloutControl, _, _>(rollout_control)
+        .await?;
     Ok(service)
 }
 
@@ -492,6 +501,12 @@ async fn status(served: Arc<Served>, request: StatusRequest) -> Result<StatusPag
             live,
             converged: applied.is_some() && record.converged_commit == applied,
             commit: record.converged_commit.clone(),
+            failed: record
+                .failing
+                .as_ref()
+                .filter(|failing| Some(&failing.commit) == applied.as_ref())
+                .map(|failing| failing.services.clone())
+                .unwrap_or_default(),
         });
     let (minions, next) = take_page(minions, &request.page, served.page_budget());
     let masters = match (&served.leader_bucket, &request.page.cursor) {
@@ -505,6 +520,56 @@ async fn status(served: Arc<Served>, request: StatusRequest) -> Result<StatusPag
         minions,
         next,
     })
+}
+
+/// The rollouts bucket, read by any master (the leader writes it).
+async fn rollouts(served: &Served) -> Result<crate::rollout::RolloutStore, ApiError> {
+    let js = async_nats::jetstream::new(served.nats.clone());
+    js.get_key_value(provis_core::storage::BUCKET_ROLLOUTS)
+        .await
+        .map(crate::rollout::RolloutStore::new)
+        .map_err(|err| ApiError::failed(format!("cannot open the rollouts: {err}")))
+}
+
+async fn rollout_status(
+    served: Arc<Served>,
+    _: api::RolloutStatusRequest,
+) -> Result<api::RolloutAnswer, ApiError> {
+    let store = rollouts(&served).await?;
+    let read =
+        |err: crate::rollout::RolloutStoreError| ApiError::failed(provis_core::error_chain(&err));
+    let rollout = match store.active().await.map_err(read)? {
+        Some(active) => Some(active),
+        None => store.history().await.map_err(read)?.into_iter().next(),
+    };
+    Ok(api::RolloutAnswer { rollout })
+}
+
+async fn rollout_history(
+    served: Arc<Served>,
+    request: api::RolloutHistoryRequest,
+) -> Result<api::RolloutHistory, ApiError> {
+    let store = rollouts(&served).await?;
+    let rollouts = store
+        .history()
+        .await
+        .map_err(|err| ApiError::failed(provis_core::error_chain(&err)))?
+        .into_iter()
+        .take(request.limit.clamp(1, 200))
+        .map(|record| record.summarized())
+        .collect();
+    Ok(api::RolloutHistory { rollouts })
+}
+
+async fn rollout_control(
+    served: Arc<Served>,
+    request: api::RolloutControlRequest,
+) -> Result<api::RolloutAnswer, ApiError> {
+    ask_desired(&served, |reply| DesiredRequest::Rollout {
+        action: request.action,
+        reply,
+    })
+    .await
 }
 
 async fn role(served: Arc<Served>, request: RoleRequest) -> Result<RoleAnswer, ApiError> {

@@ -191,7 +191,7 @@ impl Assignments {
             overlay_roles,
             settings,
             commit: commit.to_owned(),
-            services: BTreeMap::new(),
+            ..Assignment::default()
         }
     }
 }

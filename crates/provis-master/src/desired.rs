@@ -18,9 +18,10 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use provis_core::envelope::now_unix_ms;
 use provis_core::master_api::{
-    ApiError, Problem, RoleAnswer, RoleOp, RoleRequest, SyncAnswer, SyncOutcome,
+    ApiError, GateOutcome, Problem, RoleAnswer, RoleOp, RoleRequest, RolloutAction, RolloutAnswer,
+    RolloutRecord, RolloutStatus, SyncAnswer, SyncOutcome,
 };
-use provis_core::storage::{BUCKET_ASSIGNMENTS, BUCKET_CONFIG};
+use provis_core::storage::{BUCKET_ASSIGNMENTS, BUCKET_CONFIG, BUCKET_ROLLOUTS};
 use provis_core::{Subjects, event};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -30,7 +31,18 @@ use crate::assignments::{Overlay, OverlayEntry};
 use crate::fleet_view::FleetView;
 use crate::git_source::GitSource;
 use crate::repository::ConfigRepository;
+use crate::rollout::RolloutStore;
+use provis_core::assignment::Assignment;
 
+mod driving;
+
+/// How often a running rollout is looked at (stage switched, converged,
+/// gate answered).
+const ROLLOUT_TICK: Duration = Duration::from_millis(500);
+
+/// A gate call under way, and whether it gates late minions (else the
+/// current stage).
+type GateTask = (tokio::task::JoinHandle<BTreeMap<String, GateOutcome>>, bool);
 pub use provis_core::master_api::AppliedRecord;
 
 /// What the desired-state loop has applied and rejected, as requests read
@@ -63,6 +75,11 @@ pub enum DesiredRequest {
     },
     /// Recompute one minion's assignment (it appeared or its facts changed).
     Minion(String),
+    /// Pause, resume or abort the active rollout.
+    Rollout {
+        action: RolloutAction,
+        reply: oneshot::Sender<Result<RolloutAnswer, ApiError>>,
+    },
 }
 
 pub struct DesiredState {
@@ -82,6 +99,14 @@ pub struct DesiredState {
     published: watch::Sender<PublishedConfig>,
     /// Only the leading master writes desired state.
     leadership: crate::leadership::Leadership,
+    rollouts: RolloutStore,
+    /// The rollout of the loaded commit, while this master knows it.
+    rollout: Option<RolloutRecord>,
+    /// The last good commit, where minions not yet switched stay.
+    previous: Option<(String, Arc<ConfigRepository>)>,
+    gate: Option<GateTask>,
+    /// Calls gates, as the master.
+    gate_client: provis_core::Client,
 }
 
 impl std::fmt::Debug for DesiredState {
@@ -104,6 +129,9 @@ impl DesiredState {
     ) -> Result<Self, jetstream::context::KeyValueError> {
         let config = js.get_key_value(BUCKET_CONFIG).await?;
         let assignments = js.get_key_value(BUCKET_ASSIGNMENTS).await?;
+        let rollouts = RolloutStore::new(js.get_key_value(BUCKET_ROLLOUTS).await?);
+        let gate_client = provis_core::Client::new(js.client(), subjects.clone(), "master")
+            .with_shared_signer(identity.clone());
         let applied = match config.get("applied").await {
             Ok(Some(value)) => serde_json::from_slice(&value).ok(),
             _ => None,
@@ -133,6 +161,11 @@ impl DesiredState {
             last_source_error: None,
             published,
             leadership,
+            rollouts,
+            rollout: None,
+            previous: None,
+            gate: None,
+            gate_client,
         })
     }
 
@@ -163,6 +196,8 @@ impl DesiredState {
         let mut last_poll = tokio::time::Instant::now();
         let mut leading = self.leadership.watch();
         let mut led = false;
+        let mut rollout_tick = tokio::time::interval(ROLLOUT_TICK);
+        rollout_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let current = settings.borrow().clone();
             let poll = self
@@ -181,12 +216,20 @@ impl DesiredState {
                 last_poll = tokio::time::Instant::now();
             } else if led && !leads {
                 tracing::info!("no longer leading: desired state is the new leader's");
+                // Its successor resumes the rollout from the record.
+                self.rollout = None;
+                if let Some((task, _)) = self.gate.take() {
+                    task.abort();
+                }
             }
             led = leads;
             tokio::select! {
                 biased;
                 () = stop.cancelled() => return,
                 changed = leading.changed() => if changed.is_err() { return },
+                _ = rollout_tick.tick(), if leads && self.rollout.is_some() => {
+                    self.drive_rollout().await;
+                }
                 _ = tokio::time::sleep_until(last_poll + Duration::from_secs(poll)) => {
                     last_poll = tokio::time::Instant::now();
                     if leads && current.repository.is_some() {
@@ -223,6 +266,13 @@ impl DesiredState {
                         if leads {
                             self.assign_minions(Some(&id)).await;
                         }
+                    }
+                    Some(DesiredRequest::Rollout { action, reply }) => {
+                        let outcome = match self.leadership.term() {
+                            Some(_) => self.control_rollout(action).await,
+                            None => Err(not_leading()),
+                        };
+                        let _ = reply.send(outcome);
                     }
                 },
             }
@@ -280,6 +330,7 @@ impl DesiredState {
         if self.rejected.as_deref() == Some(head.as_str()) {
             return Ok(answer(head, SyncOutcome::RejectedBefore));
         }
+        let exporter = source.clone();
         let loaded = tokio::task::spawn_blocking(move || {
             // A failed export (disk full, permissions) says nothing about the
             // commit: it is a source failure, tried again, never a rejection.
@@ -318,6 +369,7 @@ impl DesiredState {
             // Already applied (before a master restart): take it up, write nothing.
             tracing::info!(%commit, "config already applied; nothing to write");
             self.loaded = Some((commit.clone(), repo));
+            self.resume_rollout(&commit, &exporter).await;
             self.assign_minions(None).await;
             return Ok(answer(commit, SyncOutcome::AlreadyApplied));
         }
@@ -334,6 +386,19 @@ impl DesiredState {
                 )));
             }
         };
+        // Where minions not yet switched stay: the last good commit, also
+        // when a newer commit supersedes a rollout under way.
+        let (from_record, from_repo) = match self.rollout.take() {
+            Some(mut superseded) if superseded.status.active() => {
+                superseded.status = RolloutStatus::Aborted;
+                superseded.reason = Some(format!("superseded by commit {commit}"));
+                superseded.updated_unix_ms = now_unix_ms();
+                self.save_rollout(&superseded).await;
+                (superseded.from.clone(), self.previous.take())
+            }
+            _ => (self.applied.clone(), self.loaded.take()),
+        };
+        self.previous = from_repo;
         let record = AppliedRecord {
             commit: commit.clone(),
             summary: summary.clone(),
@@ -348,7 +413,9 @@ impl DesiredState {
         self.applied = Some(record);
         self.publish();
         self.publish_policy(&repo).await;
-        self.loaded = Some((commit.clone(), repo));
+        self.loaded = Some((commit.clone(), repo.clone()));
+        self.start_rollout(&commit, &summary, &repo, from_record)
+            .await;
         self.assign_minions(None).await;
         tracing::info!(%commit, %summary, "config applied");
         self.emit(
@@ -502,6 +569,7 @@ impl DesiredState {
             return;
         };
         let overlay = self.overlay().await;
+        let spread = fetch_spread_ms(self.view.registry().len());
         let records: Vec<_> = {
             let registry = self.view.registry();
             registry
@@ -519,23 +587,28 @@ impl DesiredState {
                 .await
                 .unwrap_or_default(),
         };
-        let specs: BTreeMap<String, provis_core::roles::RoleSpec> = repo
-            .roles
-            .iter()
-            .map(|(role, spec)| (role.to_string(), spec.clone()))
-            .collect();
         for record in records {
-            let mut assignment =
-                repo.assignments
-                    .assign(&record, overlay.get(record.id.as_str()), commit);
-            assignment.services = provis_core::roles::services_for(&assignment.roles, &specs)
-                .into_keys()
-                .filter_map(|name| {
-                    repo.services
-                        .get(&name)
-                        .map(|bundle| (name, bundle.digest.clone()))
-                })
-                .collect();
+            let id = record.id.as_str();
+            let target = assignment_under(commit, repo, &record, overlay.get(id), spread);
+            let assignment = match (&self.rollout, &self.previous) {
+                (Some(rollout), Some((from, from_repo)))
+                    if rollout.commit == *commit && !rollout.switched(id) =>
+                {
+                    let before =
+                        assignment_under(from, from_repo, &record, overlay.get(id), spread);
+                    // A minion the commit does not change takes it at once.
+                    let unchanged = Assignment {
+                        commit: commit.clone(),
+                        ..before.clone()
+                    } == target;
+                    if unchanged && !rollout.held_back.contains(id) {
+                        target
+                    } else {
+                        before
+                    }
+                }
+                _ => target,
+            };
             let stored = current.get(record.id.as_str()).map(|v| v.as_ref());
             if provis_core::signed_entry::holds(
                 BUCKET_ASSIGNMENTS,
@@ -569,6 +642,44 @@ impl DesiredState {
             }
         }
     }
+}
+
+/// What `record`'s minion is assigned under `commit` of `repo`: roles
+/// from the assignments and the overlay, each service's digest and config.
+fn assignment_under(
+    commit: &str,
+    repo: &ConfigRepository,
+    record: &provis_core::registry::MinionRecord,
+    overlay: Option<&OverlayEntry>,
+    spread: u64,
+) -> Assignment {
+    let mut assignment = repo.assignments.assign(record, overlay, commit);
+    let specs: BTreeMap<String, provis_core::roles::RoleSpec> = repo
+        .roles
+        .iter()
+        .map(|(role, spec)| (role.to_string(), spec.clone()))
+        .collect();
+    for (name, config) in provis_core::roles::services_for(&assignment.roles, &specs) {
+        if let Some(bundle) = repo.services.get(&name) {
+            assignment
+                .services
+                .insert(name.clone(), bundle.digest.clone());
+            assignment.configs.insert(name, config);
+        }
+    }
+    assignment.fetch_spread_ms = spread;
+    assignment
+}
+
+/// Over how long minions spread their fetches of a new bundle: about a
+/// millisecond per minion (a thousand fetches a second at most), rounded
+/// down to a power of ten so that a growing fleet rewrites no assignment
+/// but at 100, 1,000, 10,000… minions; none below 100.
+fn fetch_spread_ms(fleet: usize) -> u64 {
+    if fleet < 100 {
+        return 0;
+    }
+    10u64.pow(fleet.ilog10())
 }
 
 /// What a master that does not lead answers a request to write.

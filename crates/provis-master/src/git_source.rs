@@ -159,3 +159,51 @@ impl GitSource {
         }
     }
 }
+
+/// Makes a git repository at `to` (branch `main`) whose first commit holds
+/// the files of folder `from` (its own `.git`, if any, left out); returns
+/// the commit id. `provis up` follows such a repository when it is given a
+/// plain folder, so that its demo is configured from git like a fleet.
+pub fn seed_repository(from: &Path, to: &Path, message: &str) -> Result<String, SourceError> {
+    let err = |reason: String| SourceError::Mirror {
+        path: to.to_owned(),
+        reason,
+    };
+    copy_tree(from, to).map_err(|e| err(format!("copying {}: {e}", from.display())))?;
+    let mut options = git2::RepositoryInitOptions::new();
+    options.initial_head("main");
+    let repo = Repository::init_opts(to, &options).map_err(|e| err(e.message().to_owned()))?;
+    let mut index = repo.index().map_err(|e| err(e.message().to_owned()))?;
+    index
+        .add_all(["*"], git2::IndexAddOption::DEFAULT, None)
+        .and_then(|()| index.write())
+        .map_err(|e| err(e.message().to_owned()))?;
+    let tree = index
+        .write_tree()
+        .and_then(|oid| repo.find_tree(oid))
+        .map_err(|e| err(e.message().to_owned()))?;
+    let author = git2::Signature::now("provis up", "provis@localhost")
+        .map_err(|e| err(e.message().to_owned()))?;
+    let commit = repo
+        .commit(Some("HEAD"), &author, &author, message, &tree, &[])
+        .map_err(|e| err(e.message().to_owned()))?;
+    Ok(commit.to_string())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if entry.file_name() == ".git" {
+            continue;
+        }
+        let (source, target) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            copy_tree(&source, &target)?;
+        } else if kind.is_file() {
+            std::fs::copy(&source, &target)?;
+        }
+    }
+    Ok(())
+}

@@ -24,6 +24,7 @@ pub mod leadership;
 pub mod liveness;
 pub mod query;
 pub mod repository;
+pub mod rollout;
 pub mod state_index;
 pub mod storage;
 

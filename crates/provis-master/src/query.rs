@@ -167,6 +167,7 @@ fn bare_record(id: &str) -> Option<MinionRecord> {
         grpc_tls: false,
         public_key: None,
         converged_commit: None,
+        failing: None,
         overlay_roles: Vec::new(),
     })
 }

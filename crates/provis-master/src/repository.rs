@@ -39,6 +39,8 @@ pub struct ConfigRepository {
     pub master: RepositoryMasterSettings,
     /// `policy.toml`: which operator may call what (none: no policy).
     pub policy: Option<provis_core::call_auth::CallPolicy>,
+    /// `rollout.toml`: how a commit reaches the fleet (none: at once).
+    pub rollout: Option<crate::rollout::RolloutPolicy>,
 }
 
 /// `master.toml`: the master's settings that are kept in git.
@@ -185,6 +187,29 @@ impl ConfigRepository {
                 }
             },
         };
+        let rollout = match std::fs::read_to_string(root.join(crate::rollout::ROLLOUT_FILE)) {
+            Err(_) => None,
+            Ok(text) => match crate::rollout::RolloutPolicy::parse(&text) {
+                Ok(policy) => Some(policy),
+                Err(reasons) => {
+                    problems.extend(reasons.into_iter().map(|reason| RepositoryProblem {
+                        file: crate::rollout::ROLLOUT_FILE.to_owned(),
+                        reason,
+                    }));
+                    None
+                }
+            },
+        };
+        if let Some(rollout) = &rollout {
+            for role in rollout.roles.keys() {
+                if !roles.contains_key(role) {
+                    problems.push(RepositoryProblem {
+                        file: crate::rollout::ROLLOUT_FILE.to_owned(),
+                        reason: format!("roles.{role}: no such role in roles/"),
+                    });
+                }
+            }
+        }
         if problems.is_empty() {
             Ok(Self {
                 services,
@@ -192,6 +217,7 @@ impl ConfigRepository {
                 assignments,
                 master,
                 policy,
+                rollout,
             })
         } else {
             Err(InvalidRepository(problems))

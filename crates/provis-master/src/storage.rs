@@ -135,6 +135,11 @@ pub async fn ensure(
             "applied and rejected commits, role overlay",
             10,
         ),
+        (
+            BUCKET_ROLLOUTS,
+            "commit → its rollout: stages, gates, minions switched",
+            1,
+        ),
     ];
     for (name, description, history) in buckets {
         ensure_bucket(

@@ -195,7 +195,7 @@ struct Startup {
     )>,
     desired: watch::Sender<services::DesiredRoles>,
     desired_rx: Option<watch::Receiver<services::DesiredRoles>>,
-    converged: Option<watch::Receiver<Option<String>>>,
+    converged: Option<watch::Receiver<services::Convergence>>,
     assignments: Option<tokio::sync::mpsc::Receiver<provis_core::assignment::Assignment>>,
     grpc_addr: Option<String>,
     /// Stops what started if the start fails or is dropped half-way.
@@ -326,7 +326,7 @@ impl Startup {
             trusted.clone(),
             self.lifecycle.stop_token(),
         ));
-        let (converged_tx, converged) = watch::channel(None);
+        let (converged_tx, converged) = watch::channel(services::Convergence::default());
         self.converged = Some(converged);
         let Some(desired_rx) = self.desired_rx.take() else {
             return;
@@ -352,6 +352,7 @@ impl Startup {
                 self.nats.clone(),
                 self.subjects.clone(),
             )),
+            bundle_cache: Some(self.config.data_dir().join("bundles")),
         };
         self.lifecycle.spawn_background(services::reconcile_forever(
             js,
@@ -440,6 +441,7 @@ impl Startup {
             grpc_addr: self.grpc_addr.take(),
             grpc_tls: self.config.grpc_tls_cert.is_some(),
             converged_commit: None,
+            failing: None,
             overlay_roles: Vec::new(),
             public_key: self.signer.as_ref().map(|s| s.public_key().to_owned()),
         };
@@ -461,7 +463,7 @@ impl Startup {
         let converged = self
             .converged
             .take()
-            .unwrap_or_else(|| watch::channel(None).1);
+            .unwrap_or_else(|| watch::channel(services::Convergence::default()).1);
         let runtime = Runtime {
             nats: self.nats,
             own_call_subject: self.subjects.minion_call(&self.config.id),
@@ -541,7 +543,7 @@ impl Runtime {
         mut self,
         mut calls: tokio::sync::mpsc::Receiver<async_nats::Message>,
         mut assignments: tokio::sync::mpsc::Receiver<provis_core::assignment::Assignment>,
-        mut converged: watch::Receiver<Option<String>>,
+        mut converged: watch::Receiver<services::Convergence>,
     ) {
         let id = self.record.id.to_string();
         let mut heartbeat = tokio::time::interval(self.heartbeat_interval);
@@ -584,7 +586,9 @@ impl Runtime {
                     self.refresh_record(&record_tx);
                 }
                 Ok(()) = converged.changed() => {
-                    self.record.converged_commit = converged.borrow_and_update().clone();
+                    let convergence = converged.borrow_and_update().clone();
+                    self.record.converged_commit = convergence.converged;
+                    self.record.failing = convergence.failing;
                     self.refresh_record(&record_tx);
                 }
                 message = calls.recv() => match message {
@@ -644,6 +648,8 @@ impl Runtime {
             roles: assignment.roles,
             commit: Some(assignment.commit.clone()),
             services: assignment.services,
+            configs: assignment.configs,
+            fetch_spread: Duration::from_millis(assignment.fetch_spread_ms),
         });
         if !self.inject_services {
             // No services to converge: taking the assignment is converging.

@@ -31,6 +31,7 @@ pub fn same_record(a: &MinionRecord, b: &MinionRecord) -> bool {
         && a.facts == b.facts
         && a.state == b.state
         && a.converged_commit == b.converged_commit
+        && a.failing == b.failing
         && a.grpc_addr == b.grpc_addr
         && a.heartbeat_interval_ms == b.heartbeat_interval_ms
         && a.public_key == b.public_key

@@ -3,11 +3,18 @@
 //! pointers (`provis_services`) name the bundle of each. Both buckets are
 //! followed ([`provis_core::signed_entry::follow`]); every change reconciles.
 //!
+//! Once the master assigns it a commit, the minion runs exactly what its
+//! assignment names (service → digest and config), so that a rollout
+//! switches it when its stage comes and not before; the role and pointer
+//! buckets then only serve minions no master assigns (`provis apply`).
+//!
 //! A new version is loaded beside the old one and swapped in only once it
 //! loaded: calls already running finish on the old sandbox (they hold it),
-//! new calls go to the new one. A version that fails to load leaves the old
-//! one serving and emits `service.failed` with the reason; it is not retried
-//! until its pointer or config changes.
+//! new calls go to the new one. A version that fails to fetch or load
+//! leaves the old one serving, emits `service.failed` with the reason, and
+//! is tried again with exponential backoff and jitter; the minion reports
+//! the commit as failing (with every reason) until it runs. Bundles are
+//! kept on disk by digest: a restart loads them without a fetch.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -85,6 +92,8 @@ pub struct HostTemplate {
     pub state: Arc<StateStore>,
     pub service_events: mpsc::Sender<ServiceEvent>,
     pub fleet: provis_js::host::FleetQuery,
+    /// Where fetched bundles are kept by digest (none: fetched every load).
+    pub bundle_cache: Option<std::path::PathBuf>,
 }
 
 /// The roles a minion holds now, and the applied commit they come from
@@ -95,6 +104,63 @@ pub struct DesiredRoles {
     pub commit: Option<String>,
     /// Service → digest this minion runs once converged on `commit`.
     pub services: BTreeMap<String, String>,
+    /// Service → its config, for the services of `commit`.
+    pub configs: BTreeMap<String, Value>,
+    /// Over how long a first fetch after a change is spread.
+    pub fetch_spread: Duration,
+}
+
+/// How far the minion is with its services: the last commit it runs in
+/// full, and the one it cannot reach yet, with why.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Convergence {
+    pub converged: Option<String>,
+    pub failing: Option<provis_core::registry::Failing>,
+}
+
+/// The first wait before a failed service is tried again; it doubles with
+/// every failure up to [`RETRY_MAX`], each wait drawn from half to one and
+/// a half of it so that minions that failed together do not retry together.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// A random duration in `[0, span)`, good enough for spreading load (not
+/// for anything secret): `RandomState` is seeded afresh each time.
+fn random_below(span: Duration) -> Duration {
+    use std::hash::BuildHasher as _;
+    let nanos = span.as_nanos().min(u128::from(u64::MAX)) as u64;
+    if nanos == 0 {
+        return Duration::ZERO;
+    }
+    let draw = std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
+    Duration::from_nanos(draw % nanos)
+}
+
+/// How long to wait after the `attempts`-th failure in a row.
+fn retry_wait(attempts: u32) -> Duration {
+    let base = RETRY_FIRST
+        .saturating_mul(1 << attempts.saturating_sub(1).min(16))
+        .min(RETRY_MAX);
+    base / 2 + random_below(base)
+}
+
+/// What should run under one name: which bundle, with which config.
+#[derive(Debug, Clone, PartialEq)]
+struct Wanted {
+    digest: String,
+    config: Value,
+    /// The signed pointer it comes from, when no assignment names it.
+    pointer: Option<ServicePointer>,
+}
+
+/// A service that did not fetch or load, and when it is tried again.
+#[derive(Debug, Clone)]
+struct Failure {
+    digest: String,
+    config: Value,
+    reason: String,
+    attempts: u32,
+    retry_at: tokio::time::Instant,
 }
 
 /// Keeps `table` in step with the desired state until `stop` fires (a
@@ -106,7 +172,7 @@ pub async fn reconcile_forever(
     host: HostTemplate,
     events: EventBus,
     desired: watch::Receiver<DesiredRoles>,
-    converged: watch::Sender<Option<String>>,
+    converged: watch::Sender<Convergence>,
     stop: CancellationToken,
 ) {
     // The master creates the buckets; wait for them as long as it takes.
@@ -183,10 +249,10 @@ struct Reconciler {
     events: EventBus,
     specs: BTreeMap<String, RoleSpec>,
     pointers: BTreeMap<String, ServicePointer>,
-    /// Service → (digest, config) that failed to load, so it is not retried in a loop.
-    failed: BTreeMap<String, (String, Value)>,
+    /// Services that failed to fetch or load, tried again after a wait.
+    failed: BTreeMap<String, Failure>,
     desired: watch::Receiver<DesiredRoles>,
-    converged: watch::Sender<Option<String>>,
+    converged: watch::Sender<Convergence>,
 }
 
 impl Reconciler {
@@ -198,11 +264,17 @@ impl Reconciler {
     ) {
         let mut desired = self.desired.clone();
         // What is already known (possibly nothing) is worth a first look.
-        self.reconcile().await;
+        self.reconcile(false).await;
         loop {
+            let retry_at = self.failed.values().map(|f| f.retry_at).min();
+            let mut changed_assignment = false;
             tokio::select! {
                 () = stop.cancelled() => return,
-                changed = desired.changed() => if changed.is_err() { return },
+                changed = desired.changed() => {
+                    if changed.is_err() { return }
+                    changed_assignment = true;
+                }
+                () = sleep_until_some(retry_at) => {}
                 Some(followed) = roles.next() => self.take_role(followed).await,
                 Some(followed) = pointers.next() => self.take_pointer(followed).await,
             }
@@ -217,7 +289,7 @@ impl Reconciler {
                     break;
                 }
             }
-            self.reconcile().await;
+            self.reconcile(changed_assignment).await;
         }
     }
 
@@ -264,31 +336,99 @@ impl Reconciler {
         }
     }
 
-    async fn reconcile(&mut self) {
+    /// Loads what should run and is not running, unloads what should not;
+    /// then says how far it got. `spread`: a new assignment, whose first
+    /// fetch waits a random part of its spread.
+    async fn reconcile(&mut self, spread: bool) {
         let desired = self.desired.borrow().clone();
-        self.reconcile_roles(&desired.roles).await;
-        // Converged once every expected service runs (or failed) at its
-        // expected digest: role specs and pointers may arrive after the
-        // assignment, and a later change reconciles again.
-        let caught_up = desired.services.iter().all(|(name, digest)| {
-            self.table
-                .get(name)
-                .is_some_and(|s| s.sandbox.digest() == digest)
-                || self
-                    .failed
-                    .get(name)
-                    .is_some_and(|(failed, _)| failed == digest)
-        });
-        if caught_up {
-            self.converged.send_replace(desired.commit);
+        let wanted = self.wanted(&desired);
+        self.unload_unwanted(&wanted).await;
+        if spread && !desired.fetch_spread.is_zero() {
+            let fetches = wanted
+                .iter()
+                .any(|(name, w)| !self.runs(name, w) && !self.cached(&w.digest));
+            if fetches {
+                tokio::time::sleep(random_below(desired.fetch_spread)).await;
+            }
         }
+        for (name, want) in &wanted {
+            self.bring_up(name, want, &desired.roles).await;
+        }
+        self.failed.retain(|name, _| wanted.contains_key(name));
+        let Some(commit) = desired.commit else {
+            self.converged.send_replace(Convergence::default());
+            return;
+        };
+        let runs_all = wanted.iter().all(|(name, want)| self.runs(name, want));
+        let failures: BTreeMap<String, String> = wanted
+            .iter()
+            .filter_map(|(name, want)| {
+                let failure = self.failed.get(name)?;
+                (failure.digest == want.digest).then(|| (name.clone(), failure.reason.clone()))
+            })
+            .collect();
+        if runs_all {
+            // Only once it runs an assigned commit in full does the minion
+            // know what it needs: before, it may not have heard of it yet.
+            self.prune_cache(&wanted);
+        }
+        self.converged.send_modify(|convergence| {
+            if runs_all {
+                convergence.converged = Some(commit);
+                convergence.failing = None;
+            } else if !failures.is_empty() {
+                convergence.failing = Some(provis_core::registry::Failing {
+                    commit,
+                    services: failures,
+                });
+            }
+        });
     }
 
-    async fn reconcile_roles(&mut self, roles: &[RoleName]) {
-        let wanted = services_for(roles, &self.specs);
+    /// What should run: with an assigned commit, what the assignment
+    /// names; else what the roles' specs and the service pointers say.
+    fn wanted(&self, desired: &DesiredRoles) -> BTreeMap<String, Wanted> {
+        if desired.commit.is_some() {
+            return desired
+                .services
+                .iter()
+                .map(|(name, digest)| {
+                    let config = desired.configs.get(name).cloned().unwrap_or(Value::Null);
+                    let want = Wanted {
+                        digest: digest.clone(),
+                        config,
+                        pointer: None,
+                    };
+                    (name.clone(), want)
+                })
+                .collect();
+        }
+        services_for(&desired.roles, &self.specs)
+            .into_iter()
+            .filter_map(|(name, config)| {
+                let pointer = self.pointers.get(&name)?.clone();
+                let want = Wanted {
+                    digest: pointer.digest.clone(),
+                    config,
+                    pointer: Some(pointer),
+                };
+                Some((name, want))
+            })
+            .collect()
+    }
+
+    /// Whether `name` runs `want`'s bundle already (whatever its config).
+    fn runs(&self, name: &str, want: &Wanted) -> bool {
+        self.table
+            .get(name)
+            .is_some_and(|s| s.sandbox.digest() == want.digest)
+    }
+
+    async fn unload_unwanted(&mut self, wanted: &BTreeMap<String, Wanted>) {
         for name in self.table.names() {
-            let still_wanted = wanted.contains_key(&name) && self.pointers.contains_key(&name);
-            if !still_wanted && let Some(old) = self.table.remove(&name) {
+            if !wanted.contains_key(&name)
+                && let Some(old) = self.table.remove(&name)
+            {
                 tracing::info!(minion = %self.host.minion, service = %name, "service unloaded");
                 let data = json!({
                     "service": name,
@@ -298,79 +438,170 @@ impl Reconciler {
                 self.events.emit("service.unloaded", data).await;
             }
         }
-        for (name, config) in wanted {
-            let Some(pointer) = self.pointers.get(&name).cloned() else {
-                continue;
-            };
-            let current = self.table.get(&name);
-            if current
-                .as_ref()
-                .is_some_and(|c| c.sandbox.digest() == pointer.digest && c.config == config)
-            {
-                continue;
+    }
+
+    /// Loads `want` under `name` unless it runs already or waits for its
+    /// next try; a failure is recorded with when to try again.
+    async fn bring_up(&mut self, name: &str, want: &Wanted, roles: &[RoleName]) {
+        let current = self.table.get(name);
+        if current
+            .as_ref()
+            .is_some_and(|c| c.sandbox.digest() == want.digest && c.config == want.config)
+        {
+            self.failed.remove(name);
+            return;
+        }
+        let earlier = self
+            .failed
+            .get(name)
+            .filter(|f| f.digest == want.digest && f.config == want.config);
+        if earlier.is_some_and(|f| f.retry_at > tokio::time::Instant::now()) {
+            return;
+        }
+        let attempts = earlier.map_or(0, |f| f.attempts) + 1;
+        let earlier_reason = earlier.map(|f| f.reason.clone());
+        match self.load(name, want, roles).await {
+            Ok(loaded) => {
+                self.failed.remove(name);
+                let kind = if current.is_some() {
+                    "service.replaced"
+                } else {
+                    "service.loaded"
+                };
+                let methods = loaded.sandbox.methods().to_vec();
+                let version = loaded.sandbox.version().to_owned();
+                self.table.insert(name.to_owned(), Arc::new(loaded));
+                tracing::info!(minion = %self.host.minion, service = %name, %version, digest = %want.digest, "{kind}");
+                self.events.emit(kind, json!({
+                    "service": name,
+                    "version": version,
+                    "digest": want.digest,
+                    "methods": methods,
+                    "attempts": attempts,
+                    "previous": current.map(|c| json!({ "version": c.sandbox.version(), "digest": c.sandbox.digest() })),
+                })).await;
             }
-            if self.failed.get(&name) == Some(&(pointer.digest.clone(), config.clone())) {
-                continue;
-            }
-            match self.load(&pointer, config.clone(), roles).await {
-                Ok(loaded) => {
-                    self.failed.remove(&name);
-                    let kind = if current.is_some() {
-                        "service.replaced"
-                    } else {
-                        "service.loaded"
-                    };
-                    let methods = loaded.sandbox.methods().to_vec();
-                    self.table.insert(name.clone(), Arc::new(loaded));
-                    tracing::info!(minion = %self.host.minion, service = %name, version = %pointer.version, digest = %pointer.digest, "{kind}");
-                    self.events.emit(kind, json!({
-                        "service": name,
-                        "version": pointer.version,
-                        "digest": pointer.digest,
-                        "methods": methods,
-                        "previous": current.map(|c| json!({ "version": c.sandbox.version(), "digest": c.sandbox.digest() })),
-                    })).await;
-                }
-                Err(reason) => {
-                    tracing::warn!(minion = %self.host.minion, service = %name, digest = %pointer.digest, %reason, "service failed to load");
-                    self.failed
-                        .insert(name.clone(), (pointer.digest.clone(), config));
+            Err(reason) => {
+                let wait = retry_wait(attempts);
+                tracing::warn!(minion = %self.host.minion, service = %name, digest = %want.digest, %reason, attempts, retry_in = ?wait, "service failed to load");
+                // Said once per reason: a retry that fails alike is no news.
+                if earlier_reason.as_deref() != Some(reason.as_str()) {
                     self.events.emit("service.failed", json!({
                         "service": name,
-                        "version": pointer.version,
-                        "digest": pointer.digest,
+                        "version": want.pointer.as_ref().map(|p| p.version.clone()),
+                        "digest": want.digest,
                         "reason": reason,
+                        "attempts": attempts,
+                        "retry_in_ms": wait.as_millis() as u64,
                         "still_serving": current.map(|c| json!({ "version": c.sandbox.version(), "digest": c.sandbox.digest() })),
                     })).await;
                 }
+                self.failed.insert(
+                    name.to_owned(),
+                    Failure {
+                        digest: want.digest.clone(),
+                        config: want.config.clone(),
+                        reason,
+                        attempts,
+                        retry_at: tokio::time::Instant::now() + wait,
+                    },
+                );
+            }
+        }
+    }
+
+    fn cache_path(&self, digest: &str) -> Option<std::path::PathBuf> {
+        let dir = self.host.bundle_cache.as_ref()?;
+        // `sha256:<hex>`: the hex alone names the file.
+        let file = digest
+            .rsplit(':')
+            .next()
+            .filter(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))?;
+        Some(dir.join(file))
+    }
+
+    fn cached(&self, digest: &str) -> bool {
+        self.cache_path(digest).is_some_and(|path| path.is_file())
+    }
+
+    /// The bundle `digest`: from the disk cache when it holds it intact,
+    /// else fetched and then kept there.
+    async fn bundle(&self, digest: &str) -> Result<provis_bundle::PackedBundle, String> {
+        let path = self.cache_path(digest);
+        if let Some(path) = &path
+            && let Ok(bytes) = tokio::fs::read(path).await
+        {
+            match provis_bundle::PackedBundle::from_bytes(bytes.into(), digest) {
+                Ok(bundle) => return Ok(bundle),
+                Err(err) => {
+                    tracing::warn!(minion = %self.host.minion, %digest, error = %err, "cached bundle unreadable; fetching it again");
+                }
+            }
+        }
+        let bundle = self
+            .store
+            .fetch(digest)
+            .await
+            .map_err(|err| provis_core::error_chain(&err))?;
+        if let Some(path) = &path
+            && let Err(err) = write_atomically(path, &bundle.bytes).await
+        {
+            tracing::warn!(minion = %self.host.minion, %digest, error = %err, "bundle not cached on disk");
+        }
+        Ok(bundle)
+    }
+
+    /// Forgets cached bundles nothing wants or runs any more.
+    fn prune_cache(&self, wanted: &BTreeMap<String, Wanted>) {
+        let Some(dir) = &self.host.bundle_cache else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let keep: std::collections::BTreeSet<String> = wanted
+            .values()
+            .map(|w| w.digest.clone())
+            .chain(
+                self.table
+                    .all()
+                    .iter()
+                    .map(|s| s.sandbox.digest().to_owned()),
+            )
+            .filter_map(|digest| digest.rsplit(':').next().map(str::to_owned))
+            .collect();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !keep.contains(&name) {
+                let _ = std::fs::remove_file(entry.path());
             }
         }
     }
 
     async fn load(
         &self,
-        pointer: &ServicePointer,
-        config: Value,
+        name: &str,
+        want: &Wanted,
         roles: &[RoleName],
     ) -> Result<LoadedService, String> {
-        pointer.check_signature(&self.host.trusted_bundle_keys)?;
-        let bundle = self
-            .store
-            .fetch(&pointer.digest)
-            .await
-            .map_err(|err| provis_core::error_chain(&err))?;
-        if bundle.manifest.name != pointer.name {
+        // An assigned digest is trusted as its signed assignment is; a
+        // pointer carries a signature of its own.
+        if let Some(pointer) = &want.pointer {
+            pointer.check_signature(&self.host.trusted_bundle_keys)?;
+        }
+        let bundle = self.bundle(&want.digest).await?;
+        if bundle.manifest.name != name {
             return Err(format!(
                 "bundle {} holds service {:?}, not {:?}",
-                pointer.digest, bundle.manifest.name, pointer.name
+                want.digest, bundle.manifest.name, name
             ));
         }
         let host = HostContext {
-            service: pointer.name.clone(),
+            service: name.to_owned(),
             minion_id: self.host.minion.clone(),
             roles: roles.iter().map(ToString::to_string).collect(),
             facts: self.host.facts.clone(),
-            config: config.clone(),
+            config: want.config.clone(),
             capabilities: bundle.manifest.capabilities.clone(),
             state: self.host.state.clone(),
             events: Some(self.host.service_events.clone()),
@@ -381,9 +612,28 @@ impl Reconciler {
             .map_err(|err| provis_core::error_chain(&err))?;
         Ok(LoadedService {
             sandbox: Arc::new(sandbox),
-            config,
+            config: want.config.clone(),
         })
     }
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file, so that a crash
+/// never leaves half a bundle under a digest's name.
+async fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir).await?;
+    }
+    let partial = path.with_extension("partial");
+    tokio::fs::write(&partial, bytes).await?;
+    tokio::fs::rename(&partial, path).await
 }
 
 /// Publishes what services emit, as `<minion>.<service>.<kind>` events,

@@ -251,6 +251,38 @@ impl MasterClient {
         }
     }
 
+    /// The active rollout, else the last one (none before the first).
+    pub async fn rollout(&self) -> Result<Option<super::RolloutRecord>, MasterApiError> {
+        Ok(self
+            .request::<super::RolloutShow>(&Default::default())
+            .await?
+            .rollout)
+    }
+
+    /// The latest `limit` rollouts, the newest first.
+    pub async fn rollout_history(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<super::RolloutRecord>, MasterApiError> {
+        let request = super::RolloutHistoryRequest { limit };
+        Ok(self
+            .request::<super::RolloutHistoryList>(&request)
+            .await?
+            .rollouts)
+    }
+
+    /// Pauses, resumes or aborts the active rollout; returns it after.
+    pub async fn control_rollout(
+        &self,
+        action: super::RolloutAction,
+    ) -> Result<Option<super::RolloutRecord>, MasterApiError> {
+        let request = super::RolloutControlRequest { action };
+        Ok(self
+            .request::<super::RolloutControl>(&request)
+            .await?
+            .rollout)
+    }
+
     /// Who the master is.
     pub async fn ping(&self) -> Result<PingAnswer, MasterApiError> {
         self.request::<Ping>(&PingRequest {}).await

@@ -21,6 +21,7 @@
 mod client;
 mod error;
 mod page;
+mod rollout;
 
 use std::time::Duration;
 
@@ -31,6 +32,11 @@ use serde_json::Value;
 pub use client::MasterClient;
 pub use error::{ApiError, ApiErrorKind, MasterApiError};
 pub use page::{PageRequest, Paged, take_page};
+pub use rollout::{
+    GateOutcome, GateSpec, RolloutAction, RolloutAnswer, RolloutControlRequest, RolloutHistory,
+    RolloutHistoryRequest, RolloutRecord, RolloutStatus, RolloutStatusRequest, StageRecord,
+    StageState,
+};
 
 use crate::assignment::OverlayEntry;
 use crate::registry::MinionRecord;
@@ -67,6 +73,9 @@ pub const ENDPOINTS: &[&str] = &[
     EnrollList::SUBJECT,
     EnrollDecide::SUBJECT,
     EnrollToken::SUBJECT,
+    RolloutShow::SUBJECT,
+    RolloutHistoryList::SUBJECT,
+    RolloutControl::SUBJECT,
 ];
 
 /// The endpoints that only read: calling operators may ask them.
@@ -77,6 +86,8 @@ pub const READ_ONLY_ENDPOINTS: &[&str] = &[
     Query::SUBJECT,
     Stats::SUBJECT,
     Status::SUBJECT,
+    RolloutShow::SUBJECT,
+    RolloutHistoryList::SUBJECT,
 ];
 
 /// A request's JSON as the master reads it: an empty payload is `{}`.
@@ -150,6 +161,19 @@ endpoint!(
 endpoint!(
     /// Issue a one-time enrollment token.
     EnrollToken, "enroll.token", "enroll-token", TokenRequest, TokenAnswer
+);
+
+endpoint!(
+    /// The active rollout, else the last one.
+    RolloutShow, "rollout.status", "rollout-status", RolloutStatusRequest, RolloutAnswer
+);
+endpoint!(
+    /// The latest rollouts, member lists left out.
+    RolloutHistoryList, "rollout.history", "rollout-history", RolloutHistoryRequest, RolloutHistory
+);
+endpoint!(
+    /// Pause, resume or abort the active rollout.
+    RolloutControl, "rollout.control", "rollout-control", RolloutControlRequest, RolloutAnswer, Duration::from_secs(130), leader_only: true
 );
 
 /// `ping` takes nothing.
@@ -568,6 +592,9 @@ pub struct MinionConvergence {
     pub converged: bool,
     /// The commit it converged on last, if any.
     pub commit: Option<String>,
+    /// Why it cannot converge on the applied commit: service → reason.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub failed: std::collections::BTreeMap<String, String>,
 }
 
 /// A master that runs, as it says in `provis_leader`.

@@ -1,0 +1,354 @@
+//! End-to-end: staged rollouts from git. A commit reaches a canary, then
+//! the rest, each stage gated by a health call; a failing gate rolls the
+//! fleet back by itself; a new leader resumes at the same stage; a bundle
+//! that cannot be fetched is `failed` with its reason until it can.
+#![cfg(test)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use provis_core::master_api::{RolloutRecord, RolloutStatus};
+use provis_core::{CallRequest, CallTarget};
+use provis_testkit::{GitRepo, TestFleet, eventually};
+use serde_json::Value;
+
+const MINIONS: usize = 4;
+
+/// Role web runs `greeter` at `version`; its `check` (the gate) fails when
+/// `healthy` is false. Commits are staged: one canary, then the rest.
+fn commit(repo: &GitRepo, version: &str, healthy: bool, wait_s: u64) -> String {
+    let check = if healthy {
+        "export function check() { return 'ok' }".to_owned()
+    } else {
+        "export function check() { throw new Error('unhealthy on purpose') }".to_owned()
+    };
+    repo.commit(
+        &format!("greeter {version}"),
+        &[
+            ("roles/web.toml", "services = [\"greeter\"]\n"),
+            (
+                "services/greeter/service.toml",
+                &format!("name = \"greeter\"\nversion = \"{version}\"\n"),
+            ),
+            (
+                "services/greeter/main.js",
+                &format!("export function hello() {{ return '{version}' }}\n{check}\n"),
+            ),
+            (
+                "assignments.toml",
+                "[[assign]]\nminions = \"m*\"\nroles = [\"web\"]\n",
+            ),
+            (
+                "rollout.toml",
+                &format!(
+                    "wait_s = {wait_s}\nconverge_timeout_s = 20\n\
+                     [[stages]]\nname = \"canary\"\ncount = 1\n\
+                     [gate]\ncall = \"greeter.check\"\ntimeout_s = 3\n"
+                ),
+            ),
+        ],
+    )
+    .expect("commit")
+}
+
+async fn fleet_following(repo: &GitRepo) -> TestFleet {
+    let source = repo.path_string();
+    let mut fleet = TestFleet::start_with(|config| {
+        config.repository = Some(source);
+        config.poll_interval_s = 3600; // synced on demand
+    })
+    .await
+    .expect("fleet");
+    for n in 1..=MINIONS {
+        fleet
+            .add_minion(&format!("m{n}"), &["web"])
+            .await
+            .expect("minion");
+    }
+    fleet
+}
+
+async fn sync(fleet: &TestFleet) {
+    eventually("the master applies", Duration::from_secs(20), || async {
+        match fleet.master().await {
+            Ok(master) => master.sync().await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await
+    .expect("sync");
+}
+
+async fn rollout_ends(fleet: &TestFleet, commit: &str) -> RolloutRecord {
+    let current = || async { fleet.master().await.ok()?.rollout().await.ok().flatten() };
+    let ended = eventually(
+        &format!("the rollout of {commit} ends"),
+        Duration::from_secs(60),
+        || async {
+            current()
+                .await
+                .is_some_and(|r| r.commit == commit && !r.status.active())
+        },
+    )
+    .await;
+    let last = current().await;
+    ended.unwrap_or_else(|err| panic!("{err}: {last:#?}"));
+    last.expect("a rollout")
+}
+
+async fn versions(fleet: &TestFleet) -> BTreeMap<String, Value> {
+    let client = fleet.client().await.expect("client");
+    let request = CallRequest::parse_function("greeter.hello", Value::Null, Duration::from_secs(3))
+        .expect("request");
+    let report = client.call(&CallTarget::All, &request).await.expect("call");
+    report
+        .replies
+        .into_iter()
+        .map(|r| (r.minion, r.result.unwrap_or(Value::Null)))
+        .collect()
+}
+
+/// Who loaded (or replaced to) greeter `version`, from the minions' events.
+fn loaded(events: &[Value], version: &str) -> Vec<String> {
+    let mut who: Vec<String> = events
+        .iter()
+        .filter(|e| {
+            e["type"].as_str().is_some_and(|kind| {
+                kind.ends_with(".service.loaded") || kind.ends_with(".service.replaced")
+            })
+        })
+        .filter(|e| e["data"]["version"] == version)
+        .filter_map(|e| e["subject"].as_str().map(str::to_owned))
+        .collect();
+    who.sort();
+    who
+}
+
+async fn collect_events(
+    mut events: async_nats::Subscriber,
+    sink: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+) {
+    while let Some(message) = events.next().await {
+        if let Ok(event) = serde_json::from_slice::<Value>(&message.payload) {
+            sink.lock().expect("events").push(event);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_canary_is_rolled_back_and_the_rest_never_runs_the_bad_digest() {
+    let repo = GitRepo::init().expect("repo");
+    let first = commit(&repo, "1", true, 0);
+    let fleet = fleet_following(&repo).await;
+    sync(&fleet).await;
+    eventually("all on 1", Duration::from_secs(20), || {
+        fleet.converged_on(&first, MINIONS)
+    })
+    .await
+    .expect("converged");
+    let nats = fleet.connect().await.expect("nats");
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let subscription = nats
+        .subscribe(format!("{}.event.>", fleet.subjects().prefix()))
+        .await
+        .expect("subscribe");
+    tokio::spawn(collect_events(subscription, events.clone()));
+
+    // A good commit goes out: a canary, then the rest, each gated.
+    let second = commit(&repo, "2", true, 0);
+    sync(&fleet).await;
+    let rollout = rollout_ends(&fleet, &second).await;
+    assert_eq!(rollout.status, RolloutStatus::Done, "{rollout:#?}");
+    assert_eq!(rollout.stages.len(), 2);
+    assert_eq!(rollout.stages[0].name, "canary");
+    assert_eq!(rollout.stages[0].len(), 1);
+    assert_eq!(rollout.stages[1].len(), MINIONS - 1);
+    assert!(
+        rollout
+            .stages
+            .iter()
+            .all(|s| s.results.values().all(|o| o.ok))
+    );
+    eventually("all on 2", Duration::from_secs(20), || {
+        fleet.converged_on(&second, MINIONS)
+    })
+    .await
+    .expect("converged");
+
+    // A commit whose health check fails on the canary is rolled back.
+    let third = commit(&repo, "3", false, 0);
+    sync(&fleet).await;
+    let rollout = rollout_ends(&fleet, &third).await;
+    assert_eq!(rollout.status, RolloutStatus::RolledBack, "{rollout:#?}");
+    let reason = rollout.reason.clone().unwrap_or_default();
+    assert!(reason.contains("unhealthy on purpose"), "{reason}");
+    let canary3 = rollout.stages[0]
+        .minions()
+        .next()
+        .expect("canary")
+        .to_string();
+    eventually(
+        "every minion back on 2",
+        Duration::from_secs(20),
+        || async {
+            versions(&fleet).await.values().all(|v| v == "2")
+                && versions(&fleet).await.len() == MINIONS
+        },
+    )
+    .await
+    .expect("back on 2");
+    let seen = events.lock().expect("events").clone();
+    assert_eq!(
+        loaded(&seen, "3"),
+        vec![canary3.clone()],
+        "only the canary ran 3"
+    );
+    assert_eq!(
+        loaded(&seen, "2").len(),
+        MINIONS + 1,
+        "all took 2, the canary twice"
+    );
+    assert!(
+        seen.iter().any(|e| e["type"]
+            .as_str()
+            .is_some_and(|k| k.ends_with(".rollout.rolled_back"))),
+        "the rollback is an event"
+    );
+    let status = fleet
+        .master()
+        .await
+        .expect("master")
+        .status()
+        .await
+        .expect("status");
+    assert_eq!(status.applied.map(|a| a.commit), Some(second.clone()));
+    assert_eq!(status.rejected, Some(third.clone()));
+    fleet.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_master_resumes_the_rollout_at_the_same_stage() {
+    let repo = GitRepo::init().expect("repo");
+    let first = commit(&repo, "1", true, 0);
+    let mut fleet = fleet_following(&repo).await;
+    sync(&fleet).await;
+    eventually("all on 1", Duration::from_secs(20), || {
+        fleet.converged_on(&first, MINIONS)
+    })
+    .await
+    .expect("converged");
+    let nats = fleet.connect().await.expect("nats");
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let subscription = nats
+        .subscribe(format!("{}.event.>", fleet.subjects().prefix()))
+        .await
+        .expect("subscribe");
+    tokio::spawn(collect_events(subscription, events.clone()));
+
+    // Eight seconds between the canary and the rest: the master dies there.
+    let second = commit(&repo, "2", true, 8);
+    sync(&fleet).await;
+    eventually("the canary passes", Duration::from_secs(30), || async {
+        let Ok(master) = fleet.master().await else {
+            return false;
+        };
+        master
+            .rollout()
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.commit == second && r.stage == 1)
+    })
+    .await
+    .expect("canary passed");
+    fleet.restart_master().await.expect("restart");
+    let rollout = rollout_ends(&fleet, &second).await;
+    assert_eq!(rollout.status, RolloutStatus::Done, "{rollout:#?}");
+    eventually("all on 2", Duration::from_secs(20), || {
+        fleet.converged_on(&second, MINIONS)
+    })
+    .await
+    .expect("converged");
+    let seen = events.lock().expect("events").clone();
+    let switched = loaded(&seen, "2");
+    let mut once = switched.clone();
+    once.dedup();
+    assert_eq!(switched, once, "no minion switched twice: {switched:?}");
+    assert_eq!(switched.len(), MINIONS, "none skipped: {switched:?}");
+    fleet.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_that_cannot_be_fetched_is_failed_with_its_reason_until_it_can() {
+    let repo = GitRepo::init().expect("repo");
+    let first = commit(&repo, "1", true, 0);
+    let mut fleet = fleet_following(&repo).await;
+    sync(&fleet).await;
+    eventually("all on 1", Duration::from_secs(20), || {
+        fleet.converged_on(&first, MINIONS)
+    })
+    .await
+    .expect("converged");
+    // The bundle goes missing from the object store; a new minion, with
+    // nothing cached, cannot fetch it.
+    let js = async_nats::jetstream::new(fleet.connect().await.expect("nats"));
+    let store = provis_bundle::BundleStore::open(&js).await.expect("store");
+    let pointer: provis_bundle::ServicePointer = serde_json::from_slice(
+        &store
+            .pointers()
+            .get("greeter")
+            .await
+            .expect("get")
+            .expect("pointer"),
+    )
+    .expect("pointer");
+    let bundle = store.fetch(&pointer.digest).await.expect("bundle");
+    let objects = js
+        .get_object_store(provis_core::storage::BUCKET_BUNDLES)
+        .await
+        .expect("objects");
+    objects.delete(&pointer.digest).await.expect("delete");
+    fleet.add_minion("m9", &["web"]).await.expect("m9");
+    let m9_failed = || async {
+        let status = fleet.master().await.ok()?.status().await.ok()?;
+        status
+            .minions
+            .into_iter()
+            .find(|m| m.minion.as_str() == "m9" && !m.failed.is_empty())
+    };
+    eventually(
+        "m9 is failed with a reason",
+        Duration::from_secs(20),
+        || async { m9_failed().await.is_some() },
+    )
+    .await
+    .expect("failed");
+    let failed = m9_failed().await;
+    let failed = failed.expect("m9");
+    assert!(!failed.converged);
+    assert!(failed.failed.contains_key("greeter"), "{failed:?}");
+    assert!(!fleet.converged_on(&first, MINIONS + 1).await);
+    // Back in the store: the retries (with backoff) find it.
+    store
+        .overwrite_bytes_for_test(&pointer.digest, &bundle.bytes)
+        .await
+        .expect("put back");
+    eventually("m9 converges", Duration::from_secs(30), || {
+        fleet.converged_on(&first, MINIONS + 1)
+    })
+    .await
+    .expect("converged");
+    // A restart loads it from the disk cache, with the store empty again.
+    objects.delete(&pointer.digest).await.expect("delete");
+    fleet.stop_minion("m9").await;
+    fleet.add_minion("m9", &["web"]).await.expect("m9 again");
+    eventually(
+        "m9 runs greeter from its cache",
+        Duration::from_secs(20),
+        || async { versions(&fleet).await.get("m9") == Some(&Value::from("1")) },
+    )
+    .await
+    .expect("cached");
+    fleet.shut_down().await;
+}
