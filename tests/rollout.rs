@@ -125,6 +125,32 @@ fn loaded(events: &[Value], version: &str) -> Vec<String> {
     who
 }
 
+/// A fleet following `repo`, every minion converged on its first commit
+/// (version 1), and that commit.
+async fn fleet_on_first_commit(repo: &GitRepo) -> (TestFleet, String) {
+    let first = commit(repo, "1", true, 0);
+    let fleet = fleet_following(repo).await;
+    sync(&fleet).await;
+    eventually("all on 1", Duration::from_secs(20), || {
+        fleet.converged_on(&first, MINIONS)
+    })
+    .await
+    .expect("converged");
+    (fleet, first)
+}
+
+/// Every event from now on, as it comes.
+async fn record_events(fleet: &TestFleet) -> std::sync::Arc<std::sync::Mutex<Vec<Value>>> {
+    let nats = fleet.connect().await.expect("nats");
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let subscription = nats
+        .subscribe(format!("{}.event.>", fleet.subjects().prefix()))
+        .await
+        .expect("subscribe");
+    tokio::spawn(collect_events(subscription, events.clone()));
+    events
+}
+
 async fn collect_events(
     mut events: async_nats::Subscriber,
     sink: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
@@ -139,21 +165,8 @@ async fn collect_events(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_canary_is_rolled_back_and_the_rest_never_runs_the_bad_digest() {
     let repo = GitRepo::init().expect("repo");
-    let first = commit(&repo, "1", true, 0);
-    let fleet = fleet_following(&repo).await;
-    sync(&fleet).await;
-    eventually("all on 1", Duration::from_secs(20), || {
-        fleet.converged_on(&first, MINIONS)
-    })
-    .await
-    .expect("converged");
-    let nats = fleet.connect().await.expect("nats");
-    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let subscription = nats
-        .subscribe(format!("{}.event.>", fleet.subjects().prefix()))
-        .await
-        .expect("subscribe");
-    tokio::spawn(collect_events(subscription, events.clone()));
+    let (fleet, _) = fleet_on_first_commit(&repo).await;
+    let events = record_events(&fleet).await;
 
     // A good commit goes out: a canary, then the rest, each gated.
     let second = commit(&repo, "2", true, 0);
@@ -230,21 +243,8 @@ async fn a_failing_canary_is_rolled_back_and_the_rest_never_runs_the_bad_digest(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_master_resumes_the_rollout_at_the_same_stage() {
     let repo = GitRepo::init().expect("repo");
-    let first = commit(&repo, "1", true, 0);
-    let mut fleet = fleet_following(&repo).await;
-    sync(&fleet).await;
-    eventually("all on 1", Duration::from_secs(20), || {
-        fleet.converged_on(&first, MINIONS)
-    })
-    .await
-    .expect("converged");
-    let nats = fleet.connect().await.expect("nats");
-    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let subscription = nats
-        .subscribe(format!("{}.event.>", fleet.subjects().prefix()))
-        .await
-        .expect("subscribe");
-    tokio::spawn(collect_events(subscription, events.clone()));
+    let (mut fleet, _) = fleet_on_first_commit(&repo).await;
+    let events = record_events(&fleet).await;
 
     // Eight seconds between the canary and the rest: the master dies there.
     let second = commit(&repo, "2", true, 8);
@@ -282,14 +282,7 @@ async fn a_new_master_resumes_the_rollout_at_the_same_stage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bundle_that_cannot_be_fetched_is_failed_with_its_reason_until_it_can() {
     let repo = GitRepo::init().expect("repo");
-    let first = commit(&repo, "1", true, 0);
-    let mut fleet = fleet_following(&repo).await;
-    sync(&fleet).await;
-    eventually("all on 1", Duration::from_secs(20), || {
-        fleet.converged_on(&first, MINIONS)
-    })
-    .await
-    .expect("converged");
+    let (mut fleet, first) = fleet_on_first_commit(&repo).await;
     // The bundle goes missing from the object store; a new minion, with
     // nothing cached, cannot fetch it.
     let js = async_nats::jetstream::new(fleet.connect().await.expect("nats"));
@@ -350,5 +343,67 @@ async fn a_bundle_that_cannot_be_fetched_is_failed_with_its_reason_until_it_can(
     )
     .await
     .expect("cached");
+    fleet.shut_down().await;
+}
+
+fn provis() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_BIN_EXE_provis"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provis_plan_says_what_a_revision_would_change_and_exits_0_2_or_1() {
+    let repo = GitRepo::init().expect("repo");
+    let (fleet, first) = fleet_on_first_commit(&repo).await;
+    let plan = |args: &[&str]| {
+        provis_testkit::run_to_end(fleet.provis_command(provis()).arg("plan").args(args))
+            .expect("plan")
+    };
+    let (code, stdout, stderr) = plan(&[]);
+    assert_eq!(
+        code, 0,
+        "the head is applied: nothing changes: {stdout}{stderr}"
+    );
+    assert!(stdout.contains("no change"), "{stdout}");
+
+    // A new version, committed but not applied.
+    let second = commit(&repo, "2", true, 0);
+    let (code, stdout, _) = plan(&[]);
+    assert_eq!(code, 2, "{stdout}");
+    assert!(stdout.contains("~ greeter"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("minions ({MINIONS} would change)")),
+        "{stdout}"
+    );
+    let (code, stdout, _) = plan(&["--output", "json"]);
+    assert_eq!(code, 2);
+    let answer: Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(answer["commit"], second.as_str());
+    assert_eq!(answer["current"], first.as_str());
+    assert_eq!(answer["services"][0]["change"], "replaced");
+    assert_eq!(
+        answer["minions"][0]["minions"].as_array().map(Vec::len),
+        Some(MINIONS)
+    );
+    // An older revision by id: what is applied.
+    let (code, stdout, _) = plan(&[&first[..10]]);
+    assert_eq!(code, 0, "{stdout}");
+    // Nothing was applied by planning.
+    assert_eq!(fleet.applied_commit().await, Some(first.clone()));
+
+    // A broken commit: every problem, exit 1.
+    repo.commit(
+        "broken",
+        &[
+            ("services/greeter/main.js", "export function hello( {\n"),
+            ("rollout.toml", "[[stages]]\npercent = 150\n"),
+        ],
+    )
+    .expect("broken");
+    let (code, stdout, _) = plan(&[]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("services/greeter"), "{stdout}");
+    assert!(stdout.contains("rollout.toml"), "{stdout}");
+    let (code, _, stderr) = plan(&["no-such-revision"]);
+    assert_eq!(code, 2, "an unknown revision is a usage error: {stderr}");
     fleet.shut_down().await;
 }

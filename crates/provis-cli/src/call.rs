@@ -351,8 +351,13 @@ fn print_table(
         );
         return Ok(());
     }
+    let job = if report.job.is_empty() {
+        String::new()
+    } else {
+        format!("; job {}", report.job)
+    };
     outln!(
-        "{} selected ({}){batches}: {} ok, {} error, {} no reply{skipped}",
+        "{} selected ({}){batches}: {} ok, {} error, {} no reply{skipped}{job}",
         s.selected,
         target.describe(),
         s.ok,

@@ -11,8 +11,10 @@ mod bundle;
 mod call;
 mod events;
 mod fleet_args;
+mod jobs;
 mod keys;
 mod minions;
+mod plan;
 mod query;
 mod rollout;
 mod serve;
@@ -63,6 +65,12 @@ enum Command {
     /// Change a minion's roles on the fly, over what git assigns.
     #[command(subcommand)]
     Role(status::RoleCommand),
+    /// Every call recorded as a job: who called what on whom, and how it ended.
+    Jobs(jobs::JobsArgs),
+    /// One job: every minion's result, after the caller has gone.
+    Job(jobs::JobArgs),
+    /// What a revision of the config repository would change (exit 0 none, 2 some, 1 invalid).
+    Plan(plan::PlanArgs),
     /// How the applied commit goes out stage by stage; pause, resume, abort.
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
@@ -108,6 +116,9 @@ pub fn main() -> ExitCode {
         | Command::Status(_)
         | Command::Role(_)
         | Command::Rollout(_)
+        | Command::Plan(_)
+        | Command::Jobs(_)
+        | Command::Job(_)
         | Command::Keys(_) => "warn",
     };
     init_logging(cli.log.as_deref().unwrap_or(default_log));
@@ -126,6 +137,9 @@ pub fn main() -> ExitCode {
             Command::Status(args) => status::run_status(&args.fleet.clone(), args).await,
             Command::Role(command) => status::run_role(command).await,
             Command::Rollout(command) => rollout::run(command).await,
+            Command::Plan(args) => plan::run(&args.fleet.clone(), args).await,
+            Command::Jobs(args) => jobs::run_jobs(&args.fleet.clone(), args).await,
+            Command::Job(args) => jobs::run_job(&args.fleet.clone(), args).await,
             Command::Keys(command) => keys::run(command).await,
         }
     })

@@ -6,9 +6,9 @@
 //! |---|---|---|
 //! | master | everything | everything |
 //! | the master's API connection | `_INBOX.>` only | `master.>`, `$SRV.>` |
-//! | admin operator (the master's `operators`) | calls, `master.>`, `$SRV.>`, JetStream API | its inbox, events, state |
-//! | calling operator (the call policy's) | calls, the master's read-only requests and `$SRV.>`, reads of the registry, services and events | its inbox, events, state |
-//! | minion `<id>` | `heartbeat.<id>`, `state.<id>`, `event.<id>.>`, `master.query`, its registry key (and reads it back), replies; reads its buckets | its own call subject, `all.call`, `role.>`, its inbox, the changes of what it follows (its assignment, the call policy, roles, service pointers) |
+//! | admin operator (the master's `operators`) | calls and their job records, `master.>`, `$SRV.>`, JetStream API | its inbox, events, state |
+//! | calling operator (the call policy's) | calls and their job records, the master's read-only requests and `$SRV.>`, reads of the registry, services, events and jobs | its inbox, events, state |
+//! | minion `<id>` | `heartbeat.<id>`, `state.<id>`, `event.<id>.>`, `job.*.result.<id>`, `master.query`, its registry key (and reads it back), replies; reads its buckets | its own call subject, `all.call`, `role.>`, its inbox, the changes of what it follows (its assignment, the call policy, roles, service pointers) |
 //!
 //! Every identity's replies come to `_INBOX.<its nkey>.>`, which only it may
 //! subscribe to, so no identity reads another's replies.
@@ -87,6 +87,9 @@ impl BusPermissions {
                 format!("{prefix}.all.call"),
                 format!("{prefix}.role.>"),
                 format!("{prefix}.master.>"),
+                // Its calls as jobs (what it asked, how it ended).
+                format!("{prefix}.job.*.request"),
+                format!("{prefix}.job.*.summary"),
                 // Discovery of the master's endpoints (`nats micro ls|info|stats`).
                 "$SRV.>".into(),
                 "$JS.API.>".into(),
@@ -124,6 +127,8 @@ impl BusPermissions {
             format!("{prefix}.minion.*.call"),
             format!("{prefix}.all.call"),
             format!("{prefix}.role.>"),
+            format!("{prefix}.job.*.request"),
+            format!("{prefix}.job.*.summary"),
         ];
         for endpoint in crate::master_api::READ_ONLY_ENDPOINTS {
             publish.push(subjects.master(endpoint));
@@ -133,6 +138,7 @@ impl BusPermissions {
             format!("KV_{BUCKET_MINIONS}"),
             format!("KV_{BUCKET_SERVICES}"),
             crate::storage::STREAM_EVENTS.to_owned(),
+            crate::storage::STREAM_JOBS.to_owned(),
         ] {
             publish.extend(stream_reads(&stream));
         }
@@ -156,6 +162,8 @@ impl BusPermissions {
             subjects.heartbeat(id),
             format!("{prefix}.state.{id}"),
             format!("{prefix}.event.{id}.>"),
+            // Its results of calls, recorded as jobs.
+            format!("{prefix}.job.*.result.{id}"),
             subjects.master(<crate::master_api::Query as crate::master_api::Endpoint>::SUBJECT),
             format!("$KV.{BUCKET_MINIONS}.{id}"),
             format!("$JS.API.STREAM.INFO.KV_{BUCKET_MINIONS}"),

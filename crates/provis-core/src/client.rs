@@ -163,6 +163,9 @@ pub struct CallReport {
     /// Replies that could not be read or arrived twice; they count nowhere else.
     #[serde(skip_serializing_if = "is_zero")]
     pub discarded: usize,
+    /// The job the call is recorded as (`provis job <id>`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub job: String,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -200,6 +203,7 @@ impl CallReport {
             selection: None,
             batches: 0,
             discarded,
+            job: String::new(),
         }
     }
 }
@@ -498,6 +502,49 @@ impl Client {
         on_reply: &mut (dyn FnMut(&MinionReply) + Send),
     ) -> Result<CallReport, ClientError> {
         let chosen = &selection.chosen;
+        let job = uuid::Uuid::new_v4().to_string();
+        let started_unix_ms = crate::envelope::now_unix_ms();
+        let job_request = crate::jobs::JobRequest {
+            job: job.clone(),
+            caller: self.caller.clone(),
+            function: format!("{}.{}", request.service, request.method),
+            target: target.describe(),
+            selected: chosen.iter().map(ToString::to_string).collect(),
+            args_digest: crate::jobs::args_digest(&request.args),
+            started_unix_ms,
+            timeout_ms: i64::try_from(request.timeout.as_millis()).unwrap_or(i64::MAX),
+            batch: plan.batch.as_ref().map(|b| format!("{b:?}")),
+        };
+        crate::jobs::record(&self.nats, self.subjects.job(&job, "request"), &job_request).await;
+        let report = self
+            .call_batches(target, selection, request, plan, &job, on_reply)
+            .await?;
+        let summary = crate::jobs::JobSummary {
+            job: job.clone(),
+            ok: report.summary.ok,
+            failed: report.summary.error,
+            no_reply: report.summary.no_reply,
+            ended_unix_ms: crate::envelope::now_unix_ms(),
+        };
+        crate::jobs::record(&self.nats, self.subjects.job(&job, "summary"), &summary).await;
+        // A caller that exits right after the call still leaves its summary.
+        if let Err(err) = self.nats.flush().await {
+            tracing::debug!(error = %err, "job summary not flushed");
+        }
+        Ok(CallReport { job, ..report })
+    }
+
+    /// The batches of a call (one, unless rolling) for job `job`.
+    async fn call_batches(
+        &self,
+        target: &CallTarget,
+        selection: &Selection,
+        request: &CallRequest,
+        plan: &CallPlan,
+        job: &str,
+        on_reply: &mut (dyn FnMut(&MinionReply) + Send),
+    ) -> Result<CallReport, ClientError> {
+        let chosen = &selection.chosen;
         let size = match plan.batch {
             None => chosen.len(),
             Some(BatchSize::Count(n)) => n,
@@ -518,6 +565,7 @@ impl Client {
                     false,
                     &selection.keys,
                     request,
+                    job,
                     on_reply,
                 )
                 .await?;
@@ -553,6 +601,7 @@ impl Client {
                     subset,
                     &selection.keys,
                     request,
+                    job,
                     on_reply,
                 )
                 .await?;
@@ -586,9 +635,11 @@ impl Client {
         subset: bool,
         keys: &BTreeMap<String, String>,
         request: &CallRequest,
+        job: &str,
         on_reply: &mut (dyn FnMut(&MinionReply) + Send),
     ) -> Result<(Vec<MinionReply>, usize), ClientError> {
         let mut envelope = request.to_envelope(&self.caller, target);
+        envelope.job_id = job.to_owned();
         let addressed = subset || matches!(target, CallTarget::Minions(_));
         envelope.addressed = addressed;
         let subjects = if addressed {

@@ -73,6 +73,7 @@ impl CallRequest {
             selected: Vec::new(),
             // The caller says so when it sends to each minion's subject.
             addressed: false,
+            job_id: String::new(),
         }
     }
 }
@@ -172,6 +173,9 @@ fn check_method(method: &str) -> Result<(), EnvelopeError> {
 #[derive(Debug, Clone)]
 pub struct CheckedCall {
     pub call_id: String,
+    /// The job it belongs to (the call id when the caller named none, or
+    /// named one that cannot be a subject token).
+    pub job_id: String,
     pub caller: String,
     pub service: String,
     pub method: String,
@@ -275,7 +279,13 @@ pub fn check_envelope(
         };
         return Err(EnvelopeError::Expired(late));
     }
+    let job_id = if crate::jobs::valid_job_id(&envelope.job_id) {
+        envelope.job_id
+    } else {
+        envelope.call_id.clone()
+    };
     Ok(CheckedCall {
+        job_id,
         call_id: envelope.call_id,
         caller: envelope.caller,
         service: envelope.service,

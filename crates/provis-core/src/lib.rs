@@ -10,6 +10,7 @@ pub mod context;
 pub mod envelope;
 pub mod event;
 pub mod identity;
+pub mod jobs;
 pub mod kv_snapshot;
 pub mod lifecycle;
 pub mod master_api;

@@ -5,6 +5,9 @@
 pub const STREAM_EVENTS: &str = "PROVIS_EVENTS";
 /// State samples, kept at least 8 days.
 pub const STREAM_STATE: &str = "PROVIS_STATE";
+/// Every call as a job (`<prefix>.job.>`): what was asked of whom by whom,
+/// and each minion's result (retention: the master's `storage.jobs_*`).
+pub const STREAM_JOBS: &str = "PROVIS_JOBS";
 /// Service bundles, named by content digest.
 pub const BUCKET_BUNDLES: &str = "provis_bundles";
 /// Service name → current digest, manifest, signature.

@@ -292,6 +292,12 @@ impl Subjects {
         format!("{}.heartbeat.{id}", self.prefix)
     }
 
+    /// `<prefix>.job.<job>.<part>`: a job's `request`, `summary`, or
+    /// `result.<minion>` (see [`crate::jobs`]).
+    pub fn job(&self, job: &str, part: &str) -> String {
+        format!("{}.job.{job}.{part}", self.prefix)
+    }
+
     /// `<prefix>.state.<id>`
     pub fn state(&self, id: &MinionId) -> String {
         format!("{}.state.{id}", self.prefix)

@@ -115,6 +115,7 @@ pub async fn serve(
     endpoints
         .add::<api::EnrollToken, _, _>(enroll_token)
         .await?;
+    endpoints.add::<api::Plan, _, _>(plan).await?;
     endpoints
         .add::<api::RolloutShow, _, _>(rollout_status)
         .await?;
@@ -559,6 +560,14 @@ async fn rollout_history(
         .map(|record| record.summarized())
         .collect();
     Ok(api::RolloutHistory { rollouts })
+}
+
+async fn plan(served: Arc<Served>, request: api::PlanRequest) -> Result<api::PlanAnswer, ApiError> {
+    ask_desired(&served, |reply| DesiredRequest::Plan {
+        rev: request.rev,
+        reply,
+    })
+    .await
 }
 
 async fn rollout_control(

@@ -35,6 +35,7 @@ use crate::rollout::RolloutStore;
 use provis_core::assignment::Assignment;
 
 mod driving;
+mod planning;
 
 /// How often a running rollout is looked at (stage switched, converged,
 /// gate answered).
@@ -75,6 +76,11 @@ pub enum DesiredRequest {
     },
     /// Recompute one minion's assignment (it appeared or its facts changed).
     Minion(String),
+    /// What a revision would change.
+    Plan {
+        rev: Option<String>,
+        reply: oneshot::Sender<Result<provis_core::master_api::PlanAnswer, ApiError>>,
+    },
     /// Pause, resume or abort the active rollout.
     Rollout {
         action: RolloutAction,
@@ -266,6 +272,13 @@ impl DesiredState {
                         if leads {
                             self.assign_minions(Some(&id)).await;
                         }
+                    }
+                    Some(DesiredRequest::Plan { rev, reply }) => {
+                        let outcome = match self.leadership.term() {
+                            Some(_) => self.plan(&current, rev).await,
+                            None => Err(not_leading()),
+                        };
+                        let _ = reply.send(outcome);
                     }
                     Some(DesiredRequest::Rollout { action, reply }) => {
                         let outcome = match self.leadership.term() {

@@ -86,6 +86,29 @@ impl GitSource {
         Ok(oid.to_string())
     }
 
+    /// The commit `rev` names in the mirror (fetch first): a commit id,
+    /// full or short; `HEAD` or the branch's name for its head; `HEAD~N`.
+    pub fn resolve(&self, rev: &str) -> Result<String, SourceError> {
+        let repo = self.mirror()?;
+        let head = format!("refs/provis/{}", self.branch);
+        let spec = match rev
+            .strip_prefix("HEAD")
+            .or_else(|| rev.strip_prefix(self.branch.as_str()))
+        {
+            Some(rest) if rest.is_empty() || rest.starts_with(['~', '^']) => {
+                format!("{head}{rest}")
+            }
+            _ => rev.to_owned(),
+        };
+        repo.revparse_single(&spec)
+            .and_then(|object| object.peel_to_commit())
+            .map(|commit| commit.id().to_string())
+            .map_err(|e| SourceError::Read {
+                commit: rev.to_owned(),
+                reason: e.message().to_owned(),
+            })
+    }
+
     /// Exports `commit`'s tree to a fresh directory under the work dir.
     pub fn export(&self, commit: &str) -> Result<FetchedCommit, SourceError> {
         let repo = self.mirror()?;

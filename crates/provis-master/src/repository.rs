@@ -58,6 +58,19 @@ pub struct RepositoryMasterSettings {
 pub struct InvalidRepository(pub Vec<RepositoryProblem>);
 
 impl ConfigRepository {
+    /// A repository with nothing in it: what a plan compares with before
+    /// any commit was applied.
+    pub fn empty() -> Self {
+        Self {
+            services: BTreeMap::new(),
+            roles: BTreeMap::new(),
+            assignments: Assignments::default(),
+            master: RepositoryMasterSettings::default(),
+            policy: None,
+            rollout: None,
+        }
+    }
+
     pub fn load(root: &Path) -> Result<Self, InvalidRepository> {
         let mut problems = Vec::new();
         let shown = |path: &Path| {

@@ -26,6 +26,10 @@ pub struct StorageLimits {
     pub state_max_age_s: u64,
     /// Most bytes of state samples kept. Default: 4 GiB.
     pub state_max_bytes: i64,
+    /// How long job records (every call, each minion's result) are kept. Default: 30 days.
+    pub jobs_max_age_s: u64,
+    /// Most bytes of job records kept (the oldest go first). Default: 2 GiB.
+    pub jobs_max_bytes: i64,
 }
 
 impl Default for StorageLimits {
@@ -35,6 +39,8 @@ impl Default for StorageLimits {
             events_max_bytes: 1 << 30,
             state_max_age_s: 8 * 86_400,
             state_max_bytes: 4 << 30,
+            jobs_max_age_s: 30 * 86_400,
+            jobs_max_bytes: 2 << 30,
         }
     }
 }
@@ -90,6 +96,12 @@ pub async fn ensure(
             subjects.wildcard("state"),
             limits.state_max_age_s,
             limits.state_max_bytes,
+        ),
+        (
+            STREAM_JOBS,
+            subjects.wildcard("job"),
+            limits.jobs_max_age_s,
+            limits.jobs_max_bytes,
         ),
     ];
     for (name, subject, max_age_s, max_bytes) in streams {

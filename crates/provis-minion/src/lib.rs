@@ -722,6 +722,7 @@ impl Runtime {
         let guard = self.guard.clone();
         let signer = self.signer.clone();
         let roles = self.record.roles.clone();
+        let subjects = self.subjects.clone();
         self.lifecycle.spawn_work(async move {
             let _admission = admission;
             let Ok(_permit) = limit.acquire_owned().await else {
@@ -745,11 +746,13 @@ impl Runtime {
                 }
                 Ok(Some(call))
             });
+            let mut job = None;
             let reply = match checked {
                 Ok(None) => return,
                 Ok(Some(call)) => {
                     tracing::debug!(%minion, call_id = %call.call_id, caller = %call.caller,
                         function = %format!("{}.{}", call.service, call.method), "call");
+                    job = Some(call.job_id.clone());
                     dispatcher.run(&call).await
                 }
                 Err((call_id, err)) => {
@@ -767,6 +770,9 @@ impl Runtime {
                 }
             };
             send_reply(&nats, reply_to, &reply, signer.as_deref(), &minion).await;
+            if let Some(job) = job {
+                record_job_result(&nats, &subjects, &job, &minion, &reply).await;
+            }
         });
     }
 
@@ -884,6 +890,40 @@ async fn send_reply(
     {
         tracing::warn!(%minion, error = %err, "reply not sent");
     }
+}
+
+/// Records `reply` as this minion's result of `job` in `PROVIS_JOBS`.
+async fn record_job_result(
+    nats: &async_nats::Client,
+    subjects: &provis_core::Subjects,
+    job: &str,
+    minion: &str,
+    reply: &provis_proto::v1::CallReply,
+) {
+    use provis_proto::v1::call_reply::Outcome;
+    let (status, result, error) = match &reply.outcome {
+        Some(Outcome::ResultJson(json)) => ("ok", serde_json::from_str(json).ok(), None),
+        Some(Outcome::Error(error)) => (
+            "error",
+            None,
+            Some(provis_core::jobs::JobError {
+                code: error.code().as_str_name().to_owned(),
+                message: error.message.clone(),
+            }),
+        ),
+        None => ("error", None, None),
+    };
+    let record = provis_core::jobs::JobResult {
+        job: job.to_owned(),
+        minion: minion.to_owned(),
+        status: status.to_owned(),
+        ms: reply.duration_us as f64 / 1000.0,
+        at_unix_ms: provis_core::envelope::now_unix_ms(),
+        result,
+        error,
+    };
+    let subject = subjects.job(job, &format!("result.{minion}"));
+    provis_core::jobs::record(nats, subject, &record).await;
 }
 
 /// `provis.fleet.query` for this minion's services: a request to the master,

@@ -251,6 +251,12 @@ impl MasterClient {
         }
     }
 
+    /// What revision `rev` (none: the branch's head) would change.
+    pub async fn plan(&self, rev: Option<String>) -> Result<super::PlanAnswer, MasterApiError> {
+        self.request::<super::Plan>(&super::PlanRequest { rev })
+            .await
+    }
+
     /// The active rollout, else the last one (none before the first).
     pub async fn rollout(&self) -> Result<Option<super::RolloutRecord>, MasterApiError> {
         Ok(self

@@ -21,6 +21,7 @@
 mod client;
 mod error;
 mod page;
+mod plan;
 mod rollout;
 
 use std::time::Duration;
@@ -32,6 +33,7 @@ use serde_json::Value;
 pub use client::MasterClient;
 pub use error::{ApiError, ApiErrorKind, MasterApiError};
 pub use page::{PageRequest, Paged, take_page};
+pub use plan::{Change, MinionsChange, PlanAnswer, PlanRequest, RoleChange, ServiceChange};
 pub use rollout::{
     GateOutcome, GateSpec, RolloutAction, RolloutAnswer, RolloutControlRequest, RolloutHistory,
     RolloutHistoryRequest, RolloutRecord, RolloutStatus, RolloutStatusRequest, StageRecord,
@@ -76,6 +78,7 @@ pub const ENDPOINTS: &[&str] = &[
     RolloutShow::SUBJECT,
     RolloutHistoryList::SUBJECT,
     RolloutControl::SUBJECT,
+    Plan::SUBJECT,
 ];
 
 /// The endpoints that only read: calling operators may ask them.
@@ -163,6 +166,10 @@ endpoint!(
     EnrollToken, "enroll.token", "enroll-token", TokenRequest, TokenAnswer
 );
 
+endpoint!(
+    /// What a revision would change, without applying it.
+    Plan, "plan", "plan", PlanRequest, PlanAnswer, Duration::from_secs(130), leader_only: true
+);
 endpoint!(
     /// The active rollout, else the last one.
     RolloutShow, "rollout.status", "rollout-status", RolloutStatusRequest, RolloutAnswer

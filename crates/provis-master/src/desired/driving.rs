@@ -22,6 +22,9 @@ use crate::git_source::GitSource;
 use crate::repository::ConfigRepository;
 use crate::rollout::{plan, run_gate};
 
+/// Steps one tick may take: enough to pass a stage and switch the next.
+const MAX_STEPS_PER_TICK: usize = 4;
+
 impl DesiredState {
     /// Plans the rollout of the commit just applied, when the repository
     /// stages commits and there is a last good commit to stage from.
@@ -164,15 +167,32 @@ impl DesiredState {
         }
     }
 
-    /// One step of the rollout, if one is due.
+    /// The steps of the rollout that are due now: a step that moved it
+    /// (a stage switched, gated, passed) is followed at once by the next,
+    /// rather than a tick later.
     pub(super) async fn drive_rollout(&mut self) {
-        let Some(mut record) = self.rollout.clone() else {
-            return;
-        };
-        if record.status == RolloutStatus::Running && record.stage < record.stages.len() {
-            self.drive_stage(&mut record).await;
-        } else if matches!(record.status, RolloutStatus::Running | RolloutStatus::Done) {
-            self.gate_late(&mut record).await;
+        for _ in 0..MAX_STEPS_PER_TICK {
+            let Some(mut record) = self.rollout.clone() else {
+                return;
+            };
+            let before = (
+                record.status,
+                record.stage,
+                record.stages.get(record.stage).map(|s| s.state),
+            );
+            if record.status == RolloutStatus::Running && record.stage < record.stages.len() {
+                self.drive_stage(&mut record).await;
+            } else if matches!(record.status, RolloutStatus::Running | RolloutStatus::Done) {
+                self.gate_late(&mut record).await;
+                return;
+            }
+            let after = self
+                .rollout
+                .as_ref()
+                .map(|r| (r.status, r.stage, r.stages.get(r.stage).map(|s| s.state)));
+            if after == Some(before) || after.is_none() {
+                return;
+            }
         }
     }
 

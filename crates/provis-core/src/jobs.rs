@@ -1,0 +1,257 @@
+//! Jobs: every call is recorded in `PROVIS_JOBS`, so that who asked what of
+//! whom, and what each minion answered, outlives the caller's terminal
+//! (Salt's `jobs.lookup_jid`, Choria's audit).
+//!
+//! ```text
+//! <prefix>.job.<job>.request          the caller: selection, caller, function, argument digest
+//! <prefix>.job.<job>.result.<minion>  each minion, as it replies: status, time, result or error
+//! <prefix>.job.<job>.summary          the caller, when the call ended: counts
+//! ```
+//!
+//! The job id is a UUID the caller draws once per call (every batch of a
+//! rolling call carries it in its envelopes). Records are plain publishes
+//! captured by the stream: recording never slows a call down, and a record
+//! lost with a dying node loses that record only, not the call.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::storage::STREAM_JOBS;
+use crate::subject::Subjects;
+
+/// What the caller asked, as `<prefix>.job.<job>.request` holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRequest {
+    pub job: String,
+    pub caller: String,
+    /// `service.method`.
+    pub function: String,
+    /// `all`, `role.<role>` or `minion.<id>[,…]`.
+    pub target: String,
+    /// The minions chosen (empty when the registry could not be read and
+    /// the call went to whoever answers).
+    pub selected: Vec<String>,
+    /// `sha256:<hex>` of the arguments' JSON: what was asked, without
+    /// keeping what may be a secret.
+    pub args_digest: String,
+    pub started_unix_ms: i64,
+    pub timeout_ms: i64,
+    /// Rolling batches, when the call ran in batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<String>,
+}
+
+/// One minion's answer, as `<prefix>.job.<job>.result.<minion>` holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub job: String,
+    pub minion: String,
+    /// `ok` or `error`.
+    pub status: String,
+    /// How long the minion took, in milliseconds.
+    pub ms: f64,
+    pub at_unix_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<JobError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobError {
+    pub code: String,
+    pub message: String,
+}
+
+/// How the call ended, as the caller saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub job: String,
+    pub ok: usize,
+    pub failed: usize,
+    pub no_reply: usize,
+    pub ended_unix_ms: i64,
+}
+
+/// Everything recorded of one job.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub request: Option<JobRequest>,
+    /// Minion → its result.
+    pub results: BTreeMap<String, JobResult>,
+    pub summary: Option<JobSummary>,
+}
+
+impl Job {
+    /// The selected minions with no result recorded.
+    pub fn without_result(&self) -> Vec<String> {
+        self.request
+            .iter()
+            .flat_map(|r| r.selected.iter())
+            .filter(|id| !self.results.contains_key(id.as_str()))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Whether `id` may name a job in a subject: what a caller sends is checked
+/// before a minion builds a subject from it.
+pub fn valid_job_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// `sha256:<hex>` of `args`.
+pub fn args_digest(args: &Value) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, args.to_string().as_bytes());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// Publishes `record` on `subject`; a failure is logged, never the call's.
+pub async fn record<T: Serialize>(nats: &async_nats::Client, subject: String, record: &T) {
+    match serde_json::to_vec(record) {
+        Ok(payload) => {
+            if let Err(err) = nats.publish(subject, payload.into()).await {
+                tracing::debug!(error = %err, "job record not published");
+            }
+        }
+        Err(err) => tracing::debug!(error = %err, "job record not encoded"),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobsError {
+    #[error("cannot read the job stream {STREAM_JOBS} (is a provis master running?)")]
+    Stream(#[source] async_nats::Error),
+    #[error("{0:?} is not a job id")]
+    BadId(String),
+}
+
+/// How long reading waits for the stream to answer at all.
+const STREAM_WAIT: Duration = Duration::from_secs(5);
+
+/// Every record on `filter` since `since` (none: from the start), in order.
+async fn read_records(
+    nats: &async_nats::Client,
+    filter: String,
+    since: Option<SystemTime>,
+) -> Result<Vec<async_nats::jetstream::Message>, JobsError> {
+    let js = jetstream::new(nats.clone());
+    let deliver_policy = match since {
+        Some(since) => consumer::DeliverPolicy::ByStartTime {
+            start_time: time::OffsetDateTime::from(since),
+        },
+        None => consumer::DeliverPolicy::All,
+    };
+    let config = consumer::pull::OrderedConfig {
+        filter_subject: filter,
+        deliver_policy,
+        ..Default::default()
+    };
+    let open = async {
+        let stream = js.get_stream(STREAM_JOBS).await?;
+        boxed_error(stream.create_consumer(config).await)
+    };
+    let consumer = tokio::time::timeout(STREAM_WAIT, open)
+        .await
+        .map_err(|_| JobsError::Stream("no answer in time".into()))?
+        .map_err(JobsError::Stream)?;
+    let mut pending = consumer.cached_info().num_pending;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|err| JobsError::Stream(Box::new(err)))?;
+    let mut records = Vec::new();
+    while pending > 0 {
+        let Ok(Some(message)) = tokio::time::timeout(STREAM_WAIT, messages.next()).await else {
+            break;
+        };
+        let message = message.map_err(|err| JobsError::Stream(Box::new(err)))?;
+        pending = message
+            .info()
+            .map(|info| info.pending)
+            .unwrap_or(pending.saturating_sub(1));
+        records.push(message);
+    }
+    Ok(records)
+}
+
+fn boxed_error<T, E: std::error::Error + Send + Sync + 'static>(
+    result: Result<T, E>,
+) -> Result<T, async_nats::Error> {
+    result.map_err(|err| Box::new(err) as async_nats::Error)
+}
+
+/// Everything recorded of job `id`.
+pub async fn read_job(
+    nats: &async_nats::Client,
+    subjects: &Subjects,
+    id: &str,
+) -> Result<Job, JobsError> {
+    if !valid_job_id(id) {
+        return Err(JobsError::BadId(id.to_owned()));
+    }
+    let mut job = Job::default();
+    for message in read_records(nats, subjects.job(id, ">"), None).await? {
+        let part = message
+            .subject
+            .strip_prefix(&subjects.job(id, ""))
+            .unwrap_or_default()
+            .to_owned();
+        match part.as_str() {
+            "request" => job.request = serde_json::from_slice(&message.payload).ok(),
+            "summary" => job.summary = serde_json::from_slice(&message.payload).ok(),
+            _ => {
+                if let Ok(result) = serde_json::from_slice::<JobResult>(&message.payload) {
+                    // Only the minion the subject names may publish there.
+                    if part == format!("result.{}", result.minion) {
+                        job.results.insert(result.minion.clone(), result);
+                    }
+                }
+            }
+        }
+    }
+    Ok(job)
+}
+
+/// Every job started since `since`, the oldest first, with its summary
+/// when the caller recorded one.
+pub async fn list_jobs(
+    nats: &async_nats::Client,
+    subjects: &Subjects,
+    since: SystemTime,
+) -> Result<Vec<(JobRequest, Option<JobSummary>)>, JobsError> {
+    let mut jobs: Vec<(JobRequest, Option<JobSummary>)> = Vec::new();
+    let mut index = BTreeMap::new();
+    for message in read_records(nats, subjects.job("*", "*"), Some(since)).await? {
+        if message.subject.ends_with(".request") {
+            if let Ok(request) = serde_json::from_slice::<JobRequest>(&message.payload) {
+                index.insert(request.job.clone(), jobs.len());
+                jobs.push((request, None));
+            }
+        } else if let Ok(summary) = serde_json::from_slice::<JobSummary>(&message.payload)
+            && let Some(&at) = index.get(&summary.job)
+        {
+            jobs[at].1 = Some(summary);
+        }
+    }
+    Ok(jobs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_ids_name_a_job() {
+        assert!(valid_job_id("0b1c6f1e-58f4-4a3b-9b61-1f7a2b3c4d5e"));
+        for bad in ["", "a.b", "a*", "a>", "a b", &"x".repeat(65)] {
+            assert!(!valid_job_id(bad), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! End-to-end: every call is a job in `PROVIS_JOBS`. `provis job ID` shows
+//! each minion's result after the caller has gone and after the master
+//! restarted; `provis jobs` lists calls by caller and function.
+#![cfg(test)]
+
+use std::path::Path;
+
+use provis_testkit::{TestFleet, run_to_end};
+use serde_json::Value;
+
+fn provis() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_provis"))
+}
+
+/// The job id at the end of `provis call`'s summary line.
+fn job_of(stdout: &str) -> String {
+    stdout
+        .lines()
+        .rev()
+        .find_map(|line| line.split("; job ").nth(1))
+        .map(|id| id.trim().to_owned())
+        .unwrap_or_else(|| panic!("no job in {stdout}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_s_results_outlive_its_caller_and_a_master_restart() {
+    let mut fleet = TestFleet::start().await.expect("fleet");
+    for id in ["m1", "m2", "m3"] {
+        fleet.add_minion(id, &["web"]).await.expect("minion");
+    }
+    let (code, stdout, stderr) = run_to_end(fleet.provis_command(provis()).args([
+        "call",
+        "--subject",
+        "role.web",
+        "sys.ping",
+        r#"{"n": 7}"#,
+    ]))
+    .expect("call");
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let job = job_of(&stdout);
+
+    // The caller has gone; the master restarts; the job is still there.
+    fleet.restart_master().await.expect("restart");
+    let (code, stdout, stderr) =
+        run_to_end(fleet.provis_command(provis()).args(["job", &job, "--json"])).expect("job");
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let recorded: Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(recorded["request"]["function"], "sys.ping");
+    assert_eq!(recorded["request"]["target"], "role.web");
+    assert_eq!(
+        recorded["request"]["selected"].as_array().map(Vec::len),
+        Some(3)
+    );
+    assert!(
+        recorded["request"]["args_digest"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("sha256:"))
+    );
+    for id in ["m1", "m2", "m3"] {
+        let result = &recorded["results"][id];
+        assert_eq!(result["status"], "ok", "{id}: {recorded}");
+        assert_eq!(result["result"]["echo"]["n"], 7, "{id}: {recorded}");
+    }
+    assert_eq!(recorded["summary"]["ok"], 3);
+
+    // A call with an error shows it, and the listing filters by function.
+    let (code, stdout, _) = run_to_end(fleet.provis_command(provis()).args([
+        "call",
+        "--minion",
+        "m2",
+        "nosuch.method",
+    ]))
+    .expect("failing call");
+    assert_eq!(code, 1, "{stdout}");
+    let failed = job_of(&stdout);
+    let (code, stdout, _) =
+        run_to_end(fleet.provis_command(provis()).args(["job", &failed])).expect("job");
+    assert_eq!(code, 1, "a job with an error exits 1: {stdout}");
+    assert!(
+        stdout.contains("m2") && stdout.contains("error"),
+        "{stdout}"
+    );
+    let (code, stdout, stderr) =
+        run_to_end(
+            fleet
+                .provis_command(provis())
+                .args(["jobs", "--function", "sys.*"]),
+        )
+        .expect("jobs");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(&job), "{stdout}");
+    assert!(!stdout.contains(&failed), "filtered out: {stdout}");
+
+    // Bad input: an id that cannot be a job, and one never recorded.
+    let (code, _, stderr) =
+        run_to_end(fleet.provis_command(provis()).args(["job", "not.a.job"])).expect("bad id");
+    assert_ne!(code, 0);
+    assert!(stderr.contains("not a job id"), "{stderr}");
+    let (code, _, stderr) = run_to_end(
+        fleet
+            .provis_command(provis())
+            .args(["job", "0b1c6f1e-58f4-4a3b-9b61-1f7a2b3c4d5e"]),
+    )
+    .expect("unknown id");
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("no job"), "{stderr}");
+    fleet.shut_down().await;
+}
