@@ -407,3 +407,59 @@ async fn provis_plan_says_what_a_revision_would_change_and_exits_0_2_or_1() {
     assert_eq!(code, 2, "an unknown revision is a usage error: {stderr}");
     fleet.shut_down().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minion_offline_during_a_rollout_takes_the_commit_and_is_gated_when_it_returns() {
+    let repo = GitRepo::init().expect("repo");
+    let (mut fleet, _) = fleet_on_first_commit(&repo).await;
+    fleet.stop_minion("m4").await;
+    eventually("m4 is offline", Duration::from_secs(20), || async {
+        let Ok(master) = fleet.master().await else {
+            return false;
+        };
+        master.status().await.is_ok_and(|status| {
+            status
+                .minions
+                .iter()
+                .any(|m| m.minion.as_str() == "m4" && !m.live)
+        })
+    })
+    .await
+    .expect("offline");
+    let second = commit(&repo, "2", true, 0);
+    sync(&fleet).await;
+    let rollout = rollout_ends(&fleet, &second).await;
+    assert_eq!(rollout.status, RolloutStatus::Done, "{rollout:#?}");
+    assert!(rollout.staged("m4"), "an offline minion is planned too");
+    assert!(
+        rollout.stages.iter().all(|s| !s.results.contains_key("m4")),
+        "and not gated while away"
+    );
+    assert_ne!(
+        rollout.stages[0].minions().next().map(|m| m.as_str()),
+        Some("m4"),
+        "an offline minion is never the canary"
+    );
+
+    fleet.add_minion("m4", &["web"]).await.expect("m4 back");
+    eventually("m4 is gated on its return", Duration::from_secs(30), || async {
+        let Ok(master) = fleet.master().await else {
+            return false;
+        };
+        master
+            .rollout()
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.late.get("m4").is_some_and(|o| o.ok))
+    })
+    .await
+    .expect("gated");
+    assert_eq!(versions(&fleet).await.get("m4"), Some(&Value::from("2")));
+    eventually("all on 2", Duration::from_secs(20), || {
+        fleet.converged_on(&second, MINIONS)
+    })
+    .await
+    .expect("converged");
+    fleet.shut_down().await;
+}
