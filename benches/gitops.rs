@@ -42,12 +42,7 @@ async fn main() -> anyhow::Result<()> {
     for n in sizes {
         let repo = GitRepo::init()?;
         let first = commit(&repo, 1)?;
-        let source = repo.path_string();
-        let mut fleet = TestFleet::start_with(|config| {
-            config.repository = Some(source);
-            config.poll_interval_s = 3600;
-        })
-        .await?;
+        let mut fleet = TestFleet::start_following(&repo).await?;
         fleet
             .add_simulated_minions(n, &[], (n / 50).max(1), Duration::from_secs(5), |config| {
                 config.inject_services = true;

@@ -44,7 +44,7 @@ fn commit(repo: &GitRepo, version: usize, staged: bool) -> anyhow::Result<String
 async fn roll(fleet: &TestFleet, head: &str, n: usize, staged: bool) -> anyhow::Result<f64> {
     let started = Instant::now();
     fleet.master().await?.sync().await?;
-    eventually("convergence", Duration::from_secs(600), || async {
+    let converged = eventually("convergence", Duration::from_secs(600), || async {
         if !fleet.converged_on(head, n).await {
             return false;
         }
@@ -58,8 +58,60 @@ async fn roll(fleet: &TestFleet, head: &str, n: usize, staged: bool) -> anyhow::
             r.commit == head && r.status == provis_core::master_api::RolloutStatus::Done
         })
     })
-    .await?;
+    .await;
+    if let Err(err) = converged {
+        diagnose(fleet, head).await;
+        return Err(err);
+    }
     Ok(started.elapsed().as_secs_f64())
+}
+
+/// What the fleet and the rollout look like when convergence did not come.
+async fn diagnose(fleet: &TestFleet, head: &str) {
+    let Ok(master) = fleet.master().await else {
+        eprintln!("no master to ask");
+        return;
+    };
+    if let Ok(status) = master.status().await {
+        let mut commits = std::collections::BTreeMap::<String, usize>::new();
+        for minion in &status.minions {
+            let on = match (&minion.commit, minion.live) {
+                (Some(c), true) if c == head => "head".to_owned(),
+                (Some(c), live) => format!("{} live={live}", &c[..8.min(c.len())]),
+                (None, live) => format!("none live={live}"),
+            };
+            *commits.entry(on).or_default() += 1;
+        }
+        let failed: Vec<_> = status
+            .minions
+            .iter()
+            .filter(|m| !m.failed.is_empty())
+            .take(3)
+            .collect();
+        eprintln!(
+            "applied {:?}; {} minions by commit: {commits:?}; failing e.g. {failed:?}",
+            status.applied.map(|a| a.commit),
+            status.minions.len()
+        );
+    }
+    if let Ok(Some(rollout)) = master.rollout().await {
+        let stages: Vec<_> = rollout
+            .stages
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    s.len(),
+                    s.state,
+                    s.results.values().filter(|o| !o.ok).count(),
+                )
+            })
+            .collect();
+        eprintln!(
+            "rollout of {} {:?} stage {} reason {:?}: {stages:?}",
+            rollout.commit, rollout.status, rollout.stage, rollout.reason
+        );
+    }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -77,12 +129,7 @@ async fn main() -> anyhow::Result<()> {
     for n in sizes {
         let repo = GitRepo::init()?;
         let first = commit(&repo, 1, false)?;
-        let source = repo.path_string();
-        let mut fleet = TestFleet::start_with(|config| {
-            config.repository = Some(source);
-            config.poll_interval_s = 3600;
-        })
-        .await?;
+        let mut fleet = TestFleet::start_following(&repo).await?;
         fleet
             .add_simulated_minions(n, &[], (n / 50).max(1), Duration::from_secs(5), |config| {
                 config.inject_services = true;

@@ -40,6 +40,24 @@ run provis call --subject role.web.eu greet.hello '{"name": "operators"}'
 run provis call --all health.check
 run provis call --minion m2 site.status
 
+# Changing the fleet is a commit to the repository the master follows.
+config="$PWD/.provis/up/config"
+echo; echo "\$ (in $config) change web.eu's greeting and commit"
+sed -i "s/^greeting = .*/greeting = \"servus um $(date +%H:%M:%S)\"/" "$config/roles/web.eu.toml"
+git -C "$config" -c user.name="provis demo" -c user.email=demo@provis.invalid \
+  commit -qam "web.eu: greet as in Vienna"
+echo; echo "\$ provis plan"
+provis plan || [ $? -eq 2 ]   # 2: the revision would change something
+run provis master sync
+for _ in $(seq 1 120); do
+  provis rollout status | grep -q ": done" && break
+  sleep 0.5
+done
+run provis rollout status
+run provis status
+run provis call --subject role.web.eu greet.hello '{"name": "operators"}'
+run provis jobs --since 10m
+
 if $once; then
   echo; echo "demo done; stopping the fleet"
   exit 0

@@ -34,13 +34,7 @@ fn good_commit(repo: &GitRepo, message: &str, version: &str) -> String {
 }
 
 async fn fleet_following(repo: &GitRepo) -> TestFleet {
-    let source = repo.path_string();
-    TestFleet::start_with(|config| {
-        config.repository = Some(source);
-        config.poll_interval_s = 3600; // tests sync on demand
-    })
-    .await
-    .expect("fleet")
+    TestFleet::start_following(repo).await.expect("fleet")
 }
 
 fn sync(fleet: &TestFleet) -> Value {

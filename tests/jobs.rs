@@ -106,3 +106,56 @@ async fn a_call_s_results_outlive_its_caller_and_a_master_restart() {
     assert!(stderr.contains("no job"), "{stderr}");
     fleet.shut_down().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_call_reaches_a_minion_that_comes_back_and_its_result_joins_the_job() {
+    let mut fleet = TestFleet::start().await.expect("fleet");
+    for id in ["m1", "m2", "m3"] {
+        fleet.add_minion(id, &["web"]).await.expect("minion");
+    }
+    fleet.stop_minion("m3").await;
+    fleet.wait_until_away("m3").await.expect("away");
+    let (code, stdout, stderr) = run_to_end(fleet.provis_command(provis()).args([
+        "call",
+        "--subject",
+        "role.web",
+        "--queue",
+        "10m",
+        "--timeout",
+        "2s",
+        "sys.ping",
+        r#"{"queued": true}"#,
+    ]))
+    .expect("call");
+    assert_eq!(code, 0, "the live ones answer: {stdout}{stderr}");
+    let job = job_of(&stdout);
+
+    fleet.add_minion("m3", &["web"]).await.expect("m3 back");
+    let job_json = || {
+        let (_, stdout, _) =
+            run_to_end(fleet.provis_command(provis()).args(["job", &job, "--json"])).expect("job");
+        serde_json::from_str::<Value>(&stdout).unwrap_or(Value::Null)
+    };
+    provis_testkit::eventually(
+        "m3's result joins the job",
+        std::time::Duration::from_secs(30),
+        || async { job_json()["results"]["m3"]["status"] == "ok" },
+    )
+    .await
+    .expect("delivered");
+    let recorded = job_json();
+    assert_eq!(recorded["results"]["m3"]["result"]["echo"]["queued"], true);
+    assert_eq!(recorded["results"].as_object().map(|r| r.len()), Some(3));
+    let (code, _, _) = run_to_end(fleet.provis_command(provis()).args(["job", &job])).expect("job");
+    assert_eq!(code, 0, "every member answered in the end");
+
+    // Bad input: a queue longer than a call may live is refused up front.
+    let (code, _, stderr) = run_to_end(
+        fleet
+            .provis_command(provis())
+            .args(["call", "--all", "--queue", "2h", "sys.ping"]),
+    )
+    .expect("call");
+    assert_eq!(code, 2, "{stderr}");
+    fleet.shut_down().await;
+}

@@ -53,13 +53,7 @@ fn commit(repo: &GitRepo, version: &str, healthy: bool, wait_s: u64) -> String {
 }
 
 async fn fleet_following(repo: &GitRepo) -> TestFleet {
-    let source = repo.path_string();
-    let mut fleet = TestFleet::start_with(|config| {
-        config.repository = Some(source);
-        config.poll_interval_s = 3600; // synced on demand
-    })
-    .await
-    .expect("fleet");
+    let mut fleet = TestFleet::start_following(repo).await.expect("fleet");
     for n in 1..=MINIONS {
         fleet
             .add_minion(&format!("m{n}"), &["web"])
@@ -80,8 +74,13 @@ async fn sync(fleet: &TestFleet) {
     .expect("sync");
 }
 
+/// The active rollout, else the last one, if the master answers.
+async fn current_rollout(fleet: &TestFleet) -> Option<RolloutRecord> {
+    fleet.master().await.ok()?.rollout().await.ok().flatten()
+}
+
 async fn rollout_ends(fleet: &TestFleet, commit: &str) -> RolloutRecord {
-    let current = || async { fleet.master().await.ok()?.rollout().await.ok().flatten() };
+    let current = || current_rollout(fleet);
     let ended = eventually(
         &format!("the rollout of {commit} ends"),
         Duration::from_secs(60),
@@ -250,14 +249,8 @@ async fn a_new_master_resumes_the_rollout_at_the_same_stage() {
     let second = commit(&repo, "2", true, 8);
     sync(&fleet).await;
     eventually("the canary passes", Duration::from_secs(30), || async {
-        let Ok(master) = fleet.master().await else {
-            return false;
-        };
-        master
-            .rollout()
+        current_rollout(&fleet)
             .await
-            .ok()
-            .flatten()
             .is_some_and(|r| r.commit == second && r.stage == 1)
     })
     .await
@@ -413,19 +406,7 @@ async fn a_minion_offline_during_a_rollout_takes_the_commit_and_is_gated_when_it
     let repo = GitRepo::init().expect("repo");
     let (mut fleet, _) = fleet_on_first_commit(&repo).await;
     fleet.stop_minion("m4").await;
-    eventually("m4 is offline", Duration::from_secs(20), || async {
-        let Ok(master) = fleet.master().await else {
-            return false;
-        };
-        master.status().await.is_ok_and(|status| {
-            status
-                .minions
-                .iter()
-                .any(|m| m.minion.as_str() == "m4" && !m.live)
-        })
-    })
-    .await
-    .expect("offline");
+    fleet.wait_until_away("m4").await.expect("away");
     let second = commit(&repo, "2", true, 0);
     sync(&fleet).await;
     let rollout = rollout_ends(&fleet, &second).await;
@@ -442,17 +423,15 @@ async fn a_minion_offline_during_a_rollout_takes_the_commit_and_is_gated_when_it
     );
 
     fleet.add_minion("m4", &["web"]).await.expect("m4 back");
-    eventually("m4 is gated on its return", Duration::from_secs(30), || async {
-        let Ok(master) = fleet.master().await else {
-            return false;
-        };
-        master
-            .rollout()
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|r| r.late.get("m4").is_some_and(|o| o.ok))
-    })
+    eventually(
+        "m4 is gated on its return",
+        Duration::from_secs(30),
+        || async {
+            current_rollout(&fleet)
+                .await
+                .is_some_and(|r| r.late.get("m4").is_some_and(|o| o.ok))
+        },
+    )
     .await
     .expect("gated");
     assert_eq!(versions(&fleet).await.get("m4"), Some(&Value::from("2")));

@@ -69,6 +69,11 @@ pub struct CallArgs {
     /// How long to wait for replies (per batch), e.g. 500ms, 5s
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Keep the call this long (at most 1h) for selected minions that are
+    /// away: the master delivers it when they return, and their results
+    /// join the job (`provis job ID`)
+    #[arg(long, value_name = "TTL", value_parser = parse_queue_ttl, conflicts_with = "batch")]
+    queue: Option<Duration>,
     /// How to print the outcome
     #[arg(long, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -94,6 +99,16 @@ pub struct CallArgs {
     function: String,
     /// Arguments as one JSON document
     args: Option<String>,
+}
+
+fn parse_queue_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(text).map_err(|err| err.to_string())?;
+    if ttl.is_zero() || ttl > provis_core::call_auth::MAX_CALL_LIFETIME {
+        return Err(format!(
+            "{text:?}: a queue lasts more than 0 and at most 1h"
+        ));
+    }
+    Ok(ttl)
 }
 
 fn parse_batch(text: &str) -> Result<BatchSize, String> {
@@ -157,6 +172,7 @@ impl CallArgs {
             batch: self.batch,
             batch_wait: self.batch_wait.unwrap_or_default(),
             stop_on_failure_pct: self.stop_on_failure,
+            queue: self.queue,
         }
     }
 }

@@ -57,7 +57,12 @@ pub async fn run_jobs(fleet: &FleetArgs, args: JobsArgs) -> anyhow::Result<ExitC
             "TARGET"
         );
     }
-    for (request, summary) in jobs {
+    for provis_core::jobs::JobListing {
+        request,
+        summary,
+        queue,
+    } in jobs
+    {
         if caller.as_ref().is_some_and(|c| !c.matches(&request.caller))
             || function
                 .as_ref()
@@ -68,7 +73,7 @@ pub async fn run_jobs(fleet: &FleetArgs, args: JobsArgs) -> anyhow::Result<ExitC
         if args.json {
             outln!(
                 "{}",
-                serde_json::json!({ "request": request, "summary": summary })
+                serde_json::json!({ "request": request, "summary": summary, "queued_until_unix_ms": queue.map(|q| q.until_unix_ms) })
             );
             continue;
         }

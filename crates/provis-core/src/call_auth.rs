@@ -274,11 +274,24 @@ impl CallGuard {
         if !verify(&signer, &unsigned.encode_to_vec(), &signature) {
             return Err(CallAuthError::BadSignature);
         }
-        let skew = self.clock.now_ms().saturating_sub(envelope.issued_unix_ms);
-        if skew.unsigned_abs() > MAX_CLOCK_SKEW.as_millis() as u64 {
+        let now = self.clock.now_ms();
+        let skew = now.saturating_sub(envelope.issued_unix_ms);
+        let max_skew = MAX_CLOCK_SKEW.as_millis() as i64;
+        let lifetime = MAX_CALL_LIFETIME.as_millis() as i64;
+        let queued_until = envelope.queue_until_unix_ms;
+        if queued_until > 0 {
+            // Queued: it may arrive until then (delivered when an offline
+            // minion returns), never more than a lifetime after issue, so
+            // the replay cache still holds its nonce when it arrives late.
+            if queued_until.saturating_sub(envelope.issued_unix_ms) > lifetime {
+                return Err(CallAuthError::TooLong);
+            }
+            if skew < -max_skew || now > queued_until.saturating_add(max_skew) {
+                return Err(CallAuthError::OutOfWindow(skew));
+            }
+        } else if skew.unsigned_abs() > max_skew.unsigned_abs() {
             return Err(CallAuthError::OutOfWindow(skew));
         }
-        let lifetime = MAX_CALL_LIFETIME.as_millis() as i64;
         if envelope
             .deadline_unix_ms
             .saturating_sub(envelope.issued_unix_ms)
@@ -379,5 +392,38 @@ mod tests {
             Ok(None),
             "no trusted keys: unsecured"
         );
+    }
+
+    #[test]
+    fn a_queued_call_is_admitted_late_only_within_the_queue_it_signed() {
+        let dir = tempfile::tempdir().unwrap();
+        let alice = Identity::create(&dir.path().join("alice.key")).unwrap();
+        let guard = CallGuard::new(vec![alice.public_key().to_owned()]);
+        let queued = |issued_ago_ms: i64, queue_ms: i64| {
+            let mut call = envelope();
+            call.issued_unix_ms -= issued_ago_ms;
+            call.deadline_unix_ms -= issued_ago_ms;
+            call.queue_until_unix_ms = call.issued_unix_ms + queue_ms;
+            sign(&mut call, &alice);
+            call
+        };
+        // Ten minutes late, within its 30-minute queue: admitted, once.
+        let late = queued(600_000, 1_800_000);
+        assert!(guard.admit(&late).is_ok());
+        assert_eq!(guard.admit(&late), Err(CallAuthError::Replayed));
+        // Past its queue (plus the clock allowance): refused.
+        assert!(matches!(
+            guard.admit(&queued(3_000_000, 1_800_000)),
+            Err(CallAuthError::OutOfWindow(_))
+        ));
+        // A queue longer than a call may live: refused.
+        assert_eq!(
+            guard.admit(&queued(0, 2 * 3_600_000)),
+            Err(CallAuthError::TooLong)
+        );
+        // The queue time is signed: raising it breaks the signature.
+        let mut raised = queued(600_000, 60_000);
+        raised.queue_until_unix_ms += 3_000_000;
+        assert_eq!(guard.admit(&raised), Err(CallAuthError::BadSignature));
     }
 }

@@ -248,6 +248,10 @@ pub struct CallPlan {
     /// Stop starting batches once more than this share (percent) of the
     /// minions called so far failed or did not reply.
     pub stop_on_failure_pct: Option<f64>,
+    /// Queued this long for minions that are away (at most
+    /// [`crate::call_auth::MAX_CALL_LIFETIME`]): the leading master
+    /// delivers the call when they return, and their results join the job.
+    pub queue: Option<Duration>,
 }
 
 /// How long a selection waits for the registry before a call to a whole
@@ -565,7 +569,7 @@ impl Client {
                     false,
                     &selection.keys,
                     request,
-                    job,
+                    (job, plan.queue),
                     on_reply,
                 )
                 .await?;
@@ -601,7 +605,7 @@ impl Client {
                     subset,
                     &selection.keys,
                     request,
-                    job,
+                    (job, plan.queue),
                     on_reply,
                 )
                 .await?;
@@ -635,11 +639,16 @@ impl Client {
         subset: bool,
         keys: &BTreeMap<String, String>,
         request: &CallRequest,
-        job: &str,
+        (job, queue): (&str, Option<Duration>),
         on_reply: &mut (dyn FnMut(&MinionReply) + Send),
     ) -> Result<(Vec<MinionReply>, usize), ClientError> {
         let mut envelope = request.to_envelope(&self.caller, target);
         envelope.job_id = job.to_owned();
+        let queue = queue.map(|ttl| ttl.min(crate::call_auth::MAX_CALL_LIFETIME));
+        if let Some(ttl) = queue {
+            let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+            envelope.queue_until_unix_ms = envelope.issued_unix_ms.saturating_add(ttl_ms);
+        }
         let addressed = subset || matches!(target, CallTarget::Minions(_));
         envelope.addressed = addressed;
         let subjects = if addressed {
@@ -652,6 +661,19 @@ impl Client {
         };
         self.seal(&mut envelope);
         let payload = bytes::Bytes::from(envelope.encode_to_vec());
+        if queue.is_some() {
+            let queued = crate::jobs::JobQueue {
+                job: job.to_owned(),
+                until_unix_ms: envelope.queue_until_unix_ms,
+                issued_unix_ms: envelope.issued_unix_ms,
+                timeout_ms: envelope.timeout_ms,
+                target: target.describe(),
+                whole_target: !addressed,
+                selected: batch.iter().map(ToString::to_string).collect(),
+                envelope: crate::jobs::hex_encode(&payload),
+            };
+            crate::jobs::record(&self.nats, self.subjects.job(job, "queue"), &queued).await;
+        }
         let inbox = self.nats.new_inbox();
         let replies = self
             .nats

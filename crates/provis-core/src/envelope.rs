@@ -74,6 +74,7 @@ impl CallRequest {
             // The caller says so when it sends to each minion's subject.
             addressed: false,
             job_id: String::new(),
+            queue_until_unix_ms: 0,
         }
     }
 }

@@ -6,6 +6,8 @@
 //! <prefix>.job.<job>.request          the caller: selection, caller, function, argument digest
 //! <prefix>.job.<job>.result.<minion>  each minion, as it replies: status, time, result or error
 //! <prefix>.job.<job>.summary          the caller, when the call ended: counts
+//! <prefix>.job.<job>.queue            the caller of `--queue TTL`: the signed envelope, for
+//!                                     the leading master to deliver to minions that return
 //! ```
 //!
 //! The job id is a UUID the caller draws once per call (every batch of a
@@ -78,6 +80,57 @@ pub struct JobSummary {
     pub ended_unix_ms: i64,
 }
 
+/// A call queued for minions that were away (`provis call --queue TTL`),
+/// as `<prefix>.job.<job>.queue` holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobQueue {
+    pub job: String,
+    /// Until when it may still be delivered.
+    pub until_unix_ms: i64,
+    /// When it was issued and how long it runs: it is delivered again
+    /// only once the first delivery's timeout passed.
+    pub issued_unix_ms: i64,
+    pub timeout_ms: i64,
+    /// `all`, `role.<role>` or `minion.<id>[,…]`.
+    pub target: String,
+    /// Every member of the target is waited for (no `--where`, no subset);
+    /// else only `selected`.
+    pub whole_target: bool,
+    pub selected: Vec<String>,
+    /// The signed envelope, hex: delivered as it is.
+    pub envelope: String,
+}
+
+impl JobQueue {
+    pub fn envelope_bytes(&self) -> Option<Vec<u8>> {
+        hex_decode(&self.envelope)
+    }
+}
+
+pub fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn hex_decode(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(text.get(at..at + 2)?, 16).ok())
+        .collect()
+}
+
+/// One job as `list_jobs` finds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobListing {
+    pub request: JobRequest,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<JobSummary>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<JobQueue>,
+}
+
 /// Everything recorded of one job.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Job {
@@ -85,6 +138,8 @@ pub struct Job {
     /// Minion → its result.
     pub results: BTreeMap<String, JobResult>,
     pub summary: Option<JobSummary>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<JobQueue>,
 }
 
 impl Job {
@@ -206,6 +261,7 @@ pub async fn read_job(
         match part.as_str() {
             "request" => job.request = serde_json::from_slice(&message.payload).ok(),
             "summary" => job.summary = serde_json::from_slice(&message.payload).ok(),
+            "queue" => job.queue = serde_json::from_slice(&message.payload).ok(),
             _ => {
                 if let Ok(result) = serde_json::from_slice::<JobResult>(&message.payload) {
                     // Only the minion the subject names may publish there.
@@ -220,24 +276,35 @@ pub async fn read_job(
 }
 
 /// Every job started since `since`, the oldest first, with its summary
-/// when the caller recorded one.
+/// when the caller recorded one (and its queue, when queued).
 pub async fn list_jobs(
     nats: &async_nats::Client,
     subjects: &Subjects,
     since: SystemTime,
-) -> Result<Vec<(JobRequest, Option<JobSummary>)>, JobsError> {
-    let mut jobs: Vec<(JobRequest, Option<JobSummary>)> = Vec::new();
+) -> Result<Vec<JobListing>, JobsError> {
+    let mut jobs: Vec<JobListing> = Vec::new();
     let mut index = BTreeMap::new();
     for message in read_records(nats, subjects.job("*", "*"), Some(since)).await? {
+        let payload = &message.payload;
         if message.subject.ends_with(".request") {
-            if let Ok(request) = serde_json::from_slice::<JobRequest>(&message.payload) {
+            if let Ok(request) = serde_json::from_slice::<JobRequest>(payload) {
                 index.insert(request.job.clone(), jobs.len());
-                jobs.push((request, None));
+                jobs.push(JobListing {
+                    request,
+                    summary: None,
+                    queue: None,
+                });
             }
-        } else if let Ok(summary) = serde_json::from_slice::<JobSummary>(&message.payload)
+        } else if message.subject.ends_with(".queue") {
+            if let Ok(queue) = serde_json::from_slice::<JobQueue>(payload)
+                && let Some(&at) = index.get(&queue.job)
+            {
+                jobs[at].queue = Some(queue);
+            }
+        } else if let Ok(summary) = serde_json::from_slice::<JobSummary>(payload)
             && let Some(&at) = index.get(&summary.job)
         {
-            jobs[at].1 = Some(summary);
+            jobs[at].summary = Some(summary);
         }
     }
     Ok(jobs)
@@ -246,6 +313,14 @@ pub async fn list_jobs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn envelopes_survive_hex() {
+        let bytes = vec![0u8, 1, 127, 128, 255];
+        assert_eq!(hex_decode(&hex_encode(&bytes)), Some(bytes));
+        assert_eq!(hex_decode("abc"), None);
+        assert_eq!(hex_decode("zz"), None);
+    }
 
     #[test]
     fn only_plain_ids_name_a_job() {

@@ -20,6 +20,7 @@ pub mod desired;
 pub mod enrollment;
 pub mod fleet_view;
 pub mod git_source;
+pub mod job_queue;
 pub mod leadership;
 pub mod liveness;
 pub mod query;
@@ -555,6 +556,13 @@ impl Startup {
         self.lifecycle.spawn_background(async move {
             liveness::follow(js, outbox, subjects, &view, assign, leading, stop).await;
         });
+        self.lifecycle.spawn_background(job_queue::deliver(
+            self.nats()?,
+            self.subjects.clone(),
+            self.view.clone(),
+            self.leading(),
+            self.lifecycle.stop_token(),
+        ));
         self.desired = Some(DesiredParts {
             requests,
             published,

@@ -73,7 +73,15 @@ pub struct Wanted {
     pub max_bytes: i64,
     /// Values kept per key (buckets only; zero leaves it as it is).
     pub history: i64,
+    /// Consumers the stream may have at once (zero leaves it as it is;
+    /// nats-server gives every stream 1,000 unless it says otherwise).
+    pub max_consumers: i32,
 }
+
+/// Consumers the bundle store may have at once: every bundle fetch holds
+/// one until it goes idle, and a stage of thousands of minions fetches at
+/// once; the server's default of 1,000 refused fetches at 1,000 minions.
+pub const BUNDLE_STORE_MAX_CONSUMERS: i32 = 100_000;
 
 /// Creates or raises every stream, bucket and the object store of the
 /// fleet to `replicas` copies and the limits of `limits`.
@@ -110,6 +118,7 @@ pub async fn ensure(
             max_age: Duration::from_secs(max_age_s),
             max_bytes,
             history: 0,
+            max_consumers: 0,
         };
         let config = stream::Config {
             name: name.to_owned(),
@@ -220,6 +229,7 @@ pub async fn ensure(
             max_age: Duration::ZERO,
             max_bytes: -1,
             history: 0,
+            max_consumers: BUNDLE_STORE_MAX_CONSUMERS,
         },
     )
     .await?;
@@ -238,6 +248,7 @@ pub async fn ensure_bucket(
         max_age: config.max_age,
         max_bytes: config.max_bytes,
         history: config.history,
+        max_consumers: 0,
     };
     let bucket_error = |source: async_nats::Error| StorageError::Stream {
         name: format!("KV_{name}"),
@@ -324,6 +335,9 @@ fn raise(current: &stream::Config, wanted: Wanted) -> stream::Config {
     if wanted.history > 0 {
         raised.max_messages_per_subject = current.max_messages_per_subject.max(wanted.history);
     }
+    if wanted.max_consumers > current.max_consumers.max(0) {
+        raised.max_consumers = wanted.max_consumers;
+    }
     raised
 }
 
@@ -347,6 +361,7 @@ mod tests {
             max_age: Duration::from_secs(10),
             max_bytes: 10,
             history: 1,
+            max_consumers: 0,
         };
         assert_eq!(raise(&current, lower), current);
         // Asking for more raises it.
@@ -355,12 +370,14 @@ mod tests {
             max_age: Duration::from_secs(1_000),
             max_bytes: -1,
             history: 10,
+            max_consumers: 5_000,
         };
         let raised = raise(&current, higher);
         assert_eq!(raised.num_replicas, 5);
         assert_eq!(raised.max_age, Duration::from_secs(1_000));
         assert_eq!(raised.max_bytes, -1);
         assert_eq!(raised.max_messages_per_subject, 10);
+        assert_eq!(raised.max_consumers, 5_000);
         // No limit is the most: it stays.
         let unlimited = stream::Config {
             max_age: Duration::ZERO,

@@ -39,6 +39,17 @@ impl TestFleet {
         Self::start_with(|_| {}).await
     }
 
+    /// A nats-server and a master following `repo` (its branch `main`),
+    /// which applies a commit when asked to sync, not on a timer.
+    pub async fn start_following(repo: &crate::GitRepo) -> anyhow::Result<Self> {
+        let source = repo.path_string();
+        Self::start_with(|config| {
+            config.repository = Some(source);
+            config.poll_interval_s = 3600;
+        })
+        .await
+    }
+
     /// A nats-server and a master whose settings `adjust` changes first.
     pub async fn start_with(adjust: impl FnOnce(&mut MasterConfig)) -> anyhow::Result<Self> {
         Self::start_on(NatsServer::start()?, adjust).await
@@ -510,6 +521,26 @@ impl TestFleet {
     /// A client of this fleet's master, as its operator.
     pub async fn master(&self) -> anyhow::Result<MasterClient> {
         Ok(MasterClient::new(self.connect().await?, self.subjects()))
+    }
+
+    /// Waits until the master no longer counts minion `id` live.
+    pub async fn wait_until_away(&self, id: &str) -> anyhow::Result<()> {
+        eventually(
+            &format!("{id} is away"),
+            Duration::from_secs(20),
+            || async {
+                let Ok(master) = self.master().await else {
+                    return false;
+                };
+                master.status().await.is_ok_and(|status| {
+                    status
+                        .minions
+                        .iter()
+                        .any(|m| m.minion.as_str() == id && !m.live)
+                })
+            },
+        )
+        .await
     }
 
     /// Stops an in-process minion cleanly.

@@ -22,6 +22,11 @@ use crate::git_source::GitSource;
 use crate::repository::ConfigRepository;
 use crate::rollout::{plan, run_gate};
 
+/// How long after its stage switched a minion that reports the commit as
+/// failing is still waited for: a failed fetch is retried (1 s, 2 s, 4 s…)
+/// and usually heals; a failure that lasts longer fails the gate.
+const FAILING_GRACE_MS: i64 = 15_000;
+
 /// Steps one tick may take: enough to pass a stage and switch the next.
 const MAX_STEPS_PER_TICK: usize = 4;
 
@@ -237,8 +242,10 @@ impl DesiredState {
                             .unwrap_or(i64::MAX),
                     );
                 let members: Vec<MinionId> = record.stages[index].minions().cloned().collect();
+                let failing_counts =
+                    timed_out || now > switched_at.saturating_add(FAILING_GRACE_MS);
                 let Some((results, converged)) =
-                    self.converged_members(&commit, &members, timed_out)
+                    self.converged_members(&commit, &members, timed_out, failing_counts)
                 else {
                     return;
                 };
@@ -259,7 +266,8 @@ impl DesiredState {
                         .filter(|m| !stage.results.contains_key(m.as_str()))
                         .cloned()
                         .collect();
-                    let Some((_, converged)) = self.converged_members(&commit, &members, true)
+                    let Some((_, converged)) =
+                        self.converged_members(&commit, &members, true, true)
                     else {
                         return;
                     };
@@ -327,13 +335,15 @@ impl DesiredState {
 
     /// Of `members`, who runs `commit` (to be gated) and who failed to
     /// (their outcome); `None` while some live member is still on its
-    /// way and `timed_out` is not. Offline members are left out: they are
-    /// gated when they return.
+    /// way and `timed_out` is not, or reports failing and `failing_counts`
+    /// is not yet (its retries may still heal it). Offline members are left
+    /// out: they are gated when they return.
     fn converged_members(
         &self,
         commit: &str,
         members: &[MinionId],
         timed_out: bool,
+        failing_counts: bool,
     ) -> Option<(BTreeMap<String, GateOutcome>, Vec<MinionId>)> {
         let registry = self.view.registry();
         let mut results = BTreeMap::new();
@@ -345,6 +355,9 @@ impl DesiredState {
             if record.converged_commit.as_deref() == Some(commit) {
                 converged.push(id.clone());
             } else if let Some(failing) = record.failing.as_ref().filter(|f| f.commit == commit) {
+                if !failing_counts {
+                    return None;
+                }
                 let why = failing
                     .services
                     .iter()
