@@ -130,6 +130,16 @@ async fn a_queued_call_reaches_a_minion_that_comes_back_and_its_result_joins_the
     assert_eq!(code, 0, "the live ones answer: {stdout}{stderr}");
     let job = job_of(&stdout);
 
+    // Someone follows the job from another shell while m3 is away.
+    let follower = fleet
+        .provis_command(provis())
+        .args(["job", &job, "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("follower");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
     fleet.add_minion("m3", &["web"]).await.expect("m3 back");
     let job_json = || {
         let (_, stdout, _) =
@@ -148,6 +158,22 @@ async fn a_queued_call_reaches_a_minion_that_comes_back_and_its_result_joins_the
     assert_eq!(recorded["results"].as_object().map(|r| r.len()), Some(3));
     let (code, _, _) = run_to_end(fleet.provis_command(provis()).args(["job", &job])).expect("job");
     assert_eq!(code, 0, "every member answered in the end");
+    let followed = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || follower.wait_with_output()),
+    )
+    .await
+    .expect("the follower ends once every member answered")
+    .expect("join")
+    .expect("output");
+    let printed = String::from_utf8_lossy(&followed.stdout);
+    assert!(followed.status.success(), "{printed}");
+    assert!(
+        printed
+            .lines()
+            .any(|l| l.starts_with("m3") && l.contains("ok")),
+        "m3's result printed as it came: {printed}"
+    );
 
     // Bad input: a queue longer than a call may live is refused up front.
     let (code, _, stderr) = run_to_end(

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use clap::Args;
-use provis_core::jobs::{Job, list_jobs, read_job};
+use provis_core::jobs::{Job, JobResult, list_jobs, read_job};
 use wildmatch::WildMatch;
 
 use crate::fleet_args::FleetArgs;
@@ -37,6 +37,11 @@ pub struct JobArgs {
     /// Print one JSON document
     #[arg(long)]
     json: bool,
+    /// Go on printing results as they come (a queued call's minions as
+    /// they return), until every selected minion has one or nothing more
+    /// can come: the caller ended and its queue, if any, is over
+    #[arg(long)]
+    follow: bool,
 }
 
 pub async fn run_jobs(fleet: &FleetArgs, args: JobsArgs) -> anyhow::Result<ExitCode> {
@@ -103,14 +108,28 @@ pub async fn run_jobs(fleet: &FleetArgs, args: JobsArgs) -> anyhow::Result<ExitC
 
 pub async fn run_job(fleet: &FleetArgs, args: JobArgs) -> anyhow::Result<ExitCode> {
     let client = fleet.client().await?;
-    let job = read_job(client.nats(), client.subjects(), &args.id).await?;
+    // Subscribed before reading back: nothing recorded in between is missed.
+    let live = match args.follow {
+        true if provis_core::jobs::valid_job_id(&args.id) => Some(
+            client
+                .nats()
+                .subscribe(client.subjects().job(&args.id, ">"))
+                .await?,
+        ),
+        _ => None,
+    };
+    let mut job = read_job(client.nats(), client.subjects(), &args.id).await?;
     if job.request.is_none() && job.results.is_empty() {
         return Err(crate::UsageError(format!("no job {} is recorded", args.id)).into());
     }
+    if !args.json {
+        print_job(&args.id, &job)?;
+    }
+    if let Some(live) = live {
+        follow(&args.id, client.subjects(), live, &mut job, args.json).await?;
+    }
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&job)?);
-    } else {
-        print_job(&args.id, &job)?;
     }
     let failed = job.results.values().any(|r| r.status != "ok") || !job.without_result().is_empty();
     Ok(if failed {
@@ -118,6 +137,79 @@ pub async fn run_job(fleet: &FleetArgs, args: JobArgs) -> anyhow::Result<ExitCod
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Whether more can still come for `job`: a selected minion has no result
+/// and the caller has not ended, or its queue is not over.
+fn more_may_come(job: &Job) -> bool {
+    if job.summary.is_none() {
+        return true; // the caller is still at it
+    }
+    let now = provis_core::envelope::now_unix_ms();
+    match &job.queue {
+        None => false,
+        Some(queue) if queue.until_unix_ms <= now => false,
+        // Until the master says whom it waits for, anyone may still come.
+        Some(_) => job.waiting.is_none() || !job.without_result().is_empty(),
+    }
+}
+
+/// Prints each new result of `job` from `live` as it comes.
+async fn follow(
+    id: &str,
+    subjects: &provis_core::Subjects,
+    mut live: async_nats::Subscriber,
+    job: &mut Job,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let prefix = subjects.job(id, "");
+    let width = job
+        .results
+        .keys()
+        .map(String::len)
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    while more_may_come(job) {
+        let message = match tokio::time::timeout(Duration::from_secs(1), live.next()).await {
+            Ok(Some(message)) => message,
+            Ok(None) => break,
+            Err(_) => continue, // look again whether the queue is over
+        };
+        let part = message
+            .subject
+            .as_str()
+            .strip_prefix(&prefix)
+            .unwrap_or_default();
+        if part == "summary" {
+            job.summary = serde_json::from_slice(&message.payload).ok();
+        } else if part == "waiting" {
+            job.waiting = serde_json::from_slice(&message.payload).ok();
+        } else if let Some(minion) = part.strip_prefix("result.")
+            && let Ok(result) = serde_json::from_slice::<JobResult>(&message.payload)
+            && result.minion == minion
+            && !job.results.contains_key(minion)
+        {
+            if !quiet {
+                outln!("{}", result_line(&result, width));
+            }
+            job.results.insert(result.minion.clone(), result);
+        }
+    }
+    Ok(())
+}
+
+fn result_line(result: &JobResult, width: usize) -> String {
+    let detail = match (&result.result, &result.error) {
+        (Some(value), _) => value.to_string(),
+        (None, Some(error)) => format!("{}: {}", error.code, error.message),
+        (None, None) => String::new(),
+    };
+    format!(
+        "{:width$}  {:8}  {:>7.1}ms  {detail}",
+        result.minion, result.status, result.ms
+    )
 }
 
 fn print_job(id: &str, job: &Job) -> Result<(), crate::output::OutputError> {
@@ -143,17 +235,8 @@ fn print_job(id: &str, job: &Job) -> Result<(), crate::output::OutputError> {
         .unwrap_or(6)
         .max(6);
     outln!("{:width$}  {:8}  {:>9}  RESULT", "MINION", "STATUS", "TIME");
-    for (minion, result) in &job.results {
-        let detail = match (&result.result, &result.error) {
-            (Some(value), _) => value.to_string(),
-            (None, Some(error)) => format!("{}: {}", error.code, error.message),
-            (None, None) => String::new(),
-        };
-        outln!(
-            "{minion:width$}  {:8}  {:>7.1}ms  {detail}",
-            result.status,
-            result.ms
-        );
+    for result in job.results.values() {
+        outln!("{}", result_line(result, width));
     }
     for minion in job.without_result() {
         outln!(

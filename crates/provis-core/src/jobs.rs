@@ -8,6 +8,7 @@
 //! <prefix>.job.<job>.summary          the caller, when the call ended: counts
 //! <prefix>.job.<job>.queue            the caller of `--queue TTL`: the signed envelope, for
 //!                                     the leading master to deliver to minions that return
+//! <prefix>.job.<job>.waiting          the leading master: every minion a queued call waits for
 //! ```
 //!
 //! The job id is a UUID the caller draws once per call (every batch of a
@@ -121,6 +122,14 @@ pub fn hex_decode(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// Every minion a queued call is meant for, as the leading master counts
+/// them once the first delivery's timeout passed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobWaiting {
+    pub job: String,
+    pub minions: Vec<String>,
+}
+
 /// One job as `list_jobs` finds it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobListing {
@@ -140,14 +149,22 @@ pub struct Job {
     pub summary: Option<JobSummary>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<JobQueue>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<JobWaiting>,
 }
 
 impl Job {
-    /// The selected minions with no result recorded.
+    /// The minions it is meant for (the selected ones, and those a queued
+    /// call waits for) with no result recorded.
     pub fn without_result(&self) -> Vec<String> {
-        self.request
+        let meant: std::collections::BTreeSet<&String> = self
+            .request
             .iter()
             .flat_map(|r| r.selected.iter())
+            .chain(self.waiting.iter().flat_map(|w| w.minions.iter()))
+            .collect();
+        meant
+            .into_iter()
             .filter(|id| !self.results.contains_key(id.as_str()))
             .cloned()
             .collect()
@@ -262,6 +279,7 @@ pub async fn read_job(
             "request" => job.request = serde_json::from_slice(&message.payload).ok(),
             "summary" => job.summary = serde_json::from_slice(&message.payload).ok(),
             "queue" => job.queue = serde_json::from_slice(&message.payload).ok(),
+            "waiting" => job.waiting = serde_json::from_slice(&message.payload).ok(),
             _ => {
                 if let Ok(result) = serde_json::from_slice::<JobResult>(&message.payload) {
                     // Only the minion the subject names may publish there.

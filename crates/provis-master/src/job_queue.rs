@@ -38,6 +38,8 @@ struct Queued {
     answered: BTreeSet<String>,
     /// Minion → when it was last delivered to.
     delivered: BTreeMap<String, tokio::time::Instant>,
+    /// Whether whom it waits for was recorded (for `provis job --follow`).
+    announced: bool,
 }
 
 impl Queued {
@@ -47,11 +49,13 @@ impl Queued {
             queue,
             answered: BTreeSet::new(),
             delivered: BTreeMap::new(),
+            announced: false,
         }
     }
 
-    /// Whom it still waits for, of the registry's minions.
-    fn waiting(&self, view: &FleetView) -> Vec<MinionId> {
+    /// Whom it is meant for: the selected minions, and with a whole
+    /// target every member the registry knows.
+    fn meant_for(&self, view: &FleetView) -> BTreeSet<MinionId> {
         let registry = view.registry();
         let mut ids: BTreeSet<MinionId> = self
             .queue
@@ -69,7 +73,13 @@ impl Queued {
                     .map(|record| record.id.clone()),
             );
         }
-        ids.into_iter()
+        ids
+    }
+
+    /// Whom it still waits for.
+    fn waiting(&self, view: &FleetView) -> Vec<MinionId> {
+        self.meant_for(view)
+            .into_iter()
             .filter(|id| !self.answered.contains(id.as_str()))
             .collect()
     }
@@ -196,6 +206,19 @@ async fn deliver_due(
         let Some(envelope) = job.queue.envelope_bytes() else {
             continue;
         };
+        if !job.announced {
+            let waiting = provis_core::jobs::JobWaiting {
+                job: job.queue.job.clone(),
+                minions: job
+                    .meant_for(view)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            };
+            provis_core::jobs::record(nats, subjects.job(&job.queue.job, "waiting"), &waiting)
+                .await;
+            job.announced = true;
+        }
         for id in job.waiting(view) {
             let live = view
                 .registry()
