@@ -23,9 +23,9 @@ pub struct RoleSpec {
 }
 
 /// The services a minion with `roles` runs, each with its merged config.
-pub fn services_for(
+pub fn services_for<K: std::borrow::Borrow<str> + Ord>(
     roles: &[RoleName],
-    specs: &BTreeMap<String, RoleSpec>,
+    specs: &BTreeMap<K, RoleSpec>,
 ) -> BTreeMap<String, Value> {
     let mut levels: Vec<&str> = roles
         .iter()

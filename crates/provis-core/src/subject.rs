@@ -183,6 +183,14 @@ impl From<RoleName> for String {
     }
 }
 
+/// A role name orders as its text does, so maps keyed by role are looked
+/// up by `&str` (a role's ancestors are text slices of it).
+impl std::borrow::Borrow<str> for RoleName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for RoleName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.pad(&self.0)

@@ -667,12 +667,7 @@ fn assignment_under(
     spread: u64,
 ) -> Assignment {
     let mut assignment = repo.assignments.assign(record, overlay, commit);
-    let specs: BTreeMap<String, provis_core::roles::RoleSpec> = repo
-        .roles
-        .iter()
-        .map(|(role, spec)| (role.to_string(), spec.clone()))
-        .collect();
-    for (name, config) in provis_core::roles::services_for(&assignment.roles, &specs) {
+    for (name, config) in provis_core::roles::services_for(&assignment.roles, &repo.roles) {
         if let Some(bundle) = repo.services.get(&name) {
             assignment
                 .services
