@@ -185,3 +185,112 @@ async fn a_queued_call_reaches_a_minion_that_comes_back_and_its_result_joins_the
     assert_eq!(code, 2, "{stderr}");
     fleet.shut_down().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_call_goes_on_after_its_caller_and_its_master_are_killed() {
+    let mut fleet = TestFleet::start().await.expect("fleet");
+    let minions = ["m1", "m2", "m3", "m4"];
+    for id in minions {
+        fleet.add_minion(id, &["web"]).await.expect("minion");
+    }
+    let mut master = fleet
+        .spawn_master_process(provis(), &[])
+        .await
+        .expect("master process");
+    let log = fleet.workdir().join("rolling-call.log");
+    let mut command = fleet.provis_command(provis());
+    command.args([
+        "call",
+        "--subject",
+        "role.web",
+        "--batch",
+        "1",
+        "--batch-wait",
+        "2s",
+        "sys.ping",
+        r#"{"rolling": true}"#,
+    ]);
+    let mut caller =
+        provis_testkit::ProvisProcess::spawn("rolling call", command, &log).expect("caller");
+    let job_json = |job: &str| {
+        let (_, stdout, _) =
+            run_to_end(fleet.provis_command(provis()).args(["job", job, "--json"])).expect("job");
+        serde_json::from_str::<Value>(&stdout).unwrap_or(Value::Null)
+    };
+    let mut job = String::new();
+    provis_testkit::eventually(
+        "the caller names the job",
+        std::time::Duration::from_secs(10),
+        || {
+            job = caller
+                .log()
+                .split("as job ")
+                .nth(1)
+                .and_then(|rest| rest.split(':').next())
+                .unwrap_or_default()
+                .to_owned();
+            let named = !job.is_empty();
+            async move { named }
+        },
+    )
+    .await
+    .expect("job id");
+    provis_testkit::eventually(
+        "the first batch ends",
+        std::time::Duration::from_secs(15),
+        || async { job_json(&job)["batch_ends"]["0"].is_object() },
+    )
+    .await
+    .expect("first batch");
+
+    // The caller and then its master vanish mid-call; another master
+    // takes the lease and resumes the call at the batch it had reached.
+    caller.kill();
+    master.kill();
+    let _successor = fleet
+        .spawn_another_master(provis(), "successor", &[])
+        .await
+        .expect("successor");
+    let (code, stdout, stderr) = run_to_end(
+        fleet
+            .provis_command(provis())
+            .args(["job", &job, "--follow", "--json"]),
+    )
+    .expect("follow");
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let recorded: Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(recorded["summary"]["batches"], 4, "{recorded}");
+    assert_eq!(recorded["summary"]["ok"], 4, "{recorded}");
+    let ends = recorded["batch_ends"].as_object().expect("batch ends");
+    let mut called: Vec<&str> = ends
+        .values()
+        .flat_map(|end| end["replies"].as_array().into_iter().flatten())
+        .map(|reply| {
+            assert_eq!(reply["status"], "ok", "called once, answered: {recorded}");
+            reply["minion"].as_str().unwrap_or_default()
+        })
+        .collect();
+    called.sort_unstable();
+    assert_eq!(called, minions, "each minion called once: {recorded}");
+    for id in minions {
+        assert_eq!(
+            recorded["results"][id]["result"]["echo"]["rolling"], true,
+            "{id}: {recorded}"
+        );
+    }
+
+    // With no master to take it, a rolling call is refused with the reason.
+    drop(_successor);
+    let (code, _, stderr) = run_to_end(fleet.provis_command(provis()).args([
+        "call",
+        "--subject",
+        "role.web",
+        "--batch",
+        "2",
+        "sys.ping",
+    ]))
+    .expect("call");
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("master"), "{stderr}");
+    fleet.shut_down().await;
+}

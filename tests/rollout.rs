@@ -244,8 +244,19 @@ async fn a_new_master_resumes_the_rollout_at_the_same_stage() {
     let repo = GitRepo::init().expect("repo");
     let (mut fleet, _) = fleet_on_first_commit(&repo).await;
     let events = record_events(&fleet).await;
+    let following = [
+        "--repository".as_ref(),
+        repo.path().as_os_str(),
+        "--poll-interval-s".as_ref(),
+        "3600".as_ref(),
+    ];
+    let mut master = fleet
+        .spawn_master_process(provis(), &following)
+        .await
+        .expect("master process");
 
-    // Eight seconds between the canary and the rest: the master dies there.
+    // Eight seconds between the canary and the rest: the master is killed
+    // there, as a crashed machine would be, and another takes the lease.
     let second = commit(&repo, "2", true, 8);
     sync(&fleet).await;
     eventually("the canary passes", Duration::from_secs(30), || async {
@@ -255,7 +266,11 @@ async fn a_new_master_resumes_the_rollout_at_the_same_stage() {
     })
     .await
     .expect("canary passed");
-    fleet.restart_master().await.expect("restart");
+    master.kill();
+    let _successor = fleet
+        .spawn_another_master(provis(), "successor", &following)
+        .await
+        .expect("successor");
     let rollout = rollout_ends(&fleet, &second).await;
     assert_eq!(rollout.status, RolloutStatus::Done, "{rollout:#?}");
     eventually("all on 2", Duration::from_secs(20), || {

@@ -173,6 +173,7 @@ impl CallArgs {
             batch_wait: self.batch_wait.unwrap_or_default(),
             stop_on_failure_pct: self.stop_on_failure,
             queue: self.queue,
+            job: Some(uuid::Uuid::new_v4().to_string()),
         }
     }
 }
@@ -225,6 +226,7 @@ pub async fn run(fleet: &FleetArgs, args: CallArgs) -> anyhow::Result<ExitCode> 
             .select(&target, filter.as_ref(), args.pick(), args.seed)
             .await?;
         let mut printer = LivePrinter::new(args.output, selection.chosen.len());
+        let plan = args.plan();
         if args.output == Output::Table {
             outln!(
                 "# selected {}: {}",
@@ -232,8 +234,13 @@ pub async fn run(fleet: &FleetArgs, args: CallArgs) -> anyhow::Result<ExitCode> 
                 selection.reason
             );
         }
+        if let (Some(job), Some(_)) = (&plan.job, &plan.batch) {
+            eprintln!(
+                "# the batches run on the master as job {job}: `provis job {job} --follow` follows them if this command stops"
+            );
+        }
         let report = client
-            .call_selected(&target, &selection, &request, &args.plan(), &mut |reply| {
+            .call_selected(&target, &selection, &request, &plan, &mut |reply| {
                 printer.reply(reply)
             })
             .await

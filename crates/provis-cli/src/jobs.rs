@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use clap::Args;
-use provis_core::jobs::{Job, JobResult, list_jobs, read_job};
+use provis_core::jobs::{Job, JobRecords, JobResult, list_jobs, read_job};
 use wildmatch::WildMatch;
 
 use crate::fleet_args::FleetArgs;
@@ -66,6 +66,7 @@ pub async fn run_jobs(fleet: &FleetArgs, args: JobsArgs) -> anyhow::Result<ExitC
         request,
         summary,
         queue,
+        ..
     } in jobs
     {
         if caller.as_ref().is_some_and(|c| !c.matches(&request.caller))
@@ -108,16 +109,6 @@ pub async fn run_jobs(fleet: &FleetArgs, args: JobsArgs) -> anyhow::Result<ExitC
 
 pub async fn run_job(fleet: &FleetArgs, args: JobArgs) -> anyhow::Result<ExitCode> {
     let client = fleet.client().await?;
-    // Subscribed before reading back: nothing recorded in between is missed.
-    let live = match args.follow {
-        true if provis_core::jobs::valid_job_id(&args.id) => Some(
-            client
-                .nats()
-                .subscribe(client.subjects().job(&args.id, ">"))
-                .await?,
-        ),
-        _ => None,
-    };
     let mut job = read_job(client.nats(), client.subjects(), &args.id).await?;
     if job.request.is_none() && job.results.is_empty() {
         return Err(crate::UsageError(format!("no job {} is recorded", args.id)).into());
@@ -125,8 +116,9 @@ pub async fn run_job(fleet: &FleetArgs, args: JobArgs) -> anyhow::Result<ExitCod
     if !args.json {
         print_job(&args.id, &job)?;
     }
-    if let Some(live) = live {
-        follow(&args.id, client.subjects(), live, &mut job, args.json).await?;
+    if args.follow {
+        let records = JobRecords::open(client.nats(), client.subjects(), &args.id).await?;
+        follow(records, &mut job, args.json).await?;
     }
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&job)?);
@@ -139,13 +131,26 @@ pub async fn run_job(fleet: &FleetArgs, args: JobArgs) -> anyhow::Result<ExitCod
     })
 }
 
+/// How long after a job's time is over its summary may still come.
+const SUMMARY_GRACE_MS: i64 = 60_000;
+
 /// Whether more can still come for `job`: a selected minion has no result
 /// and the caller has not ended, or its queue is not over.
 fn more_may_come(job: &Job) -> bool {
-    if job.summary.is_none() {
-        return true; // the caller is still at it
-    }
     let now = provis_core::envelope::now_unix_ms();
+    if job.summary.is_none() {
+        // The caller (or, for batches, the master) is still at it, unless
+        // its time is long over: a caller killed mid-call records no summary.
+        let over = match (&job.batches, &job.queue, &job.request) {
+            (Some(batches), _, _) => batches.until_unix_ms.saturating_add(batches.timeout_ms),
+            (None, Some(queue), _) => queue.until_unix_ms,
+            (None, None, Some(request)) => {
+                request.started_unix_ms.saturating_add(request.timeout_ms)
+            }
+            (None, None, None) => return true,
+        };
+        return now <= over.saturating_add(SUMMARY_GRACE_MS);
+    }
     match &job.queue {
         None => false,
         Some(queue) if queue.until_unix_ms <= now => false,
@@ -154,16 +159,9 @@ fn more_may_come(job: &Job) -> bool {
     }
 }
 
-/// Prints each new result of `job` from `live` as it comes.
-async fn follow(
-    id: &str,
-    subjects: &provis_core::Subjects,
-    mut live: async_nats::Subscriber,
-    job: &mut Job,
-    quiet: bool,
-) -> anyhow::Result<()> {
-    use futures::StreamExt as _;
-    let prefix = subjects.job(id, "");
+/// Prints each new result of `job` as it is recorded (its records read
+/// again from the first: those already shown are passed over).
+async fn follow(mut records: JobRecords, job: &mut Job, quiet: bool) -> anyhow::Result<()> {
     let width = job
         .results
         .keys()
@@ -172,29 +170,19 @@ async fn follow(
         .unwrap_or(6)
         .max(6);
     while more_may_come(job) {
-        let message = match tokio::time::timeout(Duration::from_secs(1), live.next()).await {
-            Ok(Some(message)) => message,
-            Ok(None) => break,
-            Err(_) => continue, // look again whether the queue is over
+        // Looked at again each second: whether the queue is over.
+        let Some((part, payload)) = records.next_within(Duration::from_secs(1)).await? else {
+            continue;
         };
-        let part = message
-            .subject
-            .as_str()
-            .strip_prefix(&prefix)
-            .unwrap_or_default();
-        if part == "summary" {
-            job.summary = serde_json::from_slice(&message.payload).ok();
-        } else if part == "waiting" {
-            job.waiting = serde_json::from_slice(&message.payload).ok();
-        } else if let Some(minion) = part.strip_prefix("result.")
-            && let Ok(result) = serde_json::from_slice::<JobResult>(&message.payload)
-            && result.minion == minion
-            && !job.results.contains_key(minion)
+        let new_result = part
+            .strip_prefix("result.")
+            .filter(|minion| !job.results.contains_key(*minion))
+            .map(str::to_owned);
+        job.take_record(&part, &payload);
+        if let Some(result) = new_result.and_then(|minion| job.results.get(&minion))
+            && !quiet
         {
-            if !quiet {
-                outln!("{}", result_line(&result, width));
-            }
-            job.results.insert(result.minion.clone(), result);
+            outln!("{}", result_line(result, width));
         }
     }
     Ok(())

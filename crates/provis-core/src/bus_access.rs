@@ -7,7 +7,7 @@
 //! | master | everything | everything |
 //! | the master's API connection | `_INBOX.>` only | `master.>`, `$SRV.>` |
 //! | admin operator (the master's `operators`) | calls and their job records, `master.>`, `$SRV.>`, JetStream API | its inbox, events, state |
-//! | calling operator (the call policy's) | calls and their job records, the master's read-only requests and `$SRV.>`, reads of the registry, services, events and jobs | its inbox, events, state |
+//! | calling operator (the call policy's) | calls and their job records, the master's read-only requests, the hand-over of its rolling calls and `$SRV.>`, reads of the registry, services, events and jobs | its inbox, events, state |
 //! | minion `<id>` | `heartbeat.<id>`, `state.<id>`, `event.<id>.>`, `job.*.result.<id>`, `master.query`, its registry key (and reads it back), replies; reads its buckets | its own call subject, `all.call`, `role.>`, its inbox, the changes of what it follows (its assignment, the call policy, roles, service pointers) |
 //!
 //! Every identity's replies come to `_INBOX.<its nkey>.>`, which only it may
@@ -90,6 +90,7 @@ impl BusPermissions {
                 // Its calls as jobs (what it asked, how it ended).
                 format!("{prefix}.job.*.request"),
                 format!("{prefix}.job.*.summary"),
+                format!("{prefix}.job.*.queue"),
                 // Discovery of the master's endpoints (`nats micro ls|info|stats`).
                 "$SRV.>".into(),
                 "$JS.API.>".into(),
@@ -129,8 +130,12 @@ impl BusPermissions {
             format!("{prefix}.role.>"),
             format!("{prefix}.job.*.request"),
             format!("{prefix}.job.*.summary"),
+            format!("{prefix}.job.*.queue"),
         ];
-        for endpoint in crate::master_api::READ_ONLY_ENDPOINTS {
+        for endpoint in crate::master_api::READ_ONLY_ENDPOINTS
+            .iter()
+            .chain(crate::master_api::CALLER_ENDPOINTS)
+        {
             publish.push(subjects.master(endpoint));
         }
         publish.push("$SRV.>".into());

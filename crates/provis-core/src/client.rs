@@ -88,7 +88,21 @@ pub enum ClientError {
     Select(#[from] crate::selection::SelectError),
     #[error("cannot send the call")]
     Publish(#[source] async_nats::Error),
+    #[error(
+        "{batches} batches of up to {per_batch:?} each (timeout and --batch-wait) may take longer than a signed call lives ({MAX_CALL_LIFETIME:?}): use bigger batches, a shorter --timeout or --batch-wait"
+    )]
+    BatchesTooLong { batches: usize, per_batch: Duration },
+    #[error("no master took the rolling call (batches run on the leading master)")]
+    BatchesRefused(#[source] crate::master_api::MasterApiError),
+    #[error(
+        "the rolling call's job {0} was not finished in time (no master ran it to its end): `provis job {0}` shows what was recorded"
+    )]
+    RollingUnfinished(String),
+    #[error("cannot follow the rolling call's job records")]
+    Follow(#[source] crate::jobs::JobsError),
 }
+
+use crate::call_auth::MAX_CALL_LIFETIME;
 
 /// Connects to NATS with a bounded wait, so an unreachable server is a clear
 /// error rather than a hang.
@@ -108,7 +122,7 @@ pub async fn connect_nats(
 }
 
 /// How one selected minion fared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReplyStatus {
     Ok,
@@ -119,7 +133,7 @@ pub enum ReplyStatus {
 }
 
 /// A structured error as a minion reported it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct ReplyError {
     pub code: String,
     pub message: String,
@@ -128,7 +142,7 @@ pub struct ReplyError {
 }
 
 /// One line of a call's outcome.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct MinionReply {
     pub minion: String,
     pub status: ReplyStatus,
@@ -136,6 +150,19 @@ pub struct MinionReply {
     pub ms: Option<f64>,
     pub result: Option<Value>,
     pub error: Option<ReplyError>,
+}
+
+impl MinionReply {
+    /// A minion whose batch never ran.
+    pub fn skipped(minion: &str) -> Self {
+        Self {
+            minion: minion.to_owned(),
+            status: ReplyStatus::Skipped,
+            ms: None,
+            result: None,
+            error: None,
+        }
+    }
 }
 
 /// Counts over the replies of one call.
@@ -183,7 +210,7 @@ impl CallReport {
                 .is_none_or(|s| s.uncertain.is_none())
     }
 
-    fn from_lines(mut replies: Vec<MinionReply>, discarded: usize) -> Self {
+    pub fn from_lines(mut replies: Vec<MinionReply>, discarded: usize) -> Self {
         replies.sort_by(|a, b| a.minion.cmp(&b.minion));
         let mut summary = CallSummary {
             selected: replies.len(),
@@ -252,7 +279,25 @@ pub struct CallPlan {
     /// [`crate::call_auth::MAX_CALL_LIFETIME`]): the leading master
     /// delivers the call when they return, and their results join the job.
     pub queue: Option<Duration>,
+    /// The job id to record the call under (one is drawn when none).
+    pub job: Option<String>,
 }
+
+impl CallPlan {
+    /// Minions per batch out of `chosen` (all of them without batches).
+    pub fn batch_size(&self, chosen: usize) -> usize {
+        match self.batch {
+            None => chosen,
+            Some(BatchSize::Count(n)) => n,
+            Some(BatchSize::Percent(p)) => ((chosen as f64 * p / 100.0).ceil() as usize).max(1),
+        }
+        .max(1)
+    }
+}
+
+/// What a rolling call's envelope lives beyond its batches' timeouts and
+/// waits: the master's hand-over and a master taking the lease over.
+const ROLLING_SLACK: Duration = Duration::from_secs(60);
 
 /// How long a selection waits for the registry before a call to a whole
 /// role or the fleet goes out without it.
@@ -496,7 +541,8 @@ impl Client {
 
     /// Calls the minions of `selection`, all at once or in rolling batches,
     /// handing each reply to `on_reply` as it arrives (and each no-reply when
-    /// its batch ends).
+    /// its batch ends). Rolling batches are run by the leading master, so
+    /// they go on when this caller stops following them.
     pub async fn call_selected(
         &self,
         target: &CallTarget,
@@ -506,7 +552,11 @@ impl Client {
         on_reply: &mut (dyn FnMut(&MinionReply) + Send),
     ) -> Result<CallReport, ClientError> {
         let chosen = &selection.chosen;
-        let job = uuid::Uuid::new_v4().to_string();
+        let job = plan
+            .job
+            .clone()
+            .filter(|id| crate::jobs::valid_job_id(id))
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let started_unix_ms = crate::envelope::now_unix_ms();
         let job_request = crate::jobs::JobRequest {
             job: job.clone(),
@@ -519,9 +569,21 @@ impl Client {
             timeout_ms: i64::try_from(request.timeout.as_millis()).unwrap_or(i64::MAX),
             batch: plan.batch.as_ref().map(|b| format!("{b:?}")),
         };
+        let rolling = plan.batch.is_some() && !chosen.is_empty();
+        let batches = rolling
+            .then(|| self.hand_over_batches(target, selection, request, plan, &job))
+            .transpose()?;
         crate::jobs::record(&self.nats, self.subjects.job(&job, "request"), &job_request).await;
+        if let Some(batches) = batches {
+            let report = self.call_rolling(batches, on_reply).await?;
+            return Ok(CallReport {
+                job,
+                selection: Some(selection.clone()),
+                ..report
+            });
+        }
         let report = self
-            .call_batches(target, selection, request, plan, &job, on_reply)
+            .call_at_once(target, selection, request, plan.queue, &job, on_reply)
             .await?;
         let summary = crate::jobs::JobSummary {
             job: job.clone(),
@@ -529,6 +591,9 @@ impl Client {
             failed: report.summary.error,
             no_reply: report.summary.no_reply,
             ended_unix_ms: crate::envelope::now_unix_ms(),
+            batches: 0,
+            skipped: 0,
+            discarded: report.discarded,
         };
         crate::jobs::record(&self.nats, self.subjects.job(&job, "summary"), &summary).await;
         // A caller that exits right after the call still leaves its summary.
@@ -538,93 +603,148 @@ impl Client {
         Ok(CallReport { job, ..report })
     }
 
-    /// The batches of a call (one, unless rolling) for job `job`.
-    async fn call_batches(
+    /// Every chosen minion at once (one publish on the target's subject
+    /// when they are the whole target), for job `job`.
+    async fn call_at_once(
+        &self,
+        target: &CallTarget,
+        selection: &Selection,
+        request: &CallRequest,
+        queue: Option<Duration>,
+        job: &str,
+        on_reply: &mut (dyn FnMut(&MinionReply) + Send),
+    ) -> Result<CallReport, ClientError> {
+        let chosen = &selection.chosen;
+        // Only a call to every live member may go without naming them;
+        // with nobody known to wait for, one publish reaches whoever answers.
+        let whole_target = (chosen.len() == selection.live && !selection.filtered)
+            || (selection.uncertain.is_some() && chosen.is_empty());
+        let late: &[MinionId] = if whole_target { &selection.late } else { &[] };
+        let (lines, discarded) = self
+            .call_once(
+                target,
+                chosen,
+                late,
+                !whole_target,
+                &selection.keys,
+                request,
+                (job, queue),
+                on_reply,
+            )
+            .await?;
+        let mut report = CallReport::from_lines(lines, discarded);
+        report.selection = Some(selection.clone());
+        Ok(report)
+    }
+
+    /// The batches of a rolling call, with one envelope signed for all of
+    /// them, valid as long as they may take.
+    fn hand_over_batches(
         &self,
         target: &CallTarget,
         selection: &Selection,
         request: &CallRequest,
         plan: &CallPlan,
         job: &str,
+    ) -> Result<crate::jobs::JobBatches, ClientError> {
+        let chosen = &selection.chosen;
+        let size = plan.batch_size(chosen.len());
+        let batches: Vec<Vec<String>> = chosen
+            .chunks(size)
+            .map(|batch| batch.iter().map(ToString::to_string).collect())
+            .collect();
+        let per_batch = request.timeout.saturating_add(plan.batch_wait);
+        let too_long = || ClientError::BatchesTooLong {
+            batches: batches.len(),
+            per_batch,
+        };
+        let span = u32::try_from(batches.len())
+            .ok()
+            .and_then(|n| per_batch.checked_mul(n))
+            .and_then(|span| span.checked_add(ROLLING_SLACK))
+            .filter(|span| *span <= MAX_CALL_LIFETIME)
+            .ok_or_else(too_long)?;
+        let mut envelope = request.to_envelope(&self.caller, target);
+        envelope.job_id = job.to_owned();
+        envelope.addressed = true;
+        envelope.queue_until_unix_ms = envelope
+            .issued_unix_ms
+            .saturating_add(i64::try_from(span.as_millis()).unwrap_or(i64::MAX));
+        self.seal(&mut envelope);
+        Ok(crate::jobs::JobBatches {
+            job: job.to_owned(),
+            timeout_ms: envelope.timeout_ms,
+            batch_wait_ms: i64::try_from(plan.batch_wait.as_millis()).unwrap_or(i64::MAX),
+            stop_on_failure_pct: plan.stop_on_failure_pct,
+            until_unix_ms: envelope.queue_until_unix_ms,
+            envelope: crate::jobs::hex_encode(&envelope.encode_to_vec()),
+            batches,
+        })
+    }
+
+    /// Hands `batches` to the leading master and follows its records of
+    /// them until the summary, handing each reply to `on_reply` as its
+    /// batch ends.
+    async fn call_rolling(
+        &self,
+        batches: crate::jobs::JobBatches,
         on_reply: &mut (dyn FnMut(&MinionReply) + Send),
     ) -> Result<CallReport, ClientError> {
-        let chosen = &selection.chosen;
-        let size = match plan.batch {
-            None => chosen.len(),
-            Some(BatchSize::Count(n)) => n,
-            Some(BatchSize::Percent(p)) => {
-                ((chosen.len() as f64 * p / 100.0).ceil() as usize).max(1)
-            }
-        }
-        .max(1);
-        // Only a call to every live member may go without naming them.
-        let whole_target = chosen.len() == selection.live && !selection.filtered;
-        if selection.uncertain.is_some() && chosen.is_empty() {
-            // Nobody known to wait for: one publish, whoever answers in time.
-            let (lines, discarded) = self
-                .call_once(
-                    target,
-                    &[],
-                    &selection.late,
-                    false,
-                    &selection.keys,
-                    request,
-                    (job, plan.queue),
-                    on_reply,
-                )
-                .await?;
-            let mut report = CallReport::from_lines(lines, discarded);
-            report.selection = Some(selection.clone());
-            return Ok(report);
-        }
-        let mut lines = Vec::with_capacity(chosen.len());
+        let job_id = batches.job.clone();
+        // Reading from the job's first record: nothing the master records
+        // before the reader opens is missed.
+        let mut records = crate::jobs::JobRecords::open(&self.nats, &self.subjects, &job_id)
+            .await
+            .map_err(ClientError::Follow)?;
+        crate::master_api::MasterClient::new(self.nats.clone(), self.subjects.clone())
+            .request::<crate::master_api::RunBatches>(&batches)
+            .await
+            .map_err(ClientError::BatchesRefused)?;
+        // The master records the summary once the last batch could have
+        // run; long after that, nobody is left to record it.
+        let give_up = batches
+            .until_unix_ms
+            .saturating_add(batches.timeout_ms)
+            .saturating_add(i64::try_from(ROLLING_SLACK.as_millis()).unwrap_or(0));
+        let mut job = crate::jobs::Job::default();
+        let mut lines = Vec::new();
         let mut discarded = 0;
-        let mut batches = 0;
-        let mut stopped = false;
-        for (index, batch) in chosen.chunks(size).enumerate() {
-            if stopped {
-                lines.extend(batch.iter().map(|id| MinionReply {
-                    minion: id.to_string(),
-                    status: ReplyStatus::Skipped,
-                    ms: None,
-                    result: None,
-                    error: None,
-                }));
+        let mut shown = 0;
+        while job.summary.is_none() {
+            if crate::envelope::now_unix_ms() > give_up {
+                return Err(ClientError::RollingUnfinished(job_id));
+            }
+            let Some((part, payload)) = records
+                .next_within(Duration::from_secs(1))
+                .await
+                .map_err(ClientError::Follow)?
+            else {
                 continue;
-            }
-            if index > 0 && !plan.batch_wait.is_zero() {
-                tokio::time::sleep(plan.batch_wait).await;
-            }
-            let subset = !(whole_target && batch.len() == chosen.len());
-            let late: &[MinionId] = if subset { &[] } else { &selection.late };
-            let (batch_lines, batch_discarded) = self
-                .call_once(
-                    target,
-                    batch,
-                    late,
-                    subset,
-                    &selection.keys,
-                    request,
-                    (job, plan.queue),
-                    on_reply,
-                )
-                .await?;
-            batches += 1;
-            discarded += batch_discarded;
-            lines.extend(batch_lines);
-            if let Some(limit) = plan.stop_on_failure_pct {
-                let failed = lines
-                    .iter()
-                    .filter(|l| matches!(l.status, ReplyStatus::Error | ReplyStatus::NoReply))
-                    .count();
-                if failed as f64 * 100.0 / lines.len() as f64 > limit {
-                    stopped = true;
+            };
+            job.take_record(&part, &payload);
+            while let Some(end) = job.batch_ends.get(&shown) {
+                for reply in &end.replies {
+                    if reply.status != ReplyStatus::Skipped {
+                        on_reply(reply);
+                    }
                 }
+                lines.extend(end.replies.iter().cloned());
+                discarded += end.discarded;
+                shown += 1;
             }
         }
+        let ran: std::collections::BTreeSet<&str> =
+            lines.iter().map(|line| line.minion.as_str()).collect();
+        let skipped: Vec<MinionReply> = batches
+            .batches
+            .iter()
+            .flatten()
+            .filter(|id| !ran.contains(id.as_str()))
+            .map(|id| MinionReply::skipped(id))
+            .collect();
+        lines.extend(skipped);
         let mut report = CallReport::from_lines(lines, discarded);
-        report.selection = Some(selection.clone());
-        report.batches = if plan.batch.is_some() { batches } else { 0 };
+        report.batches = job.summary.map_or(shown, |summary| summary.batches);
         Ok(report)
     }
 
@@ -644,7 +764,7 @@ impl Client {
     ) -> Result<(Vec<MinionReply>, usize), ClientError> {
         let mut envelope = request.to_envelope(&self.caller, target);
         envelope.job_id = job.to_owned();
-        let queue = queue.map(|ttl| ttl.min(crate::call_auth::MAX_CALL_LIFETIME));
+        let queue = queue.map(|ttl| ttl.min(MAX_CALL_LIFETIME));
         if let Some(ttl) = queue {
             let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
             envelope.queue_until_unix_ms = envelope.issued_unix_ms.saturating_add(ttl_ms);
@@ -674,34 +794,68 @@ impl Client {
             };
             crate::jobs::record(&self.nats, self.subjects.job(job, "queue"), &queued).await;
         }
-        let inbox = self.nats.new_inbox();
-        let replies = self
-            .nats
+        let delivery = Delivery {
+            subjects,
+            payload,
+            call_id: envelope.call_id,
+            timeout: request.timeout,
+        };
+        delivery
+            .gather(&self.nats, batch, late, keys, on_reply)
+            .await
+    }
+}
+
+/// One signed envelope on its way: published on each subject, then the
+/// replies gathered until every awaited minion answered or the timeout
+/// passed. The caller's one-shot calls and the master's batches both
+/// deliver through it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub subjects: Vec<String>,
+    pub payload: bytes::Bytes,
+    pub call_id: String,
+    pub timeout: Duration,
+}
+
+impl Delivery {
+    /// Publishes, then gathers the replies of `batch` (and of `late`, who
+    /// may answer without being waited for); with neither, of whoever
+    /// answers in time. Each reply goes to `on_reply` as it comes, each
+    /// no-reply at the end.
+    pub async fn gather(
+        self,
+        nats: &async_nats::Client,
+        batch: &[MinionId],
+        late: &[MinionId],
+        keys: &BTreeMap<String, String>,
+        on_reply: &mut (dyn FnMut(&MinionReply) + Send),
+    ) -> Result<(Vec<MinionReply>, usize), ClientError> {
+        let inbox = nats.new_inbox();
+        let replies = nats
             .subscribe(inbox.clone())
             .await
             .map_err(|e| ClientError::Publish(Box::new(e)))?;
         let started = Instant::now();
-        for subject in subjects {
-            self.nats
-                .publish_with_reply(subject, inbox.clone(), payload.clone())
+        for subject in self.subjects {
+            nats.publish_with_reply(subject, inbox.clone(), self.payload.clone())
                 .await
                 .map_err(|e| ClientError::Publish(Box::new(e)))?;
         }
-        self.nats
-            .flush()
+        nats.flush()
             .await
             .map_err(|e| ClientError::Publish(Box::new(e)))?;
 
         let keys = std::sync::Arc::new(keys.clone());
         let mut gathered = if batch.is_empty() && late.is_empty() {
             // Nobody known to wait for: whoever answers in time.
-            ReplyGatherer::whoever_answers(envelope.call_id.clone())
+            ReplyGatherer::whoever_answers(self.call_id.clone())
         } else {
-            ReplyGatherer::new(batch.to_vec(), envelope.call_id.clone()).with_late(late)
+            ReplyGatherer::new(batch.to_vec(), self.call_id.clone()).with_late(late)
         }
         .with_keys(keys.clone());
         let mut checked = ReplyChecker::start(replies, keys, started);
-        let deadline = tokio::time::Instant::from_std(started + request.timeout);
+        let deadline = tokio::time::Instant::from_std(started + self.timeout);
         while gathered.waiting() {
             let Ok(Some(reply)) = tokio::time::timeout_at(deadline, checked.next()).await else {
                 break;

@@ -9,7 +9,18 @@
 //! <prefix>.job.<job>.queue            the caller of `--queue TTL`: the signed envelope, for
 //!                                     the leading master to deliver to minions that return
 //! <prefix>.job.<job>.waiting          the leading master: every minion a queued call waits for
+//! <prefix>.job.<job>.batches          the leading master, asked by the caller of `--batch`: the
+//!                                     batches and the signed envelope it runs them with
+//! <prefix>.job.<job>.batch.<n>        the leading master, as batch n ends: every reply of it
 //! ```
+//!
+//! A rolling call (`--batch`) is run by the leading master, not by the
+//! caller: the caller signs one envelope (valid while the batches may take,
+//! at most an hour) and hands the batches over; the master delivers them one
+//! after the other, records each batch's replies as it ends and the summary
+//! when the last ends. The caller, or `provis job ID --follow`, reads those
+//! records; a master that takes the lease over resumes the first batch with
+//! no record, delivering only to its minions with no result recorded.
 //!
 //! The job id is a UUID the caller draws once per call (every batch of a
 //! rolling call carries it in its envelopes). Records are plain publishes
@@ -24,6 +35,7 @@ use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::client::{MinionReply, ReplyStatus};
 use crate::storage::STREAM_JOBS;
 use crate::subject::Subjects;
 
@@ -79,6 +91,85 @@ pub struct JobSummary {
     pub failed: usize,
     pub no_reply: usize,
     pub ended_unix_ms: i64,
+    /// Batches run, for a rolling call.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub batches: usize,
+    /// Minions whose batch never ran (`--stop-on-failure`, or out of time).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped: usize,
+    /// Replies that could not be read or came twice.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub discarded: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// A rolling call handed to the leading master, as
+/// `<prefix>.job.<job>.batches` holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobBatches {
+    pub job: String,
+    /// Minion ids, batch by batch, in the order they run.
+    pub batches: Vec<Vec<String>>,
+    /// How long each batch waits for replies.
+    pub timeout_ms: i64,
+    /// The pause between one batch's end and the next one's start.
+    pub batch_wait_ms: i64,
+    /// Start no further batch once more than this share (percent) of the
+    /// minions called so far failed or did not reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_on_failure_pct: Option<f64>,
+    /// Until when the envelope is valid: a batch not started by then is skipped.
+    pub until_unix_ms: i64,
+    /// The signed envelope, hex, delivered to each minion on its own subject.
+    pub envelope: String,
+}
+
+impl JobBatches {
+    pub fn envelope_bytes(&self) -> Option<Vec<u8>> {
+        hex_decode(&self.envelope)
+    }
+
+    /// The envelope decoded, when it is one.
+    pub fn call_envelope(&self) -> Option<provis_proto::v1::CallEnvelope> {
+        use prost::Message as _;
+        provis_proto::v1::CallEnvelope::decode(self.envelope_bytes()?.as_slice()).ok()
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.timeout_ms).unwrap_or(0))
+    }
+
+    pub fn batch_wait(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.batch_wait_ms).unwrap_or(0))
+    }
+
+    /// Whether, after `lines`, no further batch may start.
+    pub fn stops_after(&self, lines: &[MinionReply]) -> bool {
+        let Some(limit) = self.stop_on_failure_pct else {
+            return false;
+        };
+        let failed = lines
+            .iter()
+            .filter(|l| matches!(l.status, ReplyStatus::Error | ReplyStatus::NoReply))
+            .count();
+        !lines.is_empty() && failed as f64 * 100.0 / lines.len() as f64 > limit
+    }
+}
+
+/// One batch of a rolling call as it ended, as
+/// `<prefix>.job.<job>.batch.<n>` holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobBatchEnd {
+    pub job: String,
+    pub index: usize,
+    pub ended_unix_ms: i64,
+    /// Every minion of the batch: skipped when the batch never ran.
+    pub replies: Vec<MinionReply>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub discarded: usize,
 }
 
 /// A call queued for minions that were away (`provis call --queue TTL`),
@@ -138,6 +229,8 @@ pub struct JobListing {
     pub summary: Option<JobSummary>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<JobQueue>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batches: Option<JobBatches>,
 }
 
 /// Everything recorded of one job.
@@ -151,9 +244,42 @@ pub struct Job {
     pub queue: Option<JobQueue>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<JobWaiting>,
+    /// A rolling call's batches, as the master runs them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batches: Option<JobBatches>,
+    /// Batch index → how it ended.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub batch_ends: BTreeMap<usize, JobBatchEnd>,
 }
 
 impl Job {
+    /// Takes one record published on `<prefix>.job.<job>.<part>`.
+    pub fn take_record(&mut self, part: &str, payload: &[u8]) {
+        match part {
+            "request" => self.request = serde_json::from_slice(payload).ok(),
+            "summary" => self.summary = serde_json::from_slice(payload).ok(),
+            "queue" => self.queue = serde_json::from_slice(payload).ok(),
+            "waiting" => self.waiting = serde_json::from_slice(payload).ok(),
+            "batches" => self.batches = serde_json::from_slice(payload).ok(),
+            _ => {
+                if let Some(index) = part.strip_prefix("batch.") {
+                    if let (Ok(index), Ok(end)) = (
+                        index.parse::<usize>(),
+                        serde_json::from_slice::<JobBatchEnd>(payload),
+                    ) && end.index == index
+                    {
+                        self.batch_ends.insert(index, end);
+                    }
+                } else if let Ok(result) = serde_json::from_slice::<JobResult>(payload) {
+                    // Only the minion the subject names may publish there.
+                    if part == format!("result.{}", result.minion) {
+                        self.results.insert(result.minion.clone(), result);
+                    }
+                }
+            }
+        }
+    }
+
     /// The minions it is meant for (the selected ones, and those a queued
     /// call waits for) with no result recorded.
     pub fn without_result(&self) -> Vec<String> {
@@ -259,6 +385,74 @@ fn boxed_error<T, E: std::error::Error + Send + Sync + 'static>(
     result.map_err(|err| Box::new(err) as async_nats::Error)
 }
 
+/// The records of one job as they come, from its first: what `--follow`
+/// and a rolling call's caller read (through the stream, which every
+/// identity that may read jobs can read, unlike the live subjects).
+pub struct JobRecords {
+    messages: consumer::pull::Ordered,
+    prefix: String,
+}
+
+impl std::fmt::Debug for JobRecords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobRecords")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JobRecords {
+    pub async fn open(
+        nats: &async_nats::Client,
+        subjects: &Subjects,
+        id: &str,
+    ) -> Result<Self, JobsError> {
+        if !valid_job_id(id) {
+            return Err(JobsError::BadId(id.to_owned()));
+        }
+        let js = jetstream::new(nats.clone());
+        let config = consumer::pull::OrderedConfig {
+            filter_subject: subjects.job(id, ">"),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        };
+        let open = async {
+            let stream = js.get_stream(STREAM_JOBS).await?;
+            let consumer = boxed_error(stream.create_consumer(config).await)?;
+            boxed_error(consumer.messages().await)
+        };
+        let messages = tokio::time::timeout(STREAM_WAIT, open)
+            .await
+            .map_err(|_| JobsError::Stream("no answer in time".into()))?
+            .map_err(JobsError::Stream)?;
+        Ok(Self {
+            messages,
+            prefix: subjects.job(id, ""),
+        })
+    }
+
+    /// The next record as (part after `job.<id>.`, payload), or none
+    /// within `wait`.
+    pub async fn next_within(
+        &mut self,
+        wait: Duration,
+    ) -> Result<Option<(String, bytes::Bytes)>, JobsError> {
+        match tokio::time::timeout(wait, self.messages.next()).await {
+            Err(_) => Ok(None),
+            Ok(None) => Err(JobsError::Stream("the job stream ended".into())),
+            Ok(Some(Err(err))) => Err(JobsError::Stream(Box::new(err))),
+            Ok(Some(Ok(message))) => {
+                let part = message
+                    .subject
+                    .strip_prefix(&self.prefix)
+                    .unwrap_or_default()
+                    .to_owned();
+                Ok(Some((part, message.payload.clone())))
+            }
+        }
+    }
+}
+
 /// Everything recorded of job `id`.
 pub async fn read_job(
     nats: &async_nats::Client,
@@ -273,22 +467,8 @@ pub async fn read_job(
         let part = message
             .subject
             .strip_prefix(&subjects.job(id, ""))
-            .unwrap_or_default()
-            .to_owned();
-        match part.as_str() {
-            "request" => job.request = serde_json::from_slice(&message.payload).ok(),
-            "summary" => job.summary = serde_json::from_slice(&message.payload).ok(),
-            "queue" => job.queue = serde_json::from_slice(&message.payload).ok(),
-            "waiting" => job.waiting = serde_json::from_slice(&message.payload).ok(),
-            _ => {
-                if let Ok(result) = serde_json::from_slice::<JobResult>(&message.payload) {
-                    // Only the minion the subject names may publish there.
-                    if part == format!("result.{}", result.minion) {
-                        job.results.insert(result.minion.clone(), result);
-                    }
-                }
-            }
-        }
+            .unwrap_or_default();
+        job.take_record(part, &message.payload);
     }
     Ok(job)
 }
@@ -311,6 +491,7 @@ pub async fn list_jobs(
                     request,
                     summary: None,
                     queue: None,
+                    batches: None,
                 });
             }
         } else if message.subject.ends_with(".queue") {
@@ -318,6 +499,12 @@ pub async fn list_jobs(
                 && let Some(&at) = index.get(&queue.job)
             {
                 jobs[at].queue = Some(queue);
+            }
+        } else if message.subject.ends_with(".batches") {
+            if let Ok(batches) = serde_json::from_slice::<JobBatches>(payload)
+                && let Some(&at) = index.get(&batches.job)
+            {
+                jobs[at].batches = Some(batches);
             }
         } else if let Ok(summary) = serde_json::from_slice::<JobSummary>(payload)
             && let Some(&at) = index.get(&summary.job)

@@ -125,6 +125,7 @@ pub async fn serve(
     endpoints
         .add::<api::RolloutControl, _, _>(rollout_control)
         .await?;
+    endpoints.add::<api::RunBatches, _, _>(run_batches).await?;
     Ok(service)
 }
 
@@ -579,6 +580,14 @@ async fn rollout_control(
         reply,
     })
     .await
+}
+
+async fn run_batches(
+    served: Arc<Served>,
+    request: provis_core::jobs::JobBatches,
+) -> Result<api::BatchesTaken, ApiError> {
+    crate::rolling_calls::take(&served.nats, &served.subjects, &request).await?;
+    Ok(api::BatchesTaken { job: request.job })
 }
 
 async fn role(served: Arc<Served>, request: RoleRequest) -> Result<RoleAnswer, ApiError> {

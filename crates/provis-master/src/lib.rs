@@ -25,6 +25,7 @@ pub mod leadership;
 pub mod liveness;
 pub mod query;
 pub mod repository;
+pub mod rolling_calls;
 pub mod rollout;
 pub mod state_index;
 pub mod storage;
@@ -557,6 +558,13 @@ impl Startup {
             liveness::follow(js, outbox, subjects, &view, assign, leading, stop).await;
         });
         self.lifecycle.spawn_background(job_queue::deliver(
+            self.nats()?,
+            self.subjects.clone(),
+            self.view.clone(),
+            self.leading(),
+            self.lifecycle.stop_token(),
+        ));
+        self.lifecycle.spawn_background(rolling_calls::run(
             self.nats()?,
             self.subjects.clone(),
             self.view.clone(),

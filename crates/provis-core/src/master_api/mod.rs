@@ -79,6 +79,7 @@ pub const ENDPOINTS: &[&str] = &[
     RolloutHistoryList::SUBJECT,
     RolloutControl::SUBJECT,
     Plan::SUBJECT,
+    RunBatches::SUBJECT,
 ];
 
 /// The endpoints that only read: calling operators may ask them.
@@ -92,6 +93,11 @@ pub const READ_ONLY_ENDPOINTS: &[&str] = &[
     RolloutShow::SUBJECT,
     RolloutHistoryList::SUBJECT,
 ];
+
+/// The endpoints a calling operator may ask: the read-only ones and the
+/// hand-over of its rolling calls (whose envelope it signed itself, and
+/// which minions check against the call policy like any call).
+pub const CALLER_ENDPOINTS: &[&str] = &[RunBatches::SUBJECT];
 
 /// A request's JSON as the master reads it: an empty payload is `{}`.
 pub fn decode_request<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ApiError> {
@@ -171,6 +177,11 @@ endpoint!(
     Plan, "plan", "plan", PlanRequest, PlanAnswer, Duration::from_secs(130), leader_only: true
 );
 endpoint!(
+    /// Run a rolling call's batches (`provis call --batch`): the leading
+    /// master records them and delivers them one after the other.
+    RunBatches, "job.batches", "job-batches", crate::jobs::JobBatches, BatchesTaken, Duration::from_secs(30), leader_only: true
+);
+endpoint!(
     /// The active rollout, else the last one.
     RolloutShow, "rollout.status", "rollout-status", RolloutStatusRequest, RolloutAnswer
 );
@@ -182,6 +193,12 @@ endpoint!(
     /// Pause, resume or abort the active rollout.
     RolloutControl, "rollout.control", "rollout-control", RolloutControlRequest, RolloutAnswer, Duration::from_secs(130), leader_only: true
 );
+
+/// A rolling call the leading master took and recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchesTaken {
+    pub job: String,
+}
 
 /// `ping` takes nothing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
