@@ -39,6 +39,7 @@ run provis call --subject role.web site.enable '{"by": "demo"}'
 run provis call --subject role.web.eu greet.hello '{"name": "operators"}'
 run provis call --all health.check
 run provis call --minion m2 site.status
+run provis call --all --batch 1 --batch-wait 1s sys.ping
 
 # Changing the fleet is a commit to the repository the master follows.
 config="$PWD/.provis/up/config"
