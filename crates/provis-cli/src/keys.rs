@@ -23,6 +23,21 @@ pub enum KeysCommand {
         #[arg(long, env = "PROVIS_KEYS_DIR")]
         dir: Option<PathBuf>,
     },
+    /// Write a key's NATS nkey seed (mode 0600) for other tools: the `nats`
+    /// CLI (`--nkey`) and any NATS client library
+    Export {
+        /// A key in the keys directory, or the path of a key file
+        name: String,
+        /// Export as an nkey seed (`SU…`), the form NATS clients read
+        #[arg(long, required = true)]
+        nkey: bool,
+        /// Where to write it [default: NAME.nk beside the key]
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Where keys live [default: ~/.config/provis/keys]
+        #[arg(long, env = "PROVIS_KEYS_DIR")]
+        dir: Option<PathBuf>,
+    },
     /// List the keys in the keys directory with their public keys
     List {
         /// Where keys live [default: ~/.config/provis/keys]
@@ -90,6 +105,23 @@ pub fn signer(path: Option<&Path>) -> anyhow::Result<Option<Identity>> {
         Identity::load(path).with_context(|| format!("cannot use signing key {}", path.display()))
     })
     .transpose()
+}
+
+/// Writes `secret` to `path`, readable by its owner only (also when the
+/// file was there before).
+pub(crate) fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    writeln!(file, "{secret}").with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
 }
 
 /// An operator's decision on `minion`, recorded as made by this operator.
@@ -164,6 +196,32 @@ pub async fn run(command: KeysCommand) -> anyhow::Result<ExitCode> {
                 "private key written to {} (mode 0600); public key in {}",
                 path.display(),
                 public_path(&path).display()
+            );
+        }
+        KeysCommand::Export {
+            name,
+            nkey: _,
+            output,
+            dir,
+        } => {
+            let path = if name.contains('/') || name.ends_with(".key") {
+                PathBuf::from(&name)
+            } else {
+                keys_dir(dir).join(format!("{name}.key"))
+            };
+            let identity = Identity::load(&path)
+                .with_context(|| format!("cannot read key {}", path.display()))?;
+            let output = output.unwrap_or_else(|| path.with_extension("nk"));
+            write_secret(&output, identity.nkey_seed())?;
+            let public = identity.nkey_public();
+            outln!("nkey seed: {}", output.display());
+            outln!("public nkey: {public}");
+            outln!(
+                "inbox prefix: {}",
+                provis_core::bus_access::inbox_prefix(&public)
+            );
+            eprintln!(
+                "written with mode 0600; it is as secret as the key. NATS clients connect with it and must use the inbox prefix above for requests"
             );
         }
         KeysCommand::List { dir } => {

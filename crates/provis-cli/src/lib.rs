@@ -18,6 +18,7 @@ mod plan;
 mod query;
 mod rollout;
 mod serve;
+mod shell;
 mod status;
 mod up;
 
@@ -28,11 +29,15 @@ use clap::{Parser, Subcommand};
 /// Provision and operate fleets of machines over NATS.
 #[derive(Debug, Parser)]
 #[command(name = "provis", version, propagate_version = true)]
-struct Cli {
+pub(crate) struct Cli {
     /// Log filter, e.g. `debug` or `provis_minion=debug` [default: info for
     /// up, master and minion; warn for commands that print results]
     #[arg(long, env = "PROVIS_LOG", global = true)]
     log: Option<String>,
+    /// Log lines as `text` or `json` (bunyan records) [default: the settings
+    /// file's `log_format`, else text]
+    #[arg(long, env = "PROVIS_LOG_FORMAT", global = true)]
+    log_format: Option<provis_telemetry::LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -78,6 +83,10 @@ enum Command {
     /// (pending, accept, reject, revoke, one-time tokens).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(shell::CompletionsArgs),
+    /// Write a man page for every command into a directory.
+    Man(shell::ManArgs),
 }
 
 /// The `provis-minion` executable: a minion and nothing else, with the
@@ -88,6 +97,10 @@ struct MinionCli {
     /// Log filter, e.g. `debug` or `provis_minion=debug` [default: info]
     #[arg(long, env = "PROVIS_LOG")]
     log: Option<String>,
+    /// Log lines as `text` or `json` (bunyan records) [default: the settings
+    /// file's `log_format`, else text]
+    #[arg(long, env = "PROVIS_LOG_FORMAT")]
+    log_format: Option<provis_telemetry::LogFormat>,
     #[command(flatten)]
     minion: serve::MinionArgs,
 }
@@ -97,7 +110,15 @@ struct MinionCli {
 /// machine that runs only a minion maps a fraction of `provis`'s code.
 pub fn minion_main() -> ExitCode {
     let cli = MinionCli::parse();
-    init_logging(cli.log.as_deref().unwrap_or("info,async_nats=warn"));
+    let format = cli
+        .log_format
+        .or_else(|| serve::log_format_in(cli.minion.config_file()))
+        .unwrap_or_default();
+    init_logging(
+        cli.log.as_deref().unwrap_or("info,async_nats=warn"),
+        format,
+        "provis-minion",
+    );
     run_to_exit(async move { serve::run_minion(&cli.minion.fleet.clone(), cli.minion).await })
 }
 
@@ -119,9 +140,20 @@ pub fn main() -> ExitCode {
         | Command::Plan(_)
         | Command::Jobs(_)
         | Command::Job(_)
-        | Command::Keys(_) => "warn",
+        | Command::Keys(_)
+        | Command::Completions(_)
+        | Command::Man(_) => "warn",
     };
-    init_logging(cli.log.as_deref().unwrap_or(default_log));
+    let (settings_file, name) = match &cli.command {
+        Command::Master(args) => (args.config_file(), "provis-master"),
+        Command::Minion(args) => (args.config_file(), "provis-minion"),
+        _ => (None, "provis"),
+    };
+    let format = cli
+        .log_format
+        .or_else(|| serve::log_format_in(settings_file))
+        .unwrap_or_default();
+    init_logging(cli.log.as_deref().unwrap_or(default_log), format, name);
     run_to_exit(async move {
         match cli.command {
             Command::Up(args) => up::run(&args.fleet.clone(), args).await,
@@ -141,6 +173,8 @@ pub fn main() -> ExitCode {
             Command::Jobs(args) => jobs::run_jobs(&args.fleet.clone(), args).await,
             Command::Job(args) => jobs::run_job(&args.fleet.clone(), args).await,
             Command::Keys(command) => keys::run(command).await,
+            Command::Completions(args) => shell::completions(&args),
+            Command::Man(args) => shell::man_pages(&args),
         }
     })
 }
@@ -216,21 +250,24 @@ impl std::fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
-fn init_logging(filter: &str) {
+/// Logs to stderr as `format`, records named `name` (for bunyan).
+fn init_logging(filter: &str, format: provis_telemetry::LogFormat, name: &str) {
     use std::io::IsTerminal as _;
     use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let json = format == provis_telemetry::LogFormat::Json;
     tracing_subscriber::registry()
         .with(filter)
-        .with(
+        .with((!json).then(|| {
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
                 // Colour only for a person at a terminal, never into a file or pipe.
                 .with_ansi(std::io::stderr().is_terminal())
-                .with_target(false),
-        )
+                .with_target(false)
+        }))
+        .with(json.then(|| provis_telemetry::BunyanLayer::new(name)))
         .init();
     // A minion takes the log level its master assigns.
     provis_minion::set_log_level_hook(move |level| {

@@ -45,6 +45,12 @@ pub struct MasterArgs {
     /// Public keys admitted as operators besides the call policy's, comma-separated
     #[arg(long, env = "PROVIS_OPERATORS", value_delimiter = ',')]
     operators: Option<Vec<String>>,
+    /// Public keys admitted as observers (read events, state and the registry; nothing else), comma-separated
+    #[arg(long, env = "PROVIS_OBSERVERS", value_delimiter = ',')]
+    observers: Option<Vec<String>>,
+    /// Serve Prometheus metrics, /healthz and /readyz here, e.g. 127.0.0.1:9464 [default: off]
+    #[arg(long, env = "PROVIS_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Serve nats-server's auth callout [default: true]
     #[arg(long, env = "PROVIS_AUTH_CALLOUT")]
     auth_callout: Option<bool>,
@@ -97,9 +103,17 @@ impl MasterArgs {
                 );
             }
         }
-        if let Some(keys) = &self.operators {
-            let keys: Vec<toml::Value> = keys.iter().map(|k| k.as_str().into()).collect();
-            overrides.insert("operators".into(), keys.into());
+        for (setting, keys) in [
+            ("operators", &self.operators),
+            ("observers", &self.observers),
+        ] {
+            if let Some(keys) = keys {
+                let keys: Vec<toml::Value> = keys.iter().map(|k| k.as_str().into()).collect();
+                overrides.insert(setting.into(), keys.into());
+            }
+        }
+        if let Some(addr) = self.metrics_addr {
+            overrides.insert("metrics_addr".into(), addr.to_string().into());
         }
         if let Some(on) = self.auth_callout {
             overrides.insert("auth_callout".into(), on.into());
@@ -166,6 +180,37 @@ pub struct MinionArgs {
     /// On stop, seconds that calls in flight may take to finish and reply [default: 30]
     #[arg(long, env = "PROVIS_DRAIN_TIMEOUT_S")]
     drain_timeout_s: Option<u64>,
+    /// Serve Prometheus metrics, /healthz and /readyz here, e.g. 127.0.0.1:9465 [default: off]
+    #[arg(long, env = "PROVIS_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+}
+
+impl MasterArgs {
+    /// The settings file, if one is given.
+    pub fn config_file(&self) -> Option<&Path> {
+        self.config.as_deref()
+    }
+}
+
+impl MinionArgs {
+    /// The settings file, if one is given.
+    pub fn config_file(&self) -> Option<&Path> {
+        self.config.as_deref()
+    }
+}
+
+/// The `log_format` a settings file names, if it is readable and names one
+/// (logging starts before the settings are read as a whole).
+pub fn log_format_in(file: Option<&Path>) -> Option<provis_telemetry::LogFormat> {
+    let text = std::fs::read_to_string(file?).ok()?;
+    let table: toml::Table = toml::from_str(&text).ok()?;
+    table.get("log_format")?.as_str()?.parse().ok()
+}
+
+/// Tells systemd the part serves and pings its watchdog until `stop`.
+fn notify_systemd(stop: tokio_util::sync::CancellationToken) {
+    provis_telemetry::systemd::ready();
+    tokio::spawn(provis_telemetry::systemd::watchdog(stop));
 }
 
 pub async fn run_master(fleet: &FleetArgs, args: MasterArgs) -> anyhow::Result<ExitCode> {
@@ -198,6 +243,8 @@ pub async fn run_master(fleet: &FleetArgs, args: MasterArgs) -> anyhow::Result<E
     let master = provis_master::start(config.clone())
         .await
         .context("starting the master")?;
+    let watchdog = tokio_util::sync::CancellationToken::new();
+    notify_systemd(watchdog.clone());
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut check = tokio::time::interval(std::time::Duration::from_secs(2));
     loop {
@@ -237,7 +284,9 @@ pub async fn run_master(fleet: &FleetArgs, args: MasterArgs) -> anyhow::Result<E
             }
         }
     }
+    provis_telemetry::systemd::stopping();
     master.stop().await;
+    watchdog.cancel();
     Ok(ExitCode::SUCCESS)
 }
 
@@ -272,6 +321,9 @@ pub async fn run_minion(fleet: &FleetArgs, args: MinionArgs) -> anyhow::Result<E
     }
     if let Some(seconds) = args.drain_timeout_s {
         overrides.insert("drain_timeout_s".into(), toml_int(seconds)?);
+    }
+    if let Some(addr) = args.metrics_addr {
+        overrides.insert("metrics_addr".into(), addr.to_string().into());
     }
     if let Some(dir) = &args.data_dir {
         let dir = dir.to_str().context("--data-dir is not UTF-8")?;
@@ -313,8 +365,12 @@ pub async fn run_minion(fleet: &FleetArgs, args: MinionArgs) -> anyhow::Result<E
     let minion = provis_minion::start(config)
         .await
         .context("starting the minion")?;
+    let watchdog = tokio_util::sync::CancellationToken::new();
+    notify_systemd(watchdog.clone());
     shutdown_signal().await;
+    provis_telemetry::systemd::stopping();
     minion.stop().await;
+    watchdog.cancel();
     Ok(ExitCode::SUCCESS)
 }
 

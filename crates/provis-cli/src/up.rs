@@ -95,6 +95,7 @@ pub async fn run(fleet_args: &FleetArgs, args: UpArgs) -> anyhow::Result<ExitCod
         master: None,
         minions: Vec::new(),
         nodes: Vec::new(),
+        notes: Vec::new(),
     };
     if let Err(err) = up.bring_up().await {
         stop_all(&mut up.processes).await;
@@ -103,12 +104,20 @@ pub async fn run(fleet_args: &FleetArgs, args: UpArgs) -> anyhow::Result<ExitCod
     let LocalFleet {
         fleet,
         mut processes,
+        notes,
         ..
     } = up;
     let context_path = fleet_args.context_path();
     fleet.save(&context_path)?;
     // A closed stdout ends the printing, not the fleet's orderly stop.
-    let printed = print_fleet(&processes, &fleet, &repository, &context_path, args.no_wait);
+    let printed = print_fleet(
+        &processes,
+        &fleet,
+        &repository,
+        &context_path,
+        &notes,
+        args.no_wait,
+    );
     if printed.is_ok() && !args.no_wait {
         tokio::select! {
             () = shutdown_signal() => eprintln!("stopping the fleet"),
@@ -127,6 +136,7 @@ fn print_fleet(
     fleet: &FleetContext,
     repository: &Path,
     context_path: &Path,
+    notes: &[String],
     no_wait: bool,
 ) -> Result<(), crate::output::OutputError> {
     outln!();
@@ -156,6 +166,9 @@ fn print_fleet(
         repository.display()
     );
     outln!("  commit there and the fleet follows within seconds (provis status shows it)");
+    for note in notes {
+        outln!("{note}");
+    }
     outln!(
         "context written to {}; from another shell try:",
         context_path.display()
@@ -187,6 +200,9 @@ struct LocalFleet<'a> {
     /// The client URL of each nats-server `up` started (minions are spread
     /// over them); empty when it uses one already running.
     nodes: Vec<String>,
+    /// Lines printed once the fleet is up (where metrics are, how other
+    /// tools connect).
+    notes: Vec<String>,
 }
 
 impl LocalFleet<'_> {
@@ -308,10 +324,11 @@ impl LocalFleet<'_> {
             "--drain-timeout-s",
             DRAIN_TIMEOUT_S,
         ];
-        let (master_key, operator_key) = match &self.secured {
+        let (master_key, operator_key, observer_key) = match &self.secured {
             Some(keys) => (
                 keys.master_path.display().to_string(),
                 keys.operator.public_key().to_owned(),
+                keys.observer.public_key().to_owned(),
             ),
             None => Default::default(),
         };
@@ -321,7 +338,24 @@ impl LocalFleet<'_> {
                 master_key.as_str(),
                 "--operators",
                 operator_key.as_str(),
+                "--observers",
+                observer_key.as_str(),
             ]);
+        }
+        let metrics = free_loopback_addr()?;
+        let metrics_addr = metrics.to_string();
+        master_args.extend(["--metrics-addr", metrics_addr.as_str()]);
+        self.notes.push(format!(
+            "metrics: http://{metrics}/metrics (and /healthz, /readyz)"
+        ));
+        if let Some(keys) = &self.secured {
+            let public = keys.observer.nkey_public();
+            self.notes.push(format!(
+                "other tools (read-only, see docs/integrations.md): nkey seed {}, inbox prefix {}, CA {}",
+                keys.observer_seed.display(),
+                provis_core::bus_access::inbox_prefix(&public),
+                self.data_dir.join("tls").join("nats.pem").display(),
+            ));
         }
         // On a cluster every store keeps three copies (or one per node).
         let replicas = self.nodes.len().clamp(1, 3).to_string();
@@ -563,6 +597,9 @@ struct FleetKeys {
     master_path: PathBuf,
     operator: provis_core::identity::Identity,
     operator_path: PathBuf,
+    /// A read-only identity for other tools, and its nkey seed file.
+    observer: provis_core::identity::Identity,
+    observer_seed: PathBuf,
 }
 
 impl FleetKeys {
@@ -570,13 +607,23 @@ impl FleetKeys {
         use provis_core::identity::Identity;
         let master_path = data_dir.join("master").join("master.key");
         let operator_path = data_dir.join("operator.key");
+        let observer = Identity::load_or_create(&data_dir.join("observer.key"))?;
+        let observer_seed = data_dir.join("observer.nk");
+        crate::keys::write_secret(&observer_seed, observer.nkey_seed())?;
         Ok(Self {
             master: Identity::load_or_create(&master_path)?,
             master_path,
             operator: Identity::load_or_create(&operator_path)?,
             operator_path,
+            observer,
+            observer_seed,
         })
     }
+}
+
+/// A free port on loopback for the master's metrics.
+fn free_loopback_addr() -> anyhow::Result<std::net::SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 /// What minions run as: `provis-minion` when it sits beside `provis` and is

@@ -8,6 +8,7 @@
 //! | the master's API connection | `_INBOX.>` only | `master.>`, `$SRV.>` |
 //! | admin operator (the master's `operators`) | calls and their job records, `master.>`, `$SRV.>`, JetStream API | its inbox, events, state |
 //! | calling operator (the call policy's) | calls and their job records, the master's read-only requests, the hand-over of its rolling calls and `$SRV.>`, reads of the registry, services, events and jobs | its inbox, events, state |
+//! | observer (the master's `observers`) | reads of the events, state and registry streams | its inbox, events, state |
 //! | minion `<id>` | `heartbeat.<id>`, `state.<id>`, `event.<id>.>`, `job.*.result.<id>`, `master.query`, its registry key (and reads it back), replies; reads its buckets | its own call subject, `all.call`, `role.>`, its inbox, the changes of what it follows (its assignment, the call policy, roles, service pointers) |
 //!
 //! Every identity's replies come to `_INBOX.<its nkey>.>`, which only it may
@@ -156,6 +157,33 @@ impl BusPermissions {
                 format!("{prefix}.state.>"),
             ],
             responses: true,
+        }
+    }
+
+    /// An observer (the master's `observers`): reads of events, state and
+    /// the registry, live and from their streams; nothing it could change
+    /// the fleet with, no calls, no requests to the master.
+    pub fn observer(subjects: &Subjects, nkey: &str) -> Self {
+        let prefix = subjects.prefix();
+        let mut publish = Vec::new();
+        for stream in [
+            format!("KV_{BUCKET_MINIONS}"),
+            crate::storage::STREAM_EVENTS.to_owned(),
+            crate::storage::STREAM_STATE.to_owned(),
+        ] {
+            publish.extend(stream_reads(&stream));
+        }
+        // What client libraries ask before they use JetStream.
+        publish.push("$JS.API.INFO".into());
+        Self {
+            publish,
+            publish_deny: Vec::new(),
+            subscribe: vec![
+                format!("{}.>", inbox_prefix(nkey)),
+                format!("{prefix}.event.>"),
+                format!("{prefix}.state.>"),
+            ],
+            responses: false,
         }
     }
 

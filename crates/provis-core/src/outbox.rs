@@ -59,6 +59,8 @@ pub struct OutboxStats {
     pub dropped: u64,
     /// Messages waiting now.
     pub waiting: usize,
+    /// Sends the stream did not acknowledge (each retried).
+    pub failed_sends: u64,
 }
 
 /// The queue and its file.
@@ -256,6 +258,7 @@ impl Sender {
                 }
                 Err(reason) => {
                     failures = failures.saturating_add(1);
+                    self.outbox.lock().stats.failed_sends += 1;
                     if failures == 1 || failures.is_multiple_of(10) {
                         tracing::warn!(%reason, waiting = self.outbox.stats().waiting, "outbox: the bus does not acknowledge; retrying");
                     }

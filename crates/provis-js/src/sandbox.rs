@@ -90,6 +90,9 @@ pub struct ServiceSandbox {
     version: String,
     methods: Vec<String>,
     jobs: SyncSender<Job>,
+    /// QuickJS heap in use, as the service's thread last measured it
+    /// (after loading and after each call).
+    memory: Arc<std::sync::atomic::AtomicU64>,
 }
 
 struct Job {
@@ -107,10 +110,12 @@ impl ServiceSandbox {
         let (ready, loaded) = oneshot::channel();
         let name = bundle.manifest.name.clone();
         let meta = (bundle.digest.clone(), bundle.manifest.version.clone());
+        let memory = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let measured = memory.clone();
         std::thread::Builder::new()
             .name(format!("js-{name}"))
             .stack_size(THREAD_STACK_BYTES)
-            .spawn(move || serve(&bundle, &host, ready, &queue))
+            .spawn(move || serve(&bundle, &host, ready, &queue, &measured))
             .map_err(|err| LoadError::Engine(err.to_string()))?;
         let methods = loaded
             .await
@@ -121,7 +126,13 @@ impl ServiceSandbox {
             version: meta.1,
             methods,
             jobs,
+            memory,
         })
+    }
+
+    /// Bytes of QuickJS heap the service uses, as last measured.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn name(&self) -> &str {
@@ -199,9 +210,18 @@ fn serve(
     host: &HostContext,
     ready: oneshot::Sender<Result<Vec<String>, LoadError>>,
     queue: &Receiver<Job>,
+    memory: &std::sync::atomic::AtomicU64,
 ) {
+    let measure = |engine: &Engine| {
+        let used = engine.runtime.memory_usage().memory_used_size;
+        memory.store(
+            u64::try_from(used).unwrap_or(0),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    };
     let mut engine = match Engine::load(bundle, host) {
         Ok(engine) => {
+            measure(&engine);
             let _ = ready.send(Ok(engine.methods.clone()));
             engine
         }
@@ -227,6 +247,7 @@ fn serve(
             deadline,
             bundle.manifest.limits.memory_mb,
         );
+        measure(&engine);
         let poisoned = matches!(
             outcome,
             Err(JsCallError::Timeout(_) | JsCallError::OutOfMemory(_))

@@ -61,6 +61,8 @@ enum Admitted {
     Admin(String),
     /// Only in the call policy: may call (as the policy says) and read.
     Caller(String),
+    /// In the master's `observers`: may read events, state and the registry.
+    Observer(String),
     Minion(MinionId),
 }
 
@@ -85,21 +87,30 @@ pub struct Gatekeeper {
     issuer: nkeys::KeyPair,
     subjects: Subjects,
     configured_operators: Vec<String>,
+    observers: Vec<String>,
     policy_operators: RwLock<HashMap<String, String>>,
+    metrics: Arc<provis_telemetry::Metrics>,
     enrollment: OnceLock<Enrollment>,
     events: OnceLock<provis_core::outbox::Outbox>,
     system: OnceLock<async_nats::Client>,
 }
 
 impl Gatekeeper {
-    pub fn new(master: &Identity, subjects: Subjects, operators: Vec<String>) -> Self {
+    pub fn new(
+        master: &Identity,
+        subjects: Subjects,
+        grants: Grants,
+        metrics: Arc<provis_telemetry::Metrics>,
+    ) -> Self {
         Self {
             master_nkey: master.nkey_public(),
             master_key: master.public_key().to_owned(),
             issuer: master.derived(DerivedKey::CalloutIssuer).clone(),
             subjects,
-            configured_operators: operators,
+            configured_operators: grants.operators,
+            observers: grants.observers,
             policy_operators: RwLock::default(),
+            metrics,
             enrollment: OnceLock::new(),
             events: OnceLock::new(),
             system: OnceLock::new(),
@@ -182,7 +193,20 @@ impl Gatekeeper {
             "aud": server,
             "nats": { "type": "authorization_response", "version": 2 },
         });
-        match self.decide(nats).await {
+        let deciding = std::time::Instant::now();
+        let decided = self.decide(nats).await;
+        self.metrics
+            .admission_duration
+            .observe(deciding.elapsed().as_secs_f64());
+        provis_telemetry::Metrics::outcome(
+            &self.metrics.admissions,
+            if decided.is_ok() {
+                "admitted"
+            } else {
+                "refused"
+            },
+        );
+        match decided {
             Ok(admitted) => {
                 let (account, name, permissions) = self.grant(&admitted, nats);
                 let mut claims = json!({
@@ -253,6 +277,9 @@ impl Gatekeeper {
         }
         if let Some(name) = self.policy_operator(&key) {
             return Ok(Admitted::Caller(name));
+        }
+        if self.observers.contains(&key) {
+            return Ok(Admitted::Observer(short_key(&key)));
         }
         let claimed = options["user"].as_str().unwrap_or_default();
         let Some(minion) = claimed
@@ -333,6 +360,11 @@ impl Gatekeeper {
                 FLEET_ACCOUNT,
                 format!("operator:{name}"),
                 BusPermissions::caller(&self.subjects, nkey),
+            ),
+            Admitted::Observer(name) => (
+                FLEET_ACCOUNT,
+                format!("observer:{name}"),
+                BusPermissions::observer(&self.subjects, nkey),
             ),
             Admitted::Minion(minion) => (
                 FLEET_ACCOUNT,
@@ -501,15 +533,38 @@ fn verify_nonce(nkey: &str, client: &Value, options: &Value) -> Result<(), Strin
         .map_err(|_| "the nonce signature does not match the key".to_owned())
 }
 
-/// Checks the settings' operator keys are keys.
-pub fn check_operators(keys: &[String]) -> Result<(), String> {
-    match keys
-        .iter()
-        .find(|key| !provis_core::identity::is_public_key(key))
-    {
-        Some(key) => Err(format!(
-            "operator key {key:?} is not a public key (ed25519:<64 hex>, as `provis keys create` prints)"
-        )),
-        None => Ok(()),
+/// Who the master's settings admit besides minions and the call policy's
+/// operators.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grants {
+    /// Admin operators: may change the fleet.
+    pub operators: Vec<String>,
+    /// Observers: may read events, state and the registry, nothing else.
+    pub observers: Vec<String>,
+}
+
+impl Grants {
+    /// Checks every key is a public key, and none is both.
+    pub fn check(&self) -> Result<(), String> {
+        for (grant, keys) in [("operator", &self.operators), ("observer", &self.observers)] {
+            if let Some(key) = keys
+                .iter()
+                .find(|key| !provis_core::identity::is_public_key(key))
+            {
+                return Err(format!(
+                    "{grant} key {key:?} is not a public key (ed25519:<64 hex>, as `provis keys create` prints)"
+                ));
+            }
+        }
+        if let Some(key) = self
+            .observers
+            .iter()
+            .find(|key| self.operators.contains(key))
+        {
+            return Err(format!(
+                "key {key} is both an operator and an observer: list it once"
+            ));
+        }
+        Ok(())
     }
 }

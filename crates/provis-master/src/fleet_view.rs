@@ -33,6 +33,8 @@ pub struct FleetView {
     rebuild: Mutex<Option<RebuildReport>>,
     /// True once the registry's current entries were all read.
     loaded: tokio::sync::watch::Sender<bool>,
+    /// Heartbeats heard since the master started (for its metrics).
+    pub heartbeats_heard: std::sync::atomic::AtomicU64,
 }
 
 impl FleetView {
@@ -43,6 +45,7 @@ impl FleetView {
             index: Mutex::new(StateIndex::new(limits)),
             rebuild: Mutex::new(None),
             loaded: tokio::sync::watch::Sender::new(false),
+            heartbeats_heard: std::sync::atomic::AtomicU64::new(0),
         }
     }
 

@@ -18,6 +18,7 @@ pub mod apply;
 pub mod assignments;
 pub mod desired;
 pub mod enrollment;
+pub mod fleet_metrics;
 pub mod fleet_view;
 pub mod git_source;
 pub mod job_queue;
@@ -85,6 +86,19 @@ pub struct MasterConfig {
     /// those of the call policy (`policy.toml`). Default: none.
     #[serde(default)]
     pub operators: Vec<String>,
+    /// Public keys (`ed25519:<hex>`) admitted as observers: they may read
+    /// events, state and the registry, and nothing else (dashboards, log
+    /// shippers, other tools). Default: none.
+    #[serde(default)]
+    pub observers: Vec<String>,
+    /// Where to serve Prometheus metrics (`/metrics`), `/healthz` and
+    /// `/readyz`, e.g. `127.0.0.1:9464`. Default: none (not served).
+    #[serde(default)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// How log lines are written: `text` or `json` (bunyan records).
+    /// Default: text.
+    #[serde(default)]
+    pub log_format: provis_telemetry::LogFormat,
     /// Serve nats-server's auth callout (harmless when the server does not
     /// use one). Default: true.
     #[serde(default = "default_auth_callout")]
@@ -195,6 +209,9 @@ impl Default for MasterConfig {
             data_dir: None,
             signing_key: None,
             operators: Vec::new(),
+            observers: Vec::new(),
+            metrics_addr: None,
+            log_format: provis_telemetry::LogFormat::default(),
             auth_callout: true,
             max_pending_minions: default_max_pending_minions(),
             drain_timeout_s: default_drain_timeout_s(),
@@ -237,9 +254,15 @@ pub enum MasterError {
 #[derive(Debug)]
 pub struct MasterControl {
     settings: watch::Sender<desired::SourceSettings>,
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl MasterControl {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, when they are.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
+    }
+
     /// Takes up new settings without dropping connections. Repository,
     /// branch and poll interval change at once; the others need a restart.
     pub fn reload(&self, config: &MasterConfig) {
@@ -271,6 +294,9 @@ struct Startup {
     identity: Arc<Identity>,
     lifecycle: Lifecycle,
     gatekeeper: Arc<admission::Gatekeeper>,
+    metrics: Arc<provis_telemetry::Metrics>,
+    /// Where metrics are served, once they are.
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Connections closed (drained) when the master stops.
     connections: Vec<async_nats::Client>,
     /// The callout's connection, whose account keeps enrollment.
@@ -298,7 +324,11 @@ struct DesiredParts {
 
 impl Startup {
     fn new(config: MasterConfig) -> Result<Self, MasterError> {
-        admission::check_operators(&config.operators).map_err(MasterError::Settings)?;
+        let grants = admission::Grants {
+            operators: config.operators.clone(),
+            observers: config.observers.clone(),
+        };
+        grants.check().map_err(MasterError::Settings)?;
         let path = config.key_path();
         let identity =
             Arc::new(
@@ -308,14 +338,18 @@ impl Startup {
                 })?,
             );
         let subjects = Subjects::new(config.fleet.prefix.clone());
+        let metrics = Arc::new(provis_telemetry::Metrics::master());
         let gatekeeper = Arc::new(admission::Gatekeeper::new(
             &identity,
             subjects.clone(),
-            config.operators.clone(),
+            grants,
+            metrics.clone(),
         ));
         let lifecycle = Lifecycle::new();
         Ok(Self {
             view: Arc::new(fleet_view::FleetView::new(config.index_limits())),
+            metrics,
+            metrics_addr: None,
             config,
             subjects,
             identity,
@@ -345,6 +379,7 @@ impl Startup {
         self.follow_fleet();
         self.follow_config_repository().await?;
         self.serve_api().await?;
+        self.serve_metrics().await?;
         self.announce().await;
         Ok(())
     }
@@ -618,6 +653,39 @@ impl Startup {
         Ok(())
     }
 
+    /// Keeps the metrics current, and serves them with `/healthz` and
+    /// `/readyz` when `metrics_addr` is set.
+    async fn serve_metrics(&mut self) -> Result<(), MasterError> {
+        let published = self.desired.as_ref().map(|parts| parts.published.clone());
+        self.lifecycle.spawn_background(fleet_metrics::run(
+            fleet_metrics::FleetMetrics {
+                nats: self.nats()?,
+                subjects: self.subjects.clone(),
+                view: self.view.clone(),
+                published,
+                outbox: self.outbox()?,
+                metrics: self.metrics.clone(),
+            },
+            self.lifecycle.stop_token(),
+        ));
+        let Some(addr) = self.config.metrics_addr else {
+            return Ok(());
+        };
+        let readiness = Arc::new(fleet_metrics::MasterReadiness {
+            nats: self.nats()?,
+            leadership: self.leading(),
+        });
+        let server = provis_telemetry::HealthServer::bind(addr, self.metrics.clone(), readiness)
+            .await
+            .map_err(|err| MasterError::Settings(provis_core::error_chain(&err)))?;
+        let bound = server.addr();
+        tracing::info!(url = %format!("http://{bound}/metrics"), "metrics, /healthz and /readyz served");
+        self.lifecycle
+            .spawn_background(server.serve(self.lifecycle.close_token()));
+        self.metrics_addr = Some(bound);
+        Ok(())
+    }
+
     async fn announce(&self) {
         if let Ok(outbox) = self.outbox() {
             event::emit(
@@ -643,6 +711,7 @@ impl Startup {
             desired,
             service,
             stop_on_drop,
+            metrics_addr,
             ..
         } = self;
         stop_on_drop.disarm();
@@ -684,7 +753,15 @@ impl Startup {
             }
             tracing::info!("master stopped");
         });
-        PartHandle::new("master", lifecycle, main, MasterControl { settings })
+        PartHandle::new(
+            "master",
+            lifecycle,
+            main,
+            MasterControl {
+                settings,
+                metrics_addr,
+            },
+        )
     }
 
     fn nats(&self) -> Result<async_nats::Client, MasterError> {

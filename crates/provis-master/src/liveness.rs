@@ -144,6 +144,8 @@ fn hear(view: &FleetView, heartbeat_prefix: &str, message: &async_nats::Message)
     };
     let interval = Duration::from_millis(heartbeat.interval_ms);
     view.presence().heard(id, interval, Instant::now());
+    view.heartbeats_heard
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let offline = view
         .registry()
         .get(id)

@@ -89,6 +89,14 @@ pub struct MinionConfig {
     /// in seconds. Default: 30.
     #[serde(default = "default_drain_timeout_s")]
     pub drain_timeout_s: u64,
+    /// Where to serve Prometheus metrics (`/metrics`), `/healthz` and
+    /// `/readyz`, e.g. `127.0.0.1:9465`. Default: none (not served).
+    #[serde(default)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// How log lines are written: `text` or `json` (bunyan records).
+    /// Default: text.
+    #[serde(default)]
+    pub log_format: provis_telemetry::LogFormat,
 }
 
 fn default_drain_timeout_s() -> u64 {
@@ -140,6 +148,8 @@ impl MinionConfig {
             inject_services: true,
             enrollment_token: None,
             drain_timeout_s: default_drain_timeout_s(),
+            metrics_addr: None,
+            log_format: provis_telemetry::LogFormat::default(),
         }
     }
 

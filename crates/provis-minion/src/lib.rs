@@ -21,6 +21,7 @@ pub mod events;
 pub mod grpc;
 pub mod listener;
 pub mod machine;
+mod minion_metrics;
 pub mod policy;
 pub mod presence;
 pub mod services;
@@ -47,6 +48,8 @@ use sys::SysService;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MinionError {
+    #[error("cannot serve metrics: {0}")]
+    Metrics(String),
     #[error("cannot use the minion's key {path}")]
     Identity {
         path: std::path::PathBuf,
@@ -198,6 +201,8 @@ struct Startup {
     converged: Option<watch::Receiver<services::Convergence>>,
     assignments: Option<tokio::sync::mpsc::Receiver<provis_core::assignment::Assignment>>,
     grpc_addr: Option<String>,
+    metrics: Arc<provis_telemetry::Metrics>,
+    outbox: provis_core::outbox::Outbox,
     /// Stops what started if the start fails or is dropped half-way.
     stop_on_drop: tokio_util::sync::DropGuard,
 }
@@ -237,7 +242,7 @@ impl Startup {
             provis_core::outbox::DEFAULT_MAX_BYTES,
             &lifecycle,
         );
-        let events = events::EventBus::new(outbox, subjects.clone(), config.id.to_string());
+        let events = events::EventBus::new(outbox.clone(), subjects.clone(), config.id.to_string());
         let guard = provis_core::call_auth::CallGuard::new(config.trusted_callers.clone())
             .with_clock(clock.clone());
         let (desired, desired_rx) = watch::channel(services::DesiredRoles {
@@ -268,6 +273,8 @@ impl Startup {
             converged: None,
             assignments: None,
             grpc_addr: None,
+            metrics: Arc::new(provis_telemetry::Metrics::minion()),
+            outbox,
             config,
         })
     }
@@ -276,7 +283,32 @@ impl Startup {
     async fn bring_up(&mut self) -> Result<(), MinionError> {
         self.listen().await?;
         self.follow_desired_state();
-        self.serve_grpc().await
+        self.serve_grpc().await?;
+        self.serve_metrics().await
+    }
+
+    /// Keeps the gauges current, and serves the metrics with `/healthz`
+    /// and `/readyz` when `metrics_addr` is set.
+    async fn serve_metrics(&mut self) -> Result<(), MinionError> {
+        self.lifecycle.spawn_background(minion_metrics::take_gauges(
+            self.metrics.clone(),
+            self.table.clone(),
+            self.outbox.clone(),
+            self.lifecycle.stop_token(),
+        ));
+        let Some(addr) = self.config.metrics_addr else {
+            return Ok(());
+        };
+        let readiness = Arc::new(minion_metrics::MinionReadiness {
+            nats: self.nats.clone(),
+        });
+        let server = provis_telemetry::HealthServer::bind(addr, self.metrics.clone(), readiness)
+            .await
+            .map_err(|err| MinionError::Metrics(provis_core::error_chain(&err)))?;
+        tracing::info!(minion = %self.config.id, url = %format!("http://{}/metrics", server.addr()), "metrics, /healthz and /readyz served");
+        self.lifecycle
+            .spawn_background(server.serve(self.lifecycle.close_token()));
+        Ok(())
     }
 
     /// Undoes a start that failed half-way: what started stops.
@@ -353,6 +385,7 @@ impl Startup {
                 self.subjects.clone(),
             )),
             bundle_cache: Some(self.config.data_dir().join("bundles")),
+            metrics: self.metrics.clone(),
         };
         self.lifecycle.spawn_background(services::reconcile_forever(
             js,
@@ -491,6 +524,7 @@ impl Startup {
             shared_facts: self.shared_facts,
             desired: self.desired,
             inject_services: self.config.inject_services,
+            metrics: self.metrics,
         };
         let main = tokio::spawn(runtime.serve(calls, assignments, converged));
         self.stop_on_drop.disarm();
@@ -536,6 +570,7 @@ struct Runtime {
     shared_facts: Arc<std::sync::RwLock<serde_json::Value>>,
     desired: watch::Sender<services::DesiredRoles>,
     inject_services: bool,
+    metrics: Arc<provis_telemetry::Metrics>,
 }
 
 impl Runtime {
@@ -571,7 +606,11 @@ impl Runtime {
             tokio::select! {
                 () = lifecycle.stopping() => break,
                 _ = heartbeat.tick() => {
-                    heartbeats.beat(self.lifecycle.work_in_flight()).await;
+                    let sent = heartbeats.beat(self.lifecycle.work_in_flight()).await;
+                    provis_telemetry::Metrics::outcome(
+                        &self.metrics.heartbeats,
+                        if sent { "written" } else { "failed" },
+                    );
                     self.refresh_record(&record_tx);
                 }
                 _ = sampling.tick() => {
@@ -723,6 +762,7 @@ impl Runtime {
         let signer = self.signer.clone();
         let roles = self.record.roles.clone();
         let subjects = self.subjects.clone();
+        let metrics = self.metrics.clone();
         self.lifecycle.spawn_work(async move {
             let _admission = admission;
             let Ok(_permit) = limit.acquire_owned().await else {
@@ -747,6 +787,7 @@ impl Runtime {
                 Ok(Some(call))
             });
             let mut job = None;
+            let refused = checked.is_err();
             let reply = match checked {
                 Ok(None) => return,
                 Ok(Some(call)) => {
@@ -770,6 +811,15 @@ impl Runtime {
                 }
             };
             send_reply(&nats, reply_to, &reply, signer.as_deref(), &minion).await;
+            let status = match (&reply.outcome, refused) {
+                (_, true) => "refused",
+                (Some(provis_proto::v1::call_reply::Outcome::ResultJson(_)), false) => "ok",
+                _ => "error",
+            };
+            provis_telemetry::Metrics::count(&metrics.calls, status);
+            metrics
+                .call_duration
+                .observe(started.elapsed().as_secs_f64());
             if let Some(job) = job {
                 record_job_result(&nats, &subjects, &job, &minion, &reply).await;
             }

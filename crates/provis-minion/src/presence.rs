@@ -161,9 +161,9 @@ impl Heartbeats {
         }
     }
 
-    /// Sends the next heartbeat, saying how many calls run now. A lost one
-    /// costs nothing but the next.
-    pub async fn beat(&mut self, in_flight: usize) {
+    /// Sends the next heartbeat, saying how many calls run now; whether it
+    /// went out. A lost one costs nothing but the next.
+    pub async fn beat(&mut self, in_flight: usize) -> bool {
         self.seq += 1;
         let heartbeat = Heartbeat {
             seq: self.seq,
@@ -171,14 +171,18 @@ impl Heartbeats {
             in_flight: u32::try_from(in_flight).unwrap_or(u32::MAX),
         };
         let Ok(payload) = serde_json::to_vec(&heartbeat) else {
-            return;
+            return false;
         };
-        if let Err(err) = self
+        match self
             .nats
             .publish(self.subject.clone(), payload.into())
             .await
         {
-            tracing::debug!(subject = %self.subject, error = %err, "heartbeat not sent");
+            Ok(()) => true,
+            Err(err) => {
+                tracing::debug!(subject = %self.subject, error = %err, "heartbeat not sent");
+                false
+            }
         }
     }
 }

@@ -94,6 +94,8 @@ pub struct HostTemplate {
     pub fleet: provis_js::host::FleetQuery,
     /// Where fetched bundles are kept by digest (none: fetched every load).
     pub bundle_cache: Option<std::path::PathBuf>,
+    /// Where loads and failures are counted (the minion's, never a service's).
+    pub metrics: Arc<provis_telemetry::Metrics>,
 }
 
 /// The roles a minion holds now, and the applied commit they come from
@@ -460,7 +462,12 @@ impl Reconciler {
         }
         let attempts = earlier.map_or(0, |f| f.attempts) + 1;
         let earlier_reason = earlier.map(|f| f.reason.clone());
-        match self.load(name, want, roles).await {
+        let loaded = self.load(name, want, roles).await;
+        provis_telemetry::Metrics::outcome(
+            &self.host.metrics.service_loads,
+            if loaded.is_ok() { "loaded" } else { "failed" },
+        );
+        match loaded {
             Ok(loaded) => {
                 self.failed.remove(name);
                 let kind = if current.is_some() {

@@ -14,6 +14,9 @@ use crate::{eventually, free_loopback_port};
 pub struct UpFleet {
     /// Taken by `stop`; killed on drop otherwise.
     child: Option<tokio::process::Child>,
+    /// What `up` printed on stdout so far (read as it comes).
+    printed: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<tokio::task::JoinHandle<()>>,
     context: PathBuf,
     port: u16,
     // Last: removed after the processes are gone.
@@ -24,13 +27,24 @@ impl UpFleet {
     /// Runs `provis up --minions N --repository <examples>` plus `extra`
     /// and waits until the fleet is up (its context file is written).
     pub async fn start(provis_bin: &Path, minions: u16, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_env(provis_bin, minions, extra, &[]).await
+    }
+
+    /// Like [`UpFleet::start`], with `env` set for `up` and so for every
+    /// process it starts.
+    pub async fn start_with_env(
+        provis_bin: &Path,
+        minions: u16,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let work = tempfile::Builder::new().prefix("provis-up-").tempdir()?;
         let context = work.path().join("context.toml");
         let port = free_loopback_port()?;
         let examples = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../examples")
             .canonicalize()?;
-        let child = tokio::process::Command::new(provis_bin)
+        let mut child = tokio::process::Command::new(provis_bin)
             .args(["up", "--minions", &minions.to_string(), "--repository"])
             .arg(&examples)
             .arg("--dir")
@@ -41,13 +55,30 @@ impl UpFleet {
             .env("PROVIS_CONTEXT", &context)
             .env_remove("PROVIS_NATS_URL")
             .env_remove("PROVIS_LOG")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .context("provis up starts")?;
+        let printed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let reader = child.stdout.take().map(|stdout| {
+            let printed = printed.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncBufReadExt as _;
+                let mut lines = tokio::io::BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Ok(mut printed) = printed.lock() {
+                        printed.push_str(&line);
+                        printed.push('\n');
+                    }
+                }
+            })
+        });
         let up = Self {
             child: Some(child),
+            printed,
+            reader,
             context,
             port,
             work,
@@ -59,6 +90,14 @@ impl UpFleet {
         )
         .await?;
         Ok(up)
+    }
+
+    /// What `up` printed on stdout so far.
+    pub fn printed(&self) -> String {
+        self.printed
+            .lock()
+            .map(|printed| printed.clone())
+            .unwrap_or_default()
     }
 
     /// The context file another shell would read.
@@ -105,10 +144,15 @@ impl UpFleet {
         let child = self.child.take().context("provis up was stopped already")?;
         let pid = child.id().context("provis up has exited already")?;
         crate::terminate(pid)?;
-        tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        let mut output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
             .await
             .context("provis up did not stop within 60 s")?
-            .context("provis up's output")
+            .context("provis up's output")?;
+        if let Some(reader) = self.reader.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+        }
+        output.stdout = self.printed().into_bytes();
+        Ok(output)
     }
 }
 
