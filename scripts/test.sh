@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up and passes the tests on a fresh machine: installs nats-server and
-# the Python NATS client (outside tools in the tests) when needed, then
+# Sets up and passes the tests on a fresh machine: installs nats-server, the
+# Python NATS client and Playwright (outside tools in the tests) and Debian's
+# chromium (the dashboard's browser tests) when needed, then
 # formatting, lints, and every test (unit and end-to-end, each end-to-end
 # test starting its own nats-server on a random loopback port).
 set -euo pipefail
@@ -8,6 +9,7 @@ cd "$(dirname "$0")/.."
 
 ./scripts/install-nats-server.sh
 ./scripts/install-python-clients.sh
+./scripts/install-browser.sh
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then

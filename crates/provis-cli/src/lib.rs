@@ -9,6 +9,7 @@ mod output;
 mod apply;
 mod bundle;
 mod call;
+mod dashboard;
 mod events;
 mod fleet_args;
 mod jobs;
@@ -83,6 +84,9 @@ enum Command {
     /// (pending, accept, reject, revoke, one-time tokens).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// The master's dashboard: one-time login links.
+    #[command(subcommand)]
+    Dashboard(dashboard::DashboardCommand),
     /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(shell::CompletionsArgs),
     /// Write a man page for every command into a directory.
@@ -141,6 +145,7 @@ pub fn main() -> ExitCode {
         | Command::Jobs(_)
         | Command::Job(_)
         | Command::Keys(_)
+        | Command::Dashboard(_)
         | Command::Completions(_)
         | Command::Man(_) => "warn",
     };
@@ -173,6 +178,7 @@ pub fn main() -> ExitCode {
             Command::Jobs(args) => jobs::run_jobs(&args.fleet.clone(), args).await,
             Command::Job(args) => jobs::run_job(&args.fleet.clone(), args).await,
             Command::Keys(command) => keys::run(command).await,
+            Command::Dashboard(command) => dashboard::run(command).await,
             Command::Completions(args) => shell::completions(&args),
             Command::Man(args) => shell::man_pages(&args),
         }

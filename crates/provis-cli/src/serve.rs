@@ -51,6 +51,9 @@ pub struct MasterArgs {
     /// Serve Prometheus metrics, /healthz and /readyz here, e.g. 127.0.0.1:9464 [default: off]
     #[arg(long, env = "PROVIS_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Serve the dashboard here, a loopback address, e.g. 127.0.0.1:8080 [default: off]
+    #[arg(long, env = "PROVIS_HTTP_ADDR")]
+    http_addr: Option<std::net::SocketAddr>,
     /// Serve nats-server's auth callout [default: true]
     #[arg(long, env = "PROVIS_AUTH_CALLOUT")]
     auth_callout: Option<bool>,
@@ -112,8 +115,13 @@ impl MasterArgs {
                 overrides.insert(setting.into(), keys.into());
             }
         }
-        if let Some(addr) = self.metrics_addr {
-            overrides.insert("metrics_addr".into(), addr.to_string().into());
+        for (setting, addr) in [
+            ("metrics_addr", self.metrics_addr),
+            ("http_addr", self.http_addr),
+        ] {
+            if let Some(addr) = addr {
+                overrides.insert(setting.into(), addr.to_string().into());
+            }
         }
         if let Some(on) = self.auth_callout {
             overrides.insert("auth_callout".into(), on.into());
@@ -244,6 +252,13 @@ pub async fn run_master(fleet: &FleetArgs, args: MasterArgs) -> anyhow::Result<E
         .await
         .context("starting the master")?;
     let watchdog = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = config.http_addr {
+        let dashboard = provis_dashboard::Dashboard::bind(addr, master.control().feed())
+            .await
+            .context("starting the dashboard")?;
+        tracing::info!(url = %format!("http://{}/", dashboard.addr()), "dashboard served (log in with `provis dashboard token`)");
+        tokio::spawn(dashboard.serve(watchdog.clone()));
+    }
     notify_systemd(watchdog.clone());
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut check = tokio::time::interval(std::time::Duration::from_secs(2));

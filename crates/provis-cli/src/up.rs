@@ -345,6 +345,8 @@ impl LocalFleet<'_> {
         let metrics = free_loopback_addr()?;
         let metrics_addr = metrics.to_string();
         master_args.extend(["--metrics-addr", metrics_addr.as_str()]);
+        let dashboard_addr = free_loopback_addr()?.to_string();
+        master_args.extend(["--http-addr", dashboard_addr.as_str()]);
         self.notes.push(format!(
             "metrics: http://{metrics}/metrics (and /healthz, /readyz)"
         ));
@@ -405,7 +407,31 @@ impl LocalFleet<'_> {
         .await?;
         let nats = connection.into_inner().context("no connection to NATS")?;
         outln!("started the master");
-        self.master = Some((nats.clone(), MasterClient::new(nats, subjects)));
+        let master = MasterClient::new(nats.clone(), subjects);
+        // A login that works once, for whoever runs `up` (the token is as
+        // secret as the terminal it is printed on).
+        match master
+            .dashboard_token(
+                Duration::from_secs(provis_core::master_api::MAX_DASHBOARD_TOKEN_TTL_S),
+                Some("provis up".to_owned()),
+            )
+            .await
+        {
+            Ok(answer) => {
+                if let Some(url) = answer.url {
+                    self.notes.insert(
+                        0,
+                        format!(
+                            "dashboard: {url} (logs in once; more with `provis dashboard token`)"
+                        ),
+                    );
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %provis_core::error_chain(&err), "no dashboard login")
+            }
+        }
+        self.master = Some((nats, master));
         Ok(())
     }
 

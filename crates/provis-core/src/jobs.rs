@@ -339,44 +339,9 @@ async fn read_records(
     filter: String,
     since: Option<SystemTime>,
 ) -> Result<Vec<async_nats::jetstream::Message>, JobsError> {
-    let js = jetstream::new(nats.clone());
-    let deliver_policy = match since {
-        Some(since) => consumer::DeliverPolicy::ByStartTime {
-            start_time: time::OffsetDateTime::from(since),
-        },
-        None => consumer::DeliverPolicy::All,
-    };
-    let config = consumer::pull::OrderedConfig {
-        filter_subject: filter,
-        deliver_policy,
-        ..Default::default()
-    };
-    let open = async {
-        let stream = js.get_stream(STREAM_JOBS).await?;
-        boxed_error(stream.create_consumer(config).await)
-    };
-    let consumer = tokio::time::timeout(STREAM_WAIT, open)
+    crate::stream_read::read_since(nats, STREAM_JOBS, filter, since, None)
         .await
-        .map_err(|_| JobsError::Stream("no answer in time".into()))?
-        .map_err(JobsError::Stream)?;
-    let mut pending = consumer.cached_info().num_pending;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|err| JobsError::Stream(Box::new(err)))?;
-    let mut records = Vec::new();
-    while pending > 0 {
-        let Ok(Some(message)) = tokio::time::timeout(STREAM_WAIT, messages.next()).await else {
-            break;
-        };
-        let message = message.map_err(|err| JobsError::Stream(Box::new(err)))?;
-        pending = message
-            .info()
-            .map(|info| info.pending)
-            .unwrap_or(pending.saturating_sub(1));
-        records.push(message);
-    }
-    Ok(records)
+        .map_err(|err| JobsError::Stream(Box::new(err)))
 }
 
 fn boxed_error<T, E: std::error::Error + Send + Sync + 'static>(

@@ -25,6 +25,7 @@ pub mod selection;
 pub mod signed_entry;
 pub mod state;
 pub mod storage;
+pub mod stream_read;
 pub mod subject;
 
 pub use client::{CallReport, Client, ClientError, MinionReply, ReplyStatus};

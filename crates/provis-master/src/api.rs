@@ -54,6 +54,8 @@ pub struct Served {
     pub leadership: crate::leadership::Leadership,
     /// The lease bucket, where every master says it runs.
     pub leader_bucket: Option<async_nats::jetstream::kv::Store>,
+    /// Where this master's dashboard is served, when it is.
+    pub http_addr: Option<std::net::SocketAddr>,
 }
 
 impl Served {
@@ -126,6 +128,9 @@ pub async fn serve(
         .add::<api::RolloutControl, _, _>(rollout_control)
         .await?;
     endpoints.add::<api::RunBatches, _, _>(run_batches).await?;
+    endpoints
+        .add::<api::DashboardToken, _, _>(dashboard_token)
+        .await?;
     Ok(service)
 }
 
@@ -580,6 +585,50 @@ async fn rollout_control(
         reply,
     })
     .await
+}
+
+async fn dashboard_token(
+    served: Arc<Served>,
+    request: api::DashboardTokenRequest,
+) -> Result<api::DashboardTokenAnswer, ApiError> {
+    if request.ttl_s == 0 || request.ttl_s > api::MAX_DASHBOARD_TOKEN_TTL_S {
+        return Err(ApiError::usage(format!(
+            "a dashboard token lives 1 s to a day, not {} s",
+            request.ttl_s
+        )));
+    }
+    let token = provis_core::identity::random_hex(32)
+        .map_err(|err| ApiError::failed(format!("no token: {err}")))?;
+    let record = api::DashboardTokenRecord {
+        expires_unix_ms: provis_core::envelope::now_unix_ms()
+            .saturating_add(i64::try_from(request.ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX)),
+        by: request.by,
+    };
+    let js = async_nats::jetstream::new(served.nats.clone());
+    let stored = async {
+        let kv = js
+            .get_key_value(provis_core::storage::BUCKET_CONFIG)
+            .await
+            .map_err(|err| err.to_string())?;
+        let value = serde_json::to_vec(&record).map_err(|err| err.to_string())?;
+        kv.put(
+            api::dashboard_token_key(&provis_core::identity::sha256_hex(&token)),
+            value.into(),
+        )
+        .await
+        .map_err(|err| err.to_string())
+    };
+    stored
+        .await
+        .map_err(|err| ApiError::failed(format!("cannot record the token: {err}")))?;
+    let url = served
+        .http_addr
+        .map(|addr| format!("http://{addr}/login?token={token}"));
+    Ok(api::DashboardTokenAnswer {
+        token,
+        ttl_s: request.ttl_s,
+        url,
+    })
 }
 
 async fn run_batches(

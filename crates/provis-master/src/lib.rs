@@ -21,6 +21,7 @@ pub mod enrollment;
 pub mod fleet_metrics;
 pub mod fleet_view;
 pub mod git_source;
+pub mod job_events;
 pub mod job_queue;
 pub mod leadership;
 pub mod liveness;
@@ -99,6 +100,11 @@ pub struct MasterConfig {
     /// Default: text.
     #[serde(default)]
     pub log_format: provis_telemetry::LogFormat,
+    /// Where to serve the dashboard (`provis master` serves it), a
+    /// loopback address such as `127.0.0.1:8080` (put a TLS proxy in front
+    /// to reach it from elsewhere). Default: none (not served).
+    #[serde(default)]
+    pub http_addr: Option<std::net::SocketAddr>,
     /// Serve nats-server's auth callout (harmless when the server does not
     /// use one). Default: true.
     #[serde(default = "default_auth_callout")]
@@ -212,6 +218,7 @@ impl Default for MasterConfig {
             observers: Vec::new(),
             metrics_addr: None,
             log_format: provis_telemetry::LogFormat::default(),
+            http_addr: None,
             auth_callout: true,
             max_pending_minions: default_max_pending_minions(),
             drain_timeout_s: default_drain_timeout_s(),
@@ -255,9 +262,27 @@ pub enum MasterError {
 pub struct MasterControl {
     settings: watch::Sender<desired::SourceSettings>,
     metrics_addr: Option<std::net::SocketAddr>,
+    feed: FleetFeed,
+}
+
+/// What a running master knows of the fleet, for views of it in the same
+/// process (the dashboard): its view, the applied commit, its connection.
+#[derive(Debug, Clone)]
+pub struct FleetFeed {
+    pub nats: async_nats::Client,
+    pub subjects: Subjects,
+    pub view: Arc<fleet_view::FleetView>,
+    /// The applied commit (none on a master that follows no repository).
+    pub published: Option<watch::Receiver<desired::PublishedConfig>>,
+    pub metrics: Arc<provis_telemetry::Metrics>,
 }
 
 impl MasterControl {
+    /// What the master knows of the fleet, kept current while it runs.
+    pub fn feed(&self) -> FleetFeed {
+        self.feed.clone()
+    }
+
     /// Where `/metrics`, `/healthz` and `/readyz` are served, when they are.
     pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
         self.metrics_addr
@@ -284,7 +309,7 @@ pub async fn start(config: MasterConfig) -> Result<MasterHandle, MasterError> {
         master.abandon().await;
         return Err(err);
     }
-    Ok(master.run())
+    master.run()
 }
 
 /// The master as it comes up, phase by phase.
@@ -599,6 +624,13 @@ impl Startup {
             self.leading(),
             self.lifecycle.stop_token(),
         ));
+        self.lifecycle.spawn_background(job_events::announce(
+            self.nats()?,
+            self.subjects.clone(),
+            self.outbox()?,
+            self.leading(),
+            self.lifecycle.stop_token(),
+        ));
         self.lifecycle.spawn_background(rolling_calls::run(
             self.nats()?,
             self.subjects.clone(),
@@ -633,6 +665,7 @@ impl Startup {
             gatekeeper: self.gatekeeper.clone(),
             leadership: self.leading(),
             leader_bucket: self.leadership.as_ref().map(|(_, store)| store.clone()),
+            http_addr: self.config.http_addr,
         });
         // Its own connection, which the callout lets publish to inboxes only.
         let options = self
@@ -701,7 +734,7 @@ impl Startup {
 
     /// Hands the running master to its main task: it waits for a stop,
     /// then drains and says goodbye.
-    fn run(self) -> MasterHandle {
+    fn run(self) -> Result<MasterHandle, MasterError> {
         let Self {
             config,
             subjects,
@@ -712,8 +745,19 @@ impl Startup {
             service,
             stop_on_drop,
             metrics_addr,
+            nats,
+            view,
+            metrics,
             ..
         } = self;
+        let nats = nats.ok_or_else(|| MasterError::Settings("no fleet connection".into()))?;
+        let feed = FleetFeed {
+            nats,
+            subjects: subjects.clone(),
+            view,
+            published: desired.as_ref().map(|parts| parts.published.clone()),
+            metrics,
+        };
         stop_on_drop.disarm();
         let (settings, _) = watch::channel(config.source());
         let settings = desired.map_or(settings, |parts| parts.settings);
@@ -753,15 +797,16 @@ impl Startup {
             }
             tracing::info!("master stopped");
         });
-        PartHandle::new(
+        Ok(PartHandle::new(
             "master",
             lifecycle,
             main,
             MasterControl {
                 settings,
                 metrics_addr,
+                feed,
             },
-        )
+        ))
     }
 
     fn nats(&self) -> Result<async_nats::Client, MasterError> {

@@ -229,6 +229,30 @@ impl StateIndex {
         })
     }
 
+    /// Each bucket of the window as (its start, low, high), oldest first:
+    /// the points of a chart over days.
+    pub fn bucket_series(
+        &self,
+        minion: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Vec<(i64, Value, Value)> {
+        let starts: Vec<i64> = self.minions.get(minion).map_or_else(Vec::new, |history| {
+            let range =
+                from_ms.div_euclid(self.limits.bucket_ms)..=to_ms.div_euclid(self.limits.bucket_ms);
+            history
+                .buckets
+                .range(range)
+                .map(|(index, _)| index * self.limits.bucket_ms)
+                .collect()
+        });
+        starts
+            .into_iter()
+            .zip(self.buckets(minion, from_ms, to_ms))
+            .map(|(at, (low, high))| (at, low, high))
+            .collect()
+    }
+
     /// Each bucket of the window as (low, high) samples, oldest first.
     pub fn buckets(&self, minion: &str, from_ms: i64, to_ms: i64) -> Vec<(Value, Value)> {
         let Some(history) = self.minions.get(minion) else {

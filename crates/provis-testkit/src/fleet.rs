@@ -394,6 +394,29 @@ impl TestFleet {
         self.stop_master().await;
     }
 
+    /// What the in-process master knows of the fleet (its view, to read or
+    /// to fill with simulated minions).
+    pub fn master_feed(&self) -> Option<provis_master::FleetFeed> {
+        self.master.as_ref().map(|master| master.control().feed())
+    }
+
+    /// Serves the in-process master's dashboard on a free loopback port
+    /// until the test ends; its address.
+    pub async fn serve_dashboard(&self) -> anyhow::Result<std::net::SocketAddr> {
+        let master = self
+            .master
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no in-process master"))?;
+        let dashboard = provis_dashboard::Dashboard::bind(
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            master.control().feed(),
+        )
+        .await?;
+        let addr = dashboard.addr();
+        tokio::spawn(dashboard.serve(tokio_util::sync::CancellationToken::new()));
+        Ok(addr)
+    }
+
     /// Stops the master cleanly (minions keep running and serving calls).
     pub async fn stop_master(&mut self) {
         if let Some(master) = self.master.take() {

@@ -48,7 +48,37 @@ where
 /// `GET http://<addr><path>` over plain HTTP/1.1: the status code and the
 /// body. For the metrics and health endpoints, which serve nothing else.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let response = http_get_with_cookie(addr, path, None).await?;
+    Ok((response.status, response.body))
+}
+
+/// One HTTP response as a test reads it.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// The header lines, as sent.
+    pub head: String,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The value of header `name` (case-insensitive), if sent.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name).then(|| value.trim())
+        })
+    }
+}
+
+/// `GET http://<addr><path>`, sending `cookie` when given.
+pub async fn http_get_with_cookie(
+    addr: std::net::SocketAddr,
+    path: &str,
+    cookie: Option<&str>,
+) -> anyhow::Result<HttpResponse> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let cookie = cookie.map_or_else(String::new, |c| format!("Cookie: {c}\r\n"));
     let mut stream = tokio::time::timeout(
         std::time::Duration::from_secs(5),
         tokio::net::TcpStream::connect(addr),
@@ -56,7 +86,8 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<
     .await??;
     stream
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{cookie}Connection: close\r\n\r\n")
+                .as_bytes(),
         )
         .await?;
     let mut response = Vec::new();
@@ -74,7 +105,11 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<
         .nth(1)
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| anyhow::anyhow!("no status in {head}"))?;
-    Ok((status, body.to_owned()))
+    Ok(HttpResponse {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    })
 }
 
 /// The value of the sample `name` (with its labels, as exposed) in a

@@ -392,4 +392,17 @@ impl MasterClient {
         };
         self.request::<EnrollToken>(&request).await
     }
+
+    /// A one-time login token for the dashboard, valid for `ttl`.
+    pub async fn dashboard_token(
+        &self,
+        ttl: Duration,
+        by: Option<String>,
+    ) -> Result<super::DashboardTokenAnswer, MasterApiError> {
+        let request = super::DashboardTokenRequest {
+            ttl_s: ttl.as_secs().max(1),
+            by,
+        };
+        self.request::<super::DashboardToken>(&request).await
+    }
 }

@@ -19,6 +19,7 @@
 //! against the types.
 
 mod client;
+mod dashboard;
 mod error;
 mod page;
 mod plan;
@@ -31,6 +32,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use client::MasterClient;
+pub use dashboard::{
+    DashboardTokenAnswer, DashboardTokenRecord, DashboardTokenRequest, MAX_DASHBOARD_TOKEN_TTL_S,
+    dashboard_token_key,
+};
 pub use error::{ApiError, ApiErrorKind, MasterApiError};
 pub use page::{PageRequest, Paged, take_page};
 pub use plan::{Change, MinionsChange, PlanAnswer, PlanRequest, RoleChange, ServiceChange};
@@ -80,6 +85,7 @@ pub const ENDPOINTS: &[&str] = &[
     RolloutControl::SUBJECT,
     Plan::SUBJECT,
     RunBatches::SUBJECT,
+    DashboardToken::SUBJECT,
 ];
 
 /// The endpoints that only read: calling operators may ask them.
@@ -172,6 +178,10 @@ endpoint!(
     EnrollToken, "enroll.token", "enroll-token", TokenRequest, TokenAnswer
 );
 
+endpoint!(
+    /// A one-time login token for the dashboard (admin operators only).
+    DashboardToken, "dashboard.token", "dashboard-token", DashboardTokenRequest, DashboardTokenAnswer
+);
 endpoint!(
     /// What a revision would change, without applying it.
     Plan, "plan", "plan", PlanRequest, PlanAnswer, Duration::from_secs(130), leader_only: true
