@@ -12,6 +12,15 @@ use crate::envelope::CallRequest;
 use crate::registry::{MinionRecord, RegistryError};
 use crate::subject::{CallTarget, MinionId};
 
+/// Whether `nats` is connected now (for a part's `/readyz`), and if not,
+/// in which state it is.
+pub fn connected(nats: &async_nats::Client) -> Result<(), String> {
+    match nats.connection_state() {
+        async_nats::connection::State::Connected => Ok(()),
+        state => Err(format!("not connected to NATS ({state})")),
+    }
+}
+
 /// What one minion must run: service name → digest (none: any version).
 pub type ExpectedServices = BTreeMap<String, Option<String>>;
 

@@ -26,12 +26,8 @@ pub use session::{LoginError, Session, Sessions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DashboardError {
-    #[error("cannot serve the dashboard on {addr}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot serve the dashboard")]
+    Bind(#[from] provis_telemetry::TelemetryError),
     #[error(
         "the dashboard on {0} is not on loopback: serve it there, or behind a TLS proxy (TLS of its own is not built yet)"
     )]
@@ -48,9 +44,7 @@ struct App {
 /// The dashboard, bound and ready to serve.
 #[derive(Debug)]
 pub struct Dashboard {
-    listener: tokio::net::TcpListener,
-    router: Router,
-    addr: SocketAddr,
+    server: provis_telemetry::HttpServer,
 }
 
 impl Dashboard {
@@ -62,34 +56,21 @@ impl Dashboard {
         if !addr.ip().is_loopback() {
             return Err(DashboardError::NotLoopback(addr));
         }
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| DashboardError::Bind { addr, source })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| DashboardError::Bind { addr, source })?;
         let app = App {
             sessions: Sessions::new(feed.nats.clone()),
             feed,
         };
-        Ok(Self {
-            listener,
-            router: router(app),
-            addr,
-        })
+        let server = provis_telemetry::HttpServer::bind(addr, router(app)).await?;
+        Ok(Self { server })
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// Serves until `stop` is cancelled.
     pub async fn serve(self, stop: tokio_util::sync::CancellationToken) {
-        let served = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move { stop.cancelled().await });
-        if let Err(err) = served.await {
-            tracing::warn!(error = %err, "dashboard stopped");
-        }
+        self.server.serve(stop).await;
     }
 }
 

@@ -173,10 +173,7 @@ pub struct MasterReadiness {
 impl provis_telemetry::Readiness for MasterReadiness {
     fn check(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            let state = self.nats.connection_state();
-            if state != async_nats::connection::State::Connected {
-                return Err(format!("not connected to NATS ({state})"));
-            }
+            provis_core::readiness::connected(&self.nats)?;
             async_nats::jetstream::new(self.nats.clone())
                 .query_account()
                 .await

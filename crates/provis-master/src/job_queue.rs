@@ -93,19 +93,11 @@ pub async fn deliver(
     leadership: Leadership,
     stop: CancellationToken,
 ) {
-    let mut leading = leadership.watch();
-    loop {
-        while !leading.borrow_and_update().leading() {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                changed = leading.changed() => if changed.is_err() { return },
-            }
-        }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = deliver_while_leading(&nats, &subjects, &view, &leadership) => {}
-        }
-    }
+    leadership
+        .each_term(&stop, || {
+            deliver_while_leading(&nats, &subjects, &view, &leadership)
+        })
+        .await;
 }
 
 async fn deliver_while_leading(

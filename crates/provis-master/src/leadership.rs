@@ -79,6 +79,29 @@ impl Leadership {
         self.state.clone()
     }
 
+    /// Runs `work` each time this master takes the lease, until `stop`;
+    /// `work` returns when it stops leading (or gives up, to be run again
+    /// while it still leads).
+    pub async fn each_term<F, Fut>(&self, stop: &CancellationToken, mut work: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let mut leading = self.watch();
+        loop {
+            while !leading.borrow_and_update().leading() {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    changed = leading.changed() => if changed.is_err() { return },
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = work() => {}
+            }
+        }
+    }
+
     /// A leadership that never changes: for a lone master without the
     /// bucket (tests of single parts).
     pub fn fixed(state: LeaderState) -> Self {

@@ -708,7 +708,7 @@ impl Startup {
             nats: self.nats()?,
             leadership: self.leading(),
         });
-        let server = provis_telemetry::HealthServer::bind(addr, self.metrics.clone(), readiness)
+        let server = provis_telemetry::HttpServer::health(addr, self.metrics.clone(), readiness)
             .await
             .map_err(|err| MasterError::Settings(provis_core::error_chain(&err)))?;
         let bound = server.addr();

@@ -110,19 +110,11 @@ pub async fn run(
     leadership: Leadership,
     stop: CancellationToken,
 ) {
-    let mut leading = leadership.watch();
-    loop {
-        while !leading.borrow_and_update().leading() {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                changed = leading.changed() => if changed.is_err() { return },
-            }
-        }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = run_while_leading(&nats, &subjects, &view, &leadership) => {}
-        }
-    }
+    leadership
+        .each_term(&stop, || {
+            run_while_leading(&nats, &subjects, &view, &leadership)
+        })
+        .await;
 }
 
 async fn run_while_leading(

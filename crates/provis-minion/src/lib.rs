@@ -302,7 +302,7 @@ impl Startup {
         let readiness = Arc::new(minion_metrics::MinionReadiness {
             nats: self.nats.clone(),
         });
-        let server = provis_telemetry::HealthServer::bind(addr, self.metrics.clone(), readiness)
+        let server = provis_telemetry::HttpServer::health(addr, self.metrics.clone(), readiness)
             .await
             .map_err(|err| MinionError::Metrics(provis_core::error_chain(&err)))?;
         tracing::info!(minion = %self.config.id, url = %format!("http://{}/metrics", server.addr()), "metrics, /healthz and /readyz served");

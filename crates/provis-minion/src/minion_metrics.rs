@@ -71,10 +71,7 @@ pub struct MinionReadiness {
 impl provis_telemetry::Readiness for MinionReadiness {
     fn check(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            let state = self.nats.connection_state();
-            if state != async_nats::connection::State::Connected {
-                return Err(format!("not connected to NATS ({state})"));
-            }
+            provis_core::readiness::connected(&self.nats)?;
             async_nats::jetstream::new(self.nats.clone())
                 .get_key_value(provis_core::storage::BUCKET_MINIONS)
                 .await

@@ -27,7 +27,7 @@ pub trait Readiness: Send + Sync + 'static {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
-    #[error("cannot listen for metrics on {addr}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -42,44 +42,51 @@ struct Served {
     readiness: Arc<dyn Readiness>,
 }
 
-/// The HTTP endpoints, bound and ready to serve.
-pub struct HealthServer {
+/// An HTTP server, bound and ready to serve: the health endpoints, or
+/// any other router of a provis part (the dashboard).
+pub struct HttpServer {
     listener: tokio::net::TcpListener,
     router: Router,
     addr: SocketAddr,
 }
 
-impl std::fmt::Debug for HealthServer {
+impl std::fmt::Debug for HttpServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HealthServer")
+        f.debug_struct("HttpServer")
             .field("addr", &self.addr)
             .finish_non_exhaustive()
     }
 }
 
-impl HealthServer {
-    /// Binds `addr` (port 0: any free port) for `metrics` and `readiness`.
-    pub async fn bind(
-        addr: SocketAddr,
-        metrics: Arc<Metrics>,
-        readiness: Arc<dyn Readiness>,
-    ) -> Result<Self, TelemetryError> {
+impl HttpServer {
+    /// Binds `addr` (port 0: any free port) for `router`.
+    pub async fn bind(addr: SocketAddr, router: Router) -> Result<Self, TelemetryError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| TelemetryError::Bind { addr, source })?;
         let addr = listener
             .local_addr()
             .map_err(|source| TelemetryError::Bind { addr, source })?;
-        let router = Router::new()
-            .route("/metrics", get(metrics_text))
-            .route("/healthz", get(healthz))
-            .route("/readyz", get(readyz))
-            .with_state(Served { metrics, readiness });
         Ok(Self {
             listener,
             router,
             addr,
         })
+    }
+
+    /// `/metrics`, `/healthz` and `/readyz` for `metrics` and `readiness`,
+    /// bound on `addr`.
+    pub async fn health(
+        addr: SocketAddr,
+        metrics: Arc<Metrics>,
+        readiness: Arc<dyn Readiness>,
+    ) -> Result<Self, TelemetryError> {
+        let router = Router::new()
+            .route("/metrics", get(metrics_text))
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .with_state(Served { metrics, readiness });
+        Self::bind(addr, router).await
     }
 
     /// The address it listens on.
@@ -92,7 +99,7 @@ impl HealthServer {
         let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(async move { stop.cancelled().await });
         if let Err(err) = served.await {
-            tracing::warn!(error = %err, "metrics endpoint stopped");
+            tracing::warn!(error = %err, addr = %self.addr, "HTTP server stopped");
         }
     }
 }

@@ -11,6 +11,6 @@ pub mod logs;
 pub mod metrics;
 pub mod systemd;
 
-pub use http::{HealthServer, Readiness, TelemetryError};
+pub use http::{HttpServer, Readiness, TelemetryError};
 pub use logs::{BunyanLayer, LogFormat};
 pub use metrics::Metrics;
