@@ -19,7 +19,15 @@ fn provis() -> &'static Path {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_page_needs_a_session_and_the_fleet_page_stays_fast_at_ten_thousand_minions() {
-    let mut fleet = TestFleet::start().await.expect("fleet");
+    let keys = tempfile::tempdir().expect("tmp");
+    let observer = provis_core::identity::Identity::create(&keys.path().join("watcher.key"))
+        .expect("observer key");
+    let stranger =
+        provis_core::identity::Identity::create(&keys.path().join("stranger.key")).expect("key");
+    let observers = vec![observer.public_key().to_owned()];
+    let mut fleet = TestFleet::start_with(|config| config.observers = observers)
+        .await
+        .expect("fleet");
     for id in ["m1", "m2"] {
         fleet.add_minion(id, &["web.eu"]).await.expect("minion");
     }
@@ -66,6 +74,43 @@ async fn every_page_needs_a_session_and_the_fleet_page_stays_fast_at_ten_thousan
         .await
         .expect("forged");
     assert_eq!(wrong.status, 401);
+
+    // A link signed with an observer's key logs in too, once; a key the
+    // master does not list does not.
+    let signed_link = |key: &str| {
+        let (code, stdout, stderr) = run_to_end(
+            std::process::Command::new(provis())
+                .args(["dashboard", "login", "--url", &format!("http://{addr}")])
+                .arg("--identity")
+                .arg(keys.path().join(key)),
+        )
+        .expect("provis dashboard login");
+        assert_eq!(code, 0, "{stderr}");
+        stdout
+            .trim()
+            .strip_prefix(&format!("http://{addr}"))
+            .expect("a link to this dashboard")
+            .to_owned()
+    };
+    let link = signed_link("watcher.key");
+    let signed = http_get_with_cookie(addr, &link, None)
+        .await
+        .expect("signed");
+    assert_eq!(signed.status, 303, "{}", signed.body);
+    let replayed = http_get_with_cookie(addr, &link, None)
+        .await
+        .expect("again");
+    assert_eq!(replayed.status, 401, "a signed link logs in once");
+    let refused = http_get_with_cookie(addr, &signed_link("stranger.key"), None)
+        .await
+        .expect("stranger");
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    assert!(
+        refused.body.contains("not one of the master"),
+        "{}",
+        refused.body
+    );
+    drop(stranger);
 
     let get = |path: String| {
         let cookie = cookie.clone();

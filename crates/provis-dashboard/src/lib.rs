@@ -57,7 +57,7 @@ impl Dashboard {
             return Err(DashboardError::NotLoopback(addr));
         }
         let app = App {
-            sessions: Sessions::new(feed.nats.clone()),
+            sessions: Sessions::new(feed.nats.clone(), feed.grants.clone()),
             feed,
         };
         let server = provis_telemetry::HttpServer::bind(addr, router(app)).await?;
@@ -123,16 +123,39 @@ async fn require_session(State(app): State<App>, mut request: Request, next: Nex
 #[derive(Debug, serde::Deserialize)]
 struct LoginQuery {
     token: Option<String>,
+    /// A signed link: the key, when it was made, its signature.
+    key: Option<String>,
+    at: Option<i64>,
+    sig: Option<String>,
 }
 
 async fn login(
     State(app): State<App>,
+    headers: axum::http::HeaderMap,
     axum::extract::Query(query): axum::extract::Query<LoginQuery>,
 ) -> Response {
-    let Some(token) = query.token.filter(|t| !t.is_empty()) else {
-        return pages::refused(StatusCode::UNAUTHORIZED, "No login token.".to_owned());
+    let opened = match (&query.token, &query.key, query.at, &query.sig) {
+        (Some(token), _, _, _) if !token.is_empty() => app.sessions.log_in(token).await,
+        (_, Some(key), Some(at_unix_ms), Some(signature)) => {
+            let host = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or_default();
+            app.sessions.log_in_signed(&session::SignedLogin {
+                key,
+                at_unix_ms,
+                signature,
+                host,
+            })
+        }
+        _ => {
+            return pages::refused(
+                StatusCode::UNAUTHORIZED,
+                "No login token or signed link.".to_owned(),
+            );
+        }
     };
-    match app.sessions.log_in(&token).await {
+    match opened {
         Ok(id) => (
             StatusCode::SEE_OTHER,
             [
@@ -148,7 +171,7 @@ async fn login(
             ],
         )
             .into_response(),
-        Err(err @ (LoginError::Unknown | LoginError::Expired)) => {
+        Err(err @ (LoginError::Unknown | LoginError::Expired | LoginError::BadSignature(_))) => {
             pages::refused(StatusCode::UNAUTHORIZED, err.to_string())
         }
         Err(err) => pages::refused(StatusCode::SERVICE_UNAVAILABLE, err.to_string()),

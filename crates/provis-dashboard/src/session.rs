@@ -31,24 +31,98 @@ pub enum LoginError {
     Expired,
     #[error("the fleet's storage does not answer ({0}); try again")]
     Storage(String),
+    #[error(
+        "this signed login link is not valid here: {0}; make a new one with `provis dashboard login`"
+    )]
+    BadSignature(&'static str),
+}
+
+/// A login link signed with a key (`provis dashboard login`).
+#[derive(Debug, Clone)]
+pub struct SignedLogin<'a> {
+    /// The signer's public key, `ed25519:<hex>`.
+    pub key: &'a str,
+    pub at_unix_ms: i64,
+    pub signature: &'a str,
+    /// This dashboard as the browser named it (its `Host` header).
+    pub host: &'a str,
 }
 
 /// The sessions of one dashboard.
 #[derive(Debug, Clone)]
 pub struct Sessions {
     sessions: moka::sync::Cache<String, Session>,
+    /// Signed links already used, kept as long as they could be used.
+    used_signatures: moka::sync::Cache<String, ()>,
     nats: async_nats::Client,
+    grants: provis_master::admission::Grants,
 }
 
 impl Sessions {
-    pub fn new(nats: async_nats::Client) -> Self {
+    pub fn new(nats: async_nats::Client, grants: provis_master::admission::Grants) -> Self {
+        let window = Duration::from_millis(
+            u64::try_from(provis_core::master_api::SIGNED_LOGIN_WINDOW_MS).unwrap_or(0) * 2,
+        );
         Self {
             sessions: moka::sync::Cache::builder()
                 .time_to_idle(SESSION_TTL)
                 .max_capacity(10_000)
                 .build(),
+            used_signatures: moka::sync::Cache::builder()
+                .time_to_live(window)
+                .max_capacity(100_000)
+                .build(),
             nats,
+            grants,
         }
+    }
+
+    /// Opens a session for a link signed by an observer's or an operator's
+    /// key, made for this dashboard in the last few minutes, used once.
+    pub fn log_in_signed(&self, login: &SignedLogin<'_>) -> Result<String, LoginError> {
+        let who = if self.grants.observers.iter().any(|k| k == login.key) {
+            "observer"
+        } else if self.grants.operators.iter().any(|k| k == login.key) {
+            "operator"
+        } else {
+            return Err(LoginError::BadSignature(
+                "the key is not one of the master's observers or operators",
+            ));
+        };
+        let age = provis_core::envelope::now_unix_ms() - login.at_unix_ms;
+        if !(-60_000..=provis_core::master_api::SIGNED_LOGIN_WINDOW_MS).contains(&age) {
+            return Err(LoginError::BadSignature("it was made too long ago"));
+        }
+        let message = provis_core::master_api::signed_login_message(login.host, login.at_unix_ms);
+        if !provis_core::identity::verify(login.key, message.as_bytes(), login.signature) {
+            return Err(LoginError::BadSignature(
+                "its signature does not match (made for another address?)",
+            ));
+        }
+        let mut fresh = false;
+        self.used_signatures
+            .entry(login.signature.to_owned())
+            .or_insert_with(|| {
+                fresh = true;
+            });
+        if !fresh {
+            return Err(LoginError::BadSignature("it was used already"));
+        }
+        let id = provis_core::identity::random_hex(32)
+            .map_err(|err| LoginError::Storage(err.to_string()))?;
+        let short: String = login
+            .key
+            .trim_start_matches("ed25519:")
+            .chars()
+            .take(12)
+            .collect();
+        self.sessions.insert(
+            id.clone(),
+            Session {
+                who: format!("{who}:{short}"),
+            },
+        );
+        Ok(id)
     }
 
     /// The session `id` names, if it is one.

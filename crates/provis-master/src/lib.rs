@@ -275,6 +275,8 @@ pub struct FleetFeed {
     /// The applied commit (none on a master that follows no repository).
     pub published: Option<watch::Receiver<desired::PublishedConfig>>,
     pub metrics: Arc<provis_telemetry::Metrics>,
+    /// The keys this master admits as operators and observers.
+    pub grants: admission::Grants,
 }
 
 impl MasterControl {
@@ -757,6 +759,10 @@ impl Startup {
             view,
             published: desired.as_ref().map(|parts| parts.published.clone()),
             metrics,
+            grants: admission::Grants {
+                operators: config.operators.clone(),
+                observers: config.observers.clone(),
+            },
         };
         stop_on_drop.disarm();
         let (settings, _) = watch::channel(config.source());

@@ -44,3 +44,13 @@ pub struct DashboardTokenRecord {
     #[serde(default)]
     pub by: Option<String>,
 }
+
+/// How long a signed login link may be used after it was made.
+pub const SIGNED_LOGIN_WINDOW_MS: i64 = 5 * 60 * 1000;
+
+/// What a key signs to log in to the dashboard at `host` (as the browser
+/// names it, `127.0.0.1:8080`) at `at_unix_ms`: bound to that dashboard
+/// and that moment, so a link is good there, briefly, once.
+pub fn signed_login_message(host: &str, at_unix_ms: i64) -> String {
+    format!("provis dashboard login\n{host}\n{at_unix_ms}")
+}

@@ -34,7 +34,7 @@ use serde_json::Value;
 pub use client::MasterClient;
 pub use dashboard::{
     DashboardTokenAnswer, DashboardTokenRecord, DashboardTokenRequest, MAX_DASHBOARD_TOKEN_TTL_S,
-    dashboard_token_key,
+    SIGNED_LOGIN_WINDOW_MS, dashboard_token_key, signed_login_message,
 };
 pub use error::{ApiError, ApiErrorKind, MasterApiError};
 pub use page::{PageRequest, Paged, take_page};
