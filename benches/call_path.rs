@@ -21,40 +21,11 @@ use futures::StreamExt;
 use provis_bundle::PackedBundle;
 use provis_core::{CallRequest, CallTarget};
 use provis_js::{HostContext, ServiceSandbox};
+use provis_testkit::call_rate::{CallRate, measurement_time, print_row, sequential, summarize};
 use provis_testkit::{TestFleet, write_files};
 use serde_json::{Value, json};
 
 const SOURCE: &str = "export function add(a) { return { sum: a.x + a.y } }";
-
-fn seconds() -> Duration {
-    let s = std::env::var("PROVIS_BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3.0);
-    Duration::from_secs_f64(s)
-}
-
-/// Runs `op` sequentially for the measurement time; returns (calls/s, p50 µs, p99 µs).
-async fn sequential<F, Fut>(mut op: F) -> (f64, f64, f64)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    for _ in 0..50 {
-        op().await; // warm up
-    }
-    let mut samples = Vec::new();
-    let started = Instant::now();
-    while started.elapsed() < seconds() {
-        let t = Instant::now();
-        op().await;
-        samples.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    let rate = samples.len() as f64 / started.elapsed().as_secs_f64();
-    samples.sort_by(f64::total_cmp);
-    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q) as usize];
-    (rate, at(0.5), at(0.99))
-}
 
 /// Runs `op` from `workers` concurrent tasks; returns calls/s.
 async fn concurrent<F, Fut>(workers: usize, op: F) -> f64
@@ -69,7 +40,7 @@ where
             let op = op.clone();
             tokio::spawn(async move {
                 let mut n = 0u64;
-                while started.elapsed() < seconds() {
+                while started.elapsed() < measurement_time() {
                     op().await;
                     n += 1;
                 }
@@ -84,7 +55,7 @@ where
     total as f64 / started.elapsed().as_secs_f64()
 }
 
-fn raw_quickjs() -> (f64, f64, f64) {
+fn raw_quickjs() -> CallRate {
     use rquickjs::{Context, Function, Module, Object, Runtime};
     let runtime = Runtime::new().expect("runtime");
     let context = Context::full(&runtime).expect("context");
@@ -98,7 +69,7 @@ fn raw_quickjs() -> (f64, f64, f64) {
         let args = json!({"x": 1, "y": 2}).to_string();
         let mut samples = Vec::new();
         let started = Instant::now();
-        while started.elapsed() < seconds() {
+        while started.elapsed() < measurement_time() {
             let t = Instant::now();
             // The same work the sandbox does per call: JSON in, call, JSON out.
             let arg = ctx.json_parse(args.as_str()).expect("parse");
@@ -113,18 +84,8 @@ fn raw_quickjs() -> (f64, f64, f64) {
             let _ = Object::new(ctx.clone());
             samples.push(t.elapsed().as_secs_f64() * 1e6);
         }
-        let rate = samples.len() as f64 / started.elapsed().as_secs_f64();
-        samples.sort_by(f64::total_cmp);
-        let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q) as usize];
-        (rate, at(0.5), at(0.99))
+        summarize(samples, started)
     })
-}
-
-fn row(name: &str, (rate, p50, p99): (f64, f64, f64), limit: Option<(&str, f64)>) {
-    let ratio = limit.map_or_else(String::new, |(what, l)| {
-        format!("  {:.2}x of {what}", rate / l)
-    });
-    println!("{name:44} {rate:>10.0} calls/s  p50 {p50:>8.1} µs  p99 {p99:>8.1} µs{ratio}");
 }
 
 fn rate_row(name: &str, rate: f64, limit: Option<(&str, f64)>) {
@@ -138,10 +99,10 @@ fn rate_row(name: &str, rate: f64, limit: Option<(&str, f64)>) {
 async fn main() -> anyhow::Result<()> {
     println!(
         "measuring {:?} each; 2 cores shared by caller, nats-server and minion\n",
-        seconds()
+        measurement_time()
     );
     let quickjs = raw_quickjs();
-    row("raw QuickJS call (in-process)", quickjs, None);
+    print_row("raw QuickJS call (in-process)", quickjs, None);
 
     let dir = tempfile::tempdir()?;
     write_files(
@@ -155,7 +116,7 @@ async fn main() -> anyhow::Result<()> {
     let sandbox =
         Arc::new(ServiceSandbox::start(Arc::new(bundle), HostContext::inert("adder")).await?);
     let s = sandbox.clone();
-    let through_sandbox = sequential(move || {
+    let through_sandbox = sequential(50, move || {
         let s = s.clone();
         async move {
             s.call(
@@ -168,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
         }
     })
     .await;
-    row(
+    print_row(
         "provis-js sandbox call",
         through_sandbox,
         Some(("raw QuickJS", quickjs.0)),
@@ -187,14 +148,14 @@ async fn main() -> anyhow::Result<()> {
     });
     let payload = bytes::Bytes::from(vec![0u8; 120]);
     let (client, p) = (nats.clone(), payload.clone());
-    let raw_nats = sequential(move || {
+    let raw_nats = sequential(50, move || {
         let (client, p) = (client.clone(), p.clone());
         async move {
             client.request("bench.echo", p).await.expect("request");
         }
     })
     .await;
-    row("raw NATS request/reply", raw_nats, None);
+    print_row("raw NATS request/reply", raw_nats, None);
     let (client, p) = (nats.clone(), payload.clone());
     let raw_nats_16 = concurrent(16, move || {
         let (client, p) = (client.clone(), p.clone());
@@ -226,7 +187,7 @@ async fn main() -> anyhow::Result<()> {
     let request =
         CallRequest::parse_function("adder.add", json!({"x": 1, "y": 2}), Duration::from_secs(5))?;
     let (c, t, r) = (client.clone(), target.clone(), request.clone());
-    let whole = sequential(move || {
+    let whole = sequential(50, move || {
         let (c, t, r) = (c.clone(), t.clone(), r.clone());
         async move {
             let report = c.call(&t, &r).await.expect("call");
@@ -234,7 +195,7 @@ async fn main() -> anyhow::Result<()> {
         }
     })
     .await;
-    row(
+    print_row(
         "whole path: Client → NATS → minion → QuickJS",
         whole,
         Some(("raw NATS", raw_nats.0)),
@@ -254,7 +215,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let provis = Path::new(env!("CARGO_BIN_EXE_provis"));
-    let cli = sequential(|| async {
+    let cli = sequential(50, || async {
         let status = fleet
             .provis_command(provis)
             .args(["call", "--minion", "m1", "adder.add", r#"{"x": 1, "y": 2}"#])
@@ -264,7 +225,7 @@ async fn main() -> anyhow::Result<()> {
         assert!(status.success());
     })
     .await;
-    row(
+    print_row(
         "CLI: one `provis call` process per call",
         cli,
         Some(("raw NATS", raw_nats.0)),

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up and runs the demo on a fresh machine: builds provis, installs
 # nats-server when needed, starts a local fleet with `provis up` (nats-server,
-# a master, three minions with roles from examples/), and fans calls out to it.
+# a master, three minions with roles from examples/), and fans calls out to it
+# (one of them to `release`, a TypeScript service using an npm package).
 # The fleet keeps running for you to try more calls from another shell; Ctrl-C
 # stops it. With --once the demo stops the fleet after the calls.
 set -euo pipefail
@@ -11,6 +12,8 @@ once=false
 [ "${1:-}" = "--once" ] && once=true
 
 ./scripts/install-nats-server.sh
+# The example services' npm packages (the TypeScript `release` uses semver).
+./scripts/install-npm-packages.sh
 # provis-minion too: `provis up` runs minions as the lighter executable beside it.
 cargo build --locked --bin provis --bin provis-minion
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
@@ -39,6 +42,7 @@ run provis call --subject role.web site.enable '{"by": "demo"}'
 run provis call --subject role.web.eu greet.hello '{"name": "operators"}'
 run provis call --all health.check
 run provis call --minion m2 site.status
+run provis call --subject role.web release.satisfies '{"range": ">=0.1"}'
 run provis call --all --batch 1 --batch-wait 1s sys.ping
 
 # Changing the fleet is a commit to the repository the master follows.

@@ -116,7 +116,9 @@ pub enum ManifestError {
     Reserved(String),
     #[error("{MANIFEST_FILE}: {what} {path:?} must be an absolute path without '..'")]
     BadPath { what: &'static str, path: PathBuf },
-    #[error("{MANIFEST_FILE}: entry {0:?} must be a relative .js or .mjs path inside the service")]
+    #[error(
+        "{MANIFEST_FILE}: entry {0:?} must be a relative .js, .mjs, .cjs, .ts, .mts or .cts path inside the service"
+    )]
     BadEntry(String),
     #[error("{MANIFEST_FILE}: limits.{what} must be between {min} and {max}")]
     BadLimit {
@@ -145,7 +147,9 @@ impl ServiceManifest {
             return Err(ManifestError::Reserved(self.name.clone()));
         }
         if !is_relative_inside(Path::new(&self.entry))
-            || !(self.entry.ends_with(".js") || self.entry.ends_with(".mjs"))
+            || ![".js", ".mjs", ".cjs", ".ts", ".mts", ".cts"]
+                .iter()
+                .any(|ext| self.entry.ends_with(ext))
         {
             return Err(ManifestError::BadEntry(self.entry.clone()));
         }

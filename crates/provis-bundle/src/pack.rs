@@ -1,9 +1,11 @@
 //! Packing a service folder into a [`Bundle`] and opening a bundle again.
 //!
-//! A bundle holds the manifest and every `.js`, `.mjs` and `.json` file of
-//! the folder (vendored `node_modules/` included), sorted by path. The same
-//! folder always gives the same bytes and so the same digest; a minion
-//! recomputes the digest of every bundle it fetches and refuses a mismatch.
+//! A bundle holds the manifest and the ES modules the service needs (see
+//! [`crate::module_graph`]: the author's modules, TypeScript and npm packages
+//! converted, with source maps), sorted by path. The same folder (and so the
+//! same lockfile's `node_modules/`) always gives the same bytes and so the
+//! same digest; a minion recomputes the digest of every bundle it fetches and
+//! refuses a mismatch.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,7 +13,10 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 use provis_proto::v1::{Bundle, BundleFile};
 
+use crate::lockfile::{AuditedPackage, LockfileError};
 use crate::manifest::{MANIFEST_FILE, ManifestError, ServiceManifest};
+use crate::module_graph::{GraphError, GraphRoots};
+use crate::source_map::MAP_SUFFIX;
 
 /// The most a bundle may weigh, all files together.
 pub const MAX_BUNDLE_BYTES: usize = 16 * 1024 * 1024;
@@ -35,6 +40,10 @@ pub enum PackError {
     TooLarge(usize),
     #[error("entry module {0:?} named in {MANIFEST_FILE} is not in the folder")]
     MissingEntry(String),
+    #[error(transparent)]
+    Modules(#[from] GraphError),
+    #[error(transparent)]
+    Lockfile(#[from] LockfileError),
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -59,6 +68,9 @@ pub struct PackedBundle {
     pub files: BTreeMap<String, String>,
     pub bytes: bytes::Bytes,
     pub digest: String,
+    /// The npm packages it holds code from, as the lockfile lists them
+    /// (known when packed from a folder, empty when opened from bytes).
+    pub packages: Vec<AuditedPackage>,
 }
 
 /// `sha256:<hex>` of `bytes`.
@@ -71,6 +83,17 @@ pub fn digest_of(bytes: &[u8]) -> String {
 impl PackedBundle {
     /// Packs the service folder at `dir`.
     pub fn from_dir(dir: &Path) -> Result<Self, PackError> {
+        Self::pack(dir, false).map(|(bundle, _)| bundle)
+    }
+
+    /// Packs the folder with its tests (`*.test.js`, `*.test.ts`, …), which
+    /// may import `provis:test`; for `provis service test`, never to ship.
+    /// Returns the test modules too.
+    pub fn from_dir_with_tests(dir: &Path) -> Result<(Self, Vec<String>), PackError> {
+        Self::pack(dir, true)
+    }
+
+    fn pack(dir: &Path, with_tests: bool) -> Result<(Self, Vec<String>), PackError> {
         let manifest_path = dir.join(MANIFEST_FILE);
         let manifest_toml = match std::fs::read_to_string(&manifest_path) {
             Ok(text) => text,
@@ -85,10 +108,32 @@ impl PackedBundle {
             }
         };
         let manifest = ServiceManifest::parse(&manifest_toml)?;
-        let mut files = BTreeMap::new();
-        collect(dir, dir, &mut files)?;
-        if !files.contains_key(&manifest.entry) {
+        let mut own = OwnModules::default();
+        collect(dir, dir, &mut own)?;
+        if !own.modules.contains(&manifest.entry) {
             return Err(PackError::MissingEntry(manifest.entry.clone()));
+        }
+        let mut roots = vec![manifest.entry.clone()];
+        roots.extend(
+            own.modules
+                .iter()
+                .filter(|m| **m != manifest.entry)
+                .cloned(),
+        );
+        if with_tests {
+            roots.extend(own.tests.iter().cloned());
+        }
+        let graph = crate::module_graph::build(
+            dir,
+            &GraphRoots {
+                modules: roots,
+                tests: with_tests,
+            },
+        )?;
+        let packages = crate::lockfile::audit(dir, &graph.packages)?;
+        let mut files = graph.modules;
+        for (module, map) in graph.source_maps {
+            files.insert(format!("{module}{MAP_SUFFIX}"), map);
         }
         let bundle = Bundle {
             manifest_toml,
@@ -104,12 +149,14 @@ impl PackedBundle {
         if bytes.len() > MAX_BUNDLE_BYTES {
             return Err(PackError::TooLarge(bytes.len()));
         }
-        Ok(Self {
+        let packed = Self {
             manifest,
             files,
             digest: digest_of(&bytes),
             bytes: bytes.into(),
-        })
+            packages,
+        };
+        Ok((packed, if with_tests { own.tests } else { Vec::new() }))
     }
 
     /// Opens fetched bytes, refusing them unless they hash to `expected_digest`.
@@ -138,19 +185,38 @@ impl PackedBundle {
             files,
             bytes,
             digest: actual,
+            packages: Vec::new(),
         })
     }
 }
 
-fn is_bundled(name: &str) -> bool {
-    [".js", ".mjs", ".json"]
-        .iter()
-        .any(|ext| name.ends_with(ext))
+/// The author's modules of a folder (outside `node_modules/`), by path.
+#[derive(Debug, Default)]
+struct OwnModules {
+    modules: Vec<String>,
+    tests: Vec<String>,
 }
 
-/// Adds every bundled file under `dir` to `files`, keyed by its path relative
-/// to `root` with '/' separators. Hidden entries are skipped.
-fn collect(root: &Path, dir: &Path, files: &mut BTreeMap<String, String>) -> Result<(), PackError> {
+/// A module of the author's: JavaScript or TypeScript, not a declaration file.
+fn is_own_module(name: &str) -> bool {
+    [".js", ".mjs", ".cjs", ".ts", ".mts", ".cts"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
+        && !name.ends_with(".d.ts")
+        && !name.ends_with(".d.mts")
+        && !name.ends_with(".d.cts")
+}
+
+/// A test module: `name.test.js`, `name.test.ts`, ….
+fn is_test_module(name: &str) -> bool {
+    name.rsplit_once('.')
+        .is_some_and(|(stem, _)| stem.ends_with(".test"))
+}
+
+/// Adds the author's modules under `dir` to `own`, by path relative to
+/// `root` with '/' separators. Hidden entries and `node_modules/` are
+/// skipped (packages come in through imports).
+fn collect(root: &Path, dir: &Path, own: &mut OwnModules) -> Result<(), PackError> {
     let read = |path: &Path, source| PackError::Read {
         path: path.to_owned(),
         source,
@@ -166,7 +232,7 @@ fn collect(root: &Path, dir: &Path, files: &mut BTreeMap<String, String>) -> Res
         let Some(name) = name.to_str() else {
             return Err(PackError::NotUtf8(path));
         };
-        if name.starts_with('.') {
+        if name.starts_with('.') || name == "node_modules" {
             continue;
         }
         let kind = entry.file_type().map_err(|err| read(&path, err))?;
@@ -174,8 +240,8 @@ fn collect(root: &Path, dir: &Path, files: &mut BTreeMap<String, String>) -> Res
             return Err(PackError::Symlink(path));
         }
         if kind.is_dir() {
-            collect(root, &path, files)?;
-        } else if kind.is_file() && is_bundled(name) && name != crate::manifest::MANIFEST_FILE {
+            collect(root, &path, own)?;
+        } else if kind.is_file() && is_own_module(name) {
             let relative = path.strip_prefix(root).unwrap_or(&path);
             let key = relative
                 .components()
@@ -186,9 +252,11 @@ fn collect(root: &Path, dir: &Path, files: &mut BTreeMap<String, String>) -> Res
                 })
                 .collect::<Result<Vec<_>, _>>()?
                 .join("/");
-            let bytes = std::fs::read(&path).map_err(|err| read(&path, err))?;
-            let text = String::from_utf8(bytes).map_err(|_| PackError::NotUtf8(path.clone()))?;
-            files.insert(key, text);
+            if is_test_module(name) {
+                own.tests.push(key);
+            } else {
+                own.modules.push(key);
+            }
         }
     }
     Ok(())

@@ -1,18 +1,19 @@
-//! How an `import` inside a bundle finds its module, the same at pack time
-//! (so a missing import is caught before it ships) and on the minion.
+//! How an `import` inside a bundle finds its module on the minion.
 //!
 //! - `./x.js`, `../lib/y.js`: relative to the importing module; it must stay
-//!   inside the bundle and name a file exactly.
-//! - `pkg`, `pkg/sub.js`, `@scope/pkg`: a vendored package under the service's
-//!   `node_modules/`. The package must be an ES module package (`"type":
-//!   "module"`, a `"module"` field, or an `.mjs` entry): CommonJS is refused
-//!   with an error that says so, since minions never run a package manager nor
-//!   a CommonJS loader. Its entry is `exports["."]` (a string, or its `import` /
-//!   `default`), else `module`, else `main`, else `index.js`.
+//!   inside the bundle and name a file exactly. The packer rewrites every
+//!   specifier to this form ([`crate::module_graph`]), so bundles packed now
+//!   need nothing else.
+//! - `pkg`, `pkg/sub.js`, `@scope/pkg`: bundles packed by earlier versions
+//!   still name vendored ES module packages under `node_modules/`; the
+//!   package's entry is found as the packer finds it for an `import`
+//!   ([`crate::node_resolve::exports_target`], then `module`, `main`,
+//!   `index.js`). CommonJS packages in such bundles are refused.
 
 use std::collections::BTreeMap;
 
-use serde_json::Value;
+use crate::node_resolve::{ImportKind, exports_target, join};
+use crate::package_json::PackageJson;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ResolveError {
@@ -63,7 +64,7 @@ pub fn resolve_import(
     };
     if specifier.starts_with("./") || specifier.starts_with("../") {
         let base = from.rsplit_once('/').map_or("", |(dir, _)| dir);
-        let joined = normalize(base, specifier).ok_or_else(|| ResolveError::Escapes {
+        let joined = join(base, specifier).ok_or_else(|| ResolveError::Escapes {
             from: from.to_owned(),
             specifier: specifier.to_owned(),
         })?;
@@ -97,7 +98,7 @@ pub fn resolve_import(
             package,
         });
     };
-    let meta: Value = serde_json::from_str(text).map_err(|_| ResolveError::BadPackageJson {
+    let meta = PackageJson::parse(text).map_err(|_| ResolveError::BadPackageJson {
         from: from.to_owned(),
         specifier: specifier.to_owned(),
         package: package.clone(),
@@ -106,7 +107,7 @@ pub fn resolve_import(
         Some(sub) => sub.to_owned(),
         None => package_entry(&meta),
     };
-    let esm = meta["type"] == "module" || meta["module"].is_string() || entry.ends_with(".mjs");
+    let esm = meta.is_module_scope() || meta.module.is_some() || entry.ends_with(".mjs");
     if !esm {
         return Err(ResolveError::CommonJs {
             from: from.to_owned(),
@@ -114,7 +115,7 @@ pub fn resolve_import(
             package,
         });
     }
-    let path = normalize(&root, &format!("./{entry}"))
+    let path = join(&root, &format!("./{entry}"))
         .filter(|path| path.starts_with(&format!("{root}/")))
         .ok_or_else(|| ResolveError::Escapes {
             from: from.to_owned(),
@@ -127,39 +128,15 @@ pub fn resolve_import(
     }
 }
 
-fn package_entry(meta: &Value) -> String {
-    let exports = &meta["exports"];
-    let dot = if exports.is_object() {
-        &exports["."]
-    } else {
-        exports
-    };
-    let from_exports = dot
-        .as_str()
-        .or_else(|| dot["import"].as_str())
-        .or_else(|| dot["default"].as_str());
-    from_exports
-        .or_else(|| meta["module"].as_str())
-        .or_else(|| meta["main"].as_str())
-        .unwrap_or("index.js")
+fn package_entry(meta: &PackageJson) -> String {
+    meta.exports
+        .as_ref()
+        .and_then(|exports| exports_target(exports, ".", ImportKind::Import.conditions()))
+        .or_else(|| meta.module.clone())
+        .or_else(|| meta.main.clone())
+        .unwrap_or_else(|| "index.js".to_owned())
         .trim_start_matches("./")
         .to_owned()
-}
-
-/// Joins `relative` onto directory `base` (both '/'-separated); `None` when
-/// the result would leave the bundle's root.
-fn normalize(base: &str, relative: &str) -> Option<String> {
-    let mut parts: Vec<&str> = base.split('/').filter(|p| !p.is_empty()).collect();
-    for part in relative.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => {
-                parts.pop()?;
-            }
-            other => parts.push(other),
-        }
-    }
-    Some(parts.join("/"))
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! `provis bundle DIR` and `provis service …`: check and pack a service
-//! folder, publish it to the fleet, list what is published.
+//! folder, publish it to the fleet, list what is published (`new`, `run`
+//! and `test` work locally, in [`crate::service_local`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,18 +11,55 @@ use provis_bundle::{BundleStore, PackedBundle, ServicePointer};
 use serde_json::json;
 
 use crate::fleet_args::FleetArgs;
+use crate::output::Output;
+use crate::service_local;
 
 #[derive(Debug, Args)]
 pub struct BundleArgs {
-    /// The service folder (service.toml and ES modules)
+    /// The service folder (service.toml, ES or CommonJS modules, TypeScript, node_modules)
     dir: PathBuf,
-    /// Print one JSON document instead of text
-    #[arg(long)]
+    /// `table` for people; `json` for programs: digest, modules, methods,
+    /// and every npm package with version, license and integrity
+    #[arg(long, value_enum, default_value = "table")]
+    output: Output,
+    /// The same as `--output json` (kept for scripts written before it)
+    #[arg(long, hide = true)]
     json: bool,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ServiceCommand {
+    /// Write a new service folder: service.toml, an entry module, a test,
+    /// package.json, provis.d.ts and a tsconfig.json (or jsconfig.json)
+    New {
+        /// The service's name (a subject token: lowercase, digits, '-', '_')
+        name: String,
+        /// Write TypeScript (main.ts) instead of JavaScript
+        #[arg(long)]
+        typescript: bool,
+        /// Where to write it [default: ./NAME]
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Run one method of a service folder here, in the minion's sandbox with a
+    /// local host (state in memory, events printed, fs/exec/http as granted)
+    Run {
+        /// The service folder
+        dir: PathBuf,
+        /// The method (an exported function)
+        method: String,
+        /// Its argument, as JSON [default: {}]
+        args: Option<String>,
+        /// The service's config, as JSON, as roles would give it [default: {}]
+        #[arg(long)]
+        config: Option<String>,
+    },
+    /// Run the service's *.test.js / *.test.ts modules in the sandbox; prints
+    /// `N passed, N failed` and exits 1 on a failure
+    Test {
+        /// The service folder
+        dir: PathBuf,
+    },
     /// Check, pack and publish service folders; minions whose roles name them load the new version
     Publish {
         #[command(flatten)]
@@ -51,7 +89,7 @@ pub fn pack_checked(dir: &std::path::Path) -> anyhow::Result<(PackedBundle, Vec<
 
 pub async fn run_bundle(args: BundleArgs) -> anyhow::Result<ExitCode> {
     let (bundle, methods) = pack_checked(&args.dir)?;
-    if args.json {
+    if args.json || args.output == Output::Json {
         outln!(
             "{}",
             serde_json::to_string_pretty(&json!({
@@ -61,6 +99,7 @@ pub async fn run_bundle(args: BundleArgs) -> anyhow::Result<ExitCode> {
                 "size": bundle.bytes.len(),
                 "files": bundle.files.keys().collect::<Vec<_>>(),
                 "methods": methods,
+                "packages": bundle.packages,
             }))?
         );
     } else {
@@ -76,12 +115,35 @@ pub async fn run_bundle(args: BundleArgs) -> anyhow::Result<ExitCode> {
             bundle.bytes.len(),
             methods.join(", ")
         );
+        for package in &bundle.packages {
+            outln!(
+                "  package {} {} ({})",
+                package.name,
+                package.version.as_deref().unwrap_or("?"),
+                package.license.as_deref().unwrap_or("no license")
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 pub async fn run_service(command: ServiceCommand) -> anyhow::Result<ExitCode> {
     let fleet = match &command {
+        ServiceCommand::New {
+            name,
+            typescript,
+            dir,
+        } => return service_local::new_service(name, *typescript, dir.as_deref()),
+        ServiceCommand::Run {
+            dir,
+            method,
+            args,
+            config,
+        } => {
+            return service_local::run_method(dir, method, args.as_deref(), config.as_deref())
+                .await;
+        }
+        ServiceCommand::Test { dir } => return service_local::run_tests(dir).await,
         ServiceCommand::Publish { fleet, .. } | ServiceCommand::List { fleet } => fleet,
     };
     let client = fleet.client().await?;
@@ -106,6 +168,7 @@ pub async fn run_service(command: ServiceCommand) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+        ServiceCommand::New { .. } | ServiceCommand::Run { .. } | ServiceCommand::Test { .. } => {}
         ServiceCommand::List { .. } => {
             let pointers = provis_core::kv_snapshot::read_all(store.pointers()).await?;
             outln!("{:16}  {:10}  {:73}  SIZE", "SERVICE", "VERSION", "DIGEST");

@@ -19,6 +19,7 @@ mod plan;
 mod query;
 mod rollout;
 mod serve;
+mod service_local;
 mod shell;
 mod status;
 mod up;

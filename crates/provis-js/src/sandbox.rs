@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
-use provis_bundle::{PackedBundle, resolve_import};
+use provis_bundle::{PackedBundle, SourceMaps, resolve_import};
 use rquickjs::loader::{ImportAttributes, Loader, Resolver};
 use rquickjs::promise::PromiseState;
 use rquickjs::{
@@ -37,10 +37,12 @@ pub enum LoadError {
         message: String,
         stack: String,
     },
-    #[error("top-level code of {file} threw: {message}")]
+    #[error("top-level code of {file} threw: {message} (at {at})")]
     TopLevel {
         file: String,
         message: String,
+        /// Where it threw, in the author's source (`main.ts:12:5`).
+        at: String,
         stack: String,
     },
     #[error("loading took longer than {0:?} (a loop in top-level code?)")]
@@ -195,8 +197,11 @@ pub fn check_bundle(bundle: &PackedBundle) -> Result<Vec<String>, LoadError> {
     let host = HostContext::inert(&bundle.manifest.name);
     let engine = Engine::load(bundle, &host)?;
     for file in bundle.files.keys() {
-        let own_module =
-            (file.ends_with(".js") || file.ends_with(".mjs")) && !file.starts_with("node_modules/");
+        let own_module = [".js", ".mjs", ".cjs", ".ts", ".mts", ".cts"]
+            .iter()
+            .any(|ext| file.ends_with(ext))
+            && !file.starts_with("node_modules/")
+            && !file.starts_with(provis_bundle::shims::SHIM_DIR);
         if own_module && *file != bundle.manifest.entry {
             engine.compile_only(file, bundle)?;
         }
@@ -315,6 +320,8 @@ struct Engine {
     deadline: CallDeadline,
     fired: Rc<Cell<bool>>,
     methods: Vec<String>,
+    /// Maps stacks back to the author's TypeScript.
+    sources: Rc<SourceMaps>,
 }
 
 /// What went wrong inside QuickJS, before it is told as a load or call error.
@@ -351,6 +358,7 @@ impl Engine {
             }
             late
         })));
+        let sources = Rc::new(SourceMaps::from_files(&bundle.files));
         let modules = BundleModules(Rc::new(bundle.files.clone()));
         runtime.set_loader(modules.clone(), modules);
         let context = Context::full(&runtime).map_err(engine_err)?;
@@ -385,6 +393,7 @@ impl Engine {
             },
         );
         deadline.set(None);
+        let loaded = loaded.map_err(|failure| failure.remapped(&sources));
         let (namespace, methods) = loaded.map_err(|failure| match failure {
             Failure::Exception { message, stack } if is_compile_error(&message, &stack) => {
                 LoadError::Module {
@@ -396,6 +405,7 @@ impl Engine {
             Failure::Exception { message, stack } | Failure::Denied { message, stack } => {
                 LoadError::TopLevel {
                     file: entry.clone(),
+                    at: location(&stack).unwrap_or_else(|| entry.clone()),
                     message,
                     stack,
                 }
@@ -414,6 +424,7 @@ impl Engine {
             deadline,
             fired,
             methods,
+            sources,
         })
     }
 
@@ -487,7 +498,7 @@ impl Engine {
                 }
             });
         self.deadline.set(None);
-        outcome.map_err(|failure| match failure {
+        outcome.map_err(|failure| match failure.remapped(&self.sources) {
             Failure::Exception { message, stack } => JsCallError::Exception { message, stack },
             Failure::Denied { message, stack } => JsCallError::Denied { message, stack },
             Failure::Interrupted => JsCallError::Timeout(started.elapsed()),
@@ -495,6 +506,23 @@ impl Engine {
             Failure::NeverSettles => JsCallError::NeverSettles,
             Failure::Engine(message) => JsCallError::BadResult(message),
         })
+    }
+}
+
+impl Failure {
+    /// The failure with its stack pointing at the author's source.
+    fn remapped(self, sources: &SourceMaps) -> Self {
+        match self {
+            Self::Exception { message, stack } => Self::Exception {
+                message,
+                stack: sources.remap(&stack),
+            },
+            Self::Denied { message, stack } => Self::Denied {
+                message,
+                stack: sources.remap(&stack),
+            },
+            other => other,
+        }
     }
 }
 
@@ -594,9 +622,14 @@ fn is_compile_error(message: &str, _stack: &str) -> bool {
         || message.contains("circular reference")
 }
 
-/// The first `file:line:col` of a stack, if any.
+/// The first `file:line:col` of a stack, if any (`at f (main.ts:3:5)` and
+/// `at main.ts:3:5` alike).
 fn location(stack: &str) -> Option<String> {
     let line = stack.lines().find(|l| !l.trim().is_empty())?;
     let at = line.trim().trim_start_matches("at ");
-    Some(at.trim_matches(|c| c == '(' || c == ')').to_owned())
+    let inside = match (at.rfind('('), at.rfind(')')) {
+        (Some(open), Some(close)) if open < close => &at[open + 1..close],
+        _ => at,
+    };
+    Some(inside.to_owned())
 }

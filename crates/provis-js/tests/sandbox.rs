@@ -20,6 +20,36 @@ fn bundle(files: &[(&str, &str)]) -> PackedBundle {
     PackedBundle::from_dir(dir.path()).expect("packs")
 }
 
+/// A bundle as bytes from elsewhere (not from our packer, which would refuse
+/// broken modules first): the sandbox must still say what is wrong.
+fn raw_bundle(files: &[(&str, &str)]) -> PackedBundle {
+    use prost::Message as _;
+    let bundle = provis_proto::v1::Bundle {
+        manifest_toml: MANIFEST.to_owned(),
+        files: files
+            .iter()
+            .map(|(path, text)| provis_proto::v1::BundleFile {
+                path: (*path).to_owned(),
+                content: text.as_bytes().to_vec(),
+            })
+            .collect(),
+    };
+    let bytes = bundle.encode_to_vec();
+    let digest = provis_bundle::digest_of(&bytes);
+    PackedBundle::from_bytes(bytes.into(), &digest).expect("opens")
+}
+
+/// The packer's refusal of a folder.
+fn pack_error(files: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (path, text) in files {
+        std::fs::write(dir.path().join(path), text).expect("write");
+    }
+    PackedBundle::from_dir(dir.path())
+        .expect_err("refused")
+        .to_string()
+}
+
 const MANIFEST: &str =
     "name = \"demo\"\nversion = \"1\"\n[limits]\ncall_timeout_ms = 300\nmemory_mb = 16\n";
 
@@ -59,30 +89,35 @@ async fn exported_functions_are_methods_sync_or_async() {
 
 #[tokio::test]
 async fn load_failures_say_which_file_and_why() {
-    let err = start(&[
+    let broken = [
         ("service.toml", MANIFEST),
         (
             "main.js",
             "export function f() { return 1 }\nexport function g( {",
         ),
-    ])
-    .await
-    .unwrap_err();
+    ];
+    let err = pack_error(&broken);
+    assert!(err.starts_with("main.js:2:"), "{err}");
+    let raw = raw_bundle(&broken[1..]);
+    let err = ServiceSandbox::start(Arc::new(raw), HostContext::inert("demo"))
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, LoadError::Module { message, .. } if message.contains("SyntaxError")),
         "{err}"
     );
 
-    let err = start(&[
+    let err = pack_error(&[
         ("service.toml", MANIFEST),
         (
             "main.js",
             "import { x } from './missing.js';\nexport function f() { return x }",
         ),
-    ])
-    .await
-    .unwrap_err();
-    assert!(err.to_string().contains("missing.js"), "{err}");
+    ]);
+    assert!(
+        err.contains("main.js: import \"./missing.js\" names no file"),
+        "{err}"
+    );
 
     let err = start(&[
         ("service.toml", MANIFEST),
@@ -114,8 +149,7 @@ async fn load_failures_say_which_file_and_why() {
 
 #[tokio::test]
 async fn a_bundle_check_compiles_every_own_module() {
-    let broken_helper = bundle(&[
-        ("service.toml", MANIFEST),
+    let broken_helper = raw_bundle(&[
         ("main.js", "export function f() { return 1 }"),
         ("unused.js", "export function oops( {"),
     ]);

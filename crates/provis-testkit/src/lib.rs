@@ -7,6 +7,7 @@
 //! in temporary directories; everything is killed on drop, and the logs of
 //! nats-server and of every process are printed when a test fails.
 
+pub mod call_rate;
 mod fleet;
 mod git;
 mod nats;
@@ -171,6 +172,44 @@ pub fn write_files(root: &std::path::Path, files: &[(&str, &str)]) -> anyhow::Re
         std::fs::write(&path, text)?;
     }
     Ok(())
+}
+
+/// Copies the folder `from` to `to` (regular files and folders; links are
+/// copied as links, as `cp -a` would), e.g. a service with its `node_modules/`.
+pub fn copy_folder(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let (source, target) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type()?;
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&source)?, &target)?;
+        } else if kind.is_dir() {
+            copy_folder(&source, &target)?;
+        } else {
+            std::fs::copy(&source, &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// The service under `tests/fixtures/<name>` with the npm packages its
+/// lockfile pins installed (`scripts/test.sh` runs `npm ci` there; so may
+/// you). Fails, saying so, when they are not installed.
+pub fn npm_fixture(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name);
+    let dir = dir
+        .canonicalize()
+        .map_err(|err| anyhow::anyhow!("{}: {err}", dir.display()))?;
+    if !dir.join("node_modules").is_dir() {
+        anyhow::bail!(
+            "{}: its npm packages are not installed; run `npm ci --ignore-scripts` there (scripts/test.sh does)",
+            dir.display()
+        );
+    }
+    Ok(dir)
 }
 
 /// Benchmark sizes from `PROVIS_BENCH_SIZES` (comma-separated), else `default`.
