@@ -4,10 +4,13 @@
 //! - The author's TypeScript loses its types here, and keeps a source map.
 //! - A CommonJS module becomes an ES module that wraps its code in a
 //!   function, run once on first use (as Node does), so circular requires
-//!   see the partly filled `module.exports` Node would give. It exports the
-//!   function (for other CommonJS modules), `default` (`module.exports`) and
-//!   the names it assigns to `exports` (for `import { x } from`). Its code
-//!   keeps its lines: the wrapper's head shares the first line.
+//!   see the partly filled `module.exports` Node would give; it exports only
+//!   that function, which other CommonJS modules call. ES modules import it
+//!   through a facade (`<path>?esm`) that runs it and exports `default`
+//!   (`module.exports`) and the names it assigns to `exports` (for
+//!   `import { x } from`); so a module runs when it is first required or
+//!   imported, never earlier. Its code keeps its lines: the wrapper's head
+//!   shares the first line.
 //! - JSON modules become `export default <json>`.
 //! - Every specifier is rewritten to a path relative to its importer, so
 //!   the minion loads modules without looking anything up.
@@ -86,6 +89,10 @@ pub struct ModuleGraph {
     pub source_maps: BTreeMap<String, String>,
     /// Packages under `node_modules/` that modules came from.
     pub packages: Vec<BundledPackage>,
+    /// What the author should know but need not fix: `require()`s in
+    /// packages of packages that are not installed (often optional ones,
+    /// inside `try`), which throw `Cannot find module` if they run.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +109,8 @@ struct Analyzed {
     syntax: ModuleSyntax,
     /// Each import (ES) or require (CommonJS) specifier → its bundle path.
     targets: HashMap<String, String>,
+    /// `require()`s of a package's that name nothing installed, with why.
+    unresolved: BTreeMap<String, String>,
 }
 
 /// Follows the imports from `roots` through the folder at `root`.
@@ -113,6 +122,7 @@ pub fn build(root: &Path, roots: &GraphRoots) -> Result<ModuleGraph, GraphError>
     let mut analyzed: BTreeMap<String, Analyzed> = BTreeMap::new();
     let mut parent: HashMap<String, String> = HashMap::new();
     let mut source_maps = BTreeMap::new();
+    let mut warnings = Vec::new();
     let mut queue: VecDeque<String> = roots.modules.iter().cloned().collect();
     let mut queued: BTreeSet<String> = queue.iter().cloned().collect();
 
@@ -149,6 +159,7 @@ pub fn build(root: &Path, roots: &GraphRoots) -> Result<ModuleGraph, GraphError>
             Kind::Json => (Vec::new(), ImportKind::Import),
         };
         let mut targets = HashMap::new();
+        let mut unresolved = BTreeMap::new();
         let mut wanted: Vec<String> = Vec::new();
         for specifier in specifiers {
             let target = if specifier == shims::TEST_API_SPECIFIER && roots.tests {
@@ -163,6 +174,19 @@ pub fn build(root: &Path, roots: &GraphRoots) -> Result<ModuleGraph, GraphError>
                             builtin: name.clone(),
                             shimmed: shims::shimmed().collect::<Vec<_>>().join(", "),
                         })?,
+                    // Node throws for these only when the require() runs,
+                    // and packages guard optional ones with `try`.
+                    Err(
+                        error @ (NodeResolveError::NoPackage { .. }
+                        | NodeResolveError::Missing { .. }),
+                    ) if kind == Kind::CommonJs && package_of(&path).is_some() => {
+                        warnings.push(format!(
+                            "{}: require {error}; it throws if it runs",
+                            chain()
+                        ));
+                        unresolved.insert(specifier, error.to_string());
+                        continue;
+                    }
                     Err(error) => {
                         return Err(GraphError::Resolve {
                             chain: chain(),
@@ -190,6 +214,7 @@ pub fn build(root: &Path, roots: &GraphRoots) -> Result<ModuleGraph, GraphError>
                 code: text,
                 syntax,
                 targets,
+                unresolved,
             },
         );
     }
@@ -198,8 +223,11 @@ pub fn build(root: &Path, roots: &GraphRoots) -> Result<ModuleGraph, GraphError>
     for (path, module) in &analyzed {
         let printed = match module.kind {
             Kind::Json => format!("export default {};\n", module.code.trim_end()),
-            Kind::Module => print_module(path, module),
-            Kind::CommonJs => print_commonjs(path, module, &analyzed),
+            Kind::Module => print_module(path, module, &analyzed),
+            Kind::CommonJs => {
+                modules.insert(facade_of(path), print_facade(path, &analyzed));
+                print_commonjs(path, module, &analyzed)
+            }
         };
         modules.insert(path.clone(), printed);
     }
@@ -208,6 +236,7 @@ pub fn build(root: &Path, roots: &GraphRoots) -> Result<ModuleGraph, GraphError>
         modules,
         source_maps,
         packages,
+        warnings,
     })
 }
 
@@ -254,8 +283,14 @@ fn strip_hashbang(text: String) -> String {
     }
 }
 
-/// An ES module with every specifier rewritten to its bundle path.
-fn print_module(path: &str, module: &Analyzed) -> String {
+/// The bundle path of the ES facade of CommonJS module `path`.
+fn facade_of(path: &str) -> String {
+    format!("{path}?esm")
+}
+
+/// An ES module with every specifier rewritten to its bundle path (a
+/// CommonJS module's facade for a CommonJS target).
+fn print_module(path: &str, module: &Analyzed, all: &BTreeMap<String, Analyzed>) -> String {
     let mut out = String::with_capacity(module.code.len());
     let mut copied = 0usize;
     for import in &module.syntax.imports {
@@ -264,12 +299,16 @@ fn print_module(path: &str, module: &Analyzed) -> String {
         else {
             continue;
         };
+        let target = match all.get(target).map(|m| m.kind) {
+            Some(Kind::CommonJs) => facade_of(target),
+            _ => target.clone(),
+        };
         let (start, end) = (start as usize, end as usize);
         if start < copied || end > module.code.len() {
             continue;
         }
         out.push_str(&module.code[copied..start]);
-        out.push_str(&quoted(&relative_specifier(path, target)));
+        out.push_str(&quoted(&relative_specifier(path, &target)));
         copied = end;
     }
     out.push_str(&module.code[copied..]);
@@ -303,6 +342,13 @@ fn print_commonjs(path: &str, module: &Analyzed, all: &BTreeMap<String, Analyzed
         };
         cases.push_str(&format!("case {}: return {value}; ", quoted(specifier)));
     }
+    for (specifier, why) in &module.unresolved {
+        let message = quoted(&format!("Cannot find module '{specifier}': {why}"));
+        cases.push_str(&format!(
+            "case {}: throw new Error({message}); ",
+            quoted(specifier)
+        ));
+    }
     let (process_param, process_arg) = if module.syntax.uses_process {
         let from = quoted(&relative_specifier(path, shims::PROCESS_PATH));
         imports.push_str(&format!(
@@ -325,7 +371,17 @@ fn print_commonjs(path: &str, module: &Analyzed, all: &BTreeMap<String, Analyzed
          function __provis_factory(module, exports, require, {process_param}global, __filename, __dirname) {{"
     );
     out.push_str(&module.code);
-    out.push_str("\n}\nvar __provis_exports = __provis_cjs();\nexport default __provis_exports;\n");
+    out.push_str("\n}\n");
+    out
+}
+
+/// The ES face of CommonJS module `path`: runs it when first imported and
+/// exports `module.exports` as `default` and by its names.
+fn print_facade(path: &str, all: &BTreeMap<String, Analyzed>) -> String {
+    let from = quoted(&relative_specifier(&facade_of(path), path));
+    let mut out = format!(
+        "import {{ __provis_cjs }} from {from};\nvar __provis_exports = __provis_cjs();\nexport default __provis_exports;\n"
+    );
     let mut names = BTreeSet::new();
     export_names(path, all, &mut BTreeSet::new(), &mut names);
     for name in names {

@@ -8,7 +8,8 @@
 //!   the nearest `node_modules/` walking up from the importer, as npm and pnpm
 //!   lay them out (pnpm's links are followed, and must stay in the folder).
 //!   A package's `exports` map is read in its own key order with the
-//!   conditions of the import's kind ([`ImportKind::conditions`]); without
+//!   conditions of the import's kind ([`ImportKind::conditions`]; an import
+//!   of a package that exports only for `require` takes that); without
 //!   one, `module` (for imports), `main`, then `index.js`.
 //! - Node built-ins (`fs`, `node:net`, …) are [`Resolved::Builtin`]: refused
 //!   by the packer unless a pure shim stands in ([`crate::shims`]), or the
@@ -265,8 +266,15 @@ impl FolderResolver {
             },
         };
         if let Some(exports) = meta.as_ref().and_then(|m| m.exports.as_ref()) {
-            let target =
-                exports_target(exports, subpath, kind.conditions()).ok_or_else(not_exported)?;
+            let target = exports_target(exports, subpath, kind.conditions())
+                // A package that exports only for `require` is still
+                // importable: its CommonJS is converted like any other.
+                .or_else(|| {
+                    (kind == ImportKind::Import)
+                        .then(|| exports_target(exports, subpath, ImportKind::Require.conditions()))
+                        .flatten()
+                })
+                .ok_or_else(not_exported)?;
             let joined = join(package_root, &target)
                 .filter(|path| inside_package(path, package_root))
                 .ok_or_else(|| NodeResolveError::Escapes {

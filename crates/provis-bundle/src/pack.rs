@@ -71,6 +71,8 @@ pub struct PackedBundle {
     /// The npm packages it holds code from, as the lockfile lists them
     /// (known when packed from a folder, empty when opened from bytes).
     pub packages: Vec<AuditedPackage>,
+    /// Packing's warnings (see [`crate::module_graph::ModuleGraph::warnings`]).
+    pub warnings: Vec<String>,
 }
 
 /// `sha256:<hex>` of `bytes`.
@@ -131,6 +133,7 @@ impl PackedBundle {
             },
         )?;
         let packages = crate::lockfile::audit(dir, &graph.packages)?;
+        let warnings = graph.warnings;
         let mut files = graph.modules;
         for (module, map) in graph.source_maps {
             files.insert(format!("{module}{MAP_SUFFIX}"), map);
@@ -155,6 +158,7 @@ impl PackedBundle {
             digest: digest_of(&bytes),
             bytes: bytes.into(),
             packages,
+            warnings,
         };
         Ok((packed, if with_tests { own.tests } else { Vec::new() }))
     }
@@ -186,6 +190,7 @@ impl PackedBundle {
             bytes,
             digest: actual,
             packages: Vec::new(),
+            warnings: Vec::new(),
         })
     }
 }

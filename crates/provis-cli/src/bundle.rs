@@ -84,6 +84,9 @@ pub fn pack_checked(dir: &std::path::Path) -> anyhow::Result<(PackedBundle, Vec<
         .with_context(|| format!("{} is not a valid service", dir.display()))?;
     let methods = provis_js::check_bundle(&bundle)
         .with_context(|| format!("{} is not a valid service", dir.display()))?;
+    for warning in &bundle.warnings {
+        eprintln!("provis: warning: {}: {warning}", dir.display());
+    }
     Ok((bundle, methods))
 }
 
@@ -100,6 +103,7 @@ pub async fn run_bundle(args: BundleArgs) -> anyhow::Result<ExitCode> {
                 "files": bundle.files.keys().collect::<Vec<_>>(),
                 "methods": methods,
                 "packages": bundle.packages,
+                "warnings": bundle.warnings,
             }))?
         );
     } else {

@@ -541,3 +541,89 @@ async fn http_reaches_listed_hosts_only_and_follows_no_redirect() {
         assert!(err.to_string().contains(needle), "{url}: {err}");
     }
 }
+
+#[tokio::test]
+async fn commonjs_packages_run_with_nodes_semantics() {
+    let service = start(&[
+        ("service.toml", MANIFEST),
+        (
+            "main.js",
+            "import circular from 'circ';\nimport answer from 'json-answer';\nimport optional from 'optional-dep';\nimport { fromEsm } from 'uses-esm';\nimport requireOnly from 'require-only';\nimport { greet } from 'shimmed';\nexport function cjs() { return { circular, answer, optional, fromEsm, requireOnly, greet: greet('ops') } }\nexport async function lazy() { const { value } = await import('./lazy.js'); return value }\n",
+        ),
+        ("lazy.js", "export const value = 'loaded on demand';\n"),
+        // Circular requires see the partly filled exports, as in Node.
+        ("node_modules/circ/package.json", r#"{"name": "circ", "version": "1.0.0"}"#),
+        (
+            "node_modules/circ/index.js",
+            "exports.loaded = false;\nconst b = require('./b');\nexports.bSawLoaded = b.sawLoaded;\nexports.loaded = true;\n",
+        ),
+        ("node_modules/circ/b.js", "const a = require('./index');\nexports.sawLoaded = a.loaded;\n"),
+        ("node_modules/json-answer/package.json", r#"{"name": "json-answer", "version": "1.0.0", "main": "main.js"}"#),
+        ("node_modules/json-answer/main.js", "module.exports = require('./data.json').answer;\n"),
+        ("node_modules/json-answer/data.json", r#"{"answer": 42}"#),
+        // An optional dependency that is not installed: it throws only if required.
+        ("node_modules/optional-dep/package.json", r#"{"name": "optional-dep", "version": "1.0.0"}"#),
+        (
+            "node_modules/optional-dep/index.js",
+            "let found;\ntry { found = require('not-installed'); } catch (err) { found = err.message.split(':')[0]; }\nmodule.exports = found;\n",
+        ),
+        ("node_modules/uses-esm/package.json", r#"{"name": "uses-esm", "version": "1.0.0"}"#),
+        ("node_modules/uses-esm/index.js", "const esm = require('esm-only');\nexports.fromEsm = esm.twice(21);\n"),
+        ("node_modules/esm-only/package.json", r#"{"name": "esm-only", "version": "1.0.0", "type": "module", "exports": "./index.js"}"#),
+        ("node_modules/esm-only/index.js", "export const twice = (n) => n * 2;\n"),
+        ("node_modules/require-only/package.json", r#"{"name": "require-only", "version": "1.0.0", "exports": {".": {"require": "./cjs.js"}}}"#),
+        ("node_modules/require-only/cjs.js", "module.exports = 'exported for require only';\n"),
+        ("node_modules/shimmed/package.json", r#"{"name": "shimmed", "version": "1.0.0"}"#),
+        (
+            "node_modules/shimmed/index.js",
+            "const EventEmitter = require('events');\nconst util = require('node:util');\nconst bus = new EventEmitter();\nlet heard = '';\nbus.once('hi', (who) => { heard = util.format('hello %s (%d)', who, 1); });\nexports.greet = (who) => { bus.emit('hi', who); bus.emit('hi', 'again'); return heard; };\n",
+        ),
+    ])
+    .await
+    .expect("loads");
+    let deadline = || Instant::now() + Duration::from_secs(2);
+    let result = service
+        .call("cjs", json!(null), deadline())
+        .await
+        .expect("call");
+    assert_eq!(
+        result,
+        json!({
+            "circular": {"loaded": true, "bSawLoaded": false},
+            "answer": 42,
+            "optional": "Cannot find module 'not-installed'",
+            "fromEsm": 42,
+            "requireOnly": "exported for require only",
+            "greet": "hello ops (1)",
+        })
+    );
+    let lazy = service
+        .call("lazy", json!(null), deadline())
+        .await
+        .expect("call");
+    assert_eq!(lazy, json!("loaded on demand"));
+
+    // A package that throws while loading: the stack names its file and line.
+    let err = start(&[
+        ("service.toml", MANIFEST),
+        (
+            "main.js",
+            "import 'thrower';\nexport function f() { return 1 }\n",
+        ),
+        (
+            "node_modules/thrower/package.json",
+            r#"{"name": "thrower", "version": "1.0.0"}"#,
+        ),
+        (
+            "node_modules/thrower/index.js",
+            "'use strict';\n\nthrow new Error('cannot start');\n",
+        ),
+    ])
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, LoadError::TopLevel { message, at, .. }
+            if message.contains("cannot start") && at.starts_with("node_modules/thrower/index.js:3")),
+        "{err}"
+    );
+}
