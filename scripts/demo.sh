@@ -47,10 +47,18 @@ run provis call --all --batch 1 --batch-wait 1s sys.ping
 
 # Changing the fleet is a commit to the repository the master follows.
 config="$PWD/.provis/up/config"
-echo; echo "\$ (in $config) change web.eu's greeting and commit"
+# A secret for web.eu only: sealed to each member minion's key (nothing else
+# can open it), granted to greet, committed with the greeting's change.
+echo; echo "\$ echo -n TOKEN | provis secret seal --role web.eu greeting_token --repository $config"
+printf 'demo-token-%s' "$(date +%s%N)" |
+  provis secret seal --role web.eu greeting_token --repository "$config"
+grep -q greeting_token "$config/services/greet/service.toml" ||
+  printf '\n[capabilities]\nsecrets = ["greeting_token"]\n' >>"$config/services/greet/service.toml"
+echo; echo "\$ (in $config) change web.eu's greeting, grant greet the secret, and commit"
 sed -i "s/^greeting = .*/greeting = \"servus um $(date +%H:%M:%S)\"/" "$config/roles/web.eu.toml"
+git -C "$config" add --all
 git -C "$config" -c user.name="provis demo" -c user.email=demo@provis.invalid \
-  commit -qam "web.eu: greet as in Vienna"
+  commit -qm "web.eu: greet as in Vienna, with a sealed token"
 echo; echo "\$ provis plan"
 provis plan || [ $? -eq 2 ]   # 2: the revision would change something
 run provis master sync
@@ -61,6 +69,7 @@ done
 run provis rollout status
 run provis status
 run provis call --subject role.web.eu greet.hello '{"name": "operators"}'
+run provis call --subject role.web.eu greet.token   # its length; the value itself is redacted
 run provis jobs --since 10m
 
 if $once; then

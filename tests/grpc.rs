@@ -6,6 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
+use provis_core::identity::Identity;
+use provis_core::minion_api::{connect_unix, signed_request};
 use provis_core::{CallRequest, CallTarget};
 use provis_proto::v1::minion_client::MinionClient;
 use provis_proto::v1::{
@@ -13,9 +15,63 @@ use provis_proto::v1::{
 };
 use provis_testkit::{TestFleet, run_to_end, write_files};
 use serde_json::Value;
+use std::os::unix::fs::PermissionsExt as _;
 
 fn provis() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_provis"))
+}
+
+/// Another local user (`nobody`) trying the socket is refused by the
+/// kernel. Needs root to act as another user; as anyone else there is no
+/// other user to be, and the check says so.
+fn another_user_cannot_open(socket: &Path) {
+    use std::os::unix::fs::MetadataExt as _;
+    use std::os::unix::process::CommandExt as _;
+    // /proc/self belongs to this process's effective user.
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    if !root {
+        eprintln!(
+            "not root: cannot act as another user to try {}",
+            socket.display()
+        );
+        return;
+    }
+    let output = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\nprint('connected')",
+        ])
+        .arg(socket)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("python3 runs as nobody");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("PermissionError"),
+        "nobody reached {}: {stderr}",
+        socket.display()
+    );
+}
+
+/// The API address of `id` in the registry.
+async fn advertised(fleet: &TestFleet, id: &str) -> String {
+    let records = provis_core::registry::read_all(
+        &fleet
+            .client()
+            .await
+            .expect("client")
+            .registry()
+            .await
+            .expect("registry"),
+    )
+    .await
+    .expect("records");
+    records
+        .into_iter()
+        .find(|r| r.id.as_str() == id)
+        .and_then(|r| r.grpc_addr)
+        .expect("a gRPC address in the registry")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,13 +112,17 @@ async fn the_local_api_serves_health_services_state_events_and_calls() {
         .grpc_addr
         .clone()
         .expect("a gRPC address in the registry");
-    assert!(
-        addr.starts_with("127.0.0.1:"),
-        "loopback by default: {addr}"
-    );
-    let mut api = MinionClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connect");
+    // A Unix socket by default: the minion's user and group only.
+    let Some(socket) = addr.strip_prefix("unix:") else {
+        panic!("a Unix socket by default: {addr}");
+    };
+    let mode = std::fs::metadata(socket)
+        .expect("the socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o660, "owner and group only: {mode:o}");
+    another_user_cannot_open(Path::new(socket));
+    let mut api = connect_unix(socket.into()).await.expect("connect");
 
     let health = api
         .health(HealthRequest {})
@@ -169,7 +229,13 @@ async fn the_local_api_serves_tls_when_configured_and_never_plaintext_off_loopba
     );
     std::fs::write(&cert, issued.cert.pem()).expect("cert");
     std::fs::write(&key, issued.signing_key.serialize_pem()).expect("key");
+    let alice_key = fleet.workdir().join("alice.key");
+    let alice = Identity::create(&alice_key).expect("alice");
     let args = [
+        "--grpc-listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--trusted-callers".as_ref(),
+        alice.public_key().as_ref(),
         "--grpc-tls-cert".as_ref(),
         cert.as_os_str(),
         "--grpc-tls-key".as_ref(),
@@ -186,6 +252,8 @@ async fn the_local_api_serves_tls_when_configured_and_never_plaintext_off_loopba
             .args([
                 "call", "--via", "grpc", "--minion", "m1", "--output", "json",
             ])
+            .arg("--key")
+            .arg(&alice_key)
             .args(extra)
             .arg("sys.ping");
         let (code, stdout, _) = run_to_end(&mut command).expect("provis call");
@@ -218,4 +286,141 @@ async fn the_local_api_serves_tls_when_configured_and_never_plaintext_off_loopba
     .expect("minion");
     assert_ne!(code, 0);
     assert!(stderr.contains("must serve TLS"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tcp_every_rpc_needs_the_signature_of_a_trusted_caller() {
+    let mut fleet = TestFleet::start().await.expect("fleet");
+    let keys = fleet.workdir().join("keys");
+    let alice = Identity::create(&keys.join("alice.key")).expect("alice");
+    let mallory = Identity::create(&keys.join("mallory.key")).expect("mallory");
+    let tcp = ["--grpc-listen".as_ref(), "127.0.0.1:0".as_ref()];
+    fleet
+        .add_minion_process_with(provis(), "open", &["web"], &tcp)
+        .await
+        .expect("a minion that pins no caller");
+    let pinned = [
+        "--grpc-listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--trusted-callers".as_ref(),
+        alice.public_key().as_ref(),
+    ];
+    fleet
+        .add_minion_process_with(provis(), "m1", &["web"], &pinned)
+        .await
+        .expect("a minion that pins alice");
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+    };
+
+    // Pinning nobody, a minion cannot tell who asks over TCP: it refuses all.
+    let addr = advertised(&fleet, "open").await;
+    let mut open = MinionClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let refused = open.health(HealthRequest {}).await.expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    assert!(refused.message().contains("pins no callers"), "{refused:?}");
+    let signed = signed_request(HealthRequest {}, "Health", "open", &alice, now());
+    assert!(
+        open.health(signed).await.is_err(),
+        "nobody is trusted there"
+    );
+
+    let addr = advertised(&fleet, "m1").await;
+    let mut api = MinionClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    // Unsigned: refused, every RPC alike.
+    let unsigned = [
+        api.health(HealthRequest {}).await.err(),
+        api.list_services(ListServicesRequest {}).await.err(),
+        api.get_state(GetStateRequest {
+            service: "note".into(),
+            prefix: String::new(),
+        })
+        .await
+        .err(),
+        api.watch_events(WatchEventsRequest {
+            type_prefix: String::new(),
+        })
+        .await
+        .err(),
+    ];
+    for status in unsigned {
+        let status = status.expect("refused");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        assert!(status.message().contains("not signed"), "{status:?}");
+    }
+    // Signed by the pinned caller: answered.
+    let health = api
+        .health(signed_request(
+            HealthRequest {},
+            "Health",
+            "m1",
+            &alice,
+            now(),
+        ))
+        .await
+        .expect("alice may ask")
+        .into_inner();
+    assert_eq!(health.minion, "m1");
+    let state = signed_request(
+        GetStateRequest {
+            service: "note".into(),
+            prefix: String::new(),
+        },
+        "GetState",
+        "m1",
+        &alice,
+        now(),
+    );
+    api.get_state(state).await.expect("alice may read state");
+    // Replayed, meant for another minion, another RPC, or by an unknown key: refused.
+    let once = signed_request(HealthRequest {}, "Health", "m1", &alice, now());
+    let copy = {
+        let mut copy = tonic::Request::new(HealthRequest {});
+        *copy.metadata_mut() = once.metadata().clone();
+        copy
+    };
+    api.health(once).await.expect("first use");
+    let replayed = api.health(copy).await.expect_err("a replay");
+    assert!(replayed.message().contains("replay"), "{replayed:?}");
+    let elsewhere = signed_request(HealthRequest {}, "Health", "open", &alice, now());
+    let wrong = api
+        .health(elsewhere)
+        .await
+        .expect_err("meant for another minion");
+    assert!(wrong.message().contains("does not verify"), "{wrong:?}");
+    let as_health = signed_request(ListServicesRequest {}, "Health", "m1", &alice, now());
+    let wrong = api
+        .list_services(as_health)
+        .await
+        .expect_err("signed as another RPC");
+    assert!(wrong.message().contains("does not verify"), "{wrong:?}");
+    let stranger = signed_request(HealthRequest {}, "Health", "m1", &mallory, now());
+    let wrong = api.health(stranger).await.expect_err("an unknown key");
+    assert!(wrong.message().contains("does not trust"), "{wrong:?}");
+
+    // A call through TCP is signed in its envelope, as over NATS.
+    let call = |key: Option<&Path>| {
+        let mut command = fleet.provis_command(provis());
+        command.args([
+            "call", "--via", "grpc", "--minion", "m1", "--output", "json",
+        ]);
+        if let Some(key) = key {
+            command.arg("--key").arg(key);
+        }
+        let (code, stdout, _) = run_to_end(command.arg("sys.ping")).expect("provis call");
+        (
+            code,
+            serde_json::from_str::<Value>(&stdout).unwrap_or_default(),
+        )
+    };
+    let (code, report) = call(Some(&keys.join("alice.key")));
+    assert_eq!(code, 0, "{report}");
+    let (code, report) = call(None);
+    assert_eq!(code, 1, "{report}");
 }

@@ -225,6 +225,8 @@ async fn answers_that_grow_with_the_fleet_come_in_pages_under_the_max_payload() 
             grpc_addr: None,
             grpc_tls: false,
             public_key: None,
+            encryption_key: None,
+            encryption_key_signature: None,
         };
         registry::put_record(&store, &record).await.expect("record");
         let enrolled = EnrollmentRecord {

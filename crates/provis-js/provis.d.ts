@@ -85,6 +85,12 @@ declare namespace provis {
     }): { status: number; headers: { [name: string]: string }; body: string };
   }
 
+  /** Secrets sealed to this minion, for the names the manifest lists (`capabilities.secrets`). */
+  namespace secrets {
+    /** The secret's value; throws when it is not granted or not sealed to this minion. Its value is redacted from results, errors, events, logs and state. */
+    function get(name: string): string;
+  }
+
   /** The fleet's state database, if the manifest sets `fleet_query = true`. */
   namespace fleet {
     /** Minions matching a CEL expression now, for a whole window (`for_ms`) or at least once in it (`any_ms`). */

@@ -12,6 +12,7 @@
 //! exec = ["/usr/bin/systemctl"]
 //! http = ["127.0.0.1:8080"]
 //! fleet_query = false
+//! secrets = ["db_password"]   # provis.secrets.get("db_password")
 //!
 //! [limits]
 //! memory_mb = 32               # default
@@ -66,6 +67,10 @@ pub struct Capabilities {
     /// Whether the service may query the fleet's state database.
     #[serde(default)]
     pub fleet_query: bool,
+    /// Secrets (`secrets/<name>.toml` of the config repository) the service
+    /// may read with `provis.secrets.get(name)`.
+    #[serde(default)]
+    pub secrets: Vec<String>,
 }
 
 /// Directories the service may read or write, recursively.
@@ -128,6 +133,8 @@ pub enum ManifestError {
     },
     #[error("{MANIFEST_FILE}: http host {0:?} must be 'host' or 'host:port'")]
     BadHost(String),
+    #[error("{MANIFEST_FILE}: secret name {0:?} must be lowercase letters, digits, '-' or '_'")]
+    BadSecret(String),
 }
 
 impl ServiceManifest {
@@ -173,6 +180,14 @@ impl ServiceManifest {
             if !valid {
                 return Err(ManifestError::BadHost(host.clone()));
             }
+        }
+        if let Some(bad) = self
+            .capabilities
+            .secrets
+            .iter()
+            .find(|name| !provis_core::sealed_secret::is_secret_name(name))
+        {
+            return Err(ManifestError::BadSecret(bad.clone()));
         }
         if !(1..=4096).contains(&self.limits.memory_mb) {
             return Err(ManifestError::BadLimit {

@@ -10,6 +10,7 @@ use clap::{ArgGroup, Args, ValueEnum};
 use provis_core::client::{
     BatchSize, CallPlan, CallReport, MinionReply, ReplyGatherer, ReplyStatus,
 };
+use provis_core::minion_api::ApiAddress;
 use provis_core::selection::{Filter, Pick};
 use provis_core::{CallRequest, CallTarget, MinionId};
 use provis_proto::v1::minion_client::MinionClient;
@@ -207,7 +208,7 @@ pub async fn run(fleet: &FleetArgs, args: CallArgs) -> anyhow::Result<ExitCode> 
             ca: args.grpc_ca.clone(),
             domain: args.grpc_domain.clone(),
         };
-        let signer = call_signer(fleet, args.key.as_deref())?;
+        let signer = fleet.operator_key(args.key.as_deref())?;
         call_via_grpc(
             fleet,
             &target,
@@ -219,7 +220,7 @@ pub async fn run(fleet: &FleetArgs, args: CallArgs) -> anyhow::Result<ExitCode> 
         .await?
     } else {
         let mut client = fleet.client().await?;
-        if let Some(signer) = call_signer(fleet, args.key.as_deref())? {
+        if let Some(signer) = fleet.operator_key(args.key.as_deref())? {
             client = client.with_signer(signer);
         }
         let selection = client
@@ -392,8 +393,8 @@ fn print_table(
 
 /// Calls each named minion through its local gRPC API, found in the registry
 /// (or given with --grpc-addr), and reports exactly as a call over NATS does.
-/// A minion's gRPC address, and whether it speaks TLS.
-type ApiAddress = (String, bool);
+/// A minion's gRPC address (`unix:/path` or `host:port`), and whether it speaks TLS.
+type AdvertisedApi = (String, bool);
 
 /// How to reach minions' gRPC APIs that speak TLS.
 struct GrpcTls {
@@ -409,6 +410,20 @@ impl GrpcTls {
         tls: bool,
     ) -> Result<MinionClient<tonic::transport::Channel>, String> {
         use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+        let describe = |err: tonic::transport::Error| {
+            format!(
+                "{err}: {}",
+                std::error::Error::source(&err)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            )
+        };
+        if let ApiAddress::Unix(path) = ApiAddress::parse(addr) {
+            // Only on the minion's machine, as its user or group.
+            return provis_core::minion_api::connect_unix(path)
+                .await
+                .map_err(describe);
+        }
         let endpoint = if tls {
             let Some(ca) = &self.ca else {
                 return Err(
@@ -428,14 +443,7 @@ impl GrpcTls {
         } else {
             Channel::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?
         };
-        let channel = endpoint.connect().await.map_err(|err| {
-            format!(
-                "{err}: {}",
-                std::error::Error::source(&err)
-                    .map(ToString::to_string)
-                    .unwrap_or_default()
-            )
-        })?;
+        let channel = endpoint.connect().await.map_err(describe)?;
         Ok(MinionClient::new(channel))
     }
 }
@@ -454,7 +462,7 @@ async fn call_via_grpc(
         )
         .into());
     };
-    let addresses: Vec<(MinionId, Result<ApiAddress, String>)> = match grpc_addr {
+    let addresses: Vec<(MinionId, Result<AdvertisedApi, String>)> = match grpc_addr {
         Some(addr) => {
             let [id] = ids.as_slice() else {
                 return Err(UsageError(
@@ -525,14 +533,4 @@ async fn call_via_grpc(
         }
     }
     Ok(gathered.finish())
-}
-
-/// The key a call is signed with: `--key`, else the identity this shell
-/// connects as (none: unsigned).
-fn call_signer(
-    fleet: &FleetArgs,
-    key: Option<&std::path::Path>,
-) -> anyhow::Result<Option<provis_core::identity::Identity>> {
-    let identity = fleet.resolve()?.identity;
-    crate::keys::signer(key.or(identity.as_deref()))
 }

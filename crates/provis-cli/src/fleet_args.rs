@@ -37,6 +37,16 @@ impl FleetArgs {
     }
 
     /// The fleet to talk to: flags and env over the context file over defaults.
+    /// The operator's key: `key` when given, else the identity this shell
+    /// connects as (none: calls go unsigned, secrets keep no copy).
+    pub fn operator_key(
+        &self,
+        key: Option<&std::path::Path>,
+    ) -> anyhow::Result<Option<provis_core::identity::Identity>> {
+        let identity = self.resolve()?.identity;
+        crate::keys::signer(key.or(identity.as_deref()))
+    }
+
     pub fn resolve(&self) -> anyhow::Result<FleetContext> {
         let mut fleet = self.resolve_file_only()?;
         self.apply(&mut fleet);

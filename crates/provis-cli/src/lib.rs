@@ -18,6 +18,7 @@ mod minions;
 mod plan;
 mod query;
 mod rollout;
+mod secret;
 mod serve;
 mod service_local;
 mod shell;
@@ -58,9 +59,12 @@ enum Command {
     Minions(minions::MinionsArgs),
     /// Check and pack a service folder; print its digest and methods.
     Bundle(bundle::BundleArgs),
-    /// Publish and list injected services.
+    /// Write, try, publish and list injected services.
     #[command(subcommand)]
     Service(bundle::ServiceCommand),
+    /// Seal secrets into the config repository for the minions that may read them.
+    #[command(subcommand)]
+    Secret(secret::SecretCommand),
     /// Validate a config repository as a whole and make it the fleet's desired state.
     Apply(apply::ApplyArgs),
     /// Which minions match an expression: now, for a whole window, or at least once in it.
@@ -136,6 +140,7 @@ pub fn main() -> ExitCode {
         | Command::Minions(_)
         | Command::Bundle(_)
         | Command::Service(_)
+        | Command::Secret(_)
         | Command::Apply(_)
         | Command::Query(_)
         | Command::Events(_)
@@ -169,6 +174,7 @@ pub fn main() -> ExitCode {
             Command::Minions(args) => minions::run(&args.fleet.clone(), args).await,
             Command::Bundle(args) => bundle::run_bundle(args).await,
             Command::Service(command) => bundle::run_service(command).await,
+            Command::Secret(command) => secret::run(command).await,
             Command::Apply(args) => apply::run(&args.fleet.clone(), args).await,
             Command::Query(args) => query::run(&args.fleet.clone(), args).await,
             Command::Events(args) => events::run(&args.fleet.clone(), args).await,

@@ -167,7 +167,9 @@ pub struct MinionArgs {
     /// Where the minion keeps its state database [default: ~/.local/state/provis/<id>]
     #[arg(long, env = "PROVIS_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Address of the local gRPC API, or `off` [default: 127.0.0.1:0]
+    /// Where the local gRPC API listens: `unix` (grpc.sock in the data dir,
+    /// owner and group only), `unix:PATH`, `IP:PORT` (every RPC signed), or
+    /// `off` [default: unix]
     #[arg(long, env = "PROVIS_GRPC_LISTEN")]
     grpc_listen: Option<String>,
     /// PEM certificate of the gRPC API (serves TLS with --grpc-tls-key)

@@ -146,6 +146,8 @@ fn local_host(bundle: &PackedBundle, config: Value) -> HostContext {
         state: Arc::new(StateStore::in_memory()),
         events: Some(events),
         fleet: None,
+        // Sealed secrets open only on their minions.
+        secrets: provis_js::ServiceSecrets::default(),
     }
 }
 

@@ -62,6 +62,11 @@ pub struct Assignment {
     /// is not asked for the same bundle by the whole fleet at once.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub fetch_spread_ms: u64,
+    /// The secrets this minion may read: name → the value sealed to its
+    /// encryption key (base64). Only it can open them; services read those
+    /// their manifest grants (`provis.secrets.get`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, String>,
 }
 
 fn is_zero(ms: &u64) -> bool {

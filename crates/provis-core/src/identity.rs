@@ -45,6 +45,8 @@ pub struct Identity {
     /// Keys derived from this one, made once when the key is read.
     callout_issuer: nkeys::KeyPair,
     callout_service: nkeys::KeyPair,
+    /// The X25519 key secrets are sealed to (see [`crate::sealing`]).
+    encryption: crypto_box::SecretKey,
 }
 
 /// What a key derived from an identity is for: each purpose gets its own
@@ -144,6 +146,7 @@ impl Identity {
             public_key,
             callout_issuer: derive(DerivedKey::CalloutIssuer)?,
             callout_service: derive(DerivedKey::CalloutService)?,
+            encryption: crate::sealing::derive_secret_key(&seed),
             nkey,
             nkey_seed,
         })
@@ -180,6 +183,24 @@ impl Identity {
     /// An ed25519 signature of `message`, in hex.
     pub fn sign(&self, message: &[u8]) -> String {
         hex(self.pair.sign(message).as_ref())
+    }
+
+    /// The public key secrets are sealed to: `x25519:<hex>`.
+    pub fn encryption_public_key(&self) -> String {
+        crate::sealing::public_text(&self.encryption.public_key())
+    }
+
+    /// The signature binding this identity's encryption key to `owner`.
+    pub fn bind_encryption_key(&self, owner: &str) -> String {
+        self.sign(&crate::sealing::encryption_key_statement(
+            owner,
+            &self.encryption_public_key(),
+        ))
+    }
+
+    /// Opens a value sealed (base64) to this identity's encryption key.
+    pub fn open_sealed(&self, sealed: &str) -> Result<Vec<u8>, crate::sealing::SealError> {
+        crate::sealing::open(&self.encryption, sealed)
     }
 }
 

@@ -83,6 +83,26 @@ pub struct MinionRecord {
     /// discard replies in its name that this key did not sign.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
+    /// The key secrets are sealed to (`x25519:<hex>`), derived from the
+    /// minion's identity key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key: Option<String>,
+    /// `public_key`'s signature binding `encryption_key` to this id
+    /// ([`crate::sealing::is_bound`]): sealers check it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key_signature: Option<String>,
+}
+
+impl MinionRecord {
+    /// The encryption key, if the record has one its identity bound to it.
+    pub fn bound_encryption_key(&self) -> Option<&str> {
+        let (identity, key, signature) = (
+            self.public_key.as_deref()?,
+            self.encryption_key.as_deref()?,
+            self.encryption_key_signature.as_deref()?,
+        );
+        crate::sealing::is_bound(identity, self.id.as_str(), key, signature).then_some(key)
+    }
 }
 
 impl MinionRecord {
@@ -201,6 +221,8 @@ mod tests {
             grpc_addr: None,
             grpc_tls: false,
             public_key: None,
+            encryption_key: None,
+            encryption_key_signature: None,
             converged_commit: None,
             failing: None,
             overlay_roles: Vec::new(),

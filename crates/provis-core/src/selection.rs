@@ -419,6 +419,8 @@ mod tests {
             grpc_addr: None,
             grpc_tls: false,
             public_key: None,
+            encryption_key: None,
+            encryption_key_signature: None,
             converged_commit: None,
             failing: None,
             overlay_roles: Vec::new(),

@@ -5,8 +5,10 @@
 pub mod capability;
 pub mod host;
 pub mod sandbox;
+pub mod secrets;
 pub mod state;
 
 pub use host::{HostContext, ServiceEvent};
 pub use sandbox::{JsCallError, LoadError, ServiceSandbox, check_bundle};
+pub use secrets::ServiceSecrets;
 pub use state::StateStore;

@@ -83,6 +83,56 @@ pub enum JsCallError {
     Stopped(String),
 }
 
+impl JsCallError {
+    /// The error with secret values replaced (see [`crate::secrets`]).
+    fn redacted(self, secrets: &crate::secrets::ServiceSecrets) -> Self {
+        let clean = |text: String| secrets.redact(&text).into_owned();
+        match self {
+            Self::Exception { message, stack } => Self::Exception {
+                message: clean(message),
+                stack: clean(stack),
+            },
+            Self::Denied { message, stack } => Self::Denied {
+                message: clean(message),
+                stack: clean(stack),
+            },
+            Self::BadResult(message) => Self::BadResult(clean(message)),
+            other => other,
+        }
+    }
+}
+
+impl LoadError {
+    /// The error with secret values replaced (see [`crate::secrets`]).
+    fn redacted(self, secrets: &crate::secrets::ServiceSecrets) -> Self {
+        let clean = |text: String| secrets.redact(&text).into_owned();
+        match self {
+            Self::Module {
+                file,
+                message,
+                stack,
+            } => Self::Module {
+                file,
+                message: clean(message),
+                stack: clean(stack),
+            },
+            Self::TopLevel {
+                file,
+                message,
+                at,
+                stack,
+            } => Self::TopLevel {
+                file,
+                message: clean(message),
+                at,
+                stack: clean(stack),
+            },
+            Self::Engine(message) => Self::Engine(clean(message)),
+            other => other,
+        }
+    }
+}
+
 /// A loaded service: a handle to its thread. Cheap to share; the thread ends
 /// once every handle is gone and the queued calls are answered.
 #[derive(Debug)]
@@ -231,7 +281,7 @@ fn serve(
             engine
         }
         Err(err) => {
-            let _ = ready.send(Err(err));
+            let _ = ready.send(Err(err.redacted(&host.secrets)));
             return;
         }
     };
@@ -257,10 +307,14 @@ fn serve(
             outcome,
             Err(JsCallError::Timeout(_) | JsCallError::OutOfMemory(_))
         );
-        let _ = job.reply.send(outcome.map_err(|err| match err {
-            JsCallError::Timeout(_) => JsCallError::Timeout(deadline - now),
-            other => other,
-        }));
+        // What the service hands back never carries a secret's value.
+        let outcome = outcome
+            .map(|value| host.secrets.redact_json(value))
+            .map_err(|err| match err {
+                JsCallError::Timeout(_) => JsCallError::Timeout(deadline - now),
+                other => other.redacted(&host.secrets),
+            });
+        let _ = job.reply.send(outcome);
         if poisoned {
             // An interrupted or starved heap may hold half-done work: start over.
             drop(engine);

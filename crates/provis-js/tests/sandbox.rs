@@ -627,3 +627,66 @@ async fn commonjs_packages_run_with_nodes_semantics() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_granted_secret_reads_and_its_value_never_leaves_the_sandbox() {
+    let b = bundle(&[
+        (
+            "service.toml",
+            "name = \"vault\"\nversion = \"1\"\n[capabilities]\nsecrets = [\"db\", \"absent\"]\n",
+        ),
+        (
+            "main.js",
+            "export function length() { return provis.secrets.get('db').length }\nexport function leak() { const v = provis.secrets.get('db'); provis.log.info('pw ' + v); provis.events.emit('leaked', { v }); provis.state.set('copy', v); return { v, stored: provis.state.get('copy') } }\nexport function fail() { throw new Error('wrong password ' + provis.secrets.get('db')) }\nexport function other() { return provis.secrets.get('api') }\nexport function absent() { return provis.secrets.get('absent') }\n",
+        ),
+    ]);
+    let (tx, mut events) = tokio::sync::mpsc::channel(16);
+    let host = HostContext {
+        capabilities: b.manifest.capabilities.clone(),
+        events: Some(tx),
+        secrets: provis_js::ServiceSecrets::new(std::collections::BTreeMap::from([
+            ("db".to_owned(), Ok("hunter2-and-more".to_owned())),
+            ("api".to_owned(), Ok("never-granted".to_owned())),
+        ])),
+        ..HostContext::inert("vault")
+    };
+    let service = ServiceSandbox::start(Arc::new(b), host)
+        .await
+        .expect("loads");
+    let soon = || Instant::now() + Duration::from_secs(2);
+    assert_eq!(
+        service
+            .call("length", json!(null), soon())
+            .await
+            .expect("call"),
+        json!(16)
+    );
+    let leaked = service
+        .call("leak", json!(null), soon())
+        .await
+        .expect("call");
+    assert_eq!(
+        leaked,
+        json!({"v": "[secret db]", "stored": "[secret db]"}),
+        "the result and the state carry no value"
+    );
+    let event = events.recv().await.expect("an event");
+    assert_eq!(event.data, json!({"v": "[secret db]"}));
+    match service.call("fail", json!(null), soon()).await {
+        Err(JsCallError::Exception { message, stack }) => {
+            assert_eq!(message, "Error: wrong password [secret db]");
+            assert!(!stack.contains("hunter2"), "{stack}");
+        }
+        other => panic!("expected an exception: {other:?}"),
+    }
+    // Not in the manifest: denied, even though the minion holds it.
+    assert!(matches!(
+        service.call("other", json!(null), soon()).await,
+        Err(JsCallError::Denied { message, .. }) if message.contains("not granted")
+    ));
+    // Granted but not sealed to this minion: a clear error.
+    assert!(matches!(
+        service.call("absent", json!(null), soon()).await,
+        Err(JsCallError::Exception { message, .. }) if message.contains("not sealed to this minion")
+    ));
+}

@@ -386,6 +386,27 @@ impl DesiredState {
             self.assign_minions(None).await;
             return Ok(answer(commit, SyncOutcome::AlreadyApplied));
         }
+        // Every member of a secret's roles must be able to open it: the
+        // fleet as it is now decides who the members are.
+        let unsealed = {
+            let overlay = self.overlay().await;
+            let records: Vec<_> = self.view.registry().values().cloned().collect();
+            crate::secrets::unsealed_members(&repo.secrets, &records, |record| {
+                repo.assignments
+                    .assign(record, overlay.get(record.id.as_str()), &commit)
+                    .roles
+            })
+        };
+        if !unsealed.is_empty() {
+            let problems = unsealed
+                .into_iter()
+                .map(|p| Problem {
+                    file: p.file,
+                    reason: p.reason,
+                })
+                .collect();
+            return self.reject(commit, summary, problems).await;
+        }
         let Some(term) = self.leadership.term() else {
             return Err(not_leading());
         };
@@ -676,6 +697,7 @@ fn assignment_under(
         }
     }
     assignment.fetch_spread_ms = spread;
+    assignment.secrets = crate::secrets::sealed_for(&repo.secrets, record, &assignment.roles);
     assignment
 }
 

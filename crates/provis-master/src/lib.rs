@@ -29,6 +29,7 @@ pub mod query;
 pub mod repository;
 pub mod rolling_calls;
 pub mod rollout;
+pub mod secrets;
 pub mod state_index;
 pub mod storage;
 

@@ -166,6 +166,8 @@ fn bare_record(id: &str) -> Option<MinionRecord> {
         grpc_addr: None,
         grpc_tls: false,
         public_key: None,
+        encryption_key: None,
+        encryption_key_signature: None,
         converged_commit: None,
         failing: None,
         overlay_roles: Vec::new(),

@@ -41,6 +41,8 @@ pub struct ConfigRepository {
     pub policy: Option<provis_core::call_auth::CallPolicy>,
     /// `rollout.toml`: how a commit reaches the fleet (none: at once).
     pub rollout: Option<crate::rollout::RolloutPolicy>,
+    /// `secrets/*.toml`: sealed secrets by name.
+    pub secrets: BTreeMap<String, provis_core::sealed_secret::SealedSecret>,
 }
 
 /// `master.toml`: the master's settings that are kept in git.
@@ -68,6 +70,7 @@ impl ConfigRepository {
             master: RepositoryMasterSettings::default(),
             policy: None,
             rollout: None,
+            secrets: BTreeMap::new(),
         }
     }
 
@@ -223,6 +226,10 @@ impl ConfigRepository {
                 }
             }
         }
+        let secrets = crate::secrets::load(root, &roles, &mut problems);
+        problems.extend(crate::secrets::unknown_in_services(
+            root, &services, &secrets,
+        ));
         if problems.is_empty() {
             Ok(Self {
                 services,
@@ -231,6 +238,7 @@ impl ConfigRepository {
                 master,
                 policy,
                 rollout,
+                secrets,
             })
         } else {
             Err(InvalidRepository(problems))

@@ -50,8 +50,11 @@ pub struct MinionConfig {
     /// `~/.local/state/provis/<id>`.
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
-    /// Address of the local gRPC API, or `off`. Default: `127.0.0.1:0` (loopback,
-    /// a free port; the registry and `provis call --via grpc` know which).
+    /// Where the local gRPC API listens: `unix` (the socket `grpc.sock` in
+    /// the data dir, mode 0660: the minion's user and group only),
+    /// `unix:PATH`, `IP:PORT` (TCP: every RPC must be signed by a trusted
+    /// caller; TLS required off loopback), or `off`. Default: `unix`. The
+    /// registry and `provis call --via grpc` know where.
     #[serde(default = "default_grpc_listen")]
     pub grpc_listen: String,
     /// PEM certificate (chain) of the gRPC API; with `grpc_tls_key`, the API
@@ -108,7 +111,7 @@ fn default_inject_services() -> bool {
 }
 
 fn default_grpc_listen() -> String {
-    "127.0.0.1:0".to_owned()
+    "unix".to_owned()
 }
 
 fn default_heartbeat_interval_ms() -> u64 {

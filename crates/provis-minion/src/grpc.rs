@@ -1,7 +1,17 @@
 //! The minion's local gRPC API (`proto/provis/v1/minion.proto`): calls,
-//! services, state and events of this one machine, without NATS. It listens
-//! on loopback by default; a call through it takes the same checks and the
-//! same dispatcher as a call over NATS, so the results are the same.
+//! services, state and events of this one machine, without NATS. A call
+//! through it takes the same checks and the same dispatcher as a call over
+//! NATS, so the results are the same.
+//!
+//! Where it listens ([`GrpcListen`]) decides who may ask:
+//! - a Unix socket (the default, `grpc.sock` in the data dir), mode 0660:
+//!   the minion's user and group, nobody else on the machine;
+//! - TCP: anyone who reaches the port, so every RPC must be signed by a key
+//!   the minion trusts (its `trusted_callers`, or an operator of the call
+//!   policy allowed the RPC's service and method: `Health` is `sys.ping`,
+//!   `ListServices` `sys.services`, `WatchEvents` `sys.events`, and
+//!   `GetState` of a service is that service's `state`); a minion that pins
+//!   no key refuses every RPC over TCP. Off loopback, TCP must be TLS.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,6 +33,79 @@ use tonic::{Request, Response, Status};
 use crate::dispatch::Dispatcher;
 use crate::events::EventBus;
 
+/// Where the local API listens: `grpc_listen`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrpcListen {
+    Off,
+    /// A Unix socket, owner and group only.
+    Unix(std::path::PathBuf),
+    /// TCP, where every RPC must be signed.
+    Tcp(std::net::SocketAddr),
+}
+
+/// The socket's name in the data dir when `grpc_listen` is `unix`.
+pub const DEFAULT_SOCKET: &str = "grpc.sock";
+
+impl GrpcListen {
+    /// Reads `unix` (the socket in `data_dir`), `unix:PATH`, `IP:PORT` or `off`.
+    pub fn parse(text: &str, data_dir: &std::path::Path) -> Result<Self, String> {
+        if text == "off" {
+            return Ok(Self::Off);
+        }
+        if text == "unix" {
+            return Ok(Self::Unix(data_dir.join(DEFAULT_SOCKET)));
+        }
+        if let Some(path) = text.strip_prefix(provis_core::minion_api::UNIX_SCHEME) {
+            if path.is_empty() {
+                return Err("unix: needs a path (unix:/run/provis/grpc.sock)".into());
+            }
+            return Ok(Self::Unix(path.into()));
+        }
+        text.parse().map(Self::Tcp).map_err(|_| {
+            "grpc_listen must be unix (the socket in the data dir), unix:PATH, IP:PORT (e.g. 127.0.0.1:7422) or off".into()
+        })
+    }
+}
+
+/// Binds the socket at `path` with mode 0660. A socket left by an earlier
+/// run is replaced; one that answers belongs to a running minion and is not.
+pub async fn bind_socket(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another process serves this socket (a second minion on the same data dir?)",
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ));
+        }
+        Err(_) => {}
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+/// What the gRPC API listens on.
+#[derive(Debug)]
+pub enum ApiListener {
+    /// TCP, over TLS with the identity when given.
+    Tcp(tokio::net::TcpListener, Option<Identity>),
+    /// A Unix socket, removed when the API stops.
+    Unix(tokio::net::UnixListener, std::path::PathBuf),
+}
+
 /// What the gRPC API serves from.
 ///
 /// On stop the server takes no new connection and ends once the calls in
@@ -41,6 +124,8 @@ pub struct MinionApi {
     pub stop: tokio_util::sync::CancellationToken,
     /// Calls' timeouts count from arrival by this clock.
     pub clock: provis_core::clock::BusClock,
+    /// Served over TCP: every RPC must be signed (see the module docs).
+    pub signed_only: bool,
 }
 
 /// The TLS identity from `grpc_tls_cert` and `grpc_tls_key`: none when
@@ -65,30 +150,101 @@ pub fn tls_identity(config: &crate::MinionConfig) -> Result<Option<Identity>, cr
     }
 }
 
-/// Serves the API on `listener` (over TLS with `tls`) until the task is aborted.
+/// Serves the API on `listener` until `stop` fires and the calls in flight answered.
 pub async fn serve(
     api: MinionApi,
-    listener: tokio::net::TcpListener,
-    tls: Option<Identity>,
+    listener: ApiListener,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
-    let mut server = tonic::transport::Server::builder();
-    if let Some(identity) = tls {
-        server = match server.tls_config(ServerTlsConfig::new().identity(identity)) {
-            Ok(server) => server,
-            Err(err) => {
-                tracing::error!(error = %err, "gRPC TLS settings refused; the API does not start");
-                return;
+    let served = match listener {
+        ApiListener::Tcp(listener, tls) => {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            let mut server = tonic::transport::Server::builder();
+            if let Some(identity) = tls {
+                server = match server.tls_config(ServerTlsConfig::new().identity(identity)) {
+                    Ok(server) => server,
+                    Err(err) => {
+                        tracing::error!(error = %err, "gRPC TLS settings refused; the API does not start");
+                        return;
+                    }
+                };
             }
-        };
-    }
-    if let Err(err) = server
-        .add_service(MinionServer::new(api))
-        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-        .await
-    {
+            server
+                .add_service(MinionServer::new(api))
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+        }
+        ApiListener::Unix(listener, path) => {
+            let incoming = futures::stream::unfold(listener, |listener| async move {
+                let accepted = listener.accept().await.map(|(stream, _)| stream);
+                Some((accepted, listener))
+            });
+            let served = tonic::transport::Server::builder()
+                .add_service(MinionServer::new(api))
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await;
+            let _ = std::fs::remove_file(&path);
+            served
+        }
+    };
+    if let Err(err) = served {
         tracing::error!(error = %err, "gRPC API stopped");
+    }
+}
+
+impl MinionApi {
+    /// Over TCP, the request must be signed by a caller the policy lets
+    /// call `service.method` here; on the local socket, anyone who can open
+    /// it may ask.
+    fn check_caller<T: Message>(
+        &self,
+        request: &Request<T>,
+        rpc: &str,
+        service: &str,
+        method: &str,
+    ) -> Result<(), Status> {
+        if !self.signed_only {
+            return Ok(());
+        }
+        let metadata = request.metadata();
+        let text = |key: &str| {
+            metadata
+                .get(key)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned)
+        };
+        let signed = match (
+            text(provis_core::call_auth::RPC_SIGNER),
+            text(provis_core::call_auth::RPC_ISSUED).and_then(|t| t.parse().ok()),
+            text(provis_core::call_auth::RPC_NONCE),
+            text(provis_core::call_auth::RPC_SIGNATURE),
+        ) {
+            (Some(signer), Some(issued_unix_ms), Some(nonce), Some(signature)) => {
+                Some(provis_core::call_auth::RpcSignature {
+                    signer,
+                    issued_unix_ms,
+                    nonce,
+                    signature,
+                })
+            }
+            _ => None,
+        };
+        let body = request.get_ref().encode_to_vec();
+        let minion = self.dispatcher.minion();
+        let signer = self
+            .guard
+            .admit_rpc(rpc, minion, &body, signed.as_ref())
+            .map_err(|err| Status::unauthenticated(err.to_string()))?;
+        self.guard
+            .authorize(&signer, service, method, &self.roles())
+            .map_err(|err| Status::permission_denied(err.to_string()))
+    }
+
+    fn roles(&self) -> Vec<provis_core::RoleName> {
+        self.roles
+            .read()
+            .map(|r| r.iter().filter_map(|r| r.parse().ok()).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -99,6 +255,11 @@ impl Minion for MinionApi {
     async fn call(&self, request: Request<CallEnvelope>) -> Result<Response<CallReply>, Status> {
         // The same checks as over NATS: re-encoding is cheap and keeps one path.
         let arrival = provis_core::envelope::Arrival::now(&self.clock);
+        if self.signed_only && !self.guard.enforcing() {
+            return Err(Status::unauthenticated(
+                provis_core::call_auth::CallAuthError::NoCallers.to_string(),
+            ));
+        }
         let envelope = request.into_inner();
         let admitted = self.guard.admit(&envelope).map_err(|err| {
             (
@@ -107,11 +268,7 @@ impl Minion for MinionApi {
             )
         });
         let payload = envelope.encode_to_vec();
-        let roles: Vec<provis_core::RoleName> = self
-            .roles
-            .read()
-            .map(|r| r.iter().filter_map(|r| r.parse().ok()).collect())
-            .unwrap_or_default();
+        let roles = self.roles();
         let checked = admitted.and_then(|signer| {
             let call = open_envelope(&payload, arrival)?;
             if let Some(signer) = signer {
@@ -141,8 +298,9 @@ impl Minion for MinionApi {
 
     async fn list_services(
         &self,
-        _: Request<ListServicesRequest>,
+        request: Request<ListServicesRequest>,
     ) -> Result<Response<ListServicesResponse>, Status> {
+        self.check_caller(&request, "ListServices", "sys", "services")?;
         let services = self
             .dispatcher
             .describe_services()
@@ -169,6 +327,8 @@ impl Minion for MinionApi {
         &self,
         request: Request<GetStateRequest>,
     ) -> Result<Response<GetStateResponse>, Status> {
+        let service = request.get_ref().service.clone();
+        self.check_caller(&request, "GetState", &service, "state")?;
         let request = request.into_inner();
         let entries = self
             .state
@@ -182,7 +342,11 @@ impl Minion for MinionApi {
         Ok(Response::new(GetStateResponse { entries }))
     }
 
-    async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+    async fn health(
+        &self,
+        request: Request<HealthRequest>,
+    ) -> Result<Response<HealthResponse>, Status> {
+        self.check_caller(&request, "Health", "sys", "ping")?;
         Ok(Response::new(HealthResponse {
             minion: self.dispatcher.minion().to_owned(),
             roles: self.roles.read().map(|r| r.clone()).unwrap_or_default(),
@@ -199,6 +363,7 @@ impl Minion for MinionApi {
         &self,
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        self.check_caller(&request, "WatchEvents", "sys", "events")?;
         let prefix = request.into_inner().type_prefix;
         let receiver = self.events.subscribe();
         let stream =

@@ -386,6 +386,7 @@ impl Startup {
             )),
             bundle_cache: Some(self.config.data_dir().join("bundles")),
             metrics: self.metrics.clone(),
+            identity: self.signer.clone(),
         };
         self.lifecycle.spawn_background(services::reconcile_forever(
             js,
@@ -404,32 +405,53 @@ impl Startup {
 
     /// Serves the local gRPC API, unless it is `off`.
     async fn serve_grpc(&mut self) -> Result<(), MinionError> {
-        if self.config.grpc_listen == "off" {
-            return Ok(());
-        }
         let config = &self.config;
-        let tls = grpc::tls_identity(config)?;
-        let wanted: std::net::SocketAddr =
-            config.grpc_listen.parse().map_err(|_| MinionError::Grpc {
-                addr: config.grpc_listen.clone(),
-                reason: "grpc_listen must be IP:PORT (e.g. 127.0.0.1:7422) or off".into(),
-            })?;
-        if !wanted.ip().is_loopback() && tls.is_none() {
-            return Err(MinionError::Grpc {
-                addr: config.grpc_listen.clone(),
-                reason:
-                    "a gRPC API off loopback must serve TLS: set grpc_tls_cert and grpc_tls_key"
-                        .into(),
-            });
-        }
+        let grpc_error = |reason: String| MinionError::Grpc {
+            addr: config.grpc_listen.clone(),
+            reason,
+        };
         let listen_error = |source| MinionError::GrpcListen {
             addr: config.grpc_listen.clone(),
             source,
         };
-        let listener = tokio::net::TcpListener::bind(wanted)
-            .await
-            .map_err(listen_error)?;
-        let addr = listener.local_addr().map_err(listen_error)?;
+        let wanted =
+            grpc::GrpcListen::parse(&config.grpc_listen, &config.data_dir()).map_err(grpc_error)?;
+        let (listener, advertised, signed_only) = match wanted {
+            grpc::GrpcListen::Off => return Ok(()),
+            grpc::GrpcListen::Unix(path) => {
+                if config.grpc_tls_cert.is_some() {
+                    return Err(grpc_error(
+                        "TLS is for TCP; a Unix socket needs none (set grpc_listen to IP:PORT for TLS)"
+                            .into(),
+                    ));
+                }
+                let listener = grpc::bind_socket(&path).await.map_err(listen_error)?;
+                let advertised = provis_core::minion_api::ApiAddress::Unix(path.clone());
+                (
+                    grpc::ApiListener::Unix(listener, path),
+                    advertised.to_string(),
+                    false,
+                )
+            }
+            grpc::GrpcListen::Tcp(wanted) => {
+                let tls = grpc::tls_identity(config)?;
+                if !wanted.ip().is_loopback() && tls.is_none() {
+                    return Err(grpc_error(
+                        "a gRPC API off loopback must serve TLS: set grpc_tls_cert and grpc_tls_key"
+                            .into(),
+                    ));
+                }
+                let listener = tokio::net::TcpListener::bind(wanted)
+                    .await
+                    .map_err(listen_error)?;
+                let addr = listener.local_addr().map_err(listen_error)?;
+                (
+                    grpc::ApiListener::Tcp(listener, tls),
+                    addr.to_string(),
+                    true,
+                )
+            }
+        };
         let api = grpc::MinionApi {
             guard: self.guard.clone(),
             dispatcher: self.dispatcher.clone(),
@@ -440,15 +462,12 @@ impl Startup {
             started: self.started,
             stop: self.lifecycle.stop_token(),
             clock: self.clock.clone(),
+            signed_only,
         };
-        self.lifecycle.spawn_background(grpc::serve(
-            api,
-            listener,
-            tls,
-            self.lifecycle.stop_token(),
-        ));
-        tracing::info!(minion = %config.id, %addr, "gRPC API listening");
-        self.grpc_addr = Some(addr.to_string());
+        self.lifecycle
+            .spawn_background(grpc::serve(api, listener, self.lifecycle.stop_token()));
+        tracing::info!(minion = %config.id, addr = %advertised, "gRPC API listening");
+        self.grpc_addr = Some(advertised);
         Ok(())
     }
 
@@ -477,6 +496,11 @@ impl Startup {
             failing: None,
             overlay_roles: Vec::new(),
             public_key: self.signer.as_ref().map(|s| s.public_key().to_owned()),
+            encryption_key: self.signer.as_ref().map(|s| s.encryption_public_key()),
+            encryption_key_signature: self
+                .signer
+                .as_ref()
+                .map(|s| s.bind_encryption_key(self.config.id.as_str())),
         };
         let max_calls = self.config.max_concurrent_calls.clamp(1, 65_536);
         let (listener, calls) = match self.listener.take() {
@@ -689,6 +713,7 @@ impl Runtime {
             services: assignment.services,
             configs: assignment.configs,
             fetch_spread: Duration::from_millis(assignment.fetch_spread_ms),
+            secrets: assignment.secrets,
         });
         if !self.inject_services {
             // No services to converge: taking the assignment is converging.

@@ -40,6 +40,8 @@ use crate::events::EventBus;
 pub struct LoadedService {
     pub sandbox: Arc<ServiceSandbox>,
     pub config: Value,
+    /// The sealed secrets it was loaded with (name → sealed value).
+    pub secrets: BTreeMap<String, String>,
 }
 
 /// The running services by name; read by every call, written by the reconciler.
@@ -96,6 +98,8 @@ pub struct HostTemplate {
     pub bundle_cache: Option<std::path::PathBuf>,
     /// Where loads and failures are counted (the minion's, never a service's).
     pub metrics: Arc<provis_telemetry::Metrics>,
+    /// Opens the secrets sealed to this minion (none: it can open none).
+    pub identity: Option<Arc<provis_core::identity::Identity>>,
 }
 
 /// The roles a minion holds now, and the applied commit they come from
@@ -110,6 +114,8 @@ pub struct DesiredRoles {
     pub configs: BTreeMap<String, Value>,
     /// Over how long a first fetch after a change is spread.
     pub fetch_spread: Duration,
+    /// Secrets sealed to this minion: name → sealed value.
+    pub secrets: BTreeMap<String, String>,
 }
 
 /// How far the minion is with its services: the last commit it runs in
@@ -151,6 +157,8 @@ fn retry_wait(attempts: u32) -> Duration {
 struct Wanted {
     digest: String,
     config: Value,
+    /// Secrets sealed to this minion (the service opens those it is granted).
+    secrets: BTreeMap<String, String>,
     /// The signed pointer it comes from, when no assignment names it.
     pointer: Option<ServicePointer>,
 }
@@ -399,6 +407,7 @@ impl Reconciler {
                     let want = Wanted {
                         digest: digest.clone(),
                         config,
+                        secrets: desired.secrets.clone(),
                         pointer: None,
                     };
                     (name.clone(), want)
@@ -412,6 +421,7 @@ impl Reconciler {
                 let want = Wanted {
                     digest: pointer.digest.clone(),
                     config,
+                    secrets: BTreeMap::new(),
                     pointer: Some(pointer),
                 };
                 Some((name, want))
@@ -446,10 +456,11 @@ impl Reconciler {
     /// next try; a failure is recorded with when to try again.
     async fn bring_up(&mut self, name: &str, want: &Wanted, roles: &[RoleName]) {
         let current = self.table.get(name);
-        if current
-            .as_ref()
-            .is_some_and(|c| c.sandbox.digest() == want.digest && c.config == want.config)
-        {
+        if current.as_ref().is_some_and(|c| {
+            c.sandbox.digest() == want.digest
+                && c.config == want.config
+                && c.secrets == want.secrets
+        }) {
             self.failed.remove(name);
             return;
         }
@@ -613,6 +624,7 @@ impl Reconciler {
             state: self.host.state.clone(),
             events: Some(self.host.service_events.clone()),
             fleet: Some(self.host.fleet.clone()),
+            secrets: self.open_secrets(&bundle.manifest.capabilities.secrets, &want.secrets),
         };
         let sandbox = ServiceSandbox::start(Arc::new(bundle), host)
             .await
@@ -620,7 +632,37 @@ impl Reconciler {
         Ok(LoadedService {
             sandbox: Arc::new(sandbox),
             config: want.config.clone(),
+            secrets: want.secrets.clone(),
         })
+    }
+
+    /// Opens the `granted` secrets among those sealed to this minion; one
+    /// that does not open is kept with why, for the service to be told.
+    fn open_secrets(
+        &self,
+        granted: &[String],
+        sealed: &BTreeMap<String, String>,
+    ) -> provis_js::ServiceSecrets {
+        let opened = granted
+            .iter()
+            .filter_map(|name| {
+                let value = sealed.get(name)?;
+                let opened = match &self.host.identity {
+                    None => Err("this minion has no identity key to open secrets with".to_owned()),
+                    Some(identity) => identity
+                        .open_sealed(value)
+                        .map_err(|err| err.to_string())
+                        .and_then(|bytes| {
+                            String::from_utf8(bytes).map_err(|_| "its value is not UTF-8".to_owned())
+                        }),
+                };
+                if let Err(why) = &opened {
+                    tracing::warn!(minion = %self.host.minion, secret = %name, %why, "secret does not open");
+                }
+                Some((name.clone(), opened))
+            })
+            .collect();
+        provis_js::ServiceSecrets::new(opened)
     }
 }
 

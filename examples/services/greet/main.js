@@ -15,3 +15,11 @@ export async function count() {
   provis.state.set("count", seen);
   return { seen };
 }
+
+export function token() {
+  // A secret sealed to this minion (the demo seals `greeting_token` for
+  // web.eu and grants it in service.toml). Its value never leaves the
+  // sandbox: here `shown` comes back as "[secret greeting_token]".
+  const token = provis.secrets.get("greeting_token");
+  return { length: token.length, shown: token };
+}

@@ -12,7 +12,11 @@ pub(super) fn install<'js>(
     _deadline: &CallDeadline,
 ) -> JsResult<Value<'js>> {
     let api = Object::new(ctx.clone())?;
-    let (sink, service) = (host.events.clone(), host.service.clone());
+    let (sink, service, secrets) = (
+        host.events.clone(),
+        host.service.clone(),
+        host.secrets.clone(),
+    );
     api.set(
         "emit",
         Function::new(
@@ -20,7 +24,7 @@ pub(super) fn install<'js>(
             move |ctx: Ctx<'js>, kind: String, data: Opt<Value<'js>>| -> JsResult<()> {
                 provis_core::event::check_kind(&kind).or_else(|err| throw(&ctx, err))?;
                 let data = match data.0 {
-                    Some(value) => from_js(&ctx, value)?,
+                    Some(value) => secrets.redact_json(from_js(&ctx, value)?),
                     None => serde_json::Value::Null,
                 };
                 let Some(sink) = &sink else { return Ok(()) };

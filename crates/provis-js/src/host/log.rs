@@ -12,11 +12,15 @@ pub(super) fn install<'js>(
 ) -> JsResult<Value<'js>> {
     let api = Object::new(ctx.clone())?;
     for level in ["debug", "info", "warn", "error"] {
-        let (minion, service) = (host.minion_id.clone(), host.service.clone());
+        let (minion, service, secrets) = (
+            host.minion_id.clone(),
+            host.service.clone(),
+            host.secrets.clone(),
+        );
         api.set(
             level,
             Function::new(ctx.clone(), move |message: Coerced<String>| {
-                let message = message.0;
+                let message = secrets.redact(&message.0).into_owned();
                 match level {
                     "debug" => tracing::debug!(%minion, %service, "{message}"),
                     "info" => tracing::info!(%minion, %service, "{message}"),

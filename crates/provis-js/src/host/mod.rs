@@ -18,6 +18,7 @@
 //! | `provis.exec.run(program, args, {timeout_ms})` | needs `exec` to list the program; no shell |
 //! | `provis.http.request({method, url, headers, body, timeout_ms})` | needs `http` to list the host |
 //! | `provis.fleet.query(expression, {for_ms, any_ms})` | needs `fleet_query`; the master's answer |
+//! | `provis.secrets.get(name)` | needs `secrets` to list the name; the value sealed to this minion |
 
 mod config;
 mod events;
@@ -28,6 +29,7 @@ mod fs;
 mod http;
 mod log;
 mod minion;
+mod secrets;
 mod state;
 
 use std::cell::Cell;
@@ -65,6 +67,9 @@ pub struct HostContext {
     pub events: Option<tokio::sync::mpsc::Sender<ServiceEvent>>,
     /// How `provis.fleet.query` reaches the master; `None` where there is none.
     pub fleet: Option<FleetQuery>,
+    /// The secrets the manifest grants, opened; their values are redacted
+    /// from everything the service sends out.
+    pub secrets: crate::secrets::ServiceSecrets,
 }
 
 /// Asks the fleet's state database a question and waits at most the given
@@ -100,6 +105,7 @@ impl HostContext {
             state: Arc::new(StateStore::in_memory()),
             events: None,
             fleet: None,
+            secrets: crate::secrets::ServiceSecrets::default(),
         }
     }
 }
@@ -154,6 +160,7 @@ pub const NAMESPACES: &[(&str, Install)] = &[
     ("exec", exec::install),
     ("http", http::install),
     ("fleet", fleet::install),
+    ("secrets", secrets::install),
 ];
 
 /// Installs the frozen global `provis` for `host` in `ctx`.

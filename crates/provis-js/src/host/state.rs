@@ -30,13 +30,19 @@ pub(super) fn install<'js>(
             },
         )?,
     )?;
-    let (store, own) = (host.state.clone(), host.service.clone());
+    let (store, own, secrets) = (
+        host.state.clone(),
+        host.service.clone(),
+        host.secrets.clone(),
+    );
     api.set(
         "set",
         Function::new(
             ctx.clone(),
             move |ctx: Ctx<'js>, key: Coerced<String>, value: Value<'js>| -> JsResult<()> {
-                let value = from_js(&ctx, value)?;
+                // State is readable by other services and shipped in
+                // summaries: never a secret's value.
+                let value = secrets.redact_json(from_js(&ctx, value)?);
                 store
                     .set(&own, &key.0, value)
                     .or_else(|err| throw(&ctx, err))
