@@ -358,6 +358,12 @@ impl Client {
         self
     }
 
+    /// This client, calling as `caller` (what job records and events name).
+    pub fn with_caller(mut self, caller: impl Into<String>) -> Self {
+        self.caller = caller.into();
+        self
+    }
+
     /// This client, signing every envelope as `signer` (shared).
     pub fn with_shared_signer(mut self, signer: std::sync::Arc<crate::identity::Identity>) -> Self {
         self.signer = Some(signer);

@@ -103,6 +103,8 @@ pub struct DesiredState {
     rejected: Option<String>,
     last_source_error: Option<String>,
     published: watch::Sender<PublishedConfig>,
+    /// The loaded commit's reactions, for the reactor.
+    reactions: watch::Sender<Vec<crate::reactions::ReactionSpec>>,
     /// Only the leading master writes desired state.
     leadership: crate::leadership::Leadership,
     rollouts: RolloutStore,
@@ -166,6 +168,7 @@ impl DesiredState {
             rejected,
             last_source_error: None,
             published,
+            reactions: watch::Sender::new(Vec::new()),
             leadership,
             rollouts,
             rollout: None,
@@ -173,6 +176,23 @@ impl DesiredState {
             gate: None,
             gate_client,
         })
+    }
+
+    /// The reactions of the loaded commit, kept current.
+    pub fn reactions(&self) -> watch::Receiver<Vec<crate::reactions::ReactionSpec>> {
+        self.reactions.subscribe()
+    }
+
+    /// Takes `repo` of `commit` as the loaded one, and its reactions.
+    fn take_loaded(&mut self, commit: String, repo: Arc<ConfigRepository>) {
+        self.reactions.send_if_modified(|reactions| {
+            let changed = *reactions != repo.reactions;
+            if changed {
+                reactions.clone_from(&repo.reactions);
+            }
+            changed
+        });
+        self.loaded = Some((commit, repo));
     }
 
     /// What this loop has applied and rejected, kept current.
@@ -381,7 +401,7 @@ impl DesiredState {
         {
             // Already applied (before a master restart): take it up, write nothing.
             tracing::info!(%commit, "config already applied; nothing to write");
-            self.loaded = Some((commit.clone(), repo));
+            self.take_loaded(commit.clone(), repo);
             self.resume_rollout(&commit, &exporter).await;
             self.assign_minions(None).await;
             return Ok(answer(commit, SyncOutcome::AlreadyApplied));
@@ -447,7 +467,7 @@ impl DesiredState {
         self.applied = Some(record);
         self.publish();
         self.publish_policy(&repo).await;
-        self.loaded = Some((commit.clone(), repo.clone()));
+        self.take_loaded(commit.clone(), repo.clone());
         self.start_rollout(&commit, &summary, &repo, from_record)
             .await;
         self.assign_minions(None).await;

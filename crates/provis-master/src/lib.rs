@@ -26,6 +26,7 @@ pub mod job_queue;
 pub mod leadership;
 pub mod liveness;
 pub mod query;
+pub mod reactions;
 pub mod repository;
 pub mod rolling_calls;
 pub mod rollout;
@@ -602,6 +603,7 @@ impl Startup {
         .await
         .map_err(MasterError::Desired)?;
         let published = desired.published();
+        let reactions = desired.reactions();
         let (requests, requests_rx) = tokio::sync::mpsc::channel(1024);
         let (settings, settings_rx) = watch::channel(self.config.source());
         self.lifecycle.spawn_background(desired.run(
@@ -639,6 +641,19 @@ impl Startup {
             self.subjects.clone(),
             self.view.clone(),
             self.leading(),
+            self.lifecycle.stop_token(),
+        ));
+        let reactor = reactions::Reactor {
+            nats: self.nats()?,
+            subjects: self.subjects.clone(),
+            client: provis_core::Client::new(self.nats()?, self.subjects.clone(), "master")
+                .with_shared_signer(self.identity.clone()),
+            outbox: self.outbox()?,
+            leadership: self.leading(),
+        };
+        self.lifecycle.spawn_background(reactions::run(
+            reactor,
+            reactions,
             self.lifecycle.stop_token(),
         ));
         self.desired = Some(DesiredParts {

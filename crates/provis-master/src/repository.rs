@@ -41,6 +41,8 @@ pub struct ConfigRepository {
     pub policy: Option<provis_core::call_auth::CallPolicy>,
     /// `rollout.toml`: how a commit reaches the fleet (none: at once).
     pub rollout: Option<crate::rollout::RolloutPolicy>,
+    /// `reactions.toml`: calls made when events happen.
+    pub reactions: Vec<crate::reactions::ReactionSpec>,
     /// `secrets/*.toml`: sealed secrets by name.
     pub secrets: BTreeMap<String, provis_core::sealed_secret::SealedSecret>,
 }
@@ -70,6 +72,7 @@ impl ConfigRepository {
             master: RepositoryMasterSettings::default(),
             policy: None,
             rollout: None,
+            reactions: Vec::new(),
             secrets: BTreeMap::new(),
         }
     }
@@ -83,6 +86,7 @@ impl ConfigRepository {
                 .to_string()
         };
         let mut services = BTreeMap::new();
+        let mut methods = BTreeMap::new();
         for dir in sorted_entries(&root.join("services"), &mut problems, root) {
             if !dir.is_dir() {
                 continue;
@@ -104,7 +108,8 @@ impl ConfigRepository {
                     ),
                 }),
                 Ok(bundle) => match provis_js::check_bundle(&bundle) {
-                    Ok(_) => {
+                    Ok(found) => {
+                        methods.insert(folder.clone(), found);
                         services.insert(folder, bundle);
                     }
                     Err(err) => problems.push(RepositoryProblem {
@@ -226,6 +231,7 @@ impl ConfigRepository {
                 }
             }
         }
+        let reactions = crate::reactions::load(root, &methods, &mut problems);
         let secrets = crate::secrets::load(root, &roles, &mut problems);
         problems.extend(crate::secrets::unknown_in_services(
             root, &services, &secrets,
@@ -238,6 +244,7 @@ impl ConfigRepository {
                 master,
                 policy,
                 rollout,
+                reactions,
                 secrets,
             })
         } else {

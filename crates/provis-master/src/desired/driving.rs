@@ -547,7 +547,7 @@ impl DesiredState {
             tracing::warn!(error = %err, "the rolled-back commit is not recorded");
         }
         self.rejected = Some(commit.clone());
-        self.loaded = Some((from_commit.clone(), from_repo));
+        self.take_loaded(from_commit.clone(), from_repo);
         self.publish();
         self.assign_minions(None).await;
         let kind = match status {
