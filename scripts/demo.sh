@@ -44,6 +44,9 @@ run provis call --all health.check
 run provis call --minion m2 site.status
 run provis call --subject role.web release.satisfies '{"range": ">=0.1"}'
 run provis call --all --batch 1 --batch-wait 1s sys.ping
+# Schedules and reactions come from examples/schedules.toml and reactions.toml.
+run provis schedule list
+run provis schedule run-now web-health
 
 # Changing the fleet is a commit to the repository the master follows.
 config="$PWD/.provis/up/config"
@@ -70,7 +73,7 @@ run provis rollout status
 run provis status
 run provis call --subject role.web.eu greet.hello '{"name": "operators"}'
 run provis call --subject role.web.eu greet.token   # its length; the value itself is redacted
-run provis jobs --since 10m
+run provis jobs --since 10m   # schedule:web-health among them
 
 if $once; then
   echo; echo "demo done; stopping the fleet"

@@ -97,21 +97,7 @@ async fn the_local_api_serves_health_services_state_events_and_calls() {
         .await
         .expect("loaded");
 
-    let records = provis_core::registry::read_all(
-        &fleet
-            .client()
-            .await
-            .expect("client")
-            .registry()
-            .await
-            .expect("registry"),
-    )
-    .await
-    .expect("records");
-    let addr = records[0]
-        .grpc_addr
-        .clone()
-        .expect("a gRPC address in the registry");
+    let addr = advertised(&fleet, "m1").await;
     // A Unix socket by default: the minion's user and group only.
     let Some(socket) = addr.strip_prefix("unix:") else {
         panic!("a Unix socket by default: {addr}");

@@ -10,20 +10,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use provis_bundle::PackedBundle;
-use provis_core::{CallRequest, CallTarget};
 use provis_testkit::{TestFleet, copy_folder, npm_fixture, run_to_end, write_files};
 use serde_json::{Value, json};
 
 fn provis() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_provis"))
-}
-
-fn request(function: &str, args: Value) -> CallRequest {
-    CallRequest::parse_function(function, args, Duration::from_secs(5)).expect("function")
-}
-
-fn m1() -> CallTarget {
-    CallTarget::Minions(vec!["m1".parse().expect("id")])
 }
 
 /// `provis ARGS` run to its end: (exit code, stdout, stderr).
@@ -53,15 +44,10 @@ async fn npm_packages_and_typescript_run_on_a_minion_with_stacks_in_the_authors_
         .await
         .expect("loaded");
 
-    let client = fleet.client().await.expect("client");
     let call = |function: &'static str, args: Value| {
-        let client = &client;
+        let fleet = &fleet;
         async move {
-            let report = client
-                .call(&m1(), &request(function, args))
-                .await
-                .expect("call");
-            let reply = report.replies.into_iter().next().expect("a reply");
+            let reply = fleet.call_one("m1", function, args).await.expect("call");
             (reply.result, reply.error)
         }
     };

@@ -8,7 +8,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use provis_core::{CallRequest, CallTarget};
 use provis_testkit::{GitRepo, TestFleet, eventually, run_to_end};
 use serde_json::{Value, json};
 
@@ -64,18 +63,11 @@ fn sync(fleet: &TestFleet) -> Value {
 }
 
 async fn restarts(fleet: &TestFleet) -> Value {
-    let client = fleet.client().await.expect("client");
-    let request =
-        CallRequest::parse_function("flaky.restarts", Value::Null, Duration::from_secs(5))
-            .expect("request");
-    let report = client
-        .call(
-            &CallTarget::Minions(vec!["m1".parse().expect("id")]),
-            &request,
-        )
+    let reply = fleet
+        .call_one("m1", "flaky.restarts", Value::Null)
         .await
         .expect("call");
-    report.replies[0].result.clone().unwrap_or(Value::Null)
+    reply.result.unwrap_or(Value::Null)
 }
 
 /// The next event on `events` whose subject ends with `suffix` (and, for

@@ -13,7 +13,6 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use provis_core::identity::Identity;
 use provis_core::sealed_secret::SealedSecret;
-use provis_core::{CallRequest, CallTarget};
 use provis_testkit::{GitRepo, TestFleet, eventually, run_to_end};
 use serde_json::{Value, json};
 
@@ -83,17 +82,10 @@ fn secret(fleet: &TestFleet, args: &[&str], stdin: &str) -> (i32, String, String
 }
 
 async fn call(fleet: &TestFleet, minion: &str, function: &str) -> (Option<Value>, Option<String>) {
-    let client = fleet.client().await.expect("client");
-    let request = CallRequest::parse_function(function, Value::Null, Duration::from_secs(5))
-        .expect("request");
-    let report = client
-        .call(
-            &CallTarget::Minions(vec![minion.parse().expect("id")]),
-            &request,
-        )
+    let reply = fleet
+        .call_one(minion, function, Value::Null)
         .await
         .expect("call");
-    let reply = report.replies.into_iter().next().expect("a reply");
     (reply.result, reply.error.map(|e| e.message))
 }
 

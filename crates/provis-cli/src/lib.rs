@@ -18,6 +18,7 @@ mod minions;
 mod plan;
 mod query;
 mod rollout;
+mod schedule;
 mod secret;
 mod serve;
 mod service_local;
@@ -65,6 +66,9 @@ enum Command {
     /// Seal secrets into the config repository for the minions that may read them.
     #[command(subcommand)]
     Secret(secret::SecretCommand),
+    /// The schedules of the applied commit: list, run now, pause, resume.
+    #[command(subcommand)]
+    Schedule(schedule::ScheduleCommand),
     /// Validate a config repository as a whole and make it the fleet's desired state.
     Apply(apply::ApplyArgs),
     /// Which minions match an expression: now, for a whole window, or at least once in it.
@@ -141,6 +145,7 @@ pub fn main() -> ExitCode {
         | Command::Bundle(_)
         | Command::Service(_)
         | Command::Secret(_)
+        | Command::Schedule(_)
         | Command::Apply(_)
         | Command::Query(_)
         | Command::Events(_)
@@ -175,6 +180,7 @@ pub fn main() -> ExitCode {
             Command::Bundle(args) => bundle::run_bundle(args).await,
             Command::Service(command) => bundle::run_service(command).await,
             Command::Secret(command) => secret::run(command).await,
+            Command::Schedule(command) => schedule::run(command).await,
             Command::Apply(args) => apply::run(&args.fleet.clone(), args).await,
             Command::Query(args) => query::run(&args.fleet.clone(), args).await,
             Command::Events(args) => events::run(&args.fleet.clone(), args).await,

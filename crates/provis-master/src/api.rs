@@ -48,6 +48,8 @@ pub struct Served {
     pub view: Arc<FleetView>,
     pub desired: tokio::sync::mpsc::Sender<DesiredRequest>,
     pub config: tokio::sync::watch::Receiver<PublishedConfig>,
+    /// The applied commit's schedules.
+    pub schedules: tokio::sync::watch::Receiver<Vec<crate::schedules::ScheduleSpec>>,
     pub enrollment: Enrollment,
     pub gatekeeper: Arc<crate::admission::Gatekeeper>,
     /// Whether this master leads (leader-only endpoints follow it).
@@ -131,6 +133,7 @@ pub async fn serve(
     endpoints
         .add::<api::DashboardToken, _, _>(dashboard_token)
         .await?;
+    endpoints.add::<api::Schedules, _, _>(schedule).await?;
     Ok(service)
 }
 
@@ -585,6 +588,19 @@ async fn rollout_control(
         reply,
     })
     .await
+}
+
+async fn schedule(
+    served: Arc<Served>,
+    request: api::ScheduleRequest,
+) -> Result<api::ScheduleAnswer, ApiError> {
+    let js = async_nats::jetstream::new(served.nats.clone());
+    let config = js
+        .get_key_value(provis_core::storage::BUCKET_CONFIG)
+        .await
+        .map_err(|err| ApiError::failed(format!("the config bucket: {err}")))?;
+    let specs = served.schedules.borrow().clone();
+    crate::schedules::control(&config, &specs, &request).await
 }
 
 async fn dashboard_token(

@@ -105,6 +105,8 @@ pub struct DesiredState {
     published: watch::Sender<PublishedConfig>,
     /// The loaded commit's reactions, for the reactor.
     reactions: watch::Sender<Vec<crate::reactions::ReactionSpec>>,
+    /// The loaded commit's schedules, for the scheduler and `provis schedule`.
+    schedules: watch::Sender<Vec<crate::schedules::ScheduleSpec>>,
     /// Only the leading master writes desired state.
     leadership: crate::leadership::Leadership,
     rollouts: RolloutStore,
@@ -169,6 +171,7 @@ impl DesiredState {
             last_source_error: None,
             published,
             reactions: watch::Sender::new(Vec::new()),
+            schedules: watch::Sender::new(Vec::new()),
             leadership,
             rollouts,
             rollout: None,
@@ -183,15 +186,24 @@ impl DesiredState {
         self.reactions.subscribe()
     }
 
-    /// Takes `repo` of `commit` as the loaded one, and its reactions.
+    /// The schedules of the loaded commit, kept current.
+    pub fn schedules(&self) -> watch::Receiver<Vec<crate::schedules::ScheduleSpec>> {
+        self.schedules.subscribe()
+    }
+
+    /// Takes `repo` of `commit` as the loaded one, with its reactions and schedules.
     fn take_loaded(&mut self, commit: String, repo: Arc<ConfigRepository>) {
-        self.reactions.send_if_modified(|reactions| {
-            let changed = *reactions != repo.reactions;
-            if changed {
-                reactions.clone_from(&repo.reactions);
-            }
-            changed
-        });
+        fn replace<T: PartialEq + Clone>(sender: &watch::Sender<Vec<T>>, new: &[T]) {
+            sender.send_if_modified(|current| {
+                let changed = current.as_slice() != new;
+                if changed {
+                    *current = new.to_vec();
+                }
+                changed
+            });
+        }
+        replace(&self.reactions, &repo.reactions);
+        replace(&self.schedules, &repo.schedules);
         self.loaded = Some((commit, repo));
     }
 

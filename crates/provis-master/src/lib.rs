@@ -30,6 +30,7 @@ pub mod reactions;
 pub mod repository;
 pub mod rolling_calls;
 pub mod rollout;
+pub mod schedules;
 pub mod secrets;
 pub mod state_index;
 pub mod storage;
@@ -349,6 +350,7 @@ struct DesiredParts {
     requests: tokio::sync::mpsc::Sender<desired::DesiredRequest>,
     published: watch::Receiver<desired::PublishedConfig>,
     settings: watch::Sender<desired::SourceSettings>,
+    schedules: watch::Receiver<Vec<schedules::ScheduleSpec>>,
 }
 
 impl Startup {
@@ -604,6 +606,7 @@ impl Startup {
         .map_err(MasterError::Desired)?;
         let published = desired.published();
         let reactions = desired.reactions();
+        let schedules = desired.schedules();
         let (requests, requests_rx) = tokio::sync::mpsc::channel(1024);
         let (settings, settings_rx) = watch::channel(self.config.source());
         self.lifecycle.spawn_background(desired.run(
@@ -650,16 +653,36 @@ impl Startup {
                 .with_shared_signer(self.identity.clone()),
             outbox: self.outbox()?,
             leadership: self.leading(),
+            view: self.view.clone(),
         };
         self.lifecycle.spawn_background(reactions::run(
             reactor,
             reactions,
             self.lifecycle.stop_token(),
         ));
+        let scheduler = schedules::Scheduler {
+            subjects: self.subjects.clone(),
+            client: provis_core::Client::new(self.nats()?, self.subjects.clone(), "master")
+                .with_shared_signer(self.identity.clone()),
+            outbox: self.outbox()?,
+            leadership: self.leading(),
+            config: self
+                .js()?
+                .get_key_value(provis_core::storage::BUCKET_CONFIG)
+                .await
+                .map_err(MasterError::Desired)?,
+            view: self.view.clone(),
+        };
+        self.lifecycle.spawn_background(schedules::run(
+            scheduler,
+            schedules.clone(),
+            self.lifecycle.stop_token(),
+        ));
         self.desired = Some(DesiredParts {
             requests,
             published,
             settings,
+            schedules,
         });
         Ok(())
     }
@@ -679,6 +702,7 @@ impl Startup {
             view: self.view.clone(),
             desired: desired.requests.clone(),
             config: desired.published.clone(),
+            schedules: desired.schedules.clone(),
             enrollment: enrollment.clone(),
             gatekeeper: self.gatekeeper.clone(),
             leadership: self.leading(),

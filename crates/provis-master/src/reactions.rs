@@ -306,6 +306,8 @@ pub struct Reactor {
     /// Where `reaction.*` events go.
     pub outbox: provis_core::outbox::Outbox,
     pub leadership: crate::leadership::Leadership,
+    /// Whom a call on a subject reaches is chosen from this master's view.
+    pub view: Arc<crate::fleet_view::FleetView>,
 }
 
 /// Reacts to events while this master leads, with the applied commit's
@@ -321,6 +323,7 @@ pub async fn run(
         client,
         outbox,
         leadership,
+        view,
     } = reactor;
     let mut events = match nats.subscribe(subjects.wildcard("event")).await {
         Ok(events) => events,
@@ -426,8 +429,21 @@ pub async fn run(
             let client = client
                 .clone()
                 .with_caller(format!("reaction:{}", reaction.name()));
+            let selection = view.select(&target, None, provis_core::selection::Pick::All, None);
             tokio::spawn(async move {
-                let outcome = client.call(&target, &reaction.request).await;
+                let outcome = match selection {
+                    Ok(selection) => client
+                        .call_selected(
+                            &target,
+                            &selection,
+                            &reaction.request,
+                            &provis_core::client::CallPlan::default(),
+                            &mut |_| {},
+                        )
+                        .await
+                        .map_err(|err| provis_core::error_chain(&err)),
+                    Err(err) => Err(err.to_string()),
+                };
                 let data = match &outcome {
                     Ok(report) => json!({
                         "reaction": reaction.name(),
@@ -442,7 +458,7 @@ pub async fn run(
                         "reaction": reaction.name(),
                         "event": event_id,
                         "call": reaction.spec.call,
-                        "failed": provis_core::error_chain(err),
+                        "failed": err,
                     }),
                 };
                 provis_core::event::emit(&outbox, &subjects, "master", "reaction.ran", data);

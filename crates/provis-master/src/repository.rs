@@ -43,6 +43,8 @@ pub struct ConfigRepository {
     pub rollout: Option<crate::rollout::RolloutPolicy>,
     /// `reactions.toml`: calls made when events happen.
     pub reactions: Vec<crate::reactions::ReactionSpec>,
+    /// `schedules.toml`: calls made on a clock.
+    pub schedules: Vec<crate::schedules::ScheduleSpec>,
     /// `secrets/*.toml`: sealed secrets by name.
     pub secrets: BTreeMap<String, provis_core::sealed_secret::SealedSecret>,
 }
@@ -73,6 +75,7 @@ impl ConfigRepository {
             policy: None,
             rollout: None,
             reactions: Vec::new(),
+            schedules: Vec::new(),
             secrets: BTreeMap::new(),
         }
     }
@@ -232,6 +235,7 @@ impl ConfigRepository {
             }
         }
         let reactions = crate::reactions::load(root, &methods, &mut problems);
+        let schedules = crate::schedules::load(root, &methods, &mut problems);
         let secrets = crate::secrets::load(root, &roles, &mut problems);
         problems.extend(crate::secrets::unknown_in_services(
             root, &services, &secrets,
@@ -245,6 +249,7 @@ impl ConfigRepository {
                 policy,
                 rollout,
                 reactions,
+                schedules,
                 secrets,
             })
         } else {

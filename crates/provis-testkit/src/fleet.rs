@@ -183,6 +183,25 @@ impl TestFleet {
         ))
     }
 
+    /// Calls `function` (`service.method`) with `args` on minion `id`
+    /// (5 s to answer) and returns its reply.
+    pub async fn call_one(
+        &self,
+        id: &str,
+        function: &str,
+        args: serde_json::Value,
+    ) -> anyhow::Result<provis_core::client::MinionReply> {
+        let request =
+            provis_core::CallRequest::parse_function(function, args, Duration::from_secs(5))?;
+        let target = provis_core::CallTarget::Minions(vec![id.parse()?]);
+        let report = self.client().await?.call(&target, &request).await?;
+        report
+            .replies
+            .into_iter()
+            .next()
+            .with_context(|| format!("no reply line for {id}"))
+    }
+
     /// Starts a minion in this process and waits until it is live.
     pub async fn add_minion(&mut self, id: &str, roles: &[&str]) -> anyhow::Result<()> {
         let config = self.minion_config(id, roles)?;

@@ -24,6 +24,7 @@ mod error;
 mod page;
 mod plan;
 mod rollout;
+mod schedules;
 
 use std::time::Duration;
 
@@ -43,6 +44,10 @@ pub use rollout::{
     GateOutcome, GateSpec, RolloutAction, RolloutAnswer, RolloutControlRequest, RolloutHistory,
     RolloutHistoryRequest, RolloutRecord, RolloutStatus, RolloutStatusRequest, StageRecord,
     StageState,
+};
+pub use schedules::{
+    ScheduleAction, ScheduleAnswer, ScheduleInfo, ScheduleRequest, ScheduleState,
+    schedule_state_key,
 };
 
 use crate::assignment::OverlayEntry;
@@ -86,6 +91,7 @@ pub const ENDPOINTS: &[&str] = &[
     Plan::SUBJECT,
     RunBatches::SUBJECT,
     DashboardToken::SUBJECT,
+    Schedules::SUBJECT,
 ];
 
 /// The endpoints that only read: calling operators may ask them.
@@ -178,6 +184,11 @@ endpoint!(
     EnrollToken, "enroll.token", "enroll-token", TokenRequest, TokenAnswer
 );
 
+endpoint!(
+    /// The schedules and their state; run one now, pause or resume it
+    /// (admin operators only).
+    Schedules, "schedule", "schedule", ScheduleRequest, ScheduleAnswer
+);
 endpoint!(
     /// A one-time login token for the dashboard (admin operators only).
     DashboardToken, "dashboard.token", "dashboard-token", DashboardTokenRequest, DashboardTokenAnswer
