@@ -224,6 +224,7 @@ async fn answers_that_grow_with_the_fleet_come_in_pages_under_the_max_payload() 
             overlay_roles: Vec::new(),
             grpc_addr: None,
             grpc_tls: false,
+            grpc_tls_cert: None,
             public_key: None,
             encryption_key: None,
             encryption_key_signature: None,

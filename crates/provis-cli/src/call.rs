@@ -393,8 +393,15 @@ fn print_table(
 
 /// Calls each named minion through its local gRPC API, found in the registry
 /// (or given with --grpc-addr), and reports exactly as a call over NATS does.
-/// A minion's gRPC address (`unix:/path` or `host:port`), and whether it speaks TLS.
-type AdvertisedApi = (String, bool);
+/// A minion's gRPC API as its registry entry advertises it.
+#[derive(Debug, Clone)]
+struct AdvertisedApi {
+    /// `unix:/path` or `host:port`.
+    addr: String,
+    tls: bool,
+    /// Its certificate (PEM), pinned when no `--grpc-ca` is given.
+    cert: Option<String>,
+}
 
 /// How to reach minions' gRPC APIs that speak TLS.
 struct GrpcTls {
@@ -403,12 +410,13 @@ struct GrpcTls {
 }
 
 impl GrpcTls {
-    /// A connection to `addr`, over TLS when `tls`.
+    /// A connection to `api`: over TLS when it speaks TLS, trusting
+    /// `--grpc-ca` when given, else the certificate its registry entry pins.
     async fn connect(
         &self,
-        addr: &str,
-        tls: bool,
+        api: &AdvertisedApi,
     ) -> Result<MinionClient<tonic::transport::Channel>, String> {
+        let (addr, tls) = (api.addr.as_str(), api.tls);
         use tonic::transport::{Certificate, Channel, ClientTlsConfig};
         let describe = |err: tonic::transport::Error| {
             format!(
@@ -425,14 +433,18 @@ impl GrpcTls {
                 .map_err(describe);
         }
         let endpoint = if tls {
-            let Some(ca) = &self.ca else {
-                return Err(
-                    "its gRPC API speaks TLS: give --grpc-ca (the certificate that signed it)"
-                        .into(),
-                );
+            let pem = match (&self.ca, &api.cert) {
+                (Some(ca), _) => std::fs::read(ca)
+                    .map_err(|err| format!("cannot read {}: {err}", ca.display()))?,
+                // A self-signed certificate is its own authority: pinned.
+                (None, Some(cert)) => cert.clone().into_bytes(),
+                (None, None) => {
+                    return Err(
+                        "its gRPC API speaks TLS and its registry entry pins no certificate: give --grpc-ca (the certificate that signed it)"
+                            .into(),
+                    );
+                }
             };
-            let pem =
-                std::fs::read(ca).map_err(|err| format!("cannot read {}: {err}", ca.display()))?;
             let config = ClientTlsConfig::new()
                 .ca_certificate(Certificate::from_pem(pem))
                 .domain_name(self.domain.clone());
@@ -470,7 +482,12 @@ async fn call_via_grpc(
                 )
                 .into());
             };
-            vec![(id.clone(), Ok((addr.to_owned(), tls.ca.is_some())))]
+            let api = AdvertisedApi {
+                addr: addr.to_owned(),
+                tls: tls.ca.is_some(),
+                cert: None,
+            };
+            vec![(id.clone(), Ok(api))]
         }
         None => {
             let client = fleet.client().await?;
@@ -484,7 +501,11 @@ async fn call_via_grpc(
                         .and_then(|r| {
                             r.grpc_addr
                                 .clone()
-                                .map(|addr| (addr, r.grpc_tls))
+                                .map(|addr| AdvertisedApi {
+                                    addr,
+                                    tls: r.grpc_tls,
+                                    cert: r.grpc_tls_cert.clone(),
+                                })
                                 .ok_or_else(|| format!("{id} serves no gRPC API"))
                         });
                     (id.clone(), addr)
@@ -498,16 +519,17 @@ async fn call_via_grpc(
     }
     let mut gathered = ReplyGatherer::new(ids.clone(), envelope.call_id.clone());
     for (id, addr) in addresses {
-        let (addr, speaks_tls) = match addr {
-            Ok(addr) => addr,
+        let advertised = match addr {
+            Ok(advertised) => advertised,
             Err(reason) => {
                 gathered.unreachable(id.as_str(), reason);
                 continue;
             }
         };
+        let addr = advertised.addr.clone();
         let started = Instant::now();
         let attempt = tokio::time::timeout(request.timeout, async {
-            let mut api = tls.connect(&addr, speaks_tls).await?;
+            let mut api = tls.connect(&advertised).await?;
             api.call(envelope.clone())
                 .await
                 .map_err(|status| status.message().to_owned())

@@ -79,6 +79,12 @@ pub struct MinionRecord {
     /// Whether that API speaks TLS.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub grpc_tls: bool,
+    /// The API's TLS certificate (PEM), which callers pin when they are
+    /// given no authority of their own: the record is the minion's own
+    /// (no one else may write it), so a caller reaches that minion's API
+    /// and no impostor's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_tls_cert: Option<String>,
     /// The key the minion signs its replies with (`ed25519:<hex>`); callers
     /// discard replies in its name that this key did not sign.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -220,6 +226,7 @@ mod tests {
             state: serde_json::Value::Null,
             grpc_addr: None,
             grpc_tls: false,
+            grpc_tls_cert: None,
             public_key: None,
             encryption_key: None,
             encryption_key_signature: None,

@@ -418,6 +418,7 @@ mod tests {
             state: json!({ "mem": { "free_pct": free_pct } }),
             grpc_addr: None,
             grpc_tls: false,
+            grpc_tls_cert: None,
             public_key: None,
             encryption_key: None,
             encryption_key_signature: None,

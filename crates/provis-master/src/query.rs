@@ -165,6 +165,7 @@ fn bare_record(id: &str) -> Option<MinionRecord> {
         state: Value::Null,
         grpc_addr: None,
         grpc_tls: false,
+        grpc_tls_cert: None,
         public_key: None,
         encryption_key: None,
         encryption_key_signature: None,

@@ -492,6 +492,11 @@ impl Startup {
             state: machine::summary(&self.machine.sample()),
             grpc_addr: self.grpc_addr.take(),
             grpc_tls: self.config.grpc_tls_cert.is_some(),
+            grpc_tls_cert: self
+                .config
+                .grpc_tls_cert
+                .as_ref()
+                .and_then(|path| std::fs::read_to_string(path).ok()),
             converged_commit: None,
             failing: None,
             overlay_roles: Vec::new(),
