@@ -39,6 +39,8 @@ run provis call --subject role.web sys.ping
 run provis call --all sys.facts
 run provis service list
 run provis call --subject role.web site.enable '{"by": "demo"}'
+# examples/reactions.toml: each site.enabled event makes the leading master
+# check that minion's health (jobs by reaction:health-after-enable, below).
 run provis call --subject role.web.eu greet.hello '{"name": "operators"}'
 run provis call --all health.check
 run provis call --minion m2 site.status
@@ -73,7 +75,7 @@ run provis rollout status
 run provis status
 run provis call --subject role.web.eu greet.hello '{"name": "operators"}'
 run provis call --subject role.web.eu greet.token   # its length; the value itself is redacted
-run provis jobs --since 10m   # schedule:web-health among them
+run provis jobs --since 10m   # schedule:web-health and reaction:health-after-enable among them
 
 if $once; then
   echo; echo "demo done; stopping the fleet"

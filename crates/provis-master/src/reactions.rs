@@ -11,6 +11,8 @@
 //! call = "vault.restart"
 //! args = { why = "it failed to load" }        # optional
 //! target = "source"                           # or: subject = "role.web"
+//! # where = "facts.os == 'debian'"             # with a subject: among them (CEL)
+//! # percent = 50                               # with a subject: a share of them
 //! timeout_s = 10                              # default 10
 //! rate = { count = 3, per_s = 60 }            # at most 3 runs a minute (the default)
 //! ```
@@ -68,6 +70,12 @@ pub struct ReactionSpec {
     /// A call subject (`role.web`, `minion.m1`, `all`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
+    /// With a subject: only the minions this CEL expression holds for.
+    #[serde(default, rename = "where", skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    /// With a subject: this share of them (1 to 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
     #[serde(default)]
@@ -110,6 +118,8 @@ pub struct Reaction {
     condition: Option<cel::Program>,
     request: CallRequest,
     target: ReactionTarget,
+    filter: Option<provis_core::selection::Filter>,
+    pick: provis_core::selection::Pick,
 }
 
 /// The 1-based line of the first line of `text` holding `needle` (0: none).
@@ -215,6 +225,25 @@ impl Reaction {
                 );
             }
         };
+        let selecting = spec.filter.is_some() || spec.percent.is_some();
+        if selecting && target == ReactionTarget::Source {
+            return fail(
+                at,
+                "where and percent choose among a subject's minions, not the source".into(),
+            );
+        }
+        let filter = match &spec.filter {
+            None => None,
+            Some(expression) => Some(
+                provis_core::selection::Filter::parse(expression)
+                    .map_err(|err| problem(line(expression), format!("where: {err}")))?,
+            ),
+        };
+        let pick = match spec.percent {
+            None => provis_core::selection::Pick::All,
+            Some(percent @ 1..=100) => provis_core::selection::Pick::Percent(f64::from(percent)),
+            Some(other) => return fail(line("percent"), format!("percent {other}: 1 to 100")),
+        };
         if spec.rate.count == 0 || spec.rate.per_s == 0 {
             return fail(line("rate"), "rate needs a count and per_s above 0".into());
         }
@@ -224,6 +253,8 @@ impl Reaction {
             condition,
             request,
             target,
+            filter,
+            pick,
         })
     }
 
@@ -429,7 +460,7 @@ pub async fn run(
             let client = client
                 .clone()
                 .with_caller(format!("reaction:{}", reaction.name()));
-            let selection = view.select(&target, None, provis_core::selection::Pick::All, None);
+            let selection = view.select(&target, reaction.filter.as_ref(), reaction.pick, None);
             tokio::spawn(async move {
                 let outcome = match selection {
                     Ok(selection) => client
@@ -480,5 +511,63 @@ impl Reaction {
                 tracing::error!(reaction = %spec.name, error = %err, "reaction does not compile");
             })
             .ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compile(text: &str) -> Result<Reaction, String> {
+        let file: ReactionsFile = toml::from_str(text).unwrap();
+        let methods = BTreeMap::from([("vault".to_owned(), vec!["restart".to_owned()])]);
+        Reaction::compile(&file.reaction[0], text, &methods)
+    }
+
+    #[test]
+    fn each_bad_field_names_its_line() {
+        let base =
+            "[[reaction]]\nname = \"r\"\non = \"service.failed\"\ncall = \"vault.restart\"\n";
+        assert!(compile(&format!("{base}target = \"source\"\n")).is_ok());
+        assert!(
+            compile(&format!(
+                "{base}subject = \"role.web\"\nwhere = 'facts.os == \"debian\"'\npercent = 50\n"
+            ))
+            .is_ok()
+        );
+        let err = compile(&format!(
+            "{base}target = \"source\"\nwhen = 'event.data =='\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.starts_with("line 6: reaction \"r\": when is not CEL"),
+            "{err}"
+        );
+        let err = compile(&format!(
+            "{base}target = \"source\"\nwhere = 'id == \"m1\"'\n"
+        ))
+        .unwrap_err();
+        assert!(err.contains("not the source"), "{err}");
+        let err = compile(&format!("{base}subject = \"role.web\"\nwhere = 'id =='\n")).unwrap_err();
+        assert!(err.starts_with("line 6: reaction \"r\": where"), "{err}");
+        let err = compile("[[reaction]]\nname = \"r\"\non = \"reaction.ran\"\ncall = \"vault.restart\"\ntarget = \"source\"\n").unwrap_err();
+        assert!(err.contains("do not react to reactions"), "{err}");
+        let err = compile(
+            "[[reaction]]\nname = \"r\"\non = \"service.failed\"\ncall = \"vault.restart\"\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("say where the call goes"), "{err}");
+    }
+
+    #[test]
+    fn events_match_by_type_and_condition() {
+        let reaction = compile("[[reaction]]\nname = \"r\"\non = \"service.*\"\nwhen = 'event.data.service == \"vault\"'\ncall = \"vault.restart\"\ntarget = \"source\"\n").unwrap();
+        let event =
+            |kind: &str, service: &str| CloudEvent::new("m1", kind, json!({ "service": service }));
+        assert!(reaction.matches(&event("service.failed", "vault")));
+        assert!(!reaction.matches(&event("service.failed", "site")));
+        assert!(!reaction.matches(&event("minion.online", "vault")));
+        // A field the event lacks: no match, no error.
+        assert!(!reaction.matches(&CloudEvent::new("m1", "service.failed", json!({}))));
     }
 }
