@@ -16,6 +16,7 @@ pub mod admission;
 pub mod api;
 pub mod apply;
 pub mod assignments;
+pub mod declared_calls;
 pub mod desired;
 pub mod enrollment;
 pub mod fleet_metrics;

@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use crate::declared_calls::{assumed_methods, check_call, line_of};
 use crate::repository::RepositoryProblem;
 
 /// The file's name in a config repository.
@@ -122,13 +123,6 @@ pub struct Reaction {
     pick: provis_core::selection::Pick,
 }
 
-/// The 1-based line of the first line of `text` holding `needle` (0: none).
-fn line_of(text: &str, needle: &str) -> usize {
-    text.lines()
-        .position(|line| line.contains(needle))
-        .map_or(0, |at| at + 1)
-}
-
 impl Reaction {
     /// Checks `spec` against the repository's services (`methods`: service →
     /// its methods); says what is wrong, naming the line of `text`.
@@ -179,39 +173,8 @@ impl Reaction {
                 )
             })?),
         };
-        let args = spec.args.clone().unwrap_or(Value::Null);
-        let request = CallRequest::parse_function(
-            &spec.call,
-            args,
-            Duration::from_secs(spec.timeout_s.clamp(1, 3600)),
-        )
-        .map_err(|err| problem(line(&spec.call), format!("call {:?}: {err}", spec.call)))?;
-        if request.service != "sys" {
-            match methods.get(&request.service) {
-                None => {
-                    return fail(
-                        line(&spec.call),
-                        format!(
-                            "calls {:?}: no service {:?} in services/",
-                            spec.call, request.service
-                        ),
-                    );
-                }
-                Some(known) if !known.contains(&request.method) => {
-                    return fail(
-                        line(&spec.call),
-                        format!(
-                            "calls {:?}: {} has no method {:?} (it has: {})",
-                            spec.call,
-                            request.service,
-                            request.method,
-                            known.join(", ")
-                        ),
-                    );
-                }
-                Some(_) => {}
-            }
-        }
+        let request = check_call(&spec.call, spec.args.as_ref(), spec.timeout_s, methods)
+            .map_err(|what| problem(line(&spec.call), what))?;
         let target = match (spec.target.as_deref(), spec.subject.as_deref()) {
             (Some("source"), None) => ReactionTarget::Source,
             (None, Some(subject)) => ReactionTarget::Subject(
@@ -287,36 +250,15 @@ pub fn load(
     methods: &BTreeMap<String, Vec<String>>,
     problems: &mut Vec<RepositoryProblem>,
 ) -> Vec<ReactionSpec> {
-    let Ok(text) = std::fs::read_to_string(root.join(REACTIONS_FILE)) else {
-        return Vec::new();
-    };
-    let mut problem = |reason: String| {
-        problems.push(RepositoryProblem {
-            file: REACTIONS_FILE.to_owned(),
-            reason,
-        });
-    };
-    let file: ReactionsFile = match toml::from_str(&text) {
-        Ok(file) => file,
-        Err(err) => {
-            problem(err.to_string());
-            return Vec::new();
-        }
-    };
-    let mut names = std::collections::BTreeSet::new();
-    for spec in &file.reaction {
-        if !names.insert(spec.name.clone()) {
-            problem(format!(
-                "line {}: reaction {:?} is named twice",
-                line_of(&text, &format!("\"{}\"", spec.name)),
-                spec.name
-            ));
-        }
-        if let Err(reason) = Reaction::compile(spec, &text, methods) {
-            problem(reason);
-        }
-    }
-    file.reaction
+    crate::declared_calls::load(
+        root,
+        REACTIONS_FILE,
+        "reaction",
+        |file: ReactionsFile| file.reaction,
+        |spec| spec.name.as_str(),
+        |spec, text| Reaction::compile(spec, text, methods).map(drop),
+        problems,
+    )
 }
 
 /// Runs a reaction's calls and remembers what it must not do twice.
@@ -502,10 +444,7 @@ impl Reaction {
     /// [`Self::compile`] for a spec the commit's check passed already (its
     /// service and method were checked against the commit's services then).
     fn compile_checked(spec: &ReactionSpec) -> Option<Self> {
-        let mut methods = BTreeMap::new();
-        if let Some((service, method)) = spec.call.split_once('.') {
-            methods.insert(service.to_owned(), vec![method.to_owned()]);
-        }
+        let methods = assumed_methods(&spec.call);
         Reaction::compile(spec, "", &methods)
             .inspect_err(|err| {
                 tracing::error!(reaction = %spec.name, error = %err, "reaction does not compile");

@@ -43,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use crate::declared_calls::{assumed_methods, check_call, line_of};
 use crate::repository::RepositoryProblem;
 
 /// The file's name in a config repository.
@@ -130,13 +131,6 @@ pub struct Schedule {
     pick: Pick,
 }
 
-/// The 1-based line of the first line of `text` holding `needle` (0: none).
-fn line_of(text: &str, needle: &str) -> usize {
-    text.lines()
-        .position(|line| line.contains(needle))
-        .map_or(0, |at| at + 1)
-}
-
 impl Schedule {
     /// Checks `spec` against the commit's services (`methods`); says what
     /// is wrong, naming the line of `text`.
@@ -197,38 +191,8 @@ impl Schedule {
                 ));
             }
         };
-        let request = CallRequest::parse_function(
-            &spec.call,
-            spec.args.clone().unwrap_or(Value::Null),
-            Duration::from_secs(spec.timeout_s.clamp(1, 3600)),
-        )
-        .map_err(|err| problem(line(&spec.call), format!("call {:?}: {err}", spec.call)))?;
-        if request.service != "sys" {
-            match methods.get(&request.service) {
-                None => {
-                    return Err(problem(
-                        line(&spec.call),
-                        format!(
-                            "calls {:?}: no service {:?} in services/",
-                            spec.call, request.service
-                        ),
-                    ));
-                }
-                Some(known) if !known.contains(&request.method) => {
-                    return Err(problem(
-                        line(&spec.call),
-                        format!(
-                            "calls {:?}: {} has no method {:?} (it has: {})",
-                            spec.call,
-                            request.service,
-                            request.method,
-                            known.join(", ")
-                        ),
-                    ));
-                }
-                Some(_) => {}
-            }
-        }
+        let request = check_call(&spec.call, spec.args.as_ref(), spec.timeout_s, methods)
+            .map_err(|what| problem(line(&spec.call), what))?;
         let target = CallTarget::parse_subject(&spec.subject).map_err(|err| {
             problem(
                 line(&spec.subject),
@@ -270,10 +234,7 @@ impl Schedule {
 
     /// [`Self::compile`] for a spec the commit's check passed already.
     fn compile_checked(spec: &ScheduleSpec) -> Option<Self> {
-        let mut methods = BTreeMap::new();
-        if let Some((service, method)) = spec.call.split_once('.') {
-            methods.insert(service.to_owned(), vec![method.to_owned()]);
-        }
+        let methods = assumed_methods(&spec.call);
         Schedule::compile(spec, "", &methods)
             .inspect_err(|err| {
                 tracing::error!(schedule = %spec.name, error = %err, "schedule does not compile");
@@ -320,36 +281,15 @@ pub fn load(
     methods: &BTreeMap<String, Vec<String>>,
     problems: &mut Vec<RepositoryProblem>,
 ) -> Vec<ScheduleSpec> {
-    let Ok(text) = std::fs::read_to_string(root.join(SCHEDULES_FILE)) else {
-        return Vec::new();
-    };
-    let mut problem = |reason: String| {
-        problems.push(RepositoryProblem {
-            file: SCHEDULES_FILE.to_owned(),
-            reason,
-        });
-    };
-    let file: SchedulesFile = match toml::from_str(&text) {
-        Ok(file) => file,
-        Err(err) => {
-            problem(err.to_string());
-            return Vec::new();
-        }
-    };
-    let mut names = std::collections::BTreeSet::new();
-    for spec in &file.schedule {
-        if !names.insert(spec.name.clone()) {
-            problem(format!(
-                "line {}: schedule {:?} is named twice",
-                line_of(&text, &format!("\"{}\"", spec.name)),
-                spec.name
-            ));
-        }
-        if let Err(reason) = Schedule::compile(spec, &text, methods) {
-            problem(reason);
-        }
-    }
-    file.schedule
+    crate::declared_calls::load(
+        root,
+        SCHEDULES_FILE,
+        "schedule",
+        |file: SchedulesFile| file.schedule,
+        |spec| spec.name.as_str(),
+        |spec, text| Schedule::compile(spec, text, methods).map(drop),
+        problems,
+    )
 }
 
 /// What the scheduler needs from its master.
